@@ -1,0 +1,71 @@
+"""Graph passes that turn a diffusion transformer's Dynamo graph into its RAS step graph.
+
+``build_ras_graph`` runs the pipeline on a copy of the dense graph:
+
+1. ``find_token_source``      — analysis: latents, timestep, image tokens [B, N, C]
+2. ``gather_active_tokens``   — gather active tokens [B, k, C] right after the token source
+3. ``scatter_output``         — merge fresh and cached token outputs before unpatchify
+4. ``cache_attention_kv``     — per-layer K/V caches of all N image tokens for attention
+5. ``retarget_token_region``  — token-count constants, position tables and masks follow k
+6. ``verify_ras_graph``       — checks the result at two token counts, then cleans up
+
+The rewritten graph takes the original inputs followed by ``ras_active_idx`` [B, k],
+``ras_output_cache`` [B, N, C_out] and the K/V caches, and works for any k in [1, N].
+"""
+
+from __future__ import annotations
+
+import torch.fx
+
+from .cache_attention_kv import cache_attention_kv
+from .context import KVCacheSlot, PassContext, RewriteError
+from .find_token_source import find_token_source
+from .gather_active_tokens import gather_active_tokens
+from .graph_utils import record_dense_shapes
+from .manager import PassManager
+from .retarget_token_region import retarget_token_region
+from .scatter_output import scatter_output
+from .snapshot import graph_summary
+from .verify_ras_graph import verify_ras_graph
+
+RAS_PASSES = PassManager(
+    [
+        find_token_source,
+        gather_active_tokens,
+        scatter_output,
+        cache_attention_kv,
+        retarget_token_region,
+        verify_ras_graph,
+    ]
+)
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph (node metadata shared shallowly)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)
+
+
+def build_ras_graph(
+    gm: torch.fx.GraphModule, *, kv_cache: bool = True, dump_dir: str | None = None
+) -> tuple[torch.fx.GraphModule, PassContext]:
+    """Rewrite a copy of the dense Dynamo graph ``gm`` into the RAS step graph.
+
+    Raises RewriteError, with the reason, when the rewrite cannot be shown to apply.
+    """
+    record_dense_shapes(gm)
+    ctx = PassContext(kv_cache=kv_cache, dump_dir=dump_dir)
+    ras = RAS_PASSES(copy_graph_module(gm), ctx)
+    return ras, ctx
+
+
+__all__ = [
+    "KVCacheSlot",
+    "PassContext",
+    "PassManager",
+    "RAS_PASSES",
+    "RewriteError",
+    "build_ras_graph",
+    "graph_summary",
+]

@@ -1,0 +1,79 @@
+"""Give every attention over image keys a per-layer K/V cache of all N image tokens.
+
+Matches: each ``scaled_dot_product_attention`` whose key (and value) carries image tokens.
+Walking back from the key along the token-carrying producers (through a ``cat`` with text
+keys, transposes, head repeats, ...) it finds the last tensor that holds image tokens only:
+the image keys after any q/k norm and RoPE.
+Produces: per key and value, a placeholder ``ras_kv_cache_<i>`` with the dense shape of that
+tensor and an ``update_kv_cache`` node that writes the active tokens' fresh rows into it and
+passes the full cache on, so attention sees fresh keys for active tokens and the cached keys
+of every other image token. Needs the token axes, which it gets by retargeting a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx
+
+from . import ops
+from .context import KVCacheSlot, PassContext, RewriteError, module_path
+from .graph_utils import add_placeholder, describe, example_value, insert_call, is_sdpa
+from .retarget_token_region import retarget_token_region
+
+
+def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    if not ctx.kv_cache:
+        ctx.note("kv: cache disabled, attention sees active tokens only")
+        return gm
+    axes = _token_axes_of_retargeted_copy(gm, ctx)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    idx = nodes[ctx.active_idx]
+    for attention in [n for n in gm.graph.nodes if is_sdpa(n)]:
+        for kind, position in (("key", 1), ("value", 2)):
+            found = _image_only_producer(attention, position, axes, ctx.num_tokens)
+            if found is None:
+                continue
+            tensor, consumer = found
+            axis = axes[tensor.name]
+            value = example_value(tensor)
+            name = f"ras_kv_cache_{len(ctx.kv_slots)}"
+            with torch._subclasses.fake_tensor.FakeTensorMode():
+                fake = torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
+            cache = add_placeholder(gm, name, fake)
+            updated = insert_call(gm, tensor, ops.update_kv_cache, (cache, tensor, idx, axis), like=tensor)
+            updated.meta["ras_impure"] = True
+            consumer.replace_input_with(tensor, updated)
+            ctx.kv_slots.append(
+                KVCacheSlot(name, module_path(attention), kind, tuple(value.shape), axis, value.dtype)
+            )
+            ctx.note(f"kv: cached {kind} {tuple(value.shape)} axis {axis} for {describe(attention)}")
+    return gm
+
+
+def _token_axes_of_retargeted_copy(gm: torch.fx.GraphModule, ctx: PassContext) -> dict[str, int]:
+    graph = torch.fx.Graph()
+    value_map: dict = {}
+    out = graph.graph_copy(gm.graph, value_map)
+    graph.output(out)
+    trial = torch.fx.GraphModule(gm, graph)
+    retarget_token_region(trial, dataclasses.replace(ctx, log=[], kv_slots=[]))
+    return {n.name: n.meta["ras_token_axis"] for n in trial.graph.nodes if "ras_token_axis" in n.meta}
+
+
+def _image_only_producer(attention, position, axes, num_tokens):
+    """(image-only tensor, the node that consumes it on the way to ``attention``), or None."""
+    consumer, node = attention, attention.args[position]
+    while True:
+        if not isinstance(node, torch.fx.Node) or node.name not in axes:
+            return None
+        axis = axes[node.name]
+        if node.meta["ras_dense_shape"][axis] == num_tokens:
+            return node, consumer
+        parents = [a for a in node.all_input_nodes if a.name in axes]
+        if len(parents) != 1:
+            raise RewriteError(
+                f"{describe(attention)}: cannot find the image-only {('key', 'value')[position - 1]} tensor"
+            )
+        consumer, node = node, parents[0]

@@ -1,0 +1,92 @@
+"""Analysis pass: find the latents input, the timestep input and the image-token tensor.
+
+Matches: a 4-D floating model input ``x`` [B, C, H, W] whose forward slice first enters a
+submodule (the patch embedding), and the last 3-D node ``[B, N, C']`` produced inside that
+submodule from ``x`` with ``N * p * p == H * W`` for an integer patch size ``p``. That node is
+the image-token tensor after patch (and, for models that add it there, position) embedding.
+Produces: no graph change; fills ``ctx.latents``, ``ctx.timestep``, ``ctx.token_source``,
+``ctx.num_tokens``, ``ctx.patch_size``, ``ctx.batch_size`` and ``ctx.latent_hw``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+
+from .context import PassContext, RewriteError, module_path
+from .graph_utils import example_value, forward_slice, placeholders
+
+
+def is_model_input(node: torch.fx.Node) -> bool:
+    """True for placeholders the caller passes (latents, timestep, ...), not parameters or buffers."""
+    grapharg = node.meta.get("grapharg")
+    if grapharg is not None and getattr(grapharg, "source", None) is not None:
+        return not grapharg.source.name.startswith("L['self']")
+    return not isinstance(example_value(node), torch.nn.Parameter)
+
+
+def find_token_source(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    inputs = [n for n in placeholders(gm) if is_model_input(n)]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    reasons = []
+    for latents in inputs:
+        value = example_value(latents)
+        if not (isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point()):
+            continue
+        found = _token_source_from(latents, order)
+        if isinstance(found, str):
+            reasons.append(f"{latents.name}: {found}")
+            continue
+        source, patch = found
+        batch, _, height, width = (int(s) for s in value.shape)
+        ctx.latents = latents.name
+        ctx.token_source = source.name
+        ctx.batch_size = batch
+        ctx.num_tokens = int(example_value(source).shape[1])
+        ctx.patch_size = patch
+        ctx.latent_hw = (height, width)
+        ctx.timestep = _find_timestep(inputs, batch)
+        ctx.note(f"tokens: {ctx.num_tokens} image tokens (patch {patch}) from {module_path(source)}")
+        return gm
+    detail = "; ".join(reasons) if reasons else "no 4-D floating-point model input"
+    raise RewriteError(f"no image-token source found ({detail})")
+
+
+def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.Node, int] | str:
+    value = example_value(latents)
+    height, width = int(value.shape[2]), int(value.shape[3])
+    downstream = sorted(forward_slice([latents]), key=order.__getitem__)
+    first_module = next((module_path(n) for n in downstream if module_path(n)), None)
+    if first_module is None:
+        return "it never enters a submodule"
+    top = first_module.split(".")[0]
+    best = None
+    for node in downstream:
+        path = module_path(node)
+        if path != top and not path.startswith(top + "."):
+            continue
+        val = example_value(node)
+        if not (
+            isinstance(val, torch.Tensor) and val.dim() == 3 and int(val.shape[0]) == int(value.shape[0])
+        ):
+            continue
+        tokens = int(val.shape[1])
+        patch = math.isqrt(height * width // tokens) if tokens and (height * width) % tokens == 0 else 0
+        if patch and patch * patch * tokens == height * width and height % patch == 0 and width % patch == 0:
+            best = (node, patch)
+    if best is None:
+        return f"no [B, N, C] tensor with N = H*W/p^2 inside {top!r}"
+    return best
+
+
+def _find_timestep(inputs: list[torch.fx.Node], batch: int) -> str | None:
+    candidates = []
+    for node in inputs:
+        val = example_value(node)
+        if isinstance(val, torch.Tensor) and val.dim() <= 1 and val.numel() in (1, batch):
+            candidates.append(node)
+    named = [n for n in candidates if "timestep" in n.name]
+    chosen = (named or candidates or [None])[0]
+    return chosen.name if chosen is not None else None

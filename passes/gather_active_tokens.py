@@ -1,0 +1,49 @@
+"""Insert the gather of active image tokens right after the token source.
+
+Matches: the image-token node found by ``find_token_source`` ([B, N, C]).
+Produces: a new placeholder ``ras_active_idx`` [B, k] (int64), a ``gather_tokens`` node
+[B, k, C] that replaces every use of the token source, and ``ras_active_count``
+(``ras_active_idx.size(1)``) that later passes use wherever a shape constant counted N.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from . import ops
+from .context import PassContext, RewriteError
+from .graph_utils import add_placeholder, describe, example_value, insert_call
+
+ACTIVE_IDX = "ras_active_idx"
+
+
+def gather_active_tokens(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    source = nodes[ctx.token_source]
+    n_tokens = ctx.num_tokens
+    if ctx.probe_tokens is None:
+        ctx.probe_tokens = probe_token_count(n_tokens)
+    k = ctx.probe_tokens
+    if not 2 <= k < n_tokens:
+        raise RewriteError(f"probe token count {k} is outside [2, {n_tokens - 1}]")
+    device = example_value(source).device
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fake_idx = torch.empty(ctx.batch_size, k, dtype=torch.int64, device=device)
+    idx = add_placeholder(gm, ACTIVE_IDX, fake_idx)
+    with gm.graph.inserting_after(idx):
+        count = gm.graph.call_method("size", (idx, 1))
+    count.meta["ras_managed"] = True
+    gathered = insert_call(gm, source, ops.gather_tokens, (source, idx, 1), like=source)
+    source.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
+    ctx.active_idx = idx.name
+    ctx.active_count = count.name
+    ctx.note(f"gather: active tokens taken after {describe(source)}")
+    return gm
+
+
+def probe_token_count(num_tokens: int) -> int:
+    """The k used while rewriting: not N (token axes show up as changed sizes) and not 1 (broadcasting)."""
+    if num_tokens < 4:
+        raise RewriteError(f"only {num_tokens} image tokens; RAS needs at least 4")
+    return num_tokens // 2 + 1

@@ -1,0 +1,58 @@
+"""Tensor functions that the RAS passes insert into graphs as ``call_function`` targets.
+
+They are plain torch code, so every inner backend (eager, aot_eager, inductor) and the
+ONNX exporter trace through them. ``idx`` is always the per-row active-token index of
+shape ``[B, k]`` (int64); ``axis`` is the token axis of the tensor being gathered or written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _row_index(idx: torch.Tensor, like_shape: list[int], axis: int) -> torch.Tensor:
+    """``idx`` [B, k] broadcast to ``like_shape`` (whose ``axis`` has size k) for gather/scatter."""
+    view = [1] * len(like_shape)
+    view[0] = idx.shape[0]
+    view[axis] = idx.shape[1]
+    return idx.view(view).expand(like_shape)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
+    """Rows ``idx[b]`` of ``x[b]`` along ``axis``: [B, ..., N, ...] -> [B, ..., k, ...].
+
+    ``x`` may be broadcast over the batch (leading size 1) or have fewer leading dims than
+    ``ndim`` (a position table such as a RoPE frequency table); it is expanded to ``B`` rows.
+    """
+    shape = list(x.shape)
+    shape[0] = idx.shape[0]
+    x = x.expand(shape)
+    shape[axis] = idx.shape[1]
+    return torch.gather(x, axis, _row_index(idx, shape, axis))
+
+
+def gather_position_table(table: torch.Tensor, idx: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """A table combined by broadcasting with token tensors of ``ndim`` dims, gathered at the active rows."""
+    while table.dim() < ndim:
+        table = table.unsqueeze(0)
+    return gather_tokens(table, idx, axis)
+
+
+def update_kv_cache(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
+    """Write the active tokens' fresh keys (or values) into their slots of ``cache``; return the cache.
+
+    ``cache`` holds all N image tokens and is mutated in place, so slots written now stay for
+    later steps.
+    """
+    cache.scatter_(axis, _row_index(idx, list(fresh.shape), axis), fresh.to(cache.dtype))
+    return cache
+
+
+def merge_output(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Token outputs [B, N, C]: fresh rows at ``idx``, the last computed rows elsewhere.
+
+    ``cache`` is updated in place so that it always holds each token's last computed output;
+    the result is a copy, so later steps never change a tensor handed back to the caller.
+    """
+    cache.scatter_(1, _row_index(idx, list(fresh.shape), 1), fresh.to(cache.dtype))
+    return cache.to(fresh.dtype, copy=True)

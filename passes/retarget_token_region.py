@@ -1,0 +1,348 @@
+"""Make every node between the token gather and the output merge work on k active tokens.
+
+Matches: the token region, i.e. every node that (transitively) consumes the gathered tokens
+up to the ``merge_output`` node, walked in topological order with fake tensors.
+Produces, per region node:
+- shape constants that counted image tokens (``N``, or ``N + L`` for a joint image+text
+  sequence, e.g. ``x[:, :N]`` after SD3 joint attention or ``reshape(x, B, N, H, -1, 2)`` in
+  RoPE) rewritten in terms of ``ras_active_count``;
+- tensors indexed by image-token position that are combined element-wise with token
+  tensors (RoPE tables, position embeddings) gathered at the active rows;
+- attention masks with one row per image query gathered at the active rows.
+Refuses (RewriteError) anything it cannot prove correct: an op that mixes tokens along the
+token axis (reductions, matmuls over tokens, ...), a tensor whose shape changes in an
+unexpected way, or a token tensor that reaches the graph output without the merge.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.node import map_aggregate
+
+from . import ops
+from .context import PassContext, RewriteError
+from .graph_utils import FakeEnv, describe, insert_call, is_elementwise, is_sdpa
+
+# Ops that may drop the token axis: they select a part of it (the text part of a joint sequence).
+SLICING_FUNCTIONS = {operator.getitem, torch.narrow, torch.split, torch.chunk, torch.tensor_split}
+SLICING_METHODS = {"narrow", "split", "chunk", "tensor_split", "__getitem__"}
+# Ops that combine values across the axis they are given.
+MIXING_FUNCTIONS = {
+    torch.sum,
+    torch.mean,
+    torch.std,
+    torch.var,
+    torch.amax,
+    torch.amin,
+    torch.max,
+    torch.min,
+    torch.softmax,
+    torch.log_softmax,
+    torch.nn.functional.softmax,
+    torch.nn.functional.log_softmax,
+    torch.cumsum,
+    torch.cumprod,
+    torch.sort,
+    torch.argsort,
+    torch.topk,
+    torch.norm,
+    torch.logsumexp,
+    torch.nn.functional.normalize,
+    torch.flip,
+    torch.roll,
+}
+MIXING_METHODS = {
+    "sum",
+    "mean",
+    "std",
+    "var",
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "softmax",
+    "log_softmax",
+    "cumsum",
+    "cumprod",
+    "sort",
+    "argsort",
+    "topk",
+    "norm",
+    "logsumexp",
+    "flip",
+    "roll",
+}
+MATMUL_FUNCTIONS = {torch.matmul, torch.bmm, operator.matmul}
+MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+ALWAYS_MIXING = {
+    torch.einsum,
+    torch.nn.functional.conv1d,
+    torch.nn.functional.conv2d,
+    torch.nn.functional.avg_pool1d,
+    torch.nn.functional.interpolate,
+}
+
+
+class _Region:
+    """Token-axis bookkeeping for the walk: which nodes carry k instead of N tokens."""
+
+    def __init__(self, env: FakeEnv, num_tokens: int, probe: int):
+        self.env = env
+        self.n = num_tokens
+        self.delta = num_tokens - probe
+
+    def axis(self, node: torch.fx.Node) -> int | None:
+        """Token axis of ``node``'s tensor value, or None when its shape is the dense one."""
+        if node not in self.env.values:
+            return None
+        now = self.env.shape(node)
+        dense = node.meta.get("ras_dense_shape")
+        if not isinstance(now, tuple) or now == dense or dense is None:
+            return None
+        if now and isinstance(now[0], tuple):  # a tuple of tensors (chunk / split output)
+            return -1
+        return self._changed_axis(node, now, dense)
+
+    def _changed_axis(self, node: torch.fx.Node, now: tuple, dense: Any) -> int:
+        if not isinstance(dense, tuple) or len(now) != len(dense):
+            raise RewriteError(f"{node.name} ({describe(node)}): rank changed from {dense} to {now}")
+        changed = [i for i, (a, b) in enumerate(zip(now, dense)) if a != b]
+        if len(changed) != 1 or dense[changed[0]] - now[changed[0]] != self.delta:
+            raise RewriteError(
+                f"{node.name} ({describe(node)}): shape {now} does not follow dense {dense} "
+                f"with {self.n - self.delta} of {self.n} tokens"
+            )
+        return changed[0]
+
+    def dense_size(self, node: torch.fx.Node, axis: int) -> int:
+        return node.meta["ras_dense_shape"][axis]
+
+    def consistent(self, node: torch.fx.Node) -> bool:
+        try:
+            now, dense = self.env.shape(node), node.meta.get("ras_dense_shape")
+            if now == dense:
+                return True
+            if isinstance(now, tuple) and now and isinstance(now[0], tuple):
+                return all(self._pair_ok(a, b) for a, b in zip(now, dense))
+            return self._pair_ok(now, dense)
+        except (RewriteError, TypeError):
+            return False
+
+    def _pair_ok(self, now: Any, dense: Any) -> bool:
+        if now == dense:
+            return True
+        if not isinstance(now, tuple) or not isinstance(dense, tuple) or len(now) != len(dense):
+            return False
+        diffs = [b - a for a, b in zip(now, dense) if a != b]
+        return diffs == [self.delta]
+
+
+def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    env = FakeEnv(gm)
+    region = _Region(env, ctx.num_tokens, ctx.probe_tokens)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    idx, count = nodes[ctx.active_idx], nodes[ctx.active_count]
+    for node in list(gm.graph.nodes):
+        if node.op == "output":
+            _check_outputs(node, region)
+            continue
+        if node.op in ("placeholder", "get_attr") or node.meta.get("ras_managed"):
+            env.evaluate(node)
+            continue
+        inputs = [a for a in node.all_input_nodes if region.axis(a) is not None]
+        if not inputs:
+            env.evaluate(node)
+            continue
+        _refuse_token_mixing(node, inputs, region)
+        if is_sdpa(node):
+            _gather_attention_mask(gm, node, region, idx, ctx)
+        elif is_elementwise(node):
+            _gather_position_tables(gm, node, inputs, region, idx, ctx)
+        _retarget_literals(gm, node, inputs, region, count, ctx)
+        axis = region.axis(node)
+        if axis is not None and axis >= 0:
+            node.meta["ras_token_axis"] = axis
+        elif axis is None and not _may_drop_token_axis(node):
+            raise RewriteError(f"{node.name} ({describe(node)}) loses the token axis of its input")
+    return gm
+
+
+def _check_outputs(output: torch.fx.Node, region: _Region) -> None:
+    for arg in output.all_input_nodes:
+        if region.axis(arg) is not None:
+            raise RewriteError(f"graph output {arg.name} ({describe(arg)}) carries active tokens only")
+
+
+def _target_in(node: torch.fx.Node, functions: set, methods: set) -> bool:
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
+def _may_drop_token_axis(node: torch.fx.Node) -> bool:
+    return is_sdpa(node) or _target_in(node, SLICING_FUNCTIONS, SLICING_METHODS)
+
+
+def _refuse_token_mixing(node: torch.fx.Node, inputs: list[torch.fx.Node], region: _Region) -> None:
+    if node.op == "call_function" and node.target in ALWAYS_MIXING:
+        raise RewriteError(f"{node.name} ({describe(node)}) mixes image tokens")
+    first = node.args[0] if node.args else None
+    if _target_in(node, MIXING_FUNCTIONS, MIXING_METHODS) and first in inputs:
+        axis = region.axis(first)
+        ndim = len(region.env.shape(first))
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        dims = dims if isinstance(dims, (tuple, list)) else [dims]
+        if any(d is None or (isinstance(d, int) and d % ndim == axis) for d in dims):
+            raise RewriteError(f"{node.name} ({describe(node)}) reduces or reorders along the token axis")
+    if _target_in(node, MATMUL_FUNCTIONS, MATMUL_METHODS):
+        a, b = node.args[0], node.args[1]
+        if a in inputs and region.axis(a) == len(region.env.shape(a)) - 1:
+            raise RewriteError(f"{node.name} ({describe(node)}) contracts over the token axis")
+        if b in inputs and region.axis(b) == len(region.env.shape(b)) - 2:
+            raise RewriteError(f"{node.name} ({describe(node)}) contracts over the token axis")
+
+
+def _gather_attention_mask(gm, node, region: _Region, idx, ctx: PassContext) -> None:
+    query, key = node.args[0], node.args[1]
+    if node.kwargs.get("is_causal") or (len(node.args) > 5 and node.args[5]):
+        raise RewriteError(f"{node.name} ({describe(node)}): causal attention over image tokens")
+    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    if not isinstance(mask, torch.fx.Node):
+        return
+    if region.axis(mask) is not None:
+        raise RewriteError(f"{node.name} ({describe(node)}): attention mask computed from image tokens")
+    ndim = len(region.env.shape(query))
+    for arg, mask_axis in ((query, -2), (key, -1)):
+        arg_axis = region.axis(arg)
+        if arg_axis is None:
+            continue
+        if arg_axis != ndim - 2:
+            raise RewriteError(f"{node.name} ({describe(node)}): tokens are not on the sequence axis")
+        dense_len = region.dense_size(arg, arg_axis)
+        mask_shape = region.env.shape(mask)
+        if mask_shape[mask_axis] == 1:
+            continue
+        if dense_len != region.n:
+            raise RewriteError(f"{node.name} ({describe(node)}): mask over a joint image+text sequence")
+        axis = ndim + mask_axis
+        gathered = insert_call(gm, node, ops.gather_position_table, (mask, idx, axis, ndim), before=True)
+        region.env.evaluate(gathered)
+        _replace_arg(node, mask, gathered)
+        mask = gathered
+        ctx.note(f"mask: attention mask rows gathered for {describe(node)}")
+
+
+def _gather_position_tables(gm, node, inputs, region: _Region, idx, ctx: PassContext) -> None:
+    ref = inputs[0]
+    ref_shape = region.env.shape(ref)
+    ref_axis = region.axis(ref)
+    if ref_axis < 0:
+        return
+    out_ndim = len(node.meta["ras_dense_shape"] or ref_shape)
+    out_axis = ref_axis + out_ndim - len(ref_shape)
+    for arg in node.all_input_nodes:
+        if arg in inputs or not isinstance(region.env.values.get(arg), torch.Tensor):
+            continue
+        shape = region.env.shape(arg)
+        table_axis = out_axis - (out_ndim - len(shape))
+        if table_axis < 0 or shape[table_axis] != region.dense_size(ref, ref_axis) or shape[table_axis] == 1:
+            continue
+        if shape[table_axis] != region.n:
+            raise RewriteError(f"{node.name} ({describe(node)}): position table over a joint sequence")
+        gathered = insert_call(
+            gm, node, ops.gather_position_table, (arg, idx, out_axis, out_ndim), before=True
+        )
+        region.env.evaluate(gathered)
+        _replace_arg(node, arg, gathered)
+        ctx.note(f"table: position table gathered at active tokens for {describe(node)}")
+
+
+def _replace_arg(node: torch.fx.Node, old: torch.fx.Node, new: torch.fx.Node) -> None:
+    swap = lambda a: new if a is old else a  # noqa: E731
+    node.args = map_aggregate(node.args, swap)
+    node.kwargs = map_aggregate(node.kwargs, swap)
+
+
+def _int_paths(value: Any, path: tuple = ()) -> list[tuple[tuple, int]]:
+    """(path, int) for every int literal inside nested args (tuples, lists, dicts, slices)."""
+    found = []
+    if isinstance(value, bool):
+        return found
+    if isinstance(value, int):
+        return [(path, value)]
+    if isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            found += _int_paths(v, path + (i,))
+    elif isinstance(value, dict):
+        for key, v in value.items():
+            found += _int_paths(v, path + (key,))
+    elif isinstance(value, slice):
+        for i, v in enumerate((value.start, value.stop, value.step)):
+            found += _int_paths(v, path + (i,))
+    return found
+
+
+def _set_path(value: Any, path: tuple, new: Any) -> Any:
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    if isinstance(value, slice):
+        parts = [value.start, value.stop, value.step]
+        parts[head] = _set_path(parts[head], rest, new)
+        return slice(*parts)
+    if isinstance(value, dict):
+        return {k: (_set_path(v, rest, new) if k == head else v) for k, v in value.items()}
+    items = [(_set_path(v, rest, new) if i == head else v) for i, v in enumerate(value)]
+    return type(value)(items) if not isinstance(value, list) else items
+
+
+def _retarget_literals(gm, node, inputs, region: _Region, count, ctx: PassContext) -> None:
+    """Evaluate ``node``, rewriting token-count literals where the shapes require it."""
+    sizes = {region.n}
+    for arg in inputs:
+        axis = region.axis(arg)
+        if axis is not None and axis >= 0:
+            sizes.add(region.dense_size(arg, axis))
+    packed = (node.args, node.kwargs)
+    candidates = [(p, v) for p, v in _int_paths(packed) if v in sizes]
+    if not candidates:
+        region.env.evaluate(node)
+        return
+    replacements = {}
+    for _, value in candidates:
+        if value not in replacements:
+            replacements[value] = _count_expr(gm, node, count, value - region.n, region)
+    # All candidates rewritten, else each alone, else none: the first that gives consistent shapes wins.
+    singles = [[c] for c in candidates] if len(candidates) > 1 else []
+    options = [candidates, *singles, []]
+    for option in options:
+        new = packed
+        for path, value in option:
+            new = _set_path(new, path, replacements[value])
+        node.args, node.kwargs = new
+        try:
+            region.env.evaluate(node)
+        except RewriteError:
+            continue
+        if region.consistent(node):
+            if option:
+                literals = ", ".join(str(v) for _, v in option)
+                ctx.note(f"literal: token count {literals} made relative to k in {describe(node)}")
+            return
+    node.args, node.kwargs = packed
+    raise RewriteError(
+        f"{node.name} ({describe(node)}): cannot adapt its token-count constants {sorted(sizes)}"
+    )
+
+
+def _count_expr(gm, node, count, offset: int, region: _Region) -> torch.fx.Node:
+    """A node computing ``k + offset`` (k itself when offset is 0)."""
+    if offset == 0:
+        return count
+    expr = insert_call(gm, node, operator.add, (count, offset), before=True)
+    region.env.evaluate(expr)
+    return expr

@@ -1,0 +1,50 @@
+"""Merge the active tokens' fresh outputs with the cached outputs before unpatchify.
+
+Matches: the final projection, i.e. the last ``linear`` that depends on the active tokens and
+produces token-wise outputs [B, N, C_out] in the dense graph (SD3 ``proj_out``, Lumina-Next
+``norm_out.linear_2``).
+Produces: a placeholder ``ras_output_cache`` [B, N, C_out] and a ``merge_output`` node that
+writes the fresh rows into the cache and hands the full token tensor to the unpatchify code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from . import ops
+from .context import PassContext, RewriteError
+from .graph_utils import add_placeholder, describe, example_value, forward_slice, insert_call, is_linear
+
+OUTPUT_CACHE = "ras_output_cache"
+
+
+def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    idx = nodes[ctx.active_idx]
+    downstream = forward_slice([idx])
+    projection = None
+    for node in gm.graph.nodes:
+        shape = node.meta.get("ras_dense_shape")
+        if (
+            node in downstream
+            and is_linear(node)
+            and isinstance(shape, tuple)
+            and len(shape) == 3
+            and shape[:2] == (ctx.batch_size, ctx.num_tokens)
+        ):
+            projection = node
+    if projection is None:
+        raise RewriteError("no final projection: no linear produces [B, N, C] outputs from the image tokens")
+    value = example_value(projection)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fake_cache = torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
+    cache = add_placeholder(gm, OUTPUT_CACHE, fake_cache)
+    merged = insert_call(gm, projection, ops.merge_output, (cache, projection, idx), like=projection)
+    merged.meta["ras_impure"] = True
+    projection.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
+    ctx.output_cache = cache.name
+    ctx.output_cache_shape = tuple(int(s) for s in value.shape)
+    ctx.final_projection = projection.name
+    ctx.note(f"scatter: outputs merged with the output cache after {describe(projection)}")
+    return gm
