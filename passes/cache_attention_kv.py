@@ -45,9 +45,7 @@ def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
             updated = insert_call(gm, tensor, ops.update_kv_cache, (cache, tensor, idx, axis), like=tensor)
             updated.meta["ras_impure"] = True
             consumer.replace_input_with(tensor, updated)
-            ctx.kv_slots.append(
-                KVCacheSlot(name, module_path(attention), kind, tuple(value.shape), axis, value.dtype)
-            )
+            ctx.kv_slots.append(KVCacheSlot(name, module_path(attention), kind, tuple(value.shape), axis, value.dtype))
             ctx.note(f"kv: cached {kind} {tuple(value.shape)} axis {axis} for {describe(attention)}")
     return gm
 

@@ -68,9 +68,7 @@ def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.No
         if path != top and not path.startswith(top + "."):
             continue
         val = example_value(node)
-        if not (
-            isinstance(val, torch.Tensor) and val.dim() == 3 and int(val.shape[0]) == int(value.shape[0])
-        ):
+        if not (isinstance(val, torch.Tensor) and val.dim() == 3 and int(val.shape[0]) == int(value.shape[0])):
             continue
         tokens = int(val.shape[1])
         patch = math.isqrt(height * width // tokens) if tokens and (height * width) % tokens == 0 else 0

@@ -124,9 +124,7 @@ class FakeEnv:
                     else:  # call_module: Dynamo graphs of DiTs inline their modules
                         value = self.gm.get_submodule(node.target)(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any failure means the rewrite does not apply
-                raise RewriteError(
-                    f"node {node.name} ({describe(node)}) fails on the rewritten shapes: {exc}"
-                ) from exc
+                raise RewriteError(f"node {node.name} ({describe(node)}) fails on the rewritten shapes: {exc}") from exc
         self.values[node] = value
         return value
 

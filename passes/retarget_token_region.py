@@ -253,9 +253,7 @@ def _gather_position_tables(gm, node, inputs, region: _Region, idx, ctx: PassCon
             continue
         if shape[table_axis] != region.n:
             raise RewriteError(f"{node.name} ({describe(node)}): position table over a joint sequence")
-        gathered = insert_call(
-            gm, node, ops.gather_position_table, (arg, idx, out_axis, out_ndim), before=True
-        )
+        gathered = insert_call(gm, node, ops.gather_position_table, (arg, idx, out_axis, out_ndim), before=True)
         region.env.evaluate(gathered)
         _replace_arg(node, arg, gathered)
         ctx.note(f"table: position table gathered at active tokens for {describe(node)}")
@@ -334,9 +332,7 @@ def _retarget_literals(gm, node, inputs, region: _Region, count, ctx: PassContex
                 ctx.note(f"literal: token count {literals} made relative to k in {describe(node)}")
             return
     node.args, node.kwargs = packed
-    raise RewriteError(
-        f"{node.name} ({describe(node)}): cannot adapt its token-count constants {sorted(sizes)}"
-    )
+    raise RewriteError(f"{node.name} ({describe(node)}): cannot adapt its token-count constants {sorted(sizes)}")
 
 
 def _count_expr(gm, node, count, offset: int, region: _Region) -> torch.fx.Node:

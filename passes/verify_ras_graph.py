@@ -33,7 +33,5 @@ def verify_ras_graph(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gra
                 raise RewriteError(f"with {k} active tokens: {exc}") from exc
         got = [shape_of(env.values[a]) for a in output.all_input_nodes]
         if got != dense_outputs:
-            raise RewriteError(
-                f"with {k} active tokens the outputs are {got}, dense outputs are {dense_outputs}"
-            )
+            raise RewriteError(f"with {k} active tokens the outputs are {got}, dense outputs are {dense_outputs}")
     return gm
