@@ -1,0 +1,22 @@
+"""rascompile: Region-Adaptive Sampling (RAS) for diffusion transformers, as a torch.compile backend.
+
+pipe.transformer = torch.compile(pipe.transformer, backend="ras",
+                                 options={"sample_ratio": 0.5, "num_inference_steps": 28})
+# or
+rascompile.apply(pipe, rascompile.RASConfig(sample_ratio=0.5))
+"""
+
+from __future__ import annotations
+
+from torch._dynamo import list_backends, register_backend
+
+from .api import apply
+from .backend import RASBackend, RASGraph, ras_backend
+from .config import RASConfig
+from .controller import RASController
+
+if "ras" not in list_backends(exclude_tags=()):
+    register_backend(name="ras")(ras_backend)
+
+__version__ = "0.1.0"
+__all__ = ["RASBackend", "RASConfig", "RASController", "RASGraph", "apply", "ras_backend", "__version__"]

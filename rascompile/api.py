@@ -1,0 +1,35 @@
+"""``rascompile.apply``: compile a diffusers pipeline's transformer with RAS."""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import RASBackend, scheduler_steps
+from .config import RASConfig
+
+
+def apply(pipe, config: RASConfig | None = None, *, inner_backend: str = "inductor", dump_graphs=None) -> RASBackend:
+    """Compile ``pipe.transformer`` with the RAS backend, reading the step count from each pipeline call.
+
+    The pipeline is not modified otherwise: its transformer attribute becomes the
+    ``torch.compile``-d transformer, as when users compile it themselves. Each call reads T from
+    ``pipe.scheduler.timesteps`` and the step from ``pipe.scheduler.step_index``.
+
+    Returns the backend, whose ``compile_count`` and ``graphs`` (with their controllers)
+    can be inspected.
+    """
+    config = config if config is not None else RASConfig()
+    if not isinstance(config, RASConfig):
+        raise TypeError(f"config must be a RASConfig, got {type(config).__name__}")
+    scheduler = getattr(pipe, "scheduler", None)
+    transformer = getattr(pipe, "transformer", None)
+    if scheduler is None or transformer is None:
+        raise ValueError(f"{type(pipe).__name__} has no transformer and scheduler; RAS needs a DiT pipeline")
+    backend = RASBackend(
+        config,
+        inner_backend=inner_backend,
+        steps_factory=scheduler_steps(scheduler, config.num_inference_steps),
+        dump_graphs=dump_graphs,
+    )
+    pipe.transformer = torch.compile(transformer, backend=backend)
+    return backend

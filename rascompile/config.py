@@ -1,0 +1,333 @@
+"""User-facing configuration of Region-Adaptive Sampling (RAS).
+
+The parameter names and defaults follow the paper's public reference implementation (microsoft/RAS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["RASConfig", "METRICS"]
+
+#: Per-pixel metrics understood by :func:`rascompile.selector.token_metric`.
+METRICS = ("std", "l2norm")
+
+
+def _fail(field: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"RASConfig.{field}={value!r} is invalid: {allowed}")
+
+
+def _as_int(field: str, value: Any) -> int:
+    # bool is an int subclass, but `True` as a step count is a mistake, not a number.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _fail(field, value, f"must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _as_float(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _fail(field, value, f"must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise _fail(field, value, "must be finite")
+    return value
+
+
+def _check_num_steps(num_steps: Any) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} is invalid: must be an int >= 1")
+    return int(num_steps)
+
+
+@dataclass(frozen=True)
+class RASConfig:
+    r"""
+    Configuration for [Region-Adaptive Sampling](https://huggingface.co/papers/2502.10389) (RAS).
+
+    On a RAS step, the transformer computes only the "active" image tokens; the others ("dropped") reuse the
+    model output of the previous step. Tokens are chosen before each RAS step from the update the sampler just
+    made to the latents. Steps are counted from 0; `T` below is the number of inference steps and `N` the
+    number of image tokens of one image.
+
+    The configuration is immutable: use [`~RASConfig.replace`] to derive a modified, validated copy. Every
+    invalid value raises a `ValueError` that names the field, shows the value and states what is allowed.
+
+    Args:
+        sample_ratio (`float`, defaults to `0.5`):
+            Fraction of the image tokens computed on a static RAS step, in `(0, 1]`. A RAS step drops
+            `D = floor((1 - sample_ratio) * N)` tokens. `1.0` makes every step dense.
+        scheduler_start_step (`int`, defaults to `4`):
+            First step that may be a RAS step; the steps before it are dense. Must be `>= 1` (selection needs
+            a previous step, so step 0 is always dense) and `< num_inference_steps`.
+        scheduler_end_step (`int`, *optional*, defaults to `None`):
+            Last step that may be a RAS step; the steps after it are dense. `None` means `T`, i.e. no dense
+            tail. When given, must be `>= scheduler_start_step` and `<= T`.
+        error_reset_steps (`tuple[int, ...]`, defaults to `(12, 22)`):
+            Steps that are always dense, to reset the error accumulated by the reused outputs. A list is
+            accepted and stored as a tuple. Each step must be `>= 0` and `< T`, without duplicates. Note that
+            the default needs `T >= 23`; pass e.g. `()` for shorter generations.
+        metric (`str`, defaults to `"std"`):
+            How a latent pixel's update is reduced over channels: `"std"` (unbiased standard deviation) or
+            `"l2norm"` (Euclidean norm). A token's metric is the mean over its `p x p` pixels.
+        starvation_scale (`float`, defaults to `0.1`):
+            A token's metric is multiplied by `exp(starvation_scale * d)`, `d` being its drop count:
+            `-(T + 1)` at the start of a generation, `+1` each time it is dropped. Any finite value; `0`
+            disables the scaling and negative values are allowed (ablations use them).
+        high_ratio (`float`, defaults to `1.0`):
+            Split of the dropped tokens, in `[0, 1]`: the `floor(D * high_ratio)` highest-scoring and the
+            `floor(D * (1 - high_ratio))` lowest-scoring tokens are dropped. When the two floors sum to less
+            than `D`, fewer than `D` tokens are dropped.
+        skip_num_step (`int`, defaults to `0`):
+            Dynamic mode when non-zero: step `s` in group `i = s // skip_num_step_length` drops
+            `D = avg + skip_num_step * (i - ((T + scheduler_start_step) // skip_num_step_length) // 2)`
+            tokens, rounded down to a multiple of 64, `avg` being the static `D`. May be negative. Every RAS
+            step's `D` must lie in `[0, N - 1]`.
+        skip_num_step_length (`int`, defaults to `0`):
+            Length `L` of a dynamic-mode group of steps, `>= 0`; must be `> 0` when `skip_num_step != 0`. On
+            its own (with `skip_num_step == 0`) it has no effect.
+        num_inference_steps (`int`, *optional*, defaults to `None`):
+            Number of inference steps `T`, `>= 1`. Required by the `torch.compile` path; `apply()` reads it
+            from the pipeline's scheduler. When given, the checks that depend on `T` run at construction.
+        kv_cache (`bool`, defaults to `True`):
+            Whether attention on a RAS step also sees the keys and values of the dropped tokens (cached from
+            the last step that computed them). `False` is an ablation: attention sees only the active tokens.
+    """
+
+    sample_ratio: float = 0.5
+    scheduler_start_step: int = 4
+    scheduler_end_step: int | None = None
+    error_reset_steps: tuple[int, ...] = (12, 22)
+    metric: str = "std"
+    starvation_scale: float = 0.1
+    high_ratio: float = 1.0
+    skip_num_step: int = 0
+    skip_num_step_length: int = 0
+    num_inference_steps: int | None = None
+    kv_cache: bool = True
+
+    def __post_init__(self) -> None:
+        def store(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        sample_ratio = _as_float("sample_ratio", self.sample_ratio)
+        if not 0.0 < sample_ratio <= 1.0:
+            raise _fail("sample_ratio", self.sample_ratio, "must be in (0, 1]")
+        store("sample_ratio", sample_ratio)
+
+        start = _as_int("scheduler_start_step", self.scheduler_start_step)
+        if start < 1:
+            raise _fail(
+                "scheduler_start_step",
+                self.scheduler_start_step,
+                "must be >= 1 (step 0 is always dense: selection needs a previous step)",
+            )
+        store("scheduler_start_step", start)
+
+        if self.scheduler_end_step is not None:
+            end = _as_int("scheduler_end_step", self.scheduler_end_step)
+            if end < start:
+                raise _fail(
+                    "scheduler_end_step",
+                    self.scheduler_end_step,
+                    f"must be None or >= scheduler_start_step ({start})",
+                )
+            store("scheduler_end_step", end)
+
+        steps = self.error_reset_steps
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, (tuple, list, range)):
+            raise _fail("error_reset_steps", steps, "must be a tuple or list of ints")
+        normalized = []
+        for step in steps:
+            if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+                raise _fail("error_reset_steps", steps, f"must contain only ints, got {step!r}")
+            if step < 0:
+                raise _fail("error_reset_steps", steps, f"steps must be >= 0, got {step}")
+            normalized.append(int(step))
+        duplicates = sorted({s for s in normalized if normalized.count(s) > 1})
+        if duplicates:
+            raise _fail("error_reset_steps", steps, f"steps must be distinct, repeated: {duplicates}")
+        store("error_reset_steps", tuple(normalized))
+
+        if not isinstance(self.metric, str) or self.metric not in METRICS:
+            raise _fail("metric", self.metric, f"must be one of {', '.join(map(repr, METRICS))}")
+
+        store("starvation_scale", _as_float("starvation_scale", self.starvation_scale))
+
+        high_ratio = _as_float("high_ratio", self.high_ratio)
+        if not 0.0 <= high_ratio <= 1.0:
+            raise _fail("high_ratio", self.high_ratio, "must be in [0, 1]")
+        store("high_ratio", high_ratio)
+
+        store("skip_num_step", _as_int("skip_num_step", self.skip_num_step))
+        length = _as_int("skip_num_step_length", self.skip_num_step_length)
+        if length < 0:
+            raise _fail("skip_num_step_length", self.skip_num_step_length, "must be >= 0")
+        if self.skip_num_step != 0 and length == 0:
+            raise _fail(
+                "skip_num_step_length",
+                self.skip_num_step_length,
+                f"must be > 0 when skip_num_step is non-zero (skip_num_step={self.skip_num_step})",
+            )
+        store("skip_num_step_length", length)
+
+        if self.num_inference_steps is not None:
+            num_steps = _as_int("num_inference_steps", self.num_inference_steps)
+            if num_steps < 1:
+                raise _fail("num_inference_steps", self.num_inference_steps, "must be None or >= 1")
+            store("num_inference_steps", num_steps)
+
+        if not isinstance(self.kv_cache, bool):
+            raise _fail("kv_cache", self.kv_cache, f"must be a bool, got {type(self.kv_cache).__name__}")
+
+        if self.num_inference_steps is not None:
+            self._validate_steps(self.num_inference_steps)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The names of the configuration fields, i.e. the keys accepted by [`~RASConfig.from_options`]."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> RASConfig:
+        """
+        Build a configuration from a `torch.compile(..., options=...)` dictionary.
+
+        The keys are the field names of this class; missing keys take their defaults and `None` means "all
+        defaults". Keys that configure the backend rather than RAS (such as `"inner_backend"`) must be removed
+        by the caller first: any unknown key raises a `ValueError` listing the allowed keys.
+        """
+        if options is None:
+            return cls()
+        if not isinstance(options, Mapping):
+            raise ValueError(f"RAS options must be a dict, got {type(options).__name__}: {options!r}")
+        allowed = cls.field_names()
+        unknown = sorted(str(k) for k in options if k not in allowed)
+        if unknown:
+            raise ValueError(
+                f"Unknown RAS option(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(allowed)}"
+            )
+        return cls(**options)
+
+    def replace(self, **changes: Any) -> RASConfig:
+        """Return a validated copy of this configuration with the given fields changed."""
+        allowed = self.field_names()
+        unknown = sorted(k for k in changes if k not in allowed)
+        if unknown:
+            raise ValueError(
+                f"Unknown RASConfig field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ derived values and checks
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the number of dropped tokens varies over the steps (`skip_num_step != 0`)."""
+        return self.skip_num_step != 0
+
+    def resolved_end_step(self, num_steps: int) -> int:
+        """The last step that may be a RAS step in a generation of `num_steps` steps."""
+        num_steps = _check_num_steps(num_steps)
+        return num_steps if self.scheduler_end_step is None else self.scheduler_end_step
+
+    def static_num_dropped(self, num_tokens: int) -> int:
+        """`D = floor((1 - sample_ratio) * N)`: the tokens a static RAS step drops (dynamic mode's `avg`)."""
+        return math.floor((1.0 - self.sample_ratio) * num_tokens)
+
+    def dynamic_num_dropped(self, step: int, num_steps: int, num_tokens: int) -> int:
+        """
+        The raw dynamic-mode `D` of `step`, rounded down to a multiple of 64 (may lie outside `[0, N - 1]`;
+        [`~RASConfig.validate_for`] rejects that for RAS steps). Only meaningful when `skip_num_step != 0`.
+        """
+        length = self.skip_num_step_length
+        group = step // length
+        center = ((num_steps + self.scheduler_start_step) // length) // 2
+        raw = self.static_num_dropped(num_tokens) + self.skip_num_step * (group - center)
+        return (raw // 64) * 64
+
+    def is_dense_step(self, step: int, num_steps: int) -> bool:
+        """Whether the schedule makes `step` dense: before the start, after the end, or a reset step."""
+        return (
+            step < self.scheduler_start_step
+            or step > self.resolved_end_step(num_steps)
+            or step in self.error_reset_steps
+        )
+
+    def _validate_steps(self, num_steps: int) -> None:
+        """The checks that depend on the number of steps `T` only."""
+        if self.scheduler_start_step >= num_steps:
+            raise _fail(
+                "scheduler_start_step",
+                self.scheduler_start_step,
+                f"must be < num_inference_steps ({num_steps})",
+            )
+        if self.scheduler_end_step is not None and self.scheduler_end_step > num_steps:
+            raise _fail(
+                "scheduler_end_step",
+                self.scheduler_end_step,
+                f"must be None or in [scheduler_start_step, num_inference_steps] = "
+                f"[{self.scheduler_start_step}, {num_steps}]",
+            )
+        beyond = [s for s in self.error_reset_steps if s >= num_steps]
+        if beyond:
+            raise _fail(
+                "error_reset_steps",
+                self.error_reset_steps,
+                f"step(s) {beyond} are beyond the last step of a {num_steps}-step generation; "
+                f"every step must be in [0, {num_steps - 1}]",
+            )
+
+    def validate_for(self, num_steps: int, num_tokens: int) -> None:
+        """
+        Check the configuration against a generation of `num_steps` steps (`T`) over `num_tokens` image tokens
+        per image (`N`). Raises a `ValueError` naming the field, its value and the allowed range.
+
+        Checks:
+        - `num_inference_steps`, when set, equals `T`;
+        - `scheduler_start_step < T` and `scheduler_end_step <= T` (`T` itself, the default, is valid);
+        - every error-reset step is `< T`;
+        - every RAS step drops `D` in `[0, N - 1]` tokens, so that it computes at least one. In dynamic mode
+          this is checked for each RAS step; dense steps drop nothing, whatever the formula gives for them.
+        """
+        num_steps = _check_num_steps(num_steps)
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral) or num_tokens < 1:
+            raise ValueError(f"num_tokens={num_tokens!r} is invalid: must be an int >= 1")
+        num_tokens = int(num_tokens)
+        if self.num_inference_steps is not None and self.num_inference_steps != num_steps:
+            raise _fail(
+                "num_inference_steps",
+                self.num_inference_steps,
+                f"does not match the generation's number of steps ({num_steps}); must be None or {num_steps}",
+            )
+        self._validate_steps(num_steps)
+        if self.sample_ratio == 1.0:
+            return  # every step is dense
+        if not self.dynamic:
+            num_dropped = self.static_num_dropped(num_tokens)
+            if num_dropped > num_tokens - 1:
+                raise _fail(
+                    "sample_ratio",
+                    self.sample_ratio,
+                    f"drops {num_dropped} of {num_tokens} tokens, leaving none to compute; "
+                    f"must leave at least one token (D in [0, {num_tokens - 1}])",
+                )
+            return
+        for step in range(num_steps):
+            if self.is_dense_step(step, num_steps):
+                continue
+            num_dropped = self.dynamic_num_dropped(step, num_steps, num_tokens)
+            if not 0 <= num_dropped <= num_tokens - 1:
+                raise _fail(
+                    "skip_num_step",
+                    self.skip_num_step,
+                    f"gives D={num_dropped} dropped tokens at step {step} "
+                    f"(skip_num_step_length={self.skip_num_step_length}, sample_ratio={self.sample_ratio}, "
+                    f"T={num_steps}, N={num_tokens}); D must be in [0, {num_tokens - 1}]",
+                )

@@ -1,0 +1,122 @@
+"""Per-generation RAS state of one compiled graph: schedule, selection, drop counts and caches.
+
+The controller is plain Python over tensors. Each transformer call asks it for a ``Decision``:
+run the original dense graph, run a dense step that also fills the caches (``capture``), or
+run a RAS step over the active tokens it selected. Everything it holds is reset when a new
+generation starts, and the caches are fully rewritten by the first (always dense) step, so no
+state crosses generations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import RASConfig
+from .schedule import StepPlan, build_schedule
+from .selector import initial_drop_counts, select_active_tokens, token_metric
+
+
+@dataclass(frozen=True)
+class GraphLayout:
+    """What the passes found about a graph that the controller needs to drive it."""
+
+    batch_size: int
+    num_tokens: int
+    patch_size: int
+    output_cache: tuple[tuple[int, ...], torch.dtype]
+    kv_caches: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: str  # "dense" | "capture" | "ras"
+    step: int
+    active_idx: torch.Tensor | None = None
+
+    @property
+    def num_active(self) -> int | None:
+        return None if self.active_idx is None else int(self.active_idx.shape[1])
+
+
+class RASController:
+    def __init__(self, config: RASConfig, layout: GraphLayout, steps, device: torch.device):
+        self.config = config
+        self.layout = layout
+        self.steps = steps
+        self.device = device
+        self.schedule: tuple[StepPlan, ...] = ()
+        self.drop_counts: torch.Tensor | None = None
+        self.previous_latents: torch.Tensor | None = None
+        self.output_cache: torch.Tensor | None = None
+        self.kv_caches: list[torch.Tensor] = []
+        self.generations = 0
+        self.history: list[Decision] = []  # this generation's decisions, for inspection and tests
+        self.step_counts: torch.Tensor | None = None  # per token: how many steps computed it
+
+    def reset(self) -> None:
+        """Forget the current generation; the next call starts a new one."""
+        self.schedule = ()
+        self.previous_latents = None
+        self.drop_counts = None
+
+    def decide(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> Decision:
+        info = self.steps.advance(latents, timestep)
+        if info.new_generation:
+            self._begin(info.num_steps)
+        elif not self.schedule or len(self.schedule) != info.num_steps:
+            # This graph joined a generation already under way (e.g. Dynamo recompiled mid-generation):
+            # without its earlier steps there is nothing to reuse, so it runs dense until the next one.
+            return Decision("dense", info.step)
+        plan = self.schedule[info.step]
+        if plan.dense:
+            needs_cache = any(not p.dense for p in self.schedule[info.step + 1 :])
+            decision = (
+                Decision("capture", info.step, self._all_tokens()) if needs_cache else Decision("dense", info.step)
+            )
+        else:
+            decision = Decision("ras", info.step, self._select(latents, plan))
+        self.previous_latents = latents.detach().clone()
+        self._count(decision)
+        self.history.append(decision)
+        return decision
+
+    def _begin(self, num_steps: int) -> None:
+        layout = self.layout
+        self.schedule = build_schedule(self.config, num_steps, layout.num_tokens)
+        self.drop_counts = initial_drop_counts(layout.batch_size, layout.num_tokens, num_steps, self.device)
+        self.previous_latents = None
+        self.history = []
+        self.step_counts = torch.zeros(layout.batch_size, layout.num_tokens, dtype=torch.int32, device=self.device)
+        self.generations += 1
+        if any(not p.dense for p in self.schedule):
+            self._allocate_caches()
+
+    def _allocate_caches(self) -> None:
+        shape, dtype = self.layout.output_cache
+        if self.output_cache is None or tuple(self.output_cache.shape) != shape:
+            self.output_cache = torch.empty(shape, dtype=dtype, device=self.device)
+            self.kv_caches = [torch.empty(s, dtype=d, device=self.device) for s, d in self.layout.kv_caches]
+
+    def _all_tokens(self) -> torch.Tensor:
+        n, b = self.layout.num_tokens, self.layout.batch_size
+        return torch.arange(n, device=self.device).expand(b, n).contiguous()
+
+    def _select(self, latents: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        delta = latents.detach().float() - self.previous_latents.float()
+        metric = token_metric(delta, self.layout.patch_size, self.config.metric)
+        idx = select_active_tokens(
+            metric, self.drop_counts, plan.num_dropped, self.config.high_ratio, self.config.starvation_scale
+        )
+        if idx.shape[1] != plan.num_active:
+            raise AssertionError(f"selected {idx.shape[1]} tokens, schedule says {plan.num_active}")
+        return idx
+
+    def _count(self, decision: Decision) -> None:
+        if decision.active_idx is None:
+            self.step_counts += 1
+        else:
+            self.step_counts.scatter_add_(
+                1, decision.active_idx, torch.ones_like(decision.active_idx, dtype=self.step_counts.dtype)
+            )
