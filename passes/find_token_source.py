@@ -1,9 +1,10 @@
 """Analysis pass: find the latents input, the timestep input and the image-token tensor.
 
 Matches: a 4-D floating model input ``x`` [B, C, H, W] whose forward slice first enters a
-submodule (the patch embedding), and the last 3-D node ``[B, N, C']`` produced inside that
-submodule from ``x`` with ``N * p * p == H * W`` for an integer patch size ``p``. That node is
-the image-token tensor after patch (and, for models that add it there, position) embedding.
+submodule (the patch embedding), and the last 3-D node ``[B, N, C']`` computed from ``x``
+before the slice enters a second submodule (the first block), with ``N * p * p == H * W`` for
+an integer patch size ``p``. That node is the image-token tensor after patch (and, for models
+that add it there, position) embedding.
 Produces: no graph change; fills ``ctx.latents``, ``ctx.timestep``, ``ctx.token_source``,
 ``ctx.num_tokens``, ``ctx.patch_size``, ``ctx.batch_size`` and ``ctx.latent_hw``.
 """
@@ -16,7 +17,7 @@ import torch
 import torch.fx
 
 from .context import PassContext, RewriteError, module_path
-from .graph_utils import example_value, forward_slice, placeholders
+from .graph_utils import describe, example_value, forward_slice, placeholders
 
 
 def is_model_input(node: torch.fx.Node) -> bool:
@@ -48,7 +49,7 @@ def find_token_source(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gr
         ctx.patch_size = patch
         ctx.latent_hw = (height, width)
         ctx.timestep = _find_timestep(inputs, batch)
-        ctx.note(f"tokens: {ctx.num_tokens} image tokens (patch {patch}) from {module_path(source)}")
+        ctx.note(f"tokens: {ctx.num_tokens} image tokens (patch {patch}) from {describe(source)}")
         return gm
     detail = "; ".join(reasons) if reasons else "no 4-D floating-point model input"
     raise RewriteError(f"no image-token source found ({detail})")
@@ -64,9 +65,9 @@ def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.No
     top = first_module.split(".")[0]
     best = None
     for node in downstream:
-        path = module_path(node)
-        if path != top and not path.startswith(top + "."):
-            continue
+        owner = module_path(node).split(".")[0]
+        if owner and owner != top:
+            break  # the first block: everything before it is patch and position embedding
         val = example_value(node)
         if not (isinstance(val, torch.Tensor) and val.dim() == 3 and int(val.shape[0]) == int(value.shape[0])):
             continue
@@ -75,7 +76,7 @@ def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.No
         if patch and patch * patch * tokens == height * width and height % patch == 0 and width % patch == 0:
             best = (node, patch)
     if best is None:
-        return f"no [B, N, C] tensor with N = H*W/p^2 inside {top!r}"
+        return f"no [B, N, C] tensor with N = H*W/p^2 after {top!r}"
     return best
 
 
