@@ -40,6 +40,19 @@ RAS_PASSES = PassManager(
 )
 
 
+def _refuse_dynamic_shapes(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value")
+        symbolic = isinstance(value, torch.SymInt) or (
+            isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in value.shape)
+        )
+        if node.op == "placeholder" and symbolic:
+            raise RewriteError(
+                "Dynamo traced this graph with dynamic shapes (it does so after a resolution change); "
+                "compile with torch.compile(..., dynamic=False) to get one RAS graph per resolution"
+            )
+
+
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A new GraphModule over a copy of ``gm``'s graph (node metadata shared shallowly)."""
     graph = torch.fx.Graph()
@@ -54,6 +67,7 @@ def build_ras_graph(
 
     Raises RewriteError, with the reason, when the rewrite cannot be shown to apply.
     """
+    _refuse_dynamic_shapes(gm)
     record_dense_shapes(gm)
     ctx = PassContext(kv_cache=kv_cache, dump_dir=dump_dir)
     ras = RAS_PASSES(copy_graph_module(gm), ctx)

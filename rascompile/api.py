@@ -12,7 +12,8 @@ def apply(pipe, config: RASConfig | None = None, *, inner_backend: str = "induct
     """Compile ``pipe.transformer`` with the RAS backend, reading the step count from each pipeline call.
 
     The pipeline is not modified otherwise: its transformer attribute becomes the
-    ``torch.compile``-d transformer, as when users compile it themselves. Each call reads T from
+    ``torch.compile``-d transformer (``dynamic=False``: one graph per resolution), as when users
+    compile it themselves. Each call reads T from
     ``pipe.scheduler.timesteps`` and the step from ``pipe.scheduler.step_index``.
 
     Returns the backend, whose ``compile_count`` and ``graphs`` (with their controllers)
@@ -31,5 +32,5 @@ def apply(pipe, config: RASConfig | None = None, *, inner_backend: str = "induct
         steps_factory=scheduler_steps(scheduler, config.num_inference_steps),
         dump_graphs=dump_graphs,
     )
-    pipe.transformer = torch.compile(transformer, backend=backend)
+    pipe.transformer = torch.compile(transformer, backend=backend, dynamic=False)
     return backend

@@ -1,0 +1,936 @@
+"""Speed benchmark of RAS against dense execution: ``rascompile bench`` / ``benchmarks/speed.py``.
+
+A mid-size SD3-shaped MMDiT (diffusers ``SD3Transformer2DModel``, random weights) runs on the current
+device in fp32 under ``torch.no_grad()`` with a classifier-free-guidance batch of 2. Everything is
+compiled with the same inner backend (inductor by default). Reported:
+
+1. **Per-step time**: one dense step of the compiled original graph, one "capture" step (the RAS graph
+   over all N tokens, which the dense steps of a RAS generation run to fill the caches) and one RAS step
+   at each sample ratio, each beside its *ideal speedup* from the analytic FLOP model
+   (:func:`step_flops`).
+2. **Whole denoising loop** (28 steps, scheduler start 4, error resets 12 and 20, ratio 0.25 -- the
+   paper's SD3 setting): RAS compiled against dense compiled and dense eager, with the loop's ideal
+   speedup from the per-step FLOPs and the schedule.
+3. **Controller overhead**: ``RASController.decide`` (token metric, selection, bookkeeping) per RAS step,
+   as a share of the RAS step time.
+4. **Memory**: the bytes of the caches the controller holds, and the resident-set high-water increase
+   of one dense and one RAS step.
+
+Every timing is the median of ``--repeats`` runs after warm-up (the first call of each graph compiles
+and is reported as compile time, not timed). "Dense compiled" calls the Dynamo graph of the transformer
+compiled by the inner backend directly (what ``torch.compile(backend="inductor")`` runs, without
+Dynamo's guard check, which costs microseconds); RAS runs through ``torch.compile`` and its controller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from .backend import INNER_BACKENDS, RASBackend, RASGraph
+from .config import RASConfig
+from .controller import RASController
+from .schedule import build_schedule
+from .steps import TimestepSteps
+
+__all__ = [
+    "BenchSettings",
+    "ModelSpec",
+    "SMOKE",
+    "add_arguments",
+    "build_model",
+    "denoise",
+    "format_report",
+    "ideal_speedup",
+    "loop_ideal_speedup",
+    "machine_info",
+    "main_from_args",
+    "make_inputs",
+    "run_bench",
+    "settings_from_args",
+    "step_flops",
+]
+
+#: Ratio at which the per-step target (measured >= TARGET_FRACTION x ideal) is checked.
+TARGET_RATIO = 0.25
+TARGET_FRACTION = 0.9
+#: Target for the controller's share of a RAS step, in percent.
+CONTROLLER_TARGET_PERCENT = 3.0
+
+
+# ============================================================================================ FLOP model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The sizes of an SD3 MMDiT (``SD3Transformer2DModel``) that its FLOPs depend on.
+
+    ``num_tokens`` is N, the image tokens of one image; ``text_tokens`` is L; ``batch`` is the batch the
+    transformer sees (2 with classifier-free guidance). ``hidden`` = heads x head_dim.
+    """
+
+    hidden: int
+    layers: int
+    num_tokens: int
+    text_tokens: int
+    batch: int = 2
+    patch: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    joint_dim: int = 4096
+    pooled_dim: int = 2048
+    mlp_ratio: int = 4
+    freq_dim: int = 256  # sinusoidal timestep embedding width
+
+
+def step_flops(spec: ModelSpec, num_active: int) -> float:
+    """FLOPs (2 x multiply-adds of the matrix products) of one transformer call computing ``num_active`` (k)
+    of the N image tokens of every image, the others coming from the RAS caches.
+
+    Per joint block, with hidden size D, text tokens L and MLP expansion 4 (so ``12 D^2`` multiply-adds per
+    token: ``3 D^2`` Q/K/V projections, ``D^2`` output projection, ``8 D^2`` MLP):
+
+    - image tokens: ``12 D^2 * k`` (the K/V of the dropped tokens come from the cache);
+    - text tokens: ``12 D^2 * L``, except in the last block (``context_pre_only``: only the ``3 D^2`` Q/K/V
+      projections) -- the same on RAS and dense steps;
+    - attention: ``(k + L)`` queries against ``(N + L)`` keys (the K/V cache keeps all N image keys), for
+      ``Q K^T`` and ``P V``: ``2 D (k + L)(N + L)``;
+    - adaLN modulation (``D -> 6 D`` for image and text, ``D -> 2 D`` for the last block's text norm) is per
+      sample, not per token.
+
+    Outside the blocks: the patch embedding runs on all N tokens (the RAS graph gathers the active tokens
+    after it), the final projection ``D -> p^2 C_out`` on the k active ones; the text, pooled and timestep
+    embeddings and the final adaLN are per sample or per text token. Element-wise work (norms, softmax,
+    activations, gathers, scatters) is not counted. Everything is multiplied by the batch.
+
+    ``num_active == N`` gives the FLOPs of a dense step.
+    """
+    n, k, length, d = spec.num_tokens, num_active, spec.text_tokens, spec.hidden
+    if not 1 <= k <= n:
+        raise ValueError(f"num_active={k!r} is invalid: must be in [1, {n}]")
+    per_token = (3 + 1 + 2 * spec.mlp_ratio) * d * d  # QKV + out projection + MLP, multiply-adds
+    macs = 0.0
+    for layer in range(spec.layers):
+        last = layer == spec.layers - 1
+        macs += per_token * k  # image tokens
+        macs += (3 * d * d if last else per_token) * length  # text tokens
+        macs += 2 * d * (k + length) * (n + length)  # attention
+        macs += d * 6 * d + d * (2 if last else 6) * d  # adaLN modulation (per sample)
+    macs += spec.patch**2 * spec.in_channels * d * n  # patch embedding (before the gather)
+    macs += d * spec.patch**2 * spec.out_channels * k  # final projection (before the scatter)
+    macs += d * 2 * d  # final adaLN modulation
+    macs += spec.joint_dim * d * length  # context embedder
+    macs += spec.freq_dim * d + d * d + spec.pooled_dim * d + d * d  # timestep and pooled-text embeddings
+    return 2.0 * macs * spec.batch
+
+
+def ideal_speedup(spec: ModelSpec, num_active: int) -> float:
+    """``step_flops(N) / step_flops(k)``: the speedup of a RAS step over a dense one if time followed FLOPs."""
+    return step_flops(spec, spec.num_tokens) / step_flops(spec, num_active)
+
+
+def loop_ideal_speedup(spec: ModelSpec, active_per_step: Sequence[int]) -> float:
+    """The ideal speedup of a whole generation whose step ``i`` computes ``active_per_step[i]`` tokens
+    (N for a dense step) over the same generation with every step dense."""
+    dense = step_flops(spec, spec.num_tokens) * len(active_per_step)
+    return dense / sum(step_flops(spec, k) for k in active_per_step)
+
+
+# ============================================================================================ settings
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    heads: int = 12
+    head_dim: int = 64
+    layers: int = 4
+    latent_size: int = 64  # latent height = width
+    latent_channels: int = 16
+    patch: int = 2
+    text_tokens: int = 77
+    joint_dim: int = 768
+    pooled_dim: int = 768
+    ratios: tuple[float, ...] = (0.75, 0.5, 0.25, 0.125)
+    steps: int = 28
+    start_step: int = 4
+    reset_steps: tuple[int, ...] = (12, 20)
+    loop_ratio: float = 0.25
+    repeats: int = 5
+    loop_repeats: int | None = None  # None: same as repeats
+    inner_backend: str = "inductor"
+    eager_loop: bool = True
+    threads: int | None = None
+    seed: int = 0
+    guidance_scale: float = 7.0
+    progress: bool = True
+    smoke: bool = False
+    json_path: str | None = None
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.latent_size // self.patch) ** 2
+
+    @property
+    def batch(self) -> int:
+        return 2  # classifier-free guidance
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            hidden=self.hidden,
+            layers=self.layers,
+            num_tokens=self.num_tokens,
+            text_tokens=self.text_tokens,
+            batch=self.batch,
+            patch=self.patch,
+            in_channels=self.latent_channels,
+            out_channels=self.latent_channels,
+            joint_dim=self.joint_dim,
+            pooled_dim=self.pooled_dim,
+        )
+
+    def loop_config(self) -> RASConfig:
+        return RASConfig(
+            sample_ratio=self.loop_ratio,
+            scheduler_start_step=self.start_step,
+            error_reset_steps=self.reset_steps,
+            num_inference_steps=self.steps,
+        )
+
+
+#: What ``--smoke`` changes: a tiny model and a short run, for tests.
+SMOKE = dict(
+    heads=2,
+    head_dim=16,
+    layers=2,
+    latent_size=16,
+    text_tokens=8,
+    joint_dim=32,
+    pooled_dim=32,
+    steps=6,
+    start_step=2,
+    reset_steps=(4,),
+    repeats=1,
+    loop_repeats=1,
+    inner_backend="eager",
+)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"ratios must be in (0, 1), got {text!r}")
+    return values
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from exc
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``rascompile bench`` (defaults: the benchmark of the project's issue)."""
+    d = BenchSettings()
+    model = parser.add_argument_group("model (SD3Transformer2DModel, random weights, fp32, CFG batch 2)")
+    model.add_argument("--layers", type=_positive, default=None, help=f"joint blocks (default {d.layers})")
+    model.add_argument("--heads", type=_positive, default=None, help=f"attention heads (default {d.heads})")
+    model.add_argument("--head-dim", type=_positive, default=None, help=f"channels per head (default {d.head_dim})")
+    model.add_argument(
+        "--latent-size", type=_positive, default=None, help=f"latent height = width (default {d.latent_size})"
+    )
+    model.add_argument("--text-tokens", type=_positive, default=None, help=f"prompt tokens (default {d.text_tokens})")
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--ratios",
+        type=_floats,
+        default=None,
+        help="comma-separated sample ratios of the per-step table (default 0.75,0.5,0.25,0.125)",
+    )
+    run.add_argument("--steps", type=_positive, default=None, help=f"denoising steps of the loop (default {d.steps})")
+    run.add_argument(
+        "--start-step", type=_positive, default=None, help=f"scheduler_start_step (default {d.start_step})"
+    )
+    run.add_argument(
+        "--reset-steps", type=_ints, default=None, help="comma-separated error_reset_steps (default 12,20)"
+    )
+    run.add_argument(
+        "--loop-ratio", type=float, default=None, help=f"sample ratio of the loop (default {d.loop_ratio})"
+    )
+    run.add_argument(
+        "--repeats", type=_positive, default=None, help=f"timed repeats per measurement; median (default {d.repeats})"
+    )
+    run.add_argument(
+        "--loop-repeats", type=_positive, default=None, help="timed repeats of each whole loop (default: --repeats)"
+    )
+    run.add_argument(
+        "--inner-backend",
+        choices=INNER_BACKENDS,
+        default=None,
+        help=f"backend compiling both dense and RAS graphs (default {d.inner_backend})",
+    )
+    run.add_argument("--no-eager-loop", action="store_true", help="skip the dense eager loop")
+    run.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's)")
+    run.add_argument("--seed", type=int, default=None, help=f"seed of weights and inputs (default {d.seed})")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (on stderr)")
+    run.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny model (2 layers, 16x16 latents), eager inner backend, 1 repeat, 6 steps: a quick check",
+    )
+    run.add_argument("--json", dest="json_path", metavar="PATH", default=None, help="also write the numbers here")
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """Defaults, then ``--smoke``'s changes, then the options given explicitly."""
+    settings = BenchSettings(smoke=bool(args.smoke))
+    if args.smoke:
+        settings = replace(settings, **SMOKE)
+    given = {
+        name: getattr(args, name)
+        for name in (
+            "layers",
+            "heads",
+            "head_dim",
+            "latent_size",
+            "text_tokens",
+            "ratios",
+            "steps",
+            "start_step",
+            "reset_steps",
+            "loop_ratio",
+            "repeats",
+            "loop_repeats",
+            "inner_backend",
+            "threads",
+            "seed",
+            "json_path",
+        )
+        if getattr(args, name, None) is not None
+    }
+    settings = replace(settings, **given)
+    if args.no_eager_loop:
+        settings = replace(settings, eager_loop=False)
+    if args.no_progress:
+        settings = replace(settings, progress=False)
+    if settings.latent_size % settings.patch:
+        raise ValueError(f"--latent-size={settings.latent_size} must be a multiple of the patch size {settings.patch}")
+    settings.loop_config().validate_for(settings.steps, settings.num_tokens)  # fail before compiling anything
+    return settings
+
+
+# ============================================================================================ machine, model
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except Exception:  # pragma: no cover - diffusers is a dependency
+        diffusers_version = "?"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def build_model(settings: BenchSettings) -> torch.nn.Module:
+    """An ``SD3Transformer2DModel`` of the benchmark's size with seeded random weights, in eval mode.
+
+    Every parameter is redrawn (diffusers zero-initialises some layers): matrices ~ N(0, 1/fan_in), norm
+    scales ~ 1 + N(0, 0.02^2), biases ~ N(0, 0.02^2).
+    """
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel(
+        sample_size=settings.latent_size,
+        patch_size=settings.patch,
+        in_channels=settings.latent_channels,
+        num_layers=settings.layers,
+        attention_head_dim=settings.head_dim,
+        num_attention_heads=settings.heads,
+        joint_attention_dim=settings.joint_dim,
+        caption_projection_dim=settings.hidden,
+        pooled_projection_dim=settings.pooled_dim,
+        out_channels=settings.latent_channels,
+        pos_embed_max_size=max(96, settings.latent_size // settings.patch),
+    )
+    gen = torch.Generator().manual_seed(settings.seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if param.dim() >= 2:
+                value = noise / math.sqrt(param[0].numel())
+            elif name.endswith("weight"):
+                value = 1.0 + 0.02 * noise
+            else:
+                value = 0.02 * noise
+            param.copy_(value.to(param.dtype))
+    return model.eval()
+
+
+@dataclass
+class Inputs:
+    latents: torch.Tensor  # [1, C, H, W]: one image, duplicated for CFG
+    prompt_embeds: torch.Tensor  # [2, L, joint_dim]: negative; positive
+    pooled: torch.Tensor  # [2, pooled_dim]
+
+
+def make_inputs(settings: BenchSettings) -> Inputs:
+    gen = torch.Generator().manual_seed(settings.seed + 1)
+    s = settings
+    return Inputs(
+        latents=torch.randn(1, s.latent_channels, s.latent_size, s.latent_size, generator=gen),
+        prompt_embeds=torch.randn(2, s.text_tokens, s.joint_dim, generator=gen),
+        pooled=torch.randn(2, s.pooled_dim, generator=gen),
+    )
+
+
+def make_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def denoise(transformer: Callable, scheduler, inputs: Inputs, steps: int, guidance_scale: float, on_step=None):
+    """A Stable Diffusion 3 denoising loop with classifier-free guidance; returns the final latents."""
+    scheduler.set_timesteps(steps)
+    x = inputs.latents
+    for t in scheduler.timesteps:
+        out = transformer(
+            hidden_states=torch.cat([x, x]),
+            timestep=t.expand(2),
+            encoder_hidden_states=inputs.prompt_embeds,
+            pooled_projections=inputs.pooled,
+            return_dict=False,
+        )[0]
+        uncond, cond = out.chunk(2)
+        x = scheduler.step(uncond + guidance_scale * (cond - uncond), t, x, return_dict=False)[0]
+        if on_step is not None:
+            on_step()
+    return x
+
+
+class _Capture:
+    """A Dynamo backend wrapping a ``RASBackend`` that keeps each graph's real example inputs."""
+
+    def __init__(self, backend: RASBackend):
+        self.backend = backend
+        self.example_inputs: list[list] = []
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        graph = self.backend(gm, example_inputs, **kwargs)
+        self.example_inputs.append(list(example_inputs))
+        return graph
+
+
+class _GraphCaller:
+    """Calls a compiled graph like the transformer, swapping the loop's latents and timestep into the captured
+    graph inputs (the prompt embeddings and parameters stay those of the first call)."""
+
+    def __init__(self, fn: Callable, args: list, latents_index: int, timestep_index: int):
+        self.fn, self.args = fn, args
+        self.latents_index, self.timestep_index = latents_index, timestep_index
+
+    def __call__(self, *, hidden_states, timestep, **_):
+        args = list(self.args)
+        args[self.latents_index] = hidden_states
+        args[self.timestep_index] = timestep
+        return self.fn(*args)
+
+
+# ============================================================================================ measurement
+
+
+def _timed(fn: Callable) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _progress(settings: BenchSettings, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not settings.progress, leave=False, file=sys.stderr)
+
+
+def _random_active(batch: int, num_tokens: int, k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randperm(num_tokens, generator=gen)[:k].sort().values for _ in range(batch)]
+    return torch.stack(rows).contiguous()
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil
+
+            return int(psutil.Process().memory_info().rss)
+        except Exception:
+            return None
+
+
+def _read_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's resident-set high-water mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _pin_malloc() -> bool:
+    """Make glibc return freed large blocks to the kernel, so that RSS follows live allocations: fix the mmap
+    threshold at 128 KiB (no dynamic raise) and trim the heap. Done only for the memory phase, after timing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 128 * 1024) == 1 and libc.mallopt(m_trim_threshold, 128 * 1024) == 1
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
+def _step_peak_increase(fn: Callable, tries: int = 3) -> int | None:
+    """The resident-set high-water increase over the RSS before ``fn()`` (median of ``tries``)."""
+    values = []
+    for _ in range(tries):
+        gc.collect()
+        if not _reset_hwm():
+            return None
+        before = _rss_bytes()
+        fn()
+        peak = _read_hwm()
+        if before is None or peak is None:
+            return None
+        values.append(max(0, peak - before))
+    return int(statistics.median(values))
+
+
+def _cache_bytes(controller: RASController) -> int:
+    tensors = [controller.output_cache, *controller.kv_caches]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _controller_overhead(settings: BenchSettings, graph: RASGraph, timesteps: torch.Tensor, repeats: int) -> dict:
+    """Median time of ``RASController.decide`` on the RAS steps of whole generations, on a fresh controller
+    with the graph's layout (a first generation warms up and is not timed)."""
+    config = settings.loop_config()
+    layout = graph.controller.layout
+    controller = RASController(config, layout, TimestepSteps(settings.steps), graph.controller.device)
+    gen = torch.Generator().manual_seed(settings.seed + 2)
+    shape = (1, settings.latent_channels, settings.latent_size, settings.latent_size)
+    x = torch.randn(shape, generator=gen)
+    trajectory = []
+    for _ in range(settings.steps):
+        trajectory.append(torch.cat([x, x]))
+        x = x + 0.05 * torch.randn(shape, generator=gen)
+    times: list[float] = []
+    for generation in range(repeats + 1):
+        for latents, t in zip(trajectory, timesteps):
+            t2 = t.expand(2)
+            start = time.perf_counter()
+            decision = controller.decide(latents, t2)
+            elapsed = time.perf_counter() - start
+            if generation > 0 and decision.kind == "ras":
+                times.append(elapsed)
+    return {
+        "decide_s": _median(times) if times else None,
+        "samples": len(times),
+        "latents_shape": [2, *shape[1:]],
+    }
+
+
+def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None) -> dict:
+    """Run the benchmark and return its numbers (see :func:`format_report`)."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    s = settings
+    spec = s.spec()
+    n = s.num_tokens
+    loop_repeats = s.loop_repeats or s.repeats
+    results: dict = {
+        "machine": machine_info(),
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
+        "model": asdict(spec) | {"heads": s.heads, "head_dim": s.head_dim, "latent_size": s.latent_size},
+    }
+    model = build_model(s)
+    inputs = make_inputs(s)
+    results["memory"] = {"parameters_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+    backend = RASBackend(s.loop_config(), inner_backend=s.inner_backend)
+    capture = _Capture(backend)
+    compiled = torch.compile(model, backend=capture)
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(s.steps)
+    timesteps = scheduler.timesteps.clone()
+    x2 = torch.cat([inputs.latents, inputs.latents])
+
+    with torch.no_grad():
+        # ------------------------------------------------------------------ first call: trace, rewrite, compile
+        log(f"tracing and compiling the RAS capture graph (k=N={n}) with {s.inner_backend} ...")
+        first_call_s = _timed(
+            lambda: compiled(
+                hidden_states=x2,
+                timestep=timesteps[0].expand(2),
+                encoder_hidden_states=inputs.prompt_embeds,
+                pooled_projections=inputs.pooled,
+                return_dict=False,
+            )
+        )
+        if len(backend.graphs) != 1:
+            raise RuntimeError(f"expected one Dynamo graph of the transformer, got {len(backend.graphs)}")
+        graph = backend.graphs[0]
+        if graph.controller is None:
+            raise RuntimeError(f"the RAS rewrite did not apply: {graph.fallback_reason}")
+        args = capture.example_inputs[0]
+        if graph.timestep_index is None:
+            raise RuntimeError("the graph has no timestep input")
+
+        # ------------------------------------------------------------------ per-step times
+        variants: list[tuple[str, float | None, int, Callable]] = [("dense compiled", None, n, graph.run_dense)]
+        all_idx = torch.arange(n).expand(s.batch, n).contiguous()
+        variants.append(("RAS capture step (k=N)", None, n, lambda *a: graph.run_active(all_idx, *a)))
+        ratios = s.ratios if s.loop_ratio in s.ratios else (*s.ratios, s.loop_ratio)
+        for i, ratio in enumerate(ratios):
+            k = n - RASConfig(sample_ratio=ratio).static_num_dropped(n)
+            idx = _random_active(s.batch, n, k, s.seed + 100 + i)
+            if ratio == s.loop_ratio:
+                loop_idx = idx
+            variants.append((f"RAS ratio {ratio:g}", ratio, k, lambda *a, idx=idx: graph.run_active(idx, *a)))
+
+        per_step = []
+        bar = _progress(s, len(variants) * (s.repeats + 2), "per-step")
+        for name, ratio, k, fn in variants:
+            bar.set_description(f"per-step: {name}")
+            compile_s = _timed(lambda fn=fn: fn(*args))  # the first call of a graph compiles it
+            bar.update()
+            _timed(lambda fn=fn: fn(*args))  # warm-up
+            bar.update()
+            times = []
+            for _ in range(s.repeats):
+                times.append(_timed(lambda fn=fn: fn(*args)))
+                bar.update()
+            per_step.append(
+                {
+                    "name": name,
+                    "ratio": ratio,
+                    "k": k,
+                    "first_call_s": compile_s,
+                    "times_s": times,
+                    "median_s": _median(times),
+                    "ideal_speedup": ideal_speedup(spec, k),
+                    "flops": step_flops(spec, k),
+                }
+            )
+        bar.close()
+        dense_s = per_step[0]["median_s"]
+        for row in per_step:
+            row["speedup"] = dense_s / row["median_s"]
+            row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
+        results["per_step"] = per_step
+        results["first_call_s"] = first_call_s
+        results["compile_count_after_per_step"] = graph.compile_count
+
+        # ------------------------------------------------------------------ whole loops
+        schedule = build_schedule(s.loop_config(), s.steps, n)
+        active_per_step = [p.num_active for p in schedule]
+        num_ras = sum(not p.dense for p in schedule)
+        dense_caller = _GraphCaller(graph.run_dense, args, graph.latents_index, graph.timestep_index)
+        loops: dict[str, Callable] = {"RAS compiled": compiled, "dense compiled": dense_caller}
+        if s.eager_loop:
+            loops["dense eager"] = model
+        loop_times: dict[str, list[float]] = {name: [] for name in loops}
+        total = (loop_repeats + 1) * s.steps + (len(loops) - 1) * (loop_repeats * s.steps + 1)
+        bar = _progress(s, total, "loops")
+
+        def run_loop(name: str) -> float:
+            bar.set_description(f"loop: {name}")
+            sched = make_scheduler()
+            return _timed(lambda: denoise(loops[name], sched, inputs, s.steps, s.guidance_scale, bar.update))
+
+        with warnings.catch_warnings():
+            # the first call above began a generation that the warm-up loop abandons
+            warnings.filterwarnings("ignore", message=".*a generation ended after.*")
+            run_loop("RAS compiled")  # warm-up: a whole generation (compiles any missing variant)
+        for name, fn in loops.items():
+            if name != "RAS compiled":  # warm-up: one step
+                denoise(fn, make_scheduler(), inputs, 1, s.guidance_scale, bar.update)
+        kinds: list[str] = []
+        for _ in range(loop_repeats):
+            for name in loops:  # interleaved, so that drift affects every variant alike
+                loop_times[name].append(run_loop(name))
+                if name == "RAS compiled":
+                    kinds = [d.kind for d in graph.controller.history]
+        bar.close()
+        loop = {
+            "steps": s.steps,
+            "ratio": s.loop_ratio,
+            "start_step": s.start_step,
+            "reset_steps": list(s.reset_steps),
+            "planned_ras_steps": num_ras,
+            "run_ras_steps": kinds.count("ras"),
+            "run_capture_steps": kinds.count("capture"),
+            "run_dense_steps": kinds.count("dense"),
+            "ideal_speedup": loop_ideal_speedup(spec, active_per_step),
+            "times_s": loop_times,
+            "median_s": {name: _median(v) for name, v in loop_times.items()},
+        }
+        ras_row = next(r for r in per_step if r["ratio"] == s.loop_ratio)
+        loop["predicted_ras_s"] = (
+            kinds.count("capture") * per_step[1]["median_s"]
+            + kinds.count("dense") * dense_s
+            + kinds.count("ras") * ras_row["median_s"]
+        )
+        loop["predicted_dense_s"] = s.steps * dense_s
+        results["loop"] = loop
+        results["compile_count"] = graph.compile_count
+
+        # ------------------------------------------------------------------ controller overhead
+        overhead = _controller_overhead(s, graph, timesteps, max(s.repeats, 1))
+        if overhead["decide_s"] is not None:
+            overhead["ras_step_s"] = ras_row["median_s"]
+            overhead["ras_step_ratio"] = ras_row["ratio"]
+            overhead["percent_of_ras_step"] = 100.0 * overhead["decide_s"] / ras_row["median_s"]
+        results["controller"] = overhead
+
+        # ------------------------------------------------------------------ memory (last: changes malloc settings)
+        memory = results["memory"]
+        memory["ras_caches_bytes"] = _cache_bytes(graph.controller)
+        memory["malloc_pinned"] = _pin_malloc()
+        memory["dense_step_peak_increase_bytes"] = _step_peak_increase(lambda: graph.run_dense(*args))
+        memory["ras_step_ratio"] = s.loop_ratio
+        memory["ras_step_peak_increase_bytes"] = _step_peak_increase(lambda: graph.run_active(loop_idx, *args))
+        memory["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        memory["rss_bytes"] = _rss_bytes()
+    return results
+
+
+# ============================================================================================ report
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> str:
+    right = right or [False] + [True] * (len(headers) - 1)
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+
+    def fmt(cells):
+        out = [str(c).rjust(w) if r else str(c).ljust(w) for c, w, r in zip(cells, widths, right)]
+        return "  ".join(out).rstrip()
+
+    lines = [fmt(headers), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in rows]
+    return "\n".join(lines)
+
+
+def _mb(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def format_report(results: dict) -> str:
+    """The plain-text tables of a :func:`run_bench` result."""
+    m, s, model = results["machine"], results["settings"], results["model"]
+    out = []
+    out.append("rascompile bench: Region-Adaptive Sampling vs dense" + (" [SMOKE: tiny model]" if s["smoke"] else ""))
+    out.append(f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}")
+    out.append(f"software: torch {m['torch']}, diffusers {m['diffusers']}, python {m['python']}")
+    out.append(
+        f"model: SD3Transformer2DModel, random weights, {model['layers']} layers, hidden {model['hidden']} "
+        f"({model['heads']} heads x {model['head_dim']}), {model['in_channels']}x{model['latent_size']}x"
+        f"{model['latent_size']} latents = {model['num_tokens']} image tokens, {model['text_tokens']} text tokens, "
+        f"CFG batch {model['batch']}, fp32, no_grad"
+    )
+    out.append(
+        f"inner backend: {s['inner_backend']} (dense and RAS); times: median of {s['repeats']} after warm-up; "
+        f"first call (compile) of the capture graph {results['first_call_s']:.1f} s"
+    )
+    out.append("")
+
+    out.append("Per-step time (one transformer call)")
+    rows = []
+    for r in results["per_step"]:
+        target = ""
+        if r["ratio"] == TARGET_RATIO:
+            met = r["fraction_of_ideal"] >= TARGET_FRACTION
+            target = f">= {TARGET_FRACTION:.2f} x ideal: {'met' if met else 'MISSED'}"
+        rows.append(
+            [
+                r["name"],
+                r["k"],
+                _ms(r["median_s"]),
+                f"{r['speedup']:.2f}x",
+                f"{r['ideal_speedup']:.2f}x",
+                f"{r['fraction_of_ideal']:.2f}",
+                f"{r['flops'] / 1e9:.2f}",
+                f"{r['first_call_s']:.1f}",
+                target,
+            ]
+        )
+    out.append(
+        _table(
+            ["variant", "k", "ms", "speedup", "ideal", "meas/ideal", "GFLOP", "compile s", "target"],
+            rows,
+            right=[False, True, True, True, True, True, True, True, False],
+        )
+    )
+    out.append("  speedup = dense compiled / variant; ideal = FLOPs(dense) / FLOPs(k) (matrix products only)")
+    out.append("")
+
+    loop = results["loop"]
+    med = loop["median_s"]
+    resets = ",".join(map(str, loop["reset_steps"])) or "none"
+    out.append(
+        f"Denoising loop: {loop['steps']} steps, ratio {loop['ratio']:g}, scheduler_start_step {loop['start_step']}, "
+        f"error_reset_steps ({resets}): {loop['planned_ras_steps']} RAS steps planned; run: "
+        f"{loop['run_ras_steps']} RAS, {loop['run_capture_steps']} capture, {loop['run_dense_steps']} dense "
+        f"(median of {s['loop_repeats'] or s['repeats']})"
+    )
+    rows = []
+    ras = med["RAS compiled"]
+    for name in ("dense eager", "dense compiled", "RAS compiled"):
+        if name not in med:
+            continue
+        t = med[name]
+        rows.append(
+            [
+                name,
+                f"{t:.2f}",
+                _ms(t / loop["steps"]),
+                f"{med['dense compiled'] / t:.2f}x",
+                f"{med['dense eager'] / t:.2f}x" if "dense eager" in med else "n/a",
+            ]
+        )
+    out.append(_table(["variant", "total s", "ms/step", "vs dense compiled", "vs dense eager"], rows))
+    out.append(
+        f"  RAS vs dense compiled: {med['dense compiled'] / ras:.2f}x measured, {loop['ideal_speedup']:.2f}x ideal "
+        f"(per-step FLOPs over the schedule)"
+    )
+    if "predicted_ras_s" in loop:
+        out.append(
+            f"  from the per-step times: RAS loop {loop['predicted_ras_s']:.2f} s, dense loop "
+            f"{loop['predicted_dense_s']:.2f} s (the difference to the loop times is overhead outside the graphs)"
+        )
+    out.append("")
+
+    c = results["controller"]
+    out.append("Controller overhead (RASController.decide per RAS step: metric, selection, bookkeeping)")
+    if c.get("decide_s") is None:
+        out.append("  n/a (no RAS step in the schedule)")
+    else:
+        rows = [["decide() per RAS step", _ms(c["decide_s"]), ""]]
+        if "percent_of_ras_step" in c:
+            met = c["percent_of_ras_step"] < CONTROLLER_TARGET_PERCENT
+            rows.append(
+                [
+                    f"share of a RAS step (ratio {c['ras_step_ratio']:g}, {_ms(c['ras_step_s'])} ms)",
+                    f"{c['percent_of_ras_step']:.2f} %",
+                    f"< {CONTROLLER_TARGET_PERCENT:g} %: {'met' if met else 'MISSED'}",
+                ]
+            )
+        shape = "x".join(map(str, c["latents_shape"]))
+        out.append(_table(["", "ms", "target"], rows, right=[False, True, False]))
+        out.append(f"  median over {c['samples']} RAS steps on [{shape}] latents")
+    out.append("")
+
+    mem = results["memory"]
+    out.append("Memory (CPU: no allocator peak statistics; what can be measured honestly)")
+    rows = [
+        ["model parameters", _mb(mem["parameters_bytes"])],
+        ["RAS caches held by the controller (output + K/V)", _mb(mem["ras_caches_bytes"])],
+    ]
+    dense_inc = mem.get("dense_step_peak_increase_bytes")
+    ras_inc = mem.get("ras_step_peak_increase_bytes")
+    rows.append(["dense step: RSS high-water increase", _mb(dense_inc)])
+    if "ras_step_ratio" in mem:
+        rows.append([f"RAS step (ratio {mem['ras_step_ratio']:g}): RSS high-water increase", _mb(ras_inc)])
+        if dense_inc is not None and ras_inc is not None:
+            extra = mem["ras_caches_bytes"] + ras_inc - dense_inc
+            rows.append(["RAS peak - dense peak (caches + step difference)", _mb(extra)])
+    rows.append(["process peak RSS (ru_maxrss, includes compilation)", _mb(mem["process_peak_rss_bytes"])])
+    out.append(_table(["", ""], rows))
+    how = "glibc mmap threshold pinned to 128 KiB" if mem.get("malloc_pinned") else "malloc not pinned"
+    out.append(f"  RSS high-water: /proc/self/status VmHWM after resetting it, minus RSS before the step ({how})")
+    return "\n".join(out)
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    """``rascompile bench``: run, print the report, write ``--json``. Returns the exit status."""
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"rascompile bench: error: {exc}", file=sys.stderr)
+        return 2
+    results = run_bench(settings)
+    print(format_report(results), flush=True)
+    if settings.json_path:
+        with open(settings.json_path, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        print(f"\nwrote {settings.json_path}")
+    return 0

@@ -1,0 +1,91 @@
+"""The ``rascompile`` command line and a smoke run of ``rascompile bench``."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rascompile.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--smoke", "--repeats", "--json", "--inner-backend", "--ratios"):
+        assert option in out
+
+
+def test_no_subcommand_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code != 0
+
+
+def test_installed_script_help():
+    script = Path(sys.executable).with_name("rascompile")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "rascompile.cli"]
+    result = subprocess.run([*command, "bench", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--smoke" in result.stdout
+
+
+def test_invalid_schedule_is_reported(capsys):
+    assert main(["bench", "--smoke", "--steps", "3", "--no-progress"]) == 2  # reset step 4 >= 3 steps
+    assert "error_reset_steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_bench_smoke(inner, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    start = time.perf_counter()
+    code = main(["bench", "--smoke", "--inner-backend", inner, "--no-progress", "--json", str(path)])
+    elapsed = time.perf_counter() - start
+    assert code == 0
+    assert elapsed < 60
+    out = capsys.readouterr().out
+    for row in (
+        "machine:",
+        "torch 2.",
+        "dense compiled",
+        "RAS capture step (k=N)",
+        "RAS ratio 0.75",
+        "RAS ratio 0.5",
+        "RAS ratio 0.25",
+        "RAS ratio 0.125",
+        "dense eager",
+        "RAS compiled",
+        "decide() per RAS step",
+        "RAS caches held by the controller",
+        "RSS high-water",
+    ):
+        assert row in out, row
+    results = json.loads(path.read_text())
+    assert results["settings"]["inner_backend"] == inner
+    assert [r["k"] for r in results["per_step"]] == [64, 64, 48, 32, 16, 8]
+    assert results["per_step"][0]["ideal_speedup"] == 1.0
+    loop = results["loop"]
+    # 6 steps, start 2, reset step 4: steps 2, 3 and 5 are RAS steps, 0, 1 and 4 fill the caches
+    assert (loop["planned_ras_steps"], loop["run_ras_steps"], loop["run_capture_steps"]) == (3, 3, 3)
+    assert set(loop["median_s"]) == {"dense eager", "dense compiled", "RAS compiled"}
+    assert results["memory"]["ras_caches_bytes"] > 0
+
+
+def test_speed_script_runs_bench():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: rascompile bench" in result.stdout

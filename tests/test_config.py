@@ -1,0 +1,238 @@
+import dataclasses
+import math
+
+import pytest
+
+from rascompile.config import RASConfig
+
+
+def test_defaults_match_reference_implementation():
+    config = RASConfig()
+    assert config.sample_ratio == 0.5
+    assert config.scheduler_start_step == 4
+    assert config.scheduler_end_step is None
+    assert config.error_reset_steps == (12, 22)
+    assert config.metric == "std"
+    assert config.starvation_scale == 0.1
+    assert config.high_ratio == 1.0
+    assert config.skip_num_step == 0
+    assert config.skip_num_step_length == 0
+    assert config.num_inference_steps is None
+    assert config.kv_cache is True
+    assert not config.dynamic
+
+
+def test_valid_non_default_values_are_accepted_and_normalized():
+    config = RASConfig(
+        sample_ratio=1,
+        scheduler_start_step=1,
+        scheduler_end_step=1,
+        error_reset_steps=[0, 5],
+        metric="l2norm",
+        starvation_scale=-0.5,
+        high_ratio=0,
+        skip_num_step=-64,
+        skip_num_step_length=3,
+        num_inference_steps=10,
+        kv_cache=False,
+    )
+    assert config.error_reset_steps == (0, 5)
+    assert isinstance(config.error_reset_steps, tuple)
+    assert isinstance(config.sample_ratio, float) and config.sample_ratio == 1.0
+    assert isinstance(config.high_ratio, float) and config.high_ratio == 0.0
+    assert config.dynamic
+    assert RASConfig(error_reset_steps=()).error_reset_steps == ()
+
+
+# (field, bad value, fragment of the allowed range in the message)
+INVALID = [
+    ("sample_ratio", 1.5, "(0, 1]"),
+    ("sample_ratio", 0.0, "(0, 1]"),
+    ("sample_ratio", -0.2, "(0, 1]"),
+    ("sample_ratio", float("nan"), "finite"),
+    ("sample_ratio", float("inf"), "finite"),
+    ("sample_ratio", "0.5", "real number"),
+    ("sample_ratio", True, "real number"),
+    ("sample_ratio", None, "real number"),
+    ("scheduler_start_step", 0, ">= 1"),
+    ("scheduler_start_step", -3, ">= 1"),
+    ("scheduler_start_step", 4.0, "int"),
+    ("scheduler_start_step", True, "int"),
+    ("scheduler_start_step", "4", "int"),
+    ("scheduler_end_step", 3, ">= scheduler_start_step (4)"),
+    ("scheduler_end_step", 10.5, "int"),
+    ("scheduler_end_step", False, "int"),
+    ("error_reset_steps", (12, 12), "distinct"),
+    ("error_reset_steps", (12, -1), ">= 0"),
+    ("error_reset_steps", (12, 2.0), "ints"),
+    ("error_reset_steps", (True,), "ints"),
+    ("error_reset_steps", "12,22", "tuple or list"),
+    ("error_reset_steps", 12, "tuple or list"),
+    ("error_reset_steps", None, "tuple or list"),
+    ("metric", "l1", "'std', 'l2norm'"),
+    ("metric", "STD", "'std', 'l2norm'"),
+    ("metric", None, "'std', 'l2norm'"),
+    ("starvation_scale", float("nan"), "finite"),
+    ("starvation_scale", float("-inf"), "finite"),
+    ("starvation_scale", "0.1", "real number"),
+    ("high_ratio", 1.01, "[0, 1]"),
+    ("high_ratio", -0.01, "[0, 1]"),
+    ("high_ratio", float("nan"), "finite"),
+    ("high_ratio", "1", "real number"),
+    ("skip_num_step", 1.5, "int"),
+    ("skip_num_step", True, "int"),
+    ("skip_num_step_length", -1, ">= 0"),
+    ("skip_num_step_length", 2.0, "int"),
+    ("num_inference_steps", 0, ">= 1"),
+    ("num_inference_steps", -28, ">= 1"),
+    ("num_inference_steps", 28.0, "int"),
+    ("num_inference_steps", True, "int"),
+    ("kv_cache", 1, "bool"),
+    ("kv_cache", "yes", "bool"),
+    ("kv_cache", None, "bool"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "allowed"), INVALID, ids=[f"{f}={v!r}" for f, v, _ in INVALID])
+def test_invalid_values_are_rejected_with_field_value_and_range(field, value, allowed):
+    with pytest.raises(ValueError) as info:
+        RASConfig(**{field: value})
+    message = str(info.value)
+    assert f"RASConfig.{field}=" in message
+    assert repr(value) in message or (isinstance(value, float) and math.isnan(value) and "nan" in message)
+    assert allowed in message
+
+
+def test_every_field_has_an_invalid_case():
+    assert {f.name for f in dataclasses.fields(RASConfig)} == {f for f, _, _ in INVALID}
+
+
+def test_message_format_example():
+    with pytest.raises(ValueError, match=r"^RASConfig\.sample_ratio=1\.5 is invalid: must be in \(0, 1\]$"):
+        RASConfig(sample_ratio=1.5)
+
+
+def test_dynamic_mode_needs_a_group_length():
+    with pytest.raises(ValueError, match=r"RASConfig\.skip_num_step_length=0 is invalid: must be > 0"):
+        RASConfig(skip_num_step=64)
+    # A group length without a step is allowed (and has no effect).
+    assert not RASConfig(skip_num_step_length=4).dynamic
+
+
+def test_num_inference_steps_triggers_step_checks_at_construction():
+    with pytest.raises(ValueError, match=r"RASConfig\.error_reset_steps=\(12, 22\).*\[22\]"):
+        RASConfig(num_inference_steps=20)
+    with pytest.raises(ValueError, match=r"RASConfig\.scheduler_start_step=4 .*< num_inference_steps \(4\)"):
+        RASConfig(num_inference_steps=4, error_reset_steps=())
+    assert RASConfig(num_inference_steps=23).num_inference_steps == 23
+
+
+def test_config_is_immutable_and_hashable():
+    config = RASConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.sample_ratio = 0.3  # type: ignore[misc]
+    assert hash(config) == hash(RASConfig())
+    assert config == RASConfig(error_reset_steps=[12, 22])
+
+
+def test_replace_returns_validated_copy():
+    config = RASConfig()
+    changed = config.replace(sample_ratio=0.25, num_inference_steps=28)
+    assert changed.sample_ratio == 0.25 and changed.num_inference_steps == 28
+    assert config.sample_ratio == 0.5 and config.num_inference_steps is None
+    with pytest.raises(ValueError, match=r"RASConfig\.high_ratio=2"):
+        config.replace(high_ratio=2)
+    with pytest.raises(ValueError, match="Unknown RASConfig field.*'ratio'"):
+        config.replace(ratio=0.3)
+
+
+def test_from_options():
+    assert RASConfig.from_options(None) == RASConfig()
+    assert RASConfig.from_options({}) == RASConfig()
+    config = RASConfig.from_options({"sample_ratio": 0.3, "error_reset_steps": [5], "kv_cache": False})
+    assert config == RASConfig(sample_ratio=0.3, error_reset_steps=(5,), kv_cache=False)
+    with pytest.raises(ValueError) as info:
+        RASConfig.from_options({"sample_ratio": 0.3, "inner_backend": "inductor", "foo": 1})
+    message = str(info.value)
+    assert "'foo'" in message and "'inner_backend'" in message
+    for name in RASConfig.field_names():
+        assert name in message
+    with pytest.raises(ValueError, match=r"RASConfig\.metric='cos'"):
+        RASConfig.from_options({"metric": "cos"})
+    with pytest.raises(ValueError, match="must be a dict"):
+        RASConfig.from_options([("sample_ratio", 0.3)])
+
+
+def test_resolved_end_step():
+    assert RASConfig().resolved_end_step(28) == 28
+    assert RASConfig(scheduler_end_step=20).resolved_end_step(28) == 20
+    with pytest.raises(ValueError, match="num_steps=0"):
+        RASConfig().resolved_end_step(0)
+
+
+class TestValidateFor:
+    def test_defaults_valid_for_typical_generation(self):
+        RASConfig().validate_for(28, 4096)
+        RASConfig(scheduler_end_step=28).validate_for(28, 4096)  # end step = T is the default, valid
+        RASConfig(scheduler_end_step=27).validate_for(28, 4096)
+
+    def test_end_step_beyond_t(self):
+        with pytest.raises(ValueError, match=r"RASConfig\.scheduler_end_step=29 is invalid: .*\[4, 28\]"):
+            RASConfig(scheduler_end_step=29).validate_for(28, 4096)
+
+    def test_reset_step_beyond_t(self):
+        with pytest.raises(ValueError) as info:
+            RASConfig(error_reset_steps=(12, 28)).validate_for(28, 4096)
+        message = str(info.value)
+        assert "RASConfig.error_reset_steps=(12, 28)" in message
+        assert "[28]" in message and "[0, 27]" in message
+        RASConfig(error_reset_steps=(12, 27)).validate_for(28, 4096)
+
+    @pytest.mark.parametrize("num_steps", [1, 3, 4])
+    def test_start_at_or_beyond_t(self, num_steps):
+        with pytest.raises(ValueError, match=rf"RASConfig\.scheduler_start_step=4 .*\({num_steps}\)"):
+            RASConfig(error_reset_steps=()).validate_for(num_steps, 64)
+        RASConfig(error_reset_steps=()).validate_for(5, 64)
+
+    def test_num_inference_steps_mismatch(self):
+        config = RASConfig(num_inference_steps=28)
+        config.validate_for(28, 1024)
+        with pytest.raises(ValueError, match=r"RASConfig\.num_inference_steps=28 .*\(30\)"):
+            config.validate_for(30, 1024)
+
+    def test_dynamic_d_below_zero(self):
+        # N=1024, T=28, start=4, L=4: avg=512, center=((28+4)//4)//2=4. With skip=200,
+        # group 1 (steps 4-7): 512 + 200 * (1 - 4) = -88 -> floor to a multiple of 64 -> -128 < 0.
+        # Group 0 (steps 0-3: 512 - 800 = -288) is dense, so it is not what triggers the error.
+        config = RASConfig(skip_num_step=200, skip_num_step_length=4)
+        with pytest.raises(ValueError) as info:
+            config.validate_for(28, 1024)
+        message = str(info.value)
+        assert "RASConfig.skip_num_step=200" in message
+        assert "D=-128" in message and "step 4" in message and "[0, 1023]" in message
+
+    def test_dynamic_d_above_n_minus_one(self):
+        # group 6 (steps 24-27): 512 + 130 * (6 - 4) = 772 -> 768 is fine with N=1024 ...
+        RASConfig(skip_num_step=130, skip_num_step_length=4).validate_for(28, 1024)
+        # ... but with -260: group 1 = 512 + 780 = 1292 -> 1280 > 1023.
+        with pytest.raises(ValueError, match=r"skip_num_step=-260 .*D=1280 .*step 4.*\[0, 1023\]"):
+            RASConfig(skip_num_step=-260, skip_num_step_length=4).validate_for(28, 1024)
+
+    def test_dynamic_out_of_range_only_on_dense_steps_is_fine(self):
+        # Group 0 would be -288 (see above) but steps 0-3 are dense; make group 1 valid by starting later.
+        # With start=8: center=((28+8)//4)//2=4; groups 2.. : 512 + 200*(2-4) = 112 -> 64 >= 0. Valid.
+        RASConfig(skip_num_step=200, skip_num_step_length=4, scheduler_start_step=8).validate_for(28, 1024)
+
+    def test_dynamic_checks_skipped_when_everything_dense(self):
+        RASConfig(sample_ratio=1.0, skip_num_step=-10_000, skip_num_step_length=4).validate_for(28, 1024)
+
+    def test_static_leaves_at_least_one_token(self):
+        # 1 - 1e-17 == 1.0 in floating point: D would be N, leaving nothing to compute.
+        with pytest.raises(ValueError, match=r"RASConfig\.sample_ratio=1e-17 .*\[0, 63\]"):
+            RASConfig(sample_ratio=1e-17).validate_for(28, 64)
+        RASConfig(sample_ratio=0.01).validate_for(28, 64)
+
+    @pytest.mark.parametrize(("num_steps", "num_tokens"), [(0, 64), (28, 0), (28.0, 64), (28, True)])
+    def test_bad_arguments(self, num_steps, num_tokens):
+        with pytest.raises(ValueError):
+            RASConfig().validate_for(num_steps, num_tokens)
