@@ -19,6 +19,7 @@ import torch.fx
 
 from rascompile.passes import RewriteError, build_ras_graph, graph_summary
 from rascompile.passes import copy_graph_module as _copy
+from rascompile.passes.specialize_shapes import has_symbolic_shapes, specialize_shapes
 
 from .config import RASConfig
 from .controller import GraphLayout, RASController
@@ -88,9 +89,41 @@ class RASBackend:
             warnings.warn(f"rascompile: {message}", stacklevel=3)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **_: Any) -> Callable:
+        if has_symbolic_shapes(gm):
+            return PerShapeGraphs(self, gm)
+        return self.new_graph(gm, example_inputs)
+
+    def new_graph(self, gm: torch.fx.GraphModule, example_inputs: list) -> RASGraph:
         graph = RASGraph(self, gm, example_inputs)
         self.graphs.append(graph)
         return graph
+
+
+class PerShapeGraphs:
+    """For a graph Dynamo traced with symbolic sizes: one static RASGraph per input shape.
+
+    RAS needs the token count to plan and cache, so each resolution gets its own specialised
+    graph, controller and caches, as it would with ``torch.compile(..., dynamic=False)``.
+    """
+
+    def __init__(self, backend: RASBackend, gm: torch.fx.GraphModule):
+        self.backend = backend
+        self.dynamic_gm = gm
+        self.by_shape: dict[tuple, Callable] = {}
+
+    def __call__(self, *args):
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        graph = self.by_shape.get(key)
+        if graph is None:
+            try:
+                static = specialize_shapes(self.dynamic_gm, list(args))
+            except RewriteError as exc:
+                self.backend.warn_once(f"this graph runs dense: cannot specialise its dynamic shapes: {exc}")
+                graph = self.dynamic_gm.forward
+            else:
+                graph = self.backend.new_graph(static, list(args))
+            self.by_shape[key] = graph
+        return graph(*args)
 
 
 class RASGraph:

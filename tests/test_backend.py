@@ -229,3 +229,25 @@ def test_backend_is_found_through_its_entry_point():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("True")
+
+
+def test_resolution_changes_without_dynamic_false_keep_ras():
+    """Dynamo traces the second resolution with symbolic sizes; each resolution still gets a static RAS graph."""
+    build, kwargs_fn = MODELS["sd3"]
+    config = RASConfig(sample_ratio=0.5, **SHORT)
+    reference = build()
+    rascompile.apply(reference, config, inner_backend="aot_eager")
+    sizes = [dict(), dict(latent_width=24), dict(latent_height=24, latent_width=32)]
+    expected = [generate(reference, lambda s=s, **kw: kwargs_fn(**s, **kw)) for s in sizes]
+    torch._dynamo.reset()
+
+    pipe = build()
+    backend = rascompile.RASBackend(config, inner_backend="aot_eager")
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no dense fallback, no ended-early warning
+        got = [generate(pipe, lambda s=s, **kw: kwargs_fn(**s, **kw)) for s in sizes]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert len(backend.graphs) == 3 and all(g.fallback_reason is None for g in backend.graphs)
+    assert all(g.controller.generations == 1 for g in backend.graphs)
