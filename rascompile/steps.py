@@ -62,7 +62,14 @@ class TimestepSteps:
 
     def advance(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> StepInfo:
         t = float(timestep.reshape(-1)[0]) if timestep is not None else None
-        if self.step < 0 or t is None or self._restarts(t):
+        # Without a timestep input (a graph that baked it in), generations are counted every T calls.
+        if self.step < 0:
+            restart = True
+        elif t is None:
+            restart = self.step + 1 >= self.num_steps
+        else:
+            restart = self._restarts(t)
+        if restart:
             if 0 <= self.step < self.num_steps - 1:
                 warnings.warn(
                     f"a generation ended after {self.step + 1} of num_inference_steps={self.num_steps} steps; "

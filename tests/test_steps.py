@@ -1,0 +1,48 @@
+"""Generation boundaries of the backend="ras" path, found from the timestep alone."""
+
+import warnings
+
+import pytest
+import torch
+
+from rascompile.steps import TimestepSteps
+
+LATENTS = torch.zeros(1)
+
+
+def _run(steps, timesteps):
+    return [(i.step, i.new_generation) for i in (steps.advance(LATENTS, torch.tensor([t])) for t in timesteps)]
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["increasing", "decreasing"])
+def test_a_reversal_or_repeat_starts_a_new_generation(sign):
+    steps = TimestepSteps(4)
+    ts = [sign * t for t in (1.0, 2.0, 3.0, 4.0)]
+    assert _run(steps, ts) == [(0, True), (1, False), (2, False), (3, False)]
+    assert _run(steps, ts[:2]) == [(0, True), (1, False)]
+    with pytest.warns(UserWarning, match="ended after 2 of num_inference_steps=4"):
+        assert _run(steps, ts[:1]) == [(0, True)]  # reversal after an interrupted generation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _run(steps, ts[:1]) == [(0, True)]  # a repeat right after step 0
+
+
+def test_more_steps_than_configured_is_an_error():
+    steps = TimestepSteps(3)
+    _run(steps, [3.0, 2.0, 1.0])
+    with pytest.raises(ValueError, match="more than num_inference_steps=3"):
+        _run(steps, [0.5])
+
+
+def test_without_a_timestep_generations_are_counted():
+    steps = TimestepSteps(3)
+    infos = [steps.advance(LATENTS, None) for _ in range(7)]
+    assert [(i.step, i.new_generation) for i in infos] == [
+        (0, True),
+        (1, False),
+        (2, False),
+        (0, True),
+        (1, False),
+        (2, False),
+        (0, True),
+    ]
