@@ -13,8 +13,9 @@ compiled with the same inner backend (inductor by default). Reported:
    speedup from the per-step FLOPs and the schedule.
 3. **Controller overhead**: ``RASController.decide`` (token metric, selection, bookkeeping) per RAS step,
    as a share of the RAS step time.
-4. **Memory**: the bytes of the caches the controller holds, and the resident-set high-water increase
-   of one dense and one RAS step.
+4. **Memory**: the bytes of the caches the controller holds between steps, and the peak of the torch CPU
+   allocations live during one dense, capture and RAS step (profiler memory events; CPU has no allocator
+   peak statistics like ``torch.cuda.max_memory_allocated``).
 
 Every timing is the median of ``--repeats`` runs after warm-up (the first call of each graph compiles
 and is reported as compile time, not timed). "Dense compiled" calls the Dynamo graph of the transformer
@@ -25,8 +26,6 @@ Dynamo's guard check, which costs microseconds); RAS runs through ``torch.compil
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import math
 import os
@@ -507,67 +506,49 @@ def _random_active(batch: int, num_tokens: int, k: int, seed: int) -> torch.Tens
     return torch.stack(rows).contiguous()
 
 
-def _rss_bytes() -> int | None:
+def _step_peak_bytes(fn: Callable) -> int | None:
+    """Peak bytes of torch CPU allocations live during ``fn()`` beyond those live before it, from the profiler's
+    memory events (every allocation and free of the CPU allocator, in time order). ``None`` if unavailable."""
+    from torch.profiler import ProfilerActivity, profile
+
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = prof.profiler.kineto_results.events()
+        changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    except Exception:  # profiler internals differ between torch versions: report n/a, don't fail the run
+        return None
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+class _LoadMonitor:
+    """Average number of cores that *other* processes kept busy during the run (from /proc/stat), so that a
+    report taken on a shared machine says so. ``None`` where /proc/stat is unavailable."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
         try:
-            import psutil
-
-            return int(psutil.Process().memory_info().rss)
-        except Exception:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
             return None
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+        own = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.monotonic()
 
-
-def _read_hwm() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset the kernel's resident-set high-water mark to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _pin_malloc() -> bool:
-    """Make glibc return freed large blocks to the kernel, so that RSS follows live allocations: fix the mmap
-    threshold at 128 KiB (no dynamic raise) and trim the heap. Done only for the memory phase, after timing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 128 * 1024) == 1 and libc.mallopt(m_trim_threshold, 128 * 1024) == 1
-        libc.malloc_trim(0)
-        return ok
-    except (OSError, AttributeError):
-        return False
-
-
-def _step_peak_increase(fn: Callable, tries: int = 3) -> int | None:
-    """The resident-set high-water increase over the RSS before ``fn()`` (median of ``tries``)."""
-    values = []
-    for _ in range(tries):
-        gc.collect()
-        if not _reset_hwm():
+    def stop(self) -> dict | None:
+        end = self._sample()
+        if self.start is None or end is None:
             return None
-        before = _rss_bytes()
-        fn()
-        peak = _read_hwm()
-        if before is None or peak is None:
-            return None
-        values.append(max(0, peak - before))
-    return int(statistics.median(values))
+        busy, own, wall = (b - a for a, b in zip(self.start, end))
+        return {"other_processes_cores": max(0.0, (busy - own) / wall), "wall_s": wall}
 
 
 def _cache_bytes(controller: RASController) -> int:
@@ -618,6 +599,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
         "model": asdict(spec) | {"heads": s.heads, "head_dim": s.head_dim, "latent_size": s.latent_size},
     }
+    load = _LoadMonitor()
     model = build_model(s)
     inputs = make_inputs(s)
     results["memory"] = {"parameters_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
@@ -666,28 +648,29 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
         per_step = []
         bar = _progress(s, len(variants) * (s.repeats + 2), "per-step")
         for name, ratio, k, fn in variants:
-            bar.set_description(f"per-step: {name}")
+            bar.set_description(f"per-step: compiling {name}")
             compile_s = _timed(lambda fn=fn: fn(*args))  # the first call of a graph compiles it
-            bar.update()
             _timed(lambda fn=fn: fn(*args))  # warm-up
-            bar.update()
-            times = []
-            for _ in range(s.repeats):
-                times.append(_timed(lambda fn=fn: fn(*args)))
-                bar.update()
+            bar.update(2)
             per_step.append(
                 {
                     "name": name,
                     "ratio": ratio,
                     "k": k,
                     "first_call_s": compile_s,
-                    "times_s": times,
-                    "median_s": _median(times),
+                    "times_s": [],
                     "ideal_speedup": ideal_speedup(spec, k),
                     "flops": step_flops(spec, k),
                 }
             )
+        bar.set_description("per-step: timing")
+        for _ in range(s.repeats):  # interleaved, so that drift affects every variant alike
+            for row, (_, _, _, fn) in zip(per_step, variants):
+                row["times_s"].append(_timed(lambda fn=fn: fn(*args)))
+                bar.update()
         bar.close()
+        for row in per_step:
+            row["median_s"] = _median(row["times_s"])
         dense_s = per_step[0]["median_s"]
         for row in per_step:
             row["speedup"] = dense_s / row["median_s"]
@@ -758,15 +741,15 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
             overhead["percent_of_ras_step"] = 100.0 * overhead["decide_s"] / ras_row["median_s"]
         results["controller"] = overhead
 
-        # ------------------------------------------------------------------ memory (last: changes malloc settings)
+        # ------------------------------------------------------------------ memory
         memory = results["memory"]
         memory["ras_caches_bytes"] = _cache_bytes(graph.controller)
-        memory["malloc_pinned"] = _pin_malloc()
-        memory["dense_step_peak_increase_bytes"] = _step_peak_increase(lambda: graph.run_dense(*args))
+        memory["dense_step_peak_bytes"] = _step_peak_bytes(lambda: graph.run_dense(*args))
+        memory["capture_step_peak_bytes"] = _step_peak_bytes(lambda: graph.run_active(all_idx, *args))
         memory["ras_step_ratio"] = s.loop_ratio
-        memory["ras_step_peak_increase_bytes"] = _step_peak_increase(lambda: graph.run_active(loop_idx, *args))
+        memory["ras_step_peak_bytes"] = _step_peak_bytes(lambda: graph.run_active(loop_idx, *args))
         memory["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        memory["rss_bytes"] = _rss_bytes()
+    results["background_load"] = load.stop()
     return results
 
 
@@ -811,6 +794,13 @@ def format_report(results: dict) -> str:
         f"inner backend: {s['inner_backend']} (dense and RAS); times: median of {s['repeats']} after warm-up; "
         f"first call (compile) of the capture graph {results['first_call_s']:.1f} s"
     )
+    load = results.get("background_load")
+    if load is not None:
+        busy = load["other_processes_cores"]
+        warn = " -- the machine was shared, timings are disturbed" if busy > 0.2 else ""
+        out.append(
+            f"run: {load['wall_s']:.0f} s; other processes kept {busy:.2f} of {m['cores']} cores busy on average{warn}"
+        )
     out.append("")
 
     out.append("Per-step time (one transformer call)")
@@ -900,23 +890,22 @@ def format_report(results: dict) -> str:
     out.append("")
 
     mem = results["memory"]
-    out.append("Memory (CPU: no allocator peak statistics; what can be measured honestly)")
+    out.append("Memory (fp32)")
     rows = [
         ["model parameters", _mb(mem["parameters_bytes"])],
         ["RAS caches held by the controller (output + K/V)", _mb(mem["ras_caches_bytes"])],
     ]
-    dense_inc = mem.get("dense_step_peak_increase_bytes")
-    ras_inc = mem.get("ras_step_peak_increase_bytes")
-    rows.append(["dense step: RSS high-water increase", _mb(dense_inc)])
-    if "ras_step_ratio" in mem:
-        rows.append([f"RAS step (ratio {mem['ras_step_ratio']:g}): RSS high-water increase", _mb(ras_inc)])
-        if dense_inc is not None and ras_inc is not None:
-            extra = mem["ras_caches_bytes"] + ras_inc - dense_inc
-            rows.append(["RAS peak - dense peak (caches + step difference)", _mb(extra)])
+    dense, capture, ras = (mem.get(f"{k}_step_peak_bytes") for k in ("dense", "capture", "ras"))
+    rows.append(["dense compiled step: peak of step allocations", _mb(dense)])
+    rows.append(["RAS capture step (k=N): peak of step allocations", _mb(capture)])
+    rows.append([f"RAS step (ratio {mem['ras_step_ratio']:g}): peak of step allocations", _mb(ras)])
+    if None not in (dense, capture, ras):
+        extra = mem["ras_caches_bytes"] + max(capture, ras) - dense
+        rows.append(["RAS generation peak - dense peak (caches + step peaks)", _mb(extra)])
     rows.append(["process peak RSS (ru_maxrss, includes compilation)", _mb(mem["process_peak_rss_bytes"])])
-    out.append(_table(["", ""], rows))
-    how = "glibc mmap threshold pinned to 128 KiB" if mem.get("malloc_pinned") else "malloc not pinned"
-    out.append(f"  RSS high-water: /proc/self/status VmHWM after resetting it, minus RSS before the step ({how})")
+    out.append(_table(["", "size"], rows))
+    out.append("  step allocations: torch CPU allocator bytes live during one call beyond those live before it")
+    out.append("  (profiler memory events), i.e. activations and workspaces; parameters and caches are extra")
     return "\n".join(out)
 
 

@@ -1,8 +1,8 @@
 """The ``rascompile`` command line.
 
-Subcommands are registered in :data:`COMMANDS` as ``name -> (help, add_arguments, run)``: ``add_arguments``
-fills the subcommand's parser and ``run(args) -> int`` executes it. Their modules are imported lazily, when
-the subcommand runs or its options are built, so that adding one (``demo``, ``export``) is one entry.
+Subcommands are registered in :data:`COMMANDS` as ``name -> (help, module, add_arguments, run)``: the
+function ``module.add_arguments(parser)`` fills the subcommand's parser and ``module.run(args) -> int`` executes
+it, returning the exit status. Adding a subcommand (``demo``, ``export``) is one entry here plus its module.
 """
 
 from __future__ import annotations

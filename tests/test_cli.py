@@ -64,7 +64,7 @@ def test_bench_smoke(inner, tmp_path, capsys):
         "RAS compiled",
         "decide() per RAS step",
         "RAS caches held by the controller",
-        "RSS high-water",
+        "peak of step allocations",
     ):
         assert row in out, row
     results = json.loads(path.read_text())
