@@ -1,0 +1,164 @@
+"""Plain-text tables for ``rascompile bench`` results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: Ratio at which the per-step target (measured >= TARGET_FRACTION x ideal) is checked.
+TARGET_RATIO = 0.25
+TARGET_FRACTION = 0.9
+#: Target for the controller's share of a RAS step, in percent.
+CONTROLLER_TARGET_PERCENT = 3.0
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> str:
+    right = right or [False] + [True] * (len(headers) - 1)
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+
+    def fmt(cells):
+        out = [str(c).rjust(w) if r else str(c).ljust(w) for c, w, r in zip(cells, widths, right)]
+        return "  ".join(out).rstrip()
+
+    lines = [fmt(headers), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in rows]
+    return "\n".join(lines)
+
+
+def _mb(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def format_report(results: dict) -> str:
+    """The plain-text tables of a :func:`run_bench` result."""
+    m, s, model = results["machine"], results["settings"], results["model"]
+    out = []
+    out.append("rascompile bench: Region-Adaptive Sampling vs dense" + (" [SMOKE: tiny model]" if s["smoke"] else ""))
+    out.append(f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}")
+    out.append(f"software: torch {m['torch']}, diffusers {m['diffusers']}, python {m['python']}")
+    out.append(
+        f"model: SD3Transformer2DModel, random weights, {model['layers']} layers, hidden {model['hidden']} "
+        f"({model['heads']} heads x {model['head_dim']}), {model['in_channels']}x{model['latent_size']}x"
+        f"{model['latent_size']} latents = {model['num_tokens']} image tokens, {model['text_tokens']} text tokens, "
+        f"CFG batch {model['batch']}, fp32, no_grad"
+    )
+    out.append(
+        f"inner backend: {s['inner_backend']} (dense and RAS); times: median of {s['repeats']} after warm-up; "
+        f"first call (compile) of the capture graph {results['first_call_s']:.1f} s"
+    )
+    load = results.get("background_load")
+    if load is not None:
+        busy = load["other_processes_cores"]
+        warn = " -- the machine was shared, timings are disturbed" if busy > 0.2 else ""
+        out.append(
+            f"run: {load['wall_s']:.0f} s; other processes kept {busy:.2f} of {m['cores']} cores busy on average{warn}"
+        )
+    out.append("")
+
+    out.append("Per-step time (one transformer call)")
+    rows = []
+    for r in results["per_step"]:
+        target = ""
+        if r["ratio"] == TARGET_RATIO:
+            met = r["fraction_of_ideal"] >= TARGET_FRACTION
+            target = f">= {TARGET_FRACTION:.2f} x ideal: {'met' if met else 'MISSED'}"
+        rows.append(
+            [
+                r["name"],
+                r["k"],
+                _ms(r["median_s"]),
+                f"{r['speedup']:.2f}x",
+                f"{r['ideal_speedup']:.2f}x",
+                f"{r['fraction_of_ideal']:.2f}",
+                f"{r['flops'] / 1e9:.2f}",
+                f"{r['first_call_s']:.1f}",
+                target,
+            ]
+        )
+    out.append(
+        _table(
+            ["variant", "k", "ms", "speedup", "ideal", "meas/ideal", "GFLOP", "compile s", "target"],
+            rows,
+            right=[False, True, True, True, True, True, True, True, False],
+        )
+    )
+    out.append("  speedup = dense compiled / variant; ideal = FLOPs(dense) / FLOPs(k) (matrix products only)")
+    out.append("")
+
+    loop = results["loop"]
+    med = loop["median_s"]
+    resets = ",".join(map(str, loop["reset_steps"])) or "none"
+    out.append(
+        f"Denoising loop: {loop['steps']} steps, ratio {loop['ratio']:g}, scheduler_start_step {loop['start_step']}, "
+        f"error_reset_steps ({resets}): {loop['planned_ras_steps']} RAS steps planned; run: "
+        f"{loop['run_ras_steps']} RAS, {loop['run_capture_steps']} capture, {loop['run_dense_steps']} dense "
+        f"(median of {s['loop_repeats'] or s['repeats']})"
+    )
+    rows = []
+    ras = med["RAS compiled"]
+    for name in ("dense eager", "dense compiled", "RAS compiled"):
+        if name not in med:
+            continue
+        t = med[name]
+        rows.append(
+            [
+                name,
+                f"{t:.2f}",
+                _ms(t / loop["steps"]),
+                f"{med['dense compiled'] / t:.2f}x",
+                f"{med['dense eager'] / t:.2f}x" if "dense eager" in med else "n/a",
+            ]
+        )
+    out.append(_table(["variant", "total s", "ms/step", "vs dense compiled", "vs dense eager"], rows))
+    out.append(
+        f"  RAS vs dense compiled: {med['dense compiled'] / ras:.2f}x measured, {loop['ideal_speedup']:.2f}x ideal "
+        f"(per-step FLOPs over the schedule)"
+    )
+    if "predicted_ras_s" in loop:
+        out.append(
+            f"  from the per-step times: RAS loop {loop['predicted_ras_s']:.2f} s, dense loop "
+            f"{loop['predicted_dense_s']:.2f} s (the difference to the loop times is overhead outside the graphs)"
+        )
+    out.append("")
+
+    c = results["controller"]
+    out.append("Controller overhead (RASController.decide per RAS step: metric, selection, bookkeeping)")
+    if c.get("decide_s") is None:
+        out.append("  n/a (no RAS step in the schedule)")
+    else:
+        rows = [["decide() per RAS step", _ms(c["decide_s"]), ""]]
+        if "percent_of_ras_step" in c:
+            met = c["percent_of_ras_step"] < CONTROLLER_TARGET_PERCENT
+            rows.append(
+                [
+                    f"share of a RAS step (ratio {c['ras_step_ratio']:g}, {_ms(c['ras_step_s'])} ms)",
+                    f"{c['percent_of_ras_step']:.2f} %",
+                    f"< {CONTROLLER_TARGET_PERCENT:g} %: {'met' if met else 'MISSED'}",
+                ]
+            )
+        shape = "x".join(map(str, c["latents_shape"]))
+        out.append(_table(["", "ms", "target"], rows, right=[False, True, False]))
+        out.append(f"  median over {c['samples']} RAS steps on [{shape}] latents")
+    out.append("")
+
+    mem = results["memory"]
+    out.append("Memory (fp32)")
+    rows = [
+        ["model parameters", _mb(mem["parameters_bytes"])],
+        ["RAS caches held by the controller (output + K/V)", _mb(mem["ras_caches_bytes"])],
+    ]
+    dense, capture, ras = (mem.get(f"{k}_step_peak_bytes") for k in ("dense", "capture", "ras"))
+    rows.append(["dense compiled step: peak of step allocations", _mb(dense)])
+    rows.append(["RAS capture step (k=N): peak of step allocations", _mb(capture)])
+    rows.append([f"RAS step (ratio {mem['ras_step_ratio']:g}): peak of step allocations", _mb(ras)])
+    if None not in (dense, capture, ras):
+        extra = mem["ras_caches_bytes"] + max(capture, ras) - dense
+        rows.append(["RAS generation peak - dense peak (caches + step peaks)", _mb(extra)])
+    rows.append(["process peak RSS (ru_maxrss, includes compilation)", _mb(mem["process_peak_rss_bytes"])])
+    out.append(_table(["", "size"], rows))
+    out.append("  step allocations: torch CPU allocator bytes live during one call beyond those live before it")
+    out.append("  (profiler memory events), i.e. activations and workspaces; parameters and caches are extra")
+    return "\n".join(out)

@@ -1,0 +1,81 @@
+"""Analytic FLOP model of an SD3 MMDiT step, for the ideal speedup of RAS at k active tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The sizes of an SD3 MMDiT (``SD3Transformer2DModel``) that its FLOPs depend on.
+
+    ``num_tokens`` is N, the image tokens of one image; ``text_tokens`` is L; ``batch`` is the batch the
+    transformer sees (2 with classifier-free guidance). ``hidden`` = heads x head_dim.
+    """
+
+    hidden: int
+    layers: int
+    num_tokens: int
+    text_tokens: int
+    batch: int = 2
+    patch: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    joint_dim: int = 4096
+    pooled_dim: int = 2048
+    mlp_ratio: int = 4
+    freq_dim: int = 256  # sinusoidal timestep embedding width
+
+
+def step_flops(spec: ModelSpec, num_active: int) -> float:
+    """FLOPs (2 x multiply-adds of the matrix products) of one transformer call computing ``num_active`` (k)
+    of the N image tokens of every image, the others coming from the RAS caches.
+
+    Per joint block, with hidden size D, text tokens L and MLP expansion 4 (so ``12 D^2`` multiply-adds per
+    token: ``3 D^2`` Q/K/V projections, ``D^2`` output projection, ``8 D^2`` MLP):
+
+    - image tokens: ``12 D^2 * k`` (the K/V of the dropped tokens come from the cache);
+    - text tokens: ``12 D^2 * L``, except in the last block (``context_pre_only``: only the ``3 D^2`` Q/K/V
+      projections) -- the same on RAS and dense steps;
+    - attention: ``(k + L)`` queries against ``(N + L)`` keys (the K/V cache keeps all N image keys), for
+      ``Q K^T`` and ``P V``: ``2 D (k + L)(N + L)``;
+    - adaLN modulation (``D -> 6 D`` for image and text, ``D -> 2 D`` for the last block's text norm) is per
+      sample, not per token.
+
+    Outside the blocks: the patch embedding runs on all N tokens (the RAS graph gathers the active tokens
+    after it), the final projection ``D -> p^2 C_out`` on the k active ones; the text, pooled and timestep
+    embeddings and the final adaLN are per sample or per text token. Element-wise work (norms, softmax,
+    activations, gathers, scatters) is not counted. Everything is multiplied by the batch.
+
+    ``num_active == N`` gives the FLOPs of a dense step.
+    """
+    n, k, length, d = spec.num_tokens, num_active, spec.text_tokens, spec.hidden
+    if not 1 <= k <= n:
+        raise ValueError(f"num_active={k!r} is invalid: must be in [1, {n}]")
+    per_token = (3 + 1 + 2 * spec.mlp_ratio) * d * d  # QKV + out projection + MLP, multiply-adds
+    macs = 0.0
+    for layer in range(spec.layers):
+        last = layer == spec.layers - 1
+        macs += per_token * k  # image tokens
+        macs += (3 * d * d if last else per_token) * length  # text tokens
+        macs += 2 * d * (k + length) * (n + length)  # attention
+        macs += d * 6 * d + d * (2 if last else 6) * d  # adaLN modulation (per sample)
+    macs += spec.patch**2 * spec.in_channels * d * n  # patch embedding (before the gather)
+    macs += d * spec.patch**2 * spec.out_channels * k  # final projection (before the scatter)
+    macs += d * 2 * d  # final adaLN modulation
+    macs += spec.joint_dim * d * length  # context embedder
+    macs += spec.freq_dim * d + d * d + spec.pooled_dim * d + d * d  # timestep and pooled-text embeddings
+    return 2.0 * macs * spec.batch
+
+
+def ideal_speedup(spec: ModelSpec, num_active: int) -> float:
+    """``step_flops(N) / step_flops(k)``: the speedup of a RAS step over a dense one if time followed FLOPs."""
+    return step_flops(spec, spec.num_tokens) / step_flops(spec, num_active)
+
+
+def loop_ideal_speedup(spec: ModelSpec, active_per_step: Sequence[int]) -> float:
+    """The ideal speedup of a whole generation whose step ``i`` computes ``active_per_step[i]`` tokens
+    (N for a dense step) over the same generation with every step dense."""
+    dense = step_flops(spec, spec.num_tokens) * len(active_per_step)
+    return dense / sum(step_flops(spec, k) for k in active_per_step)
