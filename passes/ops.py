@@ -38,13 +38,29 @@ def gather_position_table(table: torch.Tensor, idx: torch.Tensor, axis: int, ndi
     return gather_tokens(table, idx, axis)
 
 
+@torch.library.custom_op("rascompile::scatter_rows_", mutates_args=("cache",))
+def scatter_rows_(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int) -> None:
+    """``cache[b, ..., idx[b, i], ...] = fresh[b, ..., i, ...]`` along ``axis``, in place.
+
+    An opaque mutating op rather than ``Tensor.scatter_``: after functionalization inductor
+    writes only the k fresh rows into the caller's cache instead of rebuilding the whole cache
+    and copying it back at the end of the graph.
+    """
+    cache.scatter_(axis, _row_index(idx, list(fresh.shape), axis), fresh.to(cache.dtype))
+
+
+@scatter_rows_.register_fake
+def _(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int) -> None:
+    return None
+
+
 def update_kv_cache(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
     """Write the active tokens' fresh keys (or values) into their slots of ``cache``; return the cache.
 
     ``cache`` holds all N image tokens and is mutated in place, so slots written now stay for
     later steps.
     """
-    cache.scatter_(axis, _row_index(idx, list(fresh.shape), axis), fresh.to(cache.dtype))
+    scatter_rows_(cache, fresh, idx, axis)
     return cache
 
 
@@ -54,5 +70,5 @@ def merge_output(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor) ->
     ``cache`` is updated in place so that it always holds each token's last computed output;
     the result is a copy, so later steps never change a tensor handed back to the caller.
     """
-    cache.scatter_(1, _row_index(idx, list(fresh.shape), 1), fresh.to(cache.dtype))
+    scatter_rows_(cache, fresh, idx, 1)
     return cache.to(fresh.dtype, copy=True)
