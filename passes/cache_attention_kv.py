@@ -60,18 +60,78 @@ def _token_axes_of_retargeted_copy(gm: torch.fx.GraphModule, ctx: PassContext) -
     return {n.name: n.meta["ras_token_axis"] for n in trial.graph.nodes if "ras_token_axis" in n.meta}
 
 
+LAYOUT_METHODS = {
+    "view",
+    "reshape",
+    "transpose",
+    "permute",
+    "flatten",
+    "unflatten",
+    "unsqueeze",
+    "squeeze",
+    "repeat",
+    "expand",
+    "repeat_interleave",
+    "contiguous",
+    "to",
+    "type_as",
+    "float",
+    "half",
+    "bfloat16",
+}
+LAYOUT_FUNCTIONS = {
+    torch.transpose,
+    torch.permute,
+    torch.flatten,
+    torch.unflatten,
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.reshape,
+    torch.repeat_interleave,
+}
+
+
+def _is_layout(node: torch.fx.Node) -> bool:
+    """Ops that only move, repeat or cast elements: running them on the cache gives the same keys."""
+    if node.op == "call_method":
+        return node.target in LAYOUT_METHODS
+    return node.op == "call_function" and node.target in LAYOUT_FUNCTIONS
+
+
+def _numel(node: torch.fx.Node) -> int:
+    size = 1
+    for s in node.meta["ras_dense_shape"]:
+        size *= s
+    return size
+
+
 def _image_only_producer(attention, position, axes, num_tokens):
-    """(image-only tensor, the node that consumes it on the way to ``attention``), or None."""
+    """(image-only tensor to cache, the node that consumes it on the way to ``attention``), or None.
+
+    Walking back from the attention's key (or value), the first tensor that holds image tokens only
+    is the candidate. From there the walk goes on through ops that only rearrange elements (head
+    splits, transposes, the head repeat of grouped-query attention) and keeps the smallest tensor,
+    the earliest among equals, so a GQA model caches its kv heads rather than their repeats.
+    """
     consumer, node = attention, attention.args[position]
     while True:
         if not isinstance(node, torch.fx.Node) or node.name not in axes:
             return None
         axis = axes[node.name]
         if node.meta["ras_dense_shape"][axis] == num_tokens:
-            return node, consumer
+            break
         parents = [a for a in node.all_input_nodes if a.name in axes]
         if len(parents) != 1:
             raise RewriteError(
                 f"{describe(attention)}: cannot find the image-only {('key', 'value')[position - 1]} tensor"
             )
         consumer, node = node, parents[0]
+    best = (node, consumer)
+    while _is_layout(node):
+        parents = [a for a in node.all_input_nodes if a.name in axes]
+        if len(parents) != 1 or parents[0].meta["ras_dense_shape"][axes[parents[0].name]] != num_tokens:
+            break
+        consumer, node = node, parents[0]
+        if _numel(node) <= _numel(best[0]):
+            best = (node, consumer)
+    return best
