@@ -164,14 +164,19 @@ def test_invalid_options_name_the_field():
         rascompile.RASBackend(RASConfig())
 
 
-def test_unsupported_graph_runs_dense_and_warns_once():
-    model = TokenPoolingDiT()
-    x = torch.randn(2, 4, 8, 8)
+def _run_recording_warnings(model, x, calls):
     options = {"num_inference_steps": 4, "scheduler_start_step": 1, "error_reset_steps": (), "inner_backend": "eager"}
     compiled = torch.compile(model, backend="ras", options=options)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
-        outs = [compiled(x) for _ in range(3)]
+        outs = [compiled(x) for _ in range(calls)]
+    return outs, caught
+
+
+def test_unsupported_graph_runs_dense_and_warns_once():
+    model = TokenPoolingDiT()
+    x = torch.randn(2, 4, 8, 8)
+    outs, caught = _run_recording_warnings(model, x, calls=3)
     messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
     assert len(messages) == 1 and "runs dense" in messages[0] and "token axis" in messages[0]
     for out in outs:
@@ -189,11 +194,7 @@ class BreakingDiT(TokenPoolingDiT):
 def test_graph_break_runs_dense_and_warns():
     model = BreakingDiT()
     x = torch.randn(2, 4, 8, 8)
-    options = {"num_inference_steps": 4, "scheduler_start_step": 1, "error_reset_steps": (), "inner_backend": "eager"}
-    compiled = torch.compile(model, backend="ras", options=options)
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-        warnings.simplefilter("always")
-        out = compiled(x)
+    (out,), caught = _run_recording_warnings(model, x, calls=1)
     assert any("runs dense" in str(w.message) for w in caught)
     torch.testing.assert_close(out, model(x))
 

@@ -62,12 +62,18 @@ def test_every_attention_over_image_keys_is_cached(captured):
     assert sorted(s.kind for s in ctx.kv_slots) == ["key", "key", "value", "value"]
 
 
-def test_all_tokens_in_order_equal_dense(captured):
-    """k = N with the identity index is the dense step that fills the caches: same output as the graph."""
+def _rewritten(captured):
+    """(RAS graph, its context, the graph inputs, the dense graph's output)."""
     _, gm, inputs = captured
     ras, ctx = build_ras_graph(gm)
     with torch.no_grad():
         dense = gm(*inputs)[0]
+    return ras, ctx, inputs, dense
+
+
+def test_all_tokens_in_order_equal_dense(captured):
+    """k = N with the identity index is the dense step that fills the caches: same output as the graph."""
+    ras, ctx, inputs, dense = _rewritten(captured)
     n, b = ctx.num_tokens, ctx.batch_size
     out, _, kv = _run_ras(ras, ctx, inputs, torch.arange(n).expand(b, n).contiguous())
     torch.testing.assert_close(out, dense, rtol=0, atol=1e-6)
@@ -76,10 +82,7 @@ def test_all_tokens_in_order_equal_dense(captured):
 
 def test_permuted_tokens_equal_dense(captured):
     """Every token active but in a different order per row: position tables and masks must follow the tokens."""
-    _, gm, inputs = captured
-    ras, ctx = build_ras_graph(gm)
-    with torch.no_grad():
-        dense = gm(*inputs)[0]
+    ras, ctx, inputs, dense = _rewritten(captured)
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(ctx.num_tokens, generator=g) for _ in range(ctx.batch_size)])
     out, _, _ = _run_ras(ras, ctx, inputs, idx)
@@ -88,10 +91,7 @@ def test_permuted_tokens_equal_dense(captured):
 
 def test_subset_on_unchanged_inputs_reuses_cache(captured):
     """After a dense step, a RAS step on the same inputs reproduces the dense output exactly."""
-    _, gm, inputs = captured
-    ras, ctx = build_ras_graph(gm)
-    with torch.no_grad():
-        dense = gm(*inputs)[0]
+    ras, ctx, inputs, dense = _rewritten(captured)
     n, b = ctx.num_tokens, ctx.batch_size
     _, output_cache, kv = _run_ras(ras, ctx, inputs, torch.arange(n).expand(b, n).contiguous())
     g = torch.Generator().manual_seed(1)
