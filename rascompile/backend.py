@@ -213,8 +213,12 @@ def _placeholder_dtype(gm: torch.fx.GraphModule, name: str) -> torch.dtype:
     return node.meta["ras_val"].dtype
 
 
-def ras_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None):
+def ras_backend(
+    gm: torch.fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None, mode: str | None = None
+):
     """Entry point for ``torch.compile(model, backend="ras", options={...})``."""
+    if mode not in (None, "default"):
+        raise ValueError(f"mode={mode!r} is not supported by backend='ras'; pass settings through options instead")
     return RASBackend.from_options(options)(gm, example_inputs)
 
 

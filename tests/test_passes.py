@@ -139,3 +139,12 @@ def test_no_image_input_is_refused():
     gm, _ = _capture(torch.nn.Linear(4, 4), torch.randn(2, 4))
     with pytest.raises(RewriteError, match="no image-token source"):
         build_ras_graph(gm)
+
+
+def test_graph_dumps_before_and_after_every_pass(captured, tmp_path):
+    _, gm, _ = captured
+    build_ras_graph(gm, dump_dir=str(tmp_path))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 * 6 and names[0] == "00_find_token_source.after.py"
+    assert "ras_active_idx" in (tmp_path / "05_verify_ras_graph.after.py").read_text()
+    assert "ras_active_idx" not in (tmp_path / "00_find_token_source.before.py").read_text()
