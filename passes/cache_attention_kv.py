@@ -32,22 +32,60 @@ def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
     idx = nodes[ctx.active_idx]
     for attention in [n for n in gm.graph.nodes if is_sdpa(n)]:
         for kind, position in (("key", 1), ("value", 2)):
+            joint = _joint_concat(attention.args[position], axes, ctx.num_tokens)
+            if joint is not None:
+                _cache_joint_sequence(gm, ctx, attention, kind, joint, idx, axes)
+                continue
             found = _image_only_producer(attention, position, axes, ctx.num_tokens)
             if found is None:
                 continue
             tensor, consumer = found
             axis = axes[tensor.name]
-            value = example_value(tensor)
-            name = f"ras_kv_cache_{len(ctx.kv_slots)}"
-            with torch._subclasses.fake_tensor.FakeTensorMode():
-                fake = torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
-            cache = add_placeholder(gm, name, fake)
+            cache = _add_cache(gm, ctx, attention, kind, example_value(tensor), axis)
             updated = insert_call(gm, tensor, ops.update_kv_cache, (cache, tensor, idx, axis), like=tensor)
             updated.meta["ras_impure"] = True
             consumer.replace_input_with(tensor, updated)
-            ctx.kv_slots.append(KVCacheSlot(name, module_path(attention), kind, tuple(value.shape), axis, value.dtype))
-            ctx.note(f"kv: cached {kind} {tuple(value.shape)} axis {axis} for {describe(attention)}")
     return gm
+
+
+def _add_cache(gm, ctx: PassContext, attention, kind: str, value: torch.Tensor, axis: int) -> torch.fx.Node:
+    name = f"ras_kv_cache_{len(ctx.kv_slots)}"
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fake = torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
+    cache = add_placeholder(gm, name, fake)
+    ctx.kv_slots.append(KVCacheSlot(name, module_path(attention), kind, tuple(value.shape), axis, value.dtype))
+    ctx.note(f"kv: cached {kind} {tuple(value.shape)} axis {axis} for {describe(attention)}")
+    return cache
+
+
+def _joint_concat(node, axes, num_tokens):
+    """For ``cat([..., image keys, ...], dim=token axis)`` fed straight to attention: (cat, image part index)."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.cat):
+        return None
+    parts = node.args[0]
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    if node.name not in axes or not isinstance(parts, (list, tuple)):
+        return None
+    ndim = len(node.meta["ras_dense_shape"])
+    if dim % ndim != axes[node.name]:
+        return None
+    image = [i for i, p in enumerate(parts) if isinstance(p, torch.fx.Node) and p.name in axes]
+    if len(image) != 1 or parts[image[0]].meta["ras_dense_shape"][axes[parts[image[0]].name]] != num_tokens:
+        return None
+    return node, image[0]
+
+
+def _cache_joint_sequence(gm, ctx: PassContext, attention, kind: str, joint, idx, axes) -> None:
+    """Cache the whole joint sequence that attention reads: active image rows and every text row are
+    written into it in place, and attention reads the buffer itself, with no concatenation."""
+    cat, image_part = joint
+    axis = axes[cat.name]
+    parts = list(cat.args[0])
+    slots = [p.meta["ras_dense_shape"][axis] for p in parts]
+    cache = _add_cache(gm, ctx, attention, kind, example_value(cat), axis)
+    updated = insert_call(gm, cat, ops.update_joint_kv_cache, (cache, parts, idx, axis, image_part, slots), like=cat)
+    updated.meta["ras_impure"] = True
+    attention.replace_input_with(cat, updated)
 
 
 def _token_axes_of_retargeted_copy(gm: torch.fx.GraphModule, ctx: PassContext) -> dict[str, int]:

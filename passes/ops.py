@@ -64,6 +64,27 @@ def update_kv_cache(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor,
     return cache
 
 
+def update_joint_kv_cache(
+    cache: torch.Tensor, parts: list[torch.Tensor], idx: torch.Tensor, axis: int, image_part: int, slots: list[int]
+) -> torch.Tensor:
+    """The cached joint sequence ``cat(parts, axis)`` with N image slots: write and return it.
+
+    ``parts[image_part]`` holds the active image tokens (rows ``idx`` of the N image slots); every
+    other part (text tokens) is written whole at its place. ``slots`` are the parts' lengths
+    along ``axis`` in the dense sequence.
+    """
+    batch = idx.shape[0]
+    offset = 0
+    for i, (part, length) in enumerate(zip(parts, slots)):
+        if i == image_part:
+            rows = idx + offset
+        else:
+            rows = torch.arange(offset, offset + length, device=idx.device).expand(batch, length)
+        scatter_rows_(cache, part, rows, axis)
+        offset += length
+    return cache
+
+
 def merge_output(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Token outputs [B, N, C]: fresh rows at ``idx``, the last computed rows elsewhere.
 
