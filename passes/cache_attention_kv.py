@@ -7,7 +7,10 @@ the image keys after any q/k norm and RoPE.
 Produces: per key and value, a placeholder ``ras_kv_cache_<i>`` with the dense shape of that
 tensor and an ``update_kv_cache`` node that writes the active tokens' fresh rows into it and
 passes the full cache on, so attention sees fresh keys for active tokens and the cached keys
-of every other image token. Needs the token axes, which it gets by retargeting a copy.
+of every other image token. When attention reads ``cat([image keys, text keys])`` directly (SD3
+joint attention), the cache holds that whole joint sequence instead and ``update_joint_kv_cache``
+writes the text rows and the active image rows into it, so no concatenation runs. Needs the
+token axes, which it gets by retargeting a copy.
 """
 
 from __future__ import annotations
