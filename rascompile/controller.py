@@ -56,10 +56,12 @@ class RASController:
         self.step_counts: torch.Tensor | None = None  # per token: how many steps computed it
 
     def reset(self) -> None:
-        """Forget the current generation; the next call starts a new one."""
+        """Forget the current generation. Calls run dense until the step source reports a new one
+        (with ``backend="ras"`` that is the next call; with ``apply`` the next pipeline call)."""
         self.schedule = ()
         self.previous_latents = None
         self.drop_counts = None
+        self.steps.reset()
 
     def decide(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> Decision:
         info = self.steps.advance(latents, timestep)

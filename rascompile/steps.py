@@ -39,6 +39,9 @@ class SchedulerSteps:
         self.scheduler = scheduler
         self.expected = num_inference_steps
 
+    def reset(self) -> None:
+        """Nothing to forget: the scheduler marks every generation's first step itself."""
+
     def advance(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> StepInfo:
         num_steps = len(self.scheduler.timesteps)
         if self.expected is not None and num_steps != self.expected:
@@ -57,8 +60,11 @@ class TimestepSteps:
 
     def __init__(self, num_inference_steps: int):
         self.num_steps = num_inference_steps
-        self.step = -1
-        self.timesteps: list[float] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """The next call starts a new generation."""
+        self.step, self.timesteps = -1, []
 
     def advance(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> StepInfo:
         t = float(timestep.reshape(-1)[0]) if timestep is not None else None

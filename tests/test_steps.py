@@ -46,3 +46,10 @@ def test_without_a_timestep_generations_are_counted():
         (2, False),
         (0, True),
     ]
+
+
+def test_reset_starts_a_new_generation_at_the_next_call():
+    steps = TimestepSteps(4)
+    _run(steps, [4.0, 3.0])
+    steps.reset()
+    assert _run(steps, [2.0, 1.0]) == [(0, True), (1, False)]  # would continue the old one without reset
