@@ -51,3 +51,32 @@ def test_compiled_ras_equals_oracle(model, case):
             assert torch.equal(decision.active_idx, selected), f"step {step}: different active tokens"
     assert any(d.kind == "ras" for d in decisions)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_bfloat16_ras_step_equals_oracle(model):
+    """Caches and merges keep the model's dtype. One RAS step, so the selection does not depend on how
+    the latent update is rounded (the controller takes it in fp32)."""
+    build, kwargs_fn = MODELS[model]
+    settings = dict(num_inference_steps=6, scheduler_start_step=2, scheduler_end_step=2, error_reset_steps=())
+
+    def bf16_pipeline():
+        pipe = build()
+        pipe.transformer.to(torch.bfloat16)
+        return pipe
+
+    def call():
+        kwargs = kwargs_fn(num_prompts=1, num_images_per_prompt=2, steps=6)
+        floating = {k for k, v in kwargs.items() if torch.is_tensor(v) and v.is_floating_point()}
+        return {k: v.to(torch.bfloat16) if k in floating else v for k, v in kwargs.items()}
+
+    oracle = RASOracle(**settings)
+    pipe = bf16_pipeline()
+    with oracle.install(pipe), torch.no_grad():
+        expected = pipe(**call())[0]
+    pipe = bf16_pipeline()
+    backend = rascompile.apply(pipe, RASConfig(**settings), inner_backend="aot_eager")
+    got = pipe(**call())[0]
+    assert got.dtype == torch.bfloat16
+    assert [d.kind for d in backend.graphs[0].controller.history].count("ras") == 1
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
