@@ -26,6 +26,7 @@ from .manager import PassManager
 from .retarget_token_region import retarget_token_region
 from .scatter_output import scatter_output
 from .snapshot import graph_summary
+from .specialize_shapes import has_symbolic_shapes
 from .verify_ras_graph import verify_ras_graph
 
 RAS_PASSES = PassManager(
@@ -41,16 +42,11 @@ RAS_PASSES = PassManager(
 
 
 def _refuse_dynamic_shapes(gm: torch.fx.GraphModule) -> None:
-    for node in gm.graph.nodes:
-        value = node.meta.get("example_value")
-        symbolic = isinstance(value, torch.SymInt) or (
-            isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in value.shape)
+    if has_symbolic_shapes(gm):
+        raise RewriteError(
+            "Dynamo traced this graph with dynamic shapes (it does so after a resolution change); "
+            "specialise it first (rascompile.passes.specialize_shapes) or compile with dynamic=False"
         )
-        if node.op == "placeholder" and symbolic:
-            raise RewriteError(
-                "Dynamo traced this graph with dynamic shapes (it does so after a resolution change); "
-                "compile with torch.compile(..., dynamic=False) to get one RAS graph per resolution"
-            )
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

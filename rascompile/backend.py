@@ -174,9 +174,7 @@ class RASGraph:
         decision = self.controller.decide(args[self.latents_index], self._timestep(args))
         if decision.kind == "dense":
             return self._dense(args)
-        control = self.controller
-        extra = (decision.active_idx, control.output_cache, *control.kv_caches)
-        return self._variant(decision.num_active, args, extra)(*args, *extra)
+        return self.run_active(decision.active_idx, *args)
 
     def run_dense(self, *args):
         """One dense step with the original graph, bypassing the controller (benchmarks, debugging)."""
@@ -187,8 +185,7 @@ class RASGraph:
         control = self.controller
         if control is None:
             raise RuntimeError(f"this graph has no RAS variant: {self.fallback_reason}")
-        if control.output_cache is None:
-            control._allocate_caches()
+        control.allocate_caches()
         extra = (active_idx, control.output_cache, *control.kv_caches)
         return self._variant(int(active_idx.shape[1]), args, extra)(*args, *extra)
 

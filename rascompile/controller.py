@@ -93,11 +93,13 @@ class RASController:
         self.step_counts = torch.zeros(layout.batch_size, layout.num_tokens, dtype=torch.int32, device=self.device)
         self.generations += 1
         if any(not p.dense for p in self.schedule):
-            self._allocate_caches()
+            self.allocate_caches()
 
-    def _allocate_caches(self) -> None:
-        shape, dtype = self.layout.output_cache
-        if self.output_cache is None or tuple(self.output_cache.shape) != shape:
+    def allocate_caches(self) -> None:
+        """Allocate the output and K/V caches once; later generations reuse them (their first step
+        is dense and rewrites them in full)."""
+        if self.output_cache is None:
+            shape, dtype = self.layout.output_cache
             self.output_cache = torch.empty(shape, dtype=dtype, device=self.device)
             self.kv_caches = [torch.empty(s, dtype=d, device=self.device) for s, d in self.layout.kv_caches]
 
