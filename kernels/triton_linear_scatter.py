@@ -1,0 +1,251 @@
+"""Triton kernel: a token projection whose epilogue writes each output row straight into its cache slot.
+
+cache[b, idx[b, i] + row_offset, :] = epilogue(x[b, i, :] @ W^T + bias)
+
+The output columns are computed as (even, odd) pairs, two accumulators per tile, so the RoPE
+epilogue (which rotates column pairs 2p, 2p+1 within a head) has both halves of each pair in
+registers. Columns are grouped in segments of ``SEG`` columns: with a norm a segment is one norm
+group (a head for a per-head q/k norm, every column for a norm across heads) and one program
+covers a whole segment, so the norm's statistics never leave the program. Accumulation is fp32
+for every input dtype; the epilogue runs in fp32 and the store casts to the cache's dtype.
+
+Import this module only where a kernel is launched: ``triton.jit`` reads ``TRITON_INTERPRET``
+when the module is imported.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NORM_KINDS = {"none": 0, "layer_norm": 1, "rms_norm": 2}
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _configs() -> list[triton.Config]:
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, k, w, s in [(32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (16, 64, 4, 4)]
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["C_IN", "C_OUT", "SEG", "NORM", "HAS_ROPE", "BLOCK_P"])
+@triton.jit
+def _linear_scatter_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    idx_ptr,
+    cache_ptr,
+    norm_w_ptr,
+    norm_b_ptr,
+    cos_ptr,
+    sin_ptr,
+    K_ROWS,
+    C_IN,
+    C_OUT,
+    SEG,
+    HEAD_DIM,
+    ROW_OFFSET,
+    EPS,
+    stride_xb,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ib,
+    stride_im,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_cd,
+    stride_cos_b,
+    stride_cos_t,
+    stride_cos_p,
+    stride_sin_b,
+    stride_sin_t,
+    stride_sin_p,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_NORM_WEIGHT: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+
+    blocks_per_seg = tl.cdiv(tl.cdiv(SEG, 2), BLOCK_P)
+    seg = pid_n // blocks_per_seg
+    pair = (pid_n % blocks_per_seg) * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_seg_e = 2 * pair
+    in_seg_o = 2 * pair + 1
+    mask_e = in_seg_e < SEG
+    mask_o = in_seg_o < SEG
+    col_e = seg * SEG + in_seg_e
+    col_o = seg * SEG + in_seg_o
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rows < K_ROWS
+
+    acc_e = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    x_row_ptr = x_ptr + b * stride_xb + rows[:, None] * stride_xm
+    for k0 in range(0, C_IN, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mask_k = kk < C_IN
+        x = tl.load(x_row_ptr + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_e = tl.load(
+            w_ptr + col_e[None, :] * stride_wn + kk[:, None] * stride_wk,
+            mask=mask_k[:, None] & mask_e[None, :],
+            other=0.0,
+        )
+        w_o = tl.load(
+            w_ptr + col_o[None, :] * stride_wn + kk[:, None] * stride_wk,
+            mask=mask_k[:, None] & mask_o[None, :],
+            other=0.0,
+        )
+        if UPCAST_DOT:
+            # Triton's interpreter multiplies bf16 operands wrongly; it runs the product in fp32.
+            x = x.to(tl.float32)
+            w_e = w_e.to(tl.float32)
+            w_o = w_o.to(tl.float32)
+        acc_e = tl.dot(x, w_e, acc_e, input_precision=DOT_PRECISION)
+        acc_o = tl.dot(x, w_o, acc_o, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc_e += tl.load(bias_ptr + col_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
+        acc_o += tl.load(bias_ptr + col_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+
+    if NORM != 0:
+        acc_e = tl.where(mask_e[None, :], acc_e, 0.0)
+        acc_o = tl.where(mask_o[None, :], acc_o, 0.0)
+        if NORM == 1:
+            mean = (tl.sum(acc_e, axis=1) + tl.sum(acc_o, axis=1)) / SEG
+            acc_e = tl.where(mask_e[None, :], acc_e - mean[:, None], 0.0)
+            acc_o = tl.where(mask_o[None, :], acc_o - mean[:, None], 0.0)
+        var = (tl.sum(acc_e * acc_e, axis=1) + tl.sum(acc_o * acc_o, axis=1)) / SEG
+        rstd = 1.0 / tl.sqrt(var + EPS)
+        acc_e = acc_e * rstd[:, None]
+        acc_o = acc_o * rstd[:, None]
+        if HAS_NORM_WEIGHT:
+            acc_e *= tl.load(norm_w_ptr + in_seg_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
+            acc_o *= tl.load(norm_w_ptr + in_seg_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+        if HAS_NORM_BIAS:
+            acc_e += tl.load(norm_b_ptr + in_seg_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
+            acc_o += tl.load(norm_b_ptr + in_seg_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+
+    token = tl.load(idx_ptr + b * stride_ib + rows * stride_im, mask=mask_m, other=0)
+    head = col_e // HEAD_DIM
+    dim_e = col_e % HEAD_DIM
+
+    if HAS_ROPE:
+        rope_mask = mask_m[:, None] & mask_e[None, :]
+        pair_in_head = (dim_e // 2)[None, :]
+        cos = tl.load(
+            cos_ptr + b * stride_cos_b + token[:, None] * stride_cos_t + pair_in_head * stride_cos_p,
+            mask=rope_mask,
+            other=0.0,
+        ).to(tl.float32)
+        sin = tl.load(
+            sin_ptr + b * stride_sin_b + token[:, None] * stride_sin_t + pair_in_head * stride_sin_p,
+            mask=rope_mask,
+            other=0.0,
+        ).to(tl.float32)
+        rotated_e = acc_e * cos - acc_o * sin
+        acc_o = acc_e * sin + acc_o * cos
+        acc_e = rotated_e
+
+    out_ty = cache_ptr.dtype.element_ty
+    row_ptr = cache_ptr + b * stride_cb + (token + ROW_OFFSET)[:, None] * stride_ct
+    ptr_e = row_ptr + (head * stride_ch + dim_e * stride_cd)[None, :]
+    ptr_o = row_ptr + ((col_o // HEAD_DIM) * stride_ch + (col_o % HEAD_DIM) * stride_cd)[None, :]
+    tl.store(ptr_e, acc_e.to(out_ty), mask=mask_m[:, None] & mask_e[None, :])
+    tl.store(ptr_o, acc_o.to(out_ty), mask=mask_m[:, None] & mask_o[None, :])
+
+
+def _pair_block(seg: int, has_norm: bool) -> int:
+    """Pairs per program: a whole norm group when there is a norm, else a fixed tile (>= 16 for tl.dot)."""
+    if has_norm:
+        return max(16, triton.next_power_of_2((seg + 1) // 2))
+    return 32
+
+
+def launch(
+    cache4: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    idx: torch.Tensor,
+    *,
+    row_offset: int,
+    norm: str,
+    norm_group: int,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float,
+    rope_cos: torch.Tensor | None,
+    rope_sin: torch.Tensor | None,
+) -> None:
+    """Run the kernel on validated inputs. ``cache4`` is the cache viewed as [B, T, H, D] (any strides);
+    ``rope_cos``/``rope_sin`` are [Bt, N, D/2] with Bt 1 or B."""
+    batch, rows, c_in = x.shape
+    c_out = weight.shape[0]
+    head_dim = cache4.shape[3]
+    has_norm = norm != "none"
+    seg = norm_group if has_norm else c_out
+    block_p = _pair_block(seg, has_norm)
+    segments = c_out // seg
+    blocks_per_seg = triton.cdiv(triton.cdiv(seg, 2), block_p)
+    dummy = x  # never read: the constexpr flags switch the loads off
+    cos = rope_cos if rope_cos is not None else dummy.new_zeros(1, 1, 1)
+    sin = rope_sin if rope_sin is not None else dummy.new_zeros(1, 1, 1)
+
+    def cos_strides(t):
+        return (0 if t.shape[0] == 1 else t.stride(0), t.stride(1), t.stride(2))
+
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), segments * blocks_per_seg, batch)  # noqa: E731
+    _linear_scatter_kernel[grid](
+        x,
+        weight,
+        bias if bias is not None else dummy,
+        idx,
+        cache4,
+        norm_weight if norm_weight is not None else dummy,
+        norm_bias if norm_bias is not None else dummy,
+        cos,
+        sin,
+        rows,
+        c_in,
+        c_out,
+        seg,
+        head_dim,
+        row_offset,
+        eps,
+        *x.stride(),
+        *weight.stride(),
+        *idx.stride(),
+        *cache4.stride(),
+        *cos_strides(cos),
+        *cos_strides(sin),
+        HAS_BIAS=bias is not None,
+        NORM=NORM_KINDS[norm],
+        HAS_NORM_WEIGHT=norm_weight is not None,
+        HAS_NORM_BIAS=norm_bias is not None,
+        HAS_ROPE=rope_cos is not None,
+        UPCAST_DOT=_interpreting(),
+        # fp32 products stay fp32 (torch's default for matmul); half types use the tensor cores as usual
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_P=block_p,
+    )
