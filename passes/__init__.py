@@ -7,7 +7,8 @@
 3. ``scatter_output``         — merge fresh and cached token outputs before unpatchify
 4. ``cache_attention_kv``     — per-layer K/V caches of all N image tokens for attention
 5. ``retarget_token_region``  — token-count constants, position tables and masks follow k
-6. ``verify_ras_graph``       — checks the result at two token counts, then cleans up
+6. ``fuse_kv_projection``     — (optional) K/V projection + norm + RoPE + cache write as one op
+7. ``verify_ras_graph``       — checks the result at three token counts, then cleans up
 
 The rewritten graph takes the original inputs followed by ``ras_active_idx`` [B, k],
 ``ras_output_cache`` [B, N, C_out] and the K/V caches, and works for any k in [1, N].
@@ -20,6 +21,7 @@ import torch.fx
 from .cache_attention_kv import cache_attention_kv
 from .context import KVCacheSlot, PassContext, RewriteError
 from .find_token_source import find_token_source
+from .fuse_kv_projection import fuse_kv_projection
 from .gather_active_tokens import gather_active_tokens
 from .graph_utils import record_dense_shapes
 from .manager import PassManager
@@ -36,6 +38,7 @@ RAS_PASSES = PassManager(
         scatter_output,
         cache_attention_kv,
         retarget_token_region,
+        fuse_kv_projection,
         verify_ras_graph,
     ]
 )
@@ -57,15 +60,22 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def build_ras_graph(
-    gm: torch.fx.GraphModule, *, kv_cache: bool = True, dump_dir: str | None = None
+    gm: torch.fx.GraphModule,
+    *,
+    kv_cache: bool = True,
+    fuse_kv_projection: bool = False,
+    dump_dir: str | None = None,
 ) -> tuple[torch.fx.GraphModule, PassContext]:
     """Rewrite a copy of the dense Dynamo graph ``gm`` into the RAS step graph.
+
+    ``fuse_kv_projection`` turns each K/V projection chain that feeds a cache into one
+    ``rascompile::linear_scatter_`` op (see ``fuse_kv_projection``).
 
     Raises RewriteError, with the reason, when the rewrite cannot be shown to apply.
     """
     _refuse_dynamic_shapes(gm)
     record_dense_shapes(gm)
-    ctx = PassContext(kv_cache=kv_cache, dump_dir=dump_dir)
+    ctx = PassContext(kv_cache=kv_cache, fuse_kv_projection=fuse_kv_projection, dump_dir=dump_dir)
     ras = RAS_PASSES(copy_graph_module(gm), ctx)
     return ras, ctx
 

@@ -33,6 +33,7 @@ class PassContext:
 
     probe_tokens: int | None = None  # k used while rewriting; any k in [1, N] is valid afterwards
     kv_cache: bool = True
+    fuse_kv_projection: bool = False
     dump_dir: str | None = None
 
     # facts found by find_token_source

@@ -8,6 +8,7 @@ shape ``[B, k]`` (int64); ``axis`` is the token axis of the tensor being gathere
 from __future__ import annotations
 
 import torch
+from rascompile.kernels import linear_scatter_
 
 
 def _row_index(idx: torch.Tensor, like_shape: list[int], axis: int) -> torch.Tensor:
@@ -71,16 +72,18 @@ def update_joint_kv_cache(
 
     ``parts[image_part]`` holds the active image tokens (rows ``idx`` of the N image slots); every
     other part (text tokens) is written whole at its place. ``slots`` are the parts' lengths
-    along ``axis`` in the dense sequence.
+    along ``axis`` in the dense sequence. A part that is ``None`` was written already (by
+    ``fused_kv_update``).
     """
     batch = idx.shape[0]
     offset = 0
     for i, (part, length) in enumerate(zip(parts, slots)):
-        if i == image_part:
-            rows = idx + offset
-        else:
-            rows = torch.arange(offset, offset + length, device=idx.device).expand(batch, length)
-        scatter_rows_(cache, part, rows, axis)
+        if part is not None:
+            if i == image_part:
+                rows = idx + offset
+            else:
+                rows = torch.arange(offset, offset + length, device=idx.device).expand(batch, length)
+            scatter_rows_(cache, part, rows, axis)
         offset += length
     return cache
 
@@ -93,3 +96,58 @@ def merge_output(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor) ->
     """
     scatter_rows_(cache, fresh, idx, 1)
     return cache.to(fresh.dtype, copy=True)
+
+
+def fused_kv_update(
+    cache: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    idx: torch.Tensor,
+    axis: int,
+    head_dim: int,
+    row_offset: int,
+    norm: str,
+    norm_group: int,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float,
+    rope_table: torch.Tensor | None,
+    rope_axis: int,
+    rope_ndim: int,
+) -> torch.Tensor:
+    """Project the active tokens ``x`` [B, k, C] and write their keys (or values) into ``cache``; return it.
+
+    The fused form of linear -> optional norm -> optional RoPE -> ``update_kv_cache``, through the
+    custom op ``rascompile::linear_scatter_``. ``rope_table`` is the complex RoPE table over all N
+    tokens as the model broadcasts it against ``rope_ndim``-d keys with tokens on ``rope_axis``;
+    the op reads it at the active positions itself.
+    """
+    cos = sin = None
+    if rope_table is not None:
+        table = rope_table
+        while table.dim() < rope_ndim:
+            table = table.unsqueeze(0)
+        table = table.movedim(rope_axis, 1)
+        table = table.reshape(table.shape[0], table.shape[1], table.shape[-1])  # [Bt, N, D/2]
+        parts = torch.view_as_real(table)
+        cos, sin = parts[..., 0], parts[..., 1]
+    linear_scatter_(
+        cache,
+        x,
+        weight,
+        bias,
+        idx,
+        axis,
+        head_dim,
+        row_offset,
+        norm,
+        norm_group,
+        norm_weight,
+        norm_bias,
+        eps,
+        cos,
+        sin,
+        validate_indices=False,
+    )
+    return cache

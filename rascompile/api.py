@@ -8,13 +8,22 @@ from .backend import RASBackend, scheduler_steps
 from .config import RASConfig
 
 
-def apply(pipe, config: RASConfig | None = None, *, inner_backend: str = "inductor", dump_graphs=None) -> RASBackend:
+def apply(
+    pipe,
+    config: RASConfig | None = None,
+    *,
+    inner_backend: str = "inductor",
+    dump_graphs=None,
+    fused_kv_projection: bool | None = None,
+) -> RASBackend:
     """Compile ``pipe.transformer`` with the RAS backend, reading the step count from each pipeline call.
 
     The pipeline is not modified otherwise: its transformer attribute becomes the
     ``torch.compile``-d transformer (``dynamic=False``: one graph per resolution), as when users
     compile it themselves. Each call reads T from
     ``pipe.scheduler.timesteps`` and the step from ``pipe.scheduler.step_index``.
+
+    ``inner_backend``, ``dump_graphs`` and ``fused_kv_projection`` are as for ``RASBackend``.
 
     Returns the backend, whose ``compile_count`` and ``graphs`` (with their controllers)
     can be inspected.
@@ -31,6 +40,7 @@ def apply(pipe, config: RASConfig | None = None, *, inner_backend: str = "induct
         inner_backend=inner_backend,
         steps_factory=scheduler_steps(scheduler, config.num_inference_steps),
         dump_graphs=dump_graphs,
+        fused_kv_projection=fused_kv_projection,
     )
     pipe.transformer = torch.compile(transformer, backend=backend, dynamic=False)
     return backend

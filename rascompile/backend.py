@@ -10,6 +10,7 @@ token count (the dense steps that fill the caches run it with k = N).
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,7 +27,7 @@ from .controller import GraphLayout, RASController
 from .steps import SchedulerSteps, TimestepSteps
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
-BACKEND_OPTIONS = ("inner_backend", "dump_graphs")
+BACKEND_OPTIONS = ("inner_backend", "dump_graphs", "fused_kv_projection")
 
 
 def compile_inner(name: str, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
@@ -44,6 +45,11 @@ def compile_inner(name: str, gm: torch.fx.GraphModule, example_inputs: list) -> 
 class RASBackend:
     """A configured RAS backend; pass an instance as ``torch.compile(..., backend=...)``.
 
+    ``fused_kv_projection`` runs each K/V projection that feeds a cache (with its q/k norm and
+    RoPE) as one ``rascompile::linear_scatter_`` op: ``None`` (default) fuses graphs that run on
+    CUDA when Triton is installed, ``True`` fuses on every device (the op's plain torch version
+    runs off CUDA), ``False`` never fuses.
+
     One instance may see several Dynamo graphs (one per input resolution, or the pieces of a
     graph with breaks); each gets its own ``RASGraph`` with its own controller and caches.
     """
@@ -55,9 +61,16 @@ class RASBackend:
         inner_backend: str = "inductor",
         steps_factory: Callable[[], Any] | None = None,
         dump_graphs: str | None = None,
+        fused_kv_projection: bool | None = None,
     ):
         if inner_backend not in INNER_BACKENDS:
             raise ValueError(f"inner_backend={inner_backend!r} is invalid: must be one of {', '.join(INNER_BACKENDS)}")
+        if not (fused_kv_projection is None or isinstance(fused_kv_projection, bool)):
+            raise ValueError(
+                f"fused_kv_projection={fused_kv_projection!r} is invalid: "
+                "must be None (on for CUDA graphs), True or False"
+            )
+        self.fused_kv_projection = fused_kv_projection
         self.config = config if config is not None else RASConfig()
         self.inner_backend = inner_backend
         self.dump_graphs = dump_graphs
@@ -82,6 +95,12 @@ class RASBackend:
     def compile_count(self) -> int:
         """Graphs compiled with the inner backend so far, over every Dynamo graph this backend saw."""
         return sum(g.compile_count for g in self.graphs)
+
+    def fuses_kv_projection(self, example_inputs: list) -> bool:
+        if self.fused_kv_projection is not None:
+            return self.fused_kv_projection
+        on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in example_inputs)
+        return on_cuda and importlib.util.find_spec("triton") is not None
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -142,7 +161,12 @@ class RASGraph:
             self.fallback_reason = "sample_ratio is 1.0"
             return
         try:
-            self.ras_gm, ctx = build_ras_graph(gm, kv_cache=backend.config.kv_cache, dump_dir=backend.dump_graphs)
+            self.ras_gm, ctx = build_ras_graph(
+                gm,
+                kv_cache=backend.config.kv_cache,
+                fuse_kv_projection=backend.fuses_kv_projection(example_inputs),
+                dump_dir=backend.dump_graphs,
+            )
         except RewriteError as exc:
             self.fallback_reason = str(exc)
             backend.warn_once(f"this graph runs dense: {exc}")

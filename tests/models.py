@@ -85,8 +85,10 @@ def _reinit_(model: torch.nn.Module, seed: int, std: float = 0.1, qk_std: float 
     return model
 
 
-def tiny_sd3_transformer(seed: int = 0) -> SD3Transformer2DModel:
-    """A 2-layer SD3 MMDiT: hidden 32 (4 heads x 8), patch 2, 4 latent channels, text width 32."""
+def tiny_sd3_transformer(seed: int = 0, qk_norm: str | None = None) -> SD3Transformer2DModel:
+    """A 2-layer SD3 MMDiT: hidden 32 (4 heads x 8), patch 2, 4 latent channels, text width 32.
+
+    ``qk_norm="rms_norm"`` gives SD3.5's per-head RMSNorm on queries and keys."""
     model = SD3Transformer2DModel(
         sample_size=32,
         patch_size=PATCH_SIZE,
@@ -99,6 +101,7 @@ def tiny_sd3_transformer(seed: int = 0) -> SD3Transformer2DModel:
         pooled_projection_dim=SD3_POOLED_DIM,
         out_channels=SD3_IN_CHANNELS,
         pos_embed_max_size=64,
+        qk_norm=qk_norm,
     )
     _reinit_(model, seed, std=0.15, qk_std=0.3)
     return model.eval()

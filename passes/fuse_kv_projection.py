@@ -1,0 +1,335 @@
+"""Fuse each K/V projection that feeds a cache write into one ``rascompile::linear_scatter_`` op.
+
+Matches: every cache write that ``cache_attention_kv`` inserted (``update_kv_cache``, or the image
+part of ``update_joint_kv_cache``) whose fresh rows come from ``linear(x)`` over the active tokens
+through, in this order, an optional q/k norm (``layer_norm``, or diffusers' ``RMSNorm`` ops), an
+optional complex RoPE (``view_as_real(view_as_complex(t) * table)`` with the table gathered at the
+active tokens) and ops that only split heads, transpose or cast.
+Produces: ``ops.fused_kv_update(cache, x, weight, bias, idx, ...)``, which projects the active
+tokens and writes each row straight into its cache slot; the unfused chain becomes dead code.
+Before a chain is replaced, the graph's own chain and the op are run on random inputs at a few
+tokens and their caches compared, so a layout or epilogue the parser misread stays unfused (the
+reason goes to the log) instead of running wrong.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from . import ops
+from .context import PassContext, module_path
+from .graph_utils import describe, example_value, is_linear
+
+LAYOUT_METHODS = {"view", "reshape", "transpose", "permute", "flatten", "unflatten", "contiguous"}
+CAST_METHODS = {"to", "type_as", "float", "half", "bfloat16"}
+LAYOUT_FUNCTIONS = {torch.transpose, torch.permute, torch.flatten, torch.unflatten, torch.reshape}
+MUL = ({operator.mul, torch.mul}, {"mul", "__mul__"})
+VERIFY_TOKENS = 3
+
+
+class NoMatch(Exception):
+    """The chain in front of a cache write is not one the fused op computes."""
+
+
+@dataclass
+class KVChain:
+    """What the fused op needs, as graph nodes and constants, parsed from one projection chain."""
+
+    linear: torch.fx.Node | None = None
+    norm: str = "none"
+    norm_group: int = -1
+    norm_weight: torch.fx.Node | None = None
+    norm_bias: torch.fx.Node | None = None
+    eps: float = 1e-6
+    rope_table: torch.fx.Node | None = None  # complex table over all N tokens, before the gather
+    rope_axis: int = 1
+    rope_ndim: int = 4
+
+    def describe(self) -> str:
+        parts = ["linear"] + ([self.norm] if self.norm != "none" else []) + (["rope"] if self.rope_table else [])
+        return " + ".join(parts)
+
+
+def fuse_kv_projection(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    if not ctx.fuse_kv_projection:
+        return gm
+    nodes = {n.name: n for n in gm.graph.nodes}
+    idx = nodes[ctx.active_idx]
+    for write in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in WRITES]:
+        cache, fresh, offset, axis = WRITES[write.target](write)
+        try:
+            chain = parse_chain(fresh)
+            head_dim = _head_dim(cache, chain)
+            _verify(gm, ctx, chain, fresh, cache, axis, head_dim, offset)
+        except NoMatch as exc:
+            ctx.note(f"fuse: {cache.name} stays unfused: {exc}")
+            continue
+        _replace(gm, write, chain, cache, idx, axis, head_dim, offset)
+        ctx.note(f"fuse: {chain.describe()} @ {module_path(chain.linear)} -> linear_scatter_ into {cache.name}")
+    return gm
+
+
+def _plain_write(write: torch.fx.Node):
+    cache, fresh, _, axis = write.args
+    return cache, fresh, 0, axis
+
+
+def _joint_write(write: torch.fx.Node):
+    cache, parts, _, axis, image_part, slots = write.args
+    return cache, parts[image_part], sum(slots[:image_part]), axis
+
+
+WRITES = {ops.update_kv_cache: _plain_write, ops.update_joint_kv_cache: _joint_write}
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def parse_chain(fresh: torch.fx.Node) -> KVChain:
+    """Walk back from the tensor written into the cache to the projection that made it."""
+    chain = KVChain()
+    node = fresh
+    while not is_linear(node):
+        if not isinstance(node, torch.fx.Node):
+            raise NoMatch(f"reached {node!r} before a linear projection")
+        if chain.rope_table is None and chain.norm == "none" and (source := _match_complex_rope(node, chain)):
+            node = source
+        elif chain.norm == "none" and (source := _match_layer_norm(node, chain) or _match_rms_norm(node, chain)):
+            node = source
+        elif _is_layout(node) or _is_cast(node):
+            node = node.args[0]
+        else:
+            raise NoMatch(f"{describe(node)} is not a projection, q/k norm, RoPE or layout op")
+    if len(node.args) < 2 or node.kwargs or node.meta.get("ras_token_axis") != 1:
+        raise NoMatch(f"{describe(node)} is not a projection of the active tokens [B, k, C]")
+    chain.linear = node
+    return chain
+
+
+def _is_layout(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in LAYOUT_METHODS
+    return node.op == "call_function" and node.target in LAYOUT_FUNCTIONS
+
+
+def _is_cast(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in CAST_METHODS
+
+
+def _is(node, functions: set, methods: set) -> bool:
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
+def _skip_casts(node):
+    while _is_cast(node):
+        node = node.args[0]
+    return node
+
+
+def _match_complex_rope(node: torch.fx.Node, chain: KVChain):
+    """``view_as_real(view_as_complex(t) * gather_position_table(table, idx, axis, ndim))`` -> t."""
+    if not _is(node, {torch.view_as_real}, set()):
+        return None
+    product = node.args[0]
+    if not _is(product, *MUL) or len(product.args) != 2:
+        return None
+    for rotated, table in (product.args, reversed(product.args)):
+        if _is(rotated, {torch.view_as_complex}, set()) and _is(table, {ops.gather_position_table}, set()):
+            chain.rope_table, _, chain.rope_axis, chain.rope_ndim = table.args
+            return rotated.args[0]
+    raise NoMatch(f"{describe(node)}: a complex product that is not RoPE with a per-token table")
+
+
+def _match_layer_norm(node: torch.fx.Node, chain: KVChain):
+    if not _is(node, {torch.nn.functional.layer_norm}, set()):
+        return None
+    bound = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args)) | dict(node.kwargs)
+    shape = bound["normalized_shape"]
+    if len(shape) != 1:
+        raise NoMatch(f"{describe(node)} normalises over {len(shape)} dims")
+    chain.norm, chain.norm_group = "layer_norm", int(shape[0])
+    chain.norm_weight, chain.norm_bias = bound.get("weight"), bound.get("bias")
+    chain.eps = float(bound.get("eps", 1e-5))
+    return bound["input"]
+
+
+def _match_rms_norm(node: torch.fx.Node, chain: KVChain):
+    """diffusers' RMSNorm: ``x * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)`` [``.to(dtype)``] [``* w``]."""
+    weight = None
+    if _is(node, *MUL) and len(node.args) == 2:
+        for h, w in (node.args, reversed(node.args)):
+            value = example_value(w) if isinstance(w, torch.fx.Node) else None
+            if isinstance(value, torch.Tensor) and value.dim() == 1 and not _is(w, *MUL):
+                weight, node = w, _skip_casts(h)
+                break
+    if not (_is(node, *MUL) and len(node.args) == 2):
+        return None
+    x, scale = node.args
+    if not _is(scale, {torch.rsqrt}, {"rsqrt"}):
+        x, scale = scale, x
+    if not _is(scale, {torch.rsqrt}, {"rsqrt"}):
+        return None
+    shifted = scale.args[0]
+    if not (_is(shifted, {operator.add}, set()) and isinstance(shifted.args[1], float)):
+        return None
+    mean = shifted.args[0]
+    last_dim = tuple(mean.args[1:]) in ((-1,), ([-1],)) and mean.kwargs == {"keepdim": True}
+    if not (_is(mean, set(), {"mean"}) and last_dim):
+        return None
+    square = mean.args[0]
+    if not (_is(square, set(), {"pow"}) and square.args[1] == 2 and _skip_casts(square.args[0]) is _skip_casts(x)):
+        return None
+    group = example_value(x).shape[-1]
+    if weight is not None and example_value(weight).shape[0] != group:
+        raise NoMatch(f"{describe(node)}: RMSNorm weight of {example_value(weight).shape[0]} for {group} columns")
+    chain.norm, chain.norm_group, chain.norm_weight, chain.eps = "rms_norm", int(group), weight, shifted.args[1]
+    return x
+
+
+def _head_dim(cache: torch.fx.Node, chain: KVChain) -> int:
+    shape = example_value(cache).shape
+    if len(shape) == 4:
+        return int(shape[-1])
+    if chain.rope_table is not None:
+        return 2 * int(example_value(chain.rope_table).shape[-1])
+    return -1
+
+
+# ---------------------------------------------------------------- checking and rewriting
+
+
+def _verify(gm, ctx: PassContext, chain: KVChain, fresh, cache, axis: int, head_dim: int, offset: int) -> None:
+    """Run the graph's chain and the op on the same random inputs (fp32, on the CPU); their caches must agree."""
+    x_node = chain.linear.args[0]
+    needed = _ancestors(fresh, stop=x_node)
+    generator = torch.Generator().manual_seed(0)
+    batch, n = ctx.batch_size, ctx.num_tokens
+    idx = torch.stack([torch.randperm(n, generator=generator)[:VERIFY_TOKENS] for _ in range(batch)])
+    weight = example_value(chain.linear.args[1])
+    values = {x_node: _random((batch, VERIFY_TOKENS, weight.shape[1]), weight.dtype, generator)}
+    for node in gm.graph.nodes:
+        if node not in needed or node in values:
+            continue
+        if node.name == ctx.active_idx:
+            values[node] = idx
+        elif node.op == "placeholder":
+            value = example_value(node)
+            values[node] = _random(tuple(value.shape), value.dtype, generator)
+        else:
+            values[node] = _run(gm, node, values)
+    fresh_value, cache_value = values[fresh], example_value(cache)
+    unfused = torch.zeros(tuple(cache_value.shape), dtype=torch.float32)
+    ops.scatter_rows_(unfused, fresh_value.float(), idx + offset, axis)
+    fused = torch.zeros_like(unfused)
+    get = lambda node: None if node is None else values[node]  # noqa: E731
+    try:
+        ops.fused_kv_update(
+            fused,
+            values[x_node],
+            *(get(a) for a in _linear_args(chain.linear)),
+            idx,
+            axis,
+            head_dim,
+            offset,
+            chain.norm,
+            chain.norm_group,
+            get(chain.norm_weight),
+            get(chain.norm_bias),
+            chain.eps,
+            get(chain.rope_table),
+            chain.rope_axis,
+            chain.rope_ndim,
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise NoMatch(f"the op refuses the chain's tensors: {exc}") from exc
+    tolerance = 1e-4 if fresh_value.dtype == torch.float32 else 3e-2
+    error = (fused - unfused).abs().max().item()
+    if error > tolerance * max(1.0, unfused.abs().max().item()):
+        raise NoMatch(f"the op and the chain {chain.describe()} disagree on random inputs (max error {error:.3g})")
+
+
+def _random(shape: tuple, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    if dtype.is_complex:
+        return torch.polar(torch.ones(shape), torch.rand(shape, generator=generator) * 6.2832)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _run(gm: torch.fx.GraphModule, node: torch.fx.Node, values: dict):
+    load = lambda a: torch.fx.node.map_arg(a, lambda n: values[n])  # noqa: E731
+    args, kwargs = load(node.args), load(node.kwargs)
+    try:
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            return getattr(gm, node.target).detach().cpu()
+    except Exception as exc:  # noqa: BLE001 - any failure means the chain is not what the parser took it for
+        raise NoMatch(f"{describe(node)} fails on the check's inputs: {exc}") from exc
+    raise NoMatch(f"{describe(node)}: cannot evaluate a {node.op} node")
+
+
+def _ancestors(node: torch.fx.Node, stop: torch.fx.Node) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is not stop:
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _linear_args(linear: torch.fx.Node) -> tuple:
+    weight = linear.args[1]
+    bias = linear.args[2] if len(linear.args) > 2 else None
+    return weight, bias
+
+
+def _replace(gm, write, chain: KVChain, cache, idx, axis: int, head_dim: int, offset: int) -> None:
+    args = (
+        cache,
+        chain.linear.args[0],
+        *_linear_args(chain.linear),
+        idx,
+        axis,
+        head_dim,
+        offset,
+        chain.norm,
+        chain.norm_group,
+        chain.norm_weight,
+        chain.norm_bias,
+        chain.eps,
+        chain.rope_table,
+        chain.rope_axis,
+        chain.rope_ndim,
+    )
+    with gm.graph.inserting_before(write):
+        fused = gm.graph.call_function(ops.fused_kv_update, args)
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "ras_dense_shape"):
+        if key in write.meta:
+            fused.meta[key] = write.meta[key]
+    fused.meta["ras_managed"] = True
+    fused.meta["ras_impure"] = True
+    if write.target is ops.update_kv_cache:
+        write.replace_all_uses_with(fused)
+        gm.graph.erase_node(write)
+        return
+    cache_arg, parts, *rest = write.args
+    parts = list(parts)
+    parts[rest[2]] = None
+    write.args = (fused, parts, *rest)
