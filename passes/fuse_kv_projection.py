@@ -57,30 +57,40 @@ class KVChain:
 def fuse_kv_projection(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
     if not ctx.fuse_kv_projection:
         return gm
-    nodes = {n.name: n for n in gm.graph.nodes}
-    idx = nodes[ctx.active_idx]
-    for write in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in WRITES]:
-        cache, fresh, offset, axis = WRITES[write.target](write)
+    idx = next(n for n in gm.graph.nodes if n.name == ctx.active_idx)
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in WRITES]:
+        write = WRITES[node.target](node)
         try:
-            chain = parse_chain(fresh)
-            head_dim = _head_dim(cache, chain)
-            _verify(gm, ctx, chain, fresh, cache, axis, head_dim, offset)
+            chain = parse_chain(write.fresh)
+            op_args = fused_op_args(chain, write, idx)
+            _verify(gm, ctx, chain, write, op_args)
         except NoMatch as exc:
-            ctx.note(f"fuse: {cache.name} stays unfused: {exc}")
+            ctx.note(f"fuse: {write.cache.name} stays unfused: {exc}")
             continue
-        _replace(gm, write, chain, cache, idx, axis, head_dim, offset)
-        ctx.note(f"fuse: {chain.describe()} @ {module_path(chain.linear)} -> linear_scatter_ into {cache.name}")
+        _replace(gm, write, op_args)
+        ctx.note(f"fuse: {chain.describe()} @ {module_path(chain.linear)} -> linear_scatter_ into {write.cache.name}")
     return gm
 
 
-def _plain_write(write: torch.fx.Node):
-    cache, fresh, _, axis = write.args
-    return cache, fresh, 0, axis
+@dataclass
+class CacheWrite:
+    """A cache write inserted by cache_attention_kv: ``fresh`` rows go to ``cache`` rows ``idx + offset``."""
+
+    node: torch.fx.Node
+    cache: torch.fx.Node
+    fresh: torch.fx.Node
+    offset: int
+    axis: int
 
 
-def _joint_write(write: torch.fx.Node):
-    cache, parts, _, axis, image_part, slots = write.args
-    return cache, parts[image_part], sum(slots[:image_part]), axis
+def _plain_write(node: torch.fx.Node) -> CacheWrite:
+    cache, fresh, _, axis = node.args
+    return CacheWrite(node, cache, fresh, 0, axis)
+
+
+def _joint_write(node: torch.fx.Node) -> CacheWrite:
+    cache, parts, _, axis, image_part, slots = node.args
+    return CacheWrite(node, cache, parts[image_part], sum(slots[:image_part]), axis)
 
 
 WRITES = {ops.update_kv_cache: _plain_write, ops.update_joint_kv_cache: _joint_write}
@@ -194,63 +204,66 @@ def _match_rms_norm(node: torch.fx.Node, chain: KVChain):
     return x
 
 
-def _head_dim(cache: torch.fx.Node, chain: KVChain) -> int:
-    shape = example_value(cache).shape
-    if len(shape) == 4:
-        return int(shape[-1])
-    if chain.rope_table is not None:
-        return 2 * int(example_value(chain.rope_table).shape[-1])
-    return -1
-
-
 # ---------------------------------------------------------------- checking and rewriting
 
 
-def _verify(gm, ctx: PassContext, chain: KVChain, fresh, cache, axis: int, head_dim: int, offset: int) -> None:
-    """Run the graph's chain and the op on the same random inputs (fp32, on the CPU); their caches must agree."""
-    x_node = chain.linear.args[0]
-    needed = _ancestors(fresh, stop=x_node)
+def fused_op_args(chain: KVChain, write: CacheWrite, idx: torch.fx.Node) -> tuple:
+    """The arguments of ``ops.fused_kv_update`` (graph nodes and constants) for ``chain`` writing ``write``."""
+    weight = chain.linear.args[1]
+    bias = chain.linear.args[2] if len(chain.linear.args) > 2 else None
+    cache_shape = example_value(write.cache).shape
+    if len(cache_shape) == 4:
+        head_dim = int(cache_shape[-1])
+    elif chain.rope_table is not None:
+        head_dim = 2 * int(example_value(chain.rope_table).shape[-1])
+    else:
+        head_dim = -1
+    return (
+        write.cache,
+        chain.linear.args[0],
+        weight,
+        bias,
+        idx,
+        write.axis,
+        head_dim,
+        write.offset,
+        chain.norm,
+        chain.norm_group,
+        chain.norm_weight,
+        chain.norm_bias,
+        chain.eps,
+        chain.rope_table,
+        chain.rope_axis,
+        chain.rope_ndim,
+    )
+
+
+def _verify(gm, ctx: PassContext, chain: KVChain, write: CacheWrite, op_args: tuple) -> None:
+    """Run the graph's chain and the op on the same random inputs (on the CPU); their caches must agree."""
+    x_node, idx_node = chain.linear.args[0], op_args[4]
+    needed = _ancestors(write.fresh, stop=x_node)
     generator = torch.Generator().manual_seed(0)
     batch, n = ctx.batch_size, ctx.num_tokens
     idx = torch.stack([torch.randperm(n, generator=generator)[:VERIFY_TOKENS] for _ in range(batch)])
     weight = example_value(chain.linear.args[1])
-    values = {x_node: _random((batch, VERIFY_TOKENS, weight.shape[1]), weight.dtype, generator)}
+    values = {x_node: _random((batch, VERIFY_TOKENS, weight.shape[1]), weight.dtype, generator), idx_node: idx}
     for node in gm.graph.nodes:
         if node not in needed or node in values:
             continue
-        if node.name == ctx.active_idx:
-            values[node] = idx
-        elif node.op == "placeholder":
+        if node.op == "placeholder":
             value = example_value(node)
             values[node] = _random(tuple(value.shape), value.dtype, generator)
         else:
             values[node] = _run(gm, node, values)
-    fresh_value, cache_value = values[fresh], example_value(cache)
-    unfused = torch.zeros(tuple(cache_value.shape), dtype=torch.float32)
-    ops.scatter_rows_(unfused, fresh_value.float(), idx + offset, axis)
-    fused = torch.zeros_like(unfused)
-    get = lambda node: None if node is None else values[node]  # noqa: E731
+    fresh = values[write.fresh]
+    unfused = torch.zeros(tuple(example_value(write.cache).shape), dtype=torch.float32)
+    ops.scatter_rows_(unfused, fresh.float(), idx + write.offset, write.axis)
+    values[write.cache] = fused = torch.zeros_like(unfused)
     try:
-        ops.fused_kv_update(
-            fused,
-            values[x_node],
-            *(get(a) for a in _linear_args(chain.linear)),
-            idx,
-            axis,
-            head_dim,
-            offset,
-            chain.norm,
-            chain.norm_group,
-            get(chain.norm_weight),
-            get(chain.norm_bias),
-            chain.eps,
-            get(chain.rope_table),
-            chain.rope_axis,
-            chain.rope_ndim,
-        )
+        ops.fused_kv_update(*torch.fx.node.map_arg(op_args, lambda node: values[node]))
     except (ValueError, RuntimeError) as exc:
         raise NoMatch(f"the op refuses the chain's tensors: {exc}") from exc
-    tolerance = 1e-4 if fresh_value.dtype == torch.float32 else 3e-2
+    tolerance = 1e-4 if fresh.dtype == torch.float32 else 3e-2
     error = (fused - unfused).abs().max().item()
     if error > tolerance * max(1.0, unfused.abs().max().item()):
         raise NoMatch(f"the op and the chain {chain.describe()} disagree on random inputs (max error {error:.3g})")
@@ -294,42 +307,18 @@ def _ancestors(node: torch.fx.Node, stop: torch.fx.Node) -> set[torch.fx.Node]:
     return seen
 
 
-def _linear_args(linear: torch.fx.Node) -> tuple:
-    weight = linear.args[1]
-    bias = linear.args[2] if len(linear.args) > 2 else None
-    return weight, bias
-
-
-def _replace(gm, write, chain: KVChain, cache, idx, axis: int, head_dim: int, offset: int) -> None:
-    args = (
-        cache,
-        chain.linear.args[0],
-        *_linear_args(chain.linear),
-        idx,
-        axis,
-        head_dim,
-        offset,
-        chain.norm,
-        chain.norm_group,
-        chain.norm_weight,
-        chain.norm_bias,
-        chain.eps,
-        chain.rope_table,
-        chain.rope_axis,
-        chain.rope_ndim,
-    )
-    with gm.graph.inserting_before(write):
-        fused = gm.graph.call_function(ops.fused_kv_update, args)
+def _replace(gm: torch.fx.GraphModule, write: CacheWrite, op_args: tuple) -> None:
+    with gm.graph.inserting_before(write.node):
+        fused = gm.graph.call_function(ops.fused_kv_update, op_args)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "ras_dense_shape"):
-        if key in write.meta:
-            fused.meta[key] = write.meta[key]
+        if key in write.node.meta:
+            fused.meta[key] = write.node.meta[key]
     fused.meta["ras_managed"] = True
     fused.meta["ras_impure"] = True
-    if write.target is ops.update_kv_cache:
-        write.replace_all_uses_with(fused)
-        gm.graph.erase_node(write)
+    if write.node.target is ops.update_kv_cache:
+        write.node.replace_all_uses_with(fused)
+        gm.graph.erase_node(write.node)
         return
-    cache_arg, parts, *rest = write.args
-    parts = list(parts)
-    parts[rest[2]] = None
-    write.args = (fused, parts, *rest)
+    _, parts, *rest = write.node.args  # the joint write keeps writing the text rows
+    parts = [None if part is write.fresh else part for part in parts]
+    write.node.args = (fused, parts, *rest)

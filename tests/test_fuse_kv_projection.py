@@ -1,5 +1,7 @@
 """The fuse_kv_projection pass: every K/V chain feeding a cache becomes one linear_scatter_ op, same results."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import capture_pipeline_graph
@@ -10,11 +12,11 @@ from models import (
     tiny_sd3_pipeline,
     tiny_sd3_transformer,
 )
+from rascompile.passes import build_ras_graph, ops
+from rascompile.passes.fuse_kv_projection import WRITES, NoMatch, _verify, fused_op_args, parse_chain
 
 import rascompile
 from rascompile import RASBackend, RASConfig
-from rascompile.passes import build_ras_graph, ops
-from rascompile.passes.fuse_kv_projection import NoMatch, _verify, parse_chain
 
 
 def tiny_sd35_pipeline():
@@ -104,18 +106,22 @@ def test_a_misread_chain_is_caught_by_the_numeric_check():
     """Parsing mistakes (a missed RoPE, a per-head norm for Lumina-Next's norm across heads) do not get through."""
     gm, _ = capture_pipeline_graph(tiny_lumina_pipeline(), lumina_call_kwargs())
     ras, ctx = build_ras_graph(gm)
-    write = next(n for n in ras.graph.nodes if n.target is ops.update_kv_cache and n.args[0].name == "ras_kv_cache_0")
-    cache, fresh, _, axis = write.args
-    chain = parse_chain(fresh)
-    assert (chain.norm, chain.norm_group) == ("layer_norm", 16)
-    _verify(ras, ctx, chain, fresh, cache, axis, 8, 0)  # as parsed: passes
-    table = chain.rope_table
-    chain.rope_table = None
+    node = next(n for n in ras.graph.nodes if n.target is ops.update_kv_cache and n.args[0].name == "ras_kv_cache_0")
+    write, idx = WRITES[node.target](node), node.args[2]
+    chain = parse_chain(write.fresh)
+    assert (chain.norm, chain.norm_group, chain.rope_table is not None) == ("layer_norm", 16, True)
+
+    def check(**changes):
+        misread = dataclasses.replace(chain, **changes)
+        _verify(ras, ctx, misread, write, fused_op_args(misread, write, idx))
+
+    check()  # as parsed: passes
     with pytest.raises(NoMatch, match="disagree"):
-        _verify(ras, ctx, chain, fresh, cache, axis, 8, 0)
-    chain.rope_table, chain.norm_group = table, 8
+        check(rope_table=None)
+    with pytest.raises(NoMatch, match="disagree"):
+        check(norm="rms_norm")
     with pytest.raises(NoMatch, match="refuses .* norm_weight is shape \\[16\\]"):
-        _verify(ras, ctx, chain, fresh, cache, axis, 8, 0)
+        check(norm_group=8)
 
 
 def test_unknown_op_in_chain_is_not_fused():
