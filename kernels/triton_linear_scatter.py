@@ -15,6 +15,8 @@ when the module is imported.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +25,10 @@ NORM_KINDS = {"none": 0, "layer_norm": 1, "rms_norm": 2}
 
 
 def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older releases read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs() -> list[triton.Config]:
