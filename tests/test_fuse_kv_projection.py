@@ -117,7 +117,7 @@ def test_bfloat16_graph_fuses_and_matches_within_rounding(model):
     fused, _ = build_ras_graph(gm, fuse_kv_projection=True)
     assert len(_fused_nodes(fused)) == len(ctx.kv_slots)
     idx = torch.stack(
-        [torch.randperm(ctx.num_tokens, generator=torch.Generator().manual_seed(b))[:20] for b in range(2)]
+        [torch.randperm(ctx.num_tokens, generator=torch.Generator().manual_seed(b))[:20] for b in range(ctx.batch_size)]
     )
 
     def run(graph):
