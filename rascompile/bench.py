@@ -89,6 +89,7 @@ class BenchSettings:
     repeats: int = 5
     loop_repeats: int | None = None  # None: same as repeats
     inner_backend: str = "inductor"
+    fused_kv_projection: bool | None = None  # None: the backend's default (fused on CUDA)
     eager_loop: bool = True
     threads: int | None = None
     seed: int = 0
@@ -214,6 +215,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"backend compiling both dense and RAS graphs (default {d.inner_backend})",
     )
+    run.add_argument(
+        "--fused-kv-projection",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="fuse K/V projections into rascompile::linear_scatter_: auto (on for CUDA), on or off (default auto)",
+    )
     run.add_argument("--no-eager-loop", action="store_true", help="skip the dense eager loop")
     run.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's)")
     run.add_argument("--seed", type=int, default=None, help=f"seed of weights and inputs (default {d.seed})")
@@ -254,6 +261,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         if getattr(args, name, None) is not None
     }
     settings = replace(settings, **given)
+    fused = getattr(args, "fused_kv_projection", "auto")
+    settings = replace(settings, fused_kv_projection={"auto": None, "on": True, "off": False}[fused])
     if args.no_eager_loop:
         settings = replace(settings, eager_loop=False)
     if args.no_progress:
@@ -522,7 +531,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     inputs = make_inputs(s)
     results["memory"] = {"parameters_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
-    backend = RASBackend(s.loop_config(), inner_backend=s.inner_backend)
+    backend = RASBackend(s.loop_config(), inner_backend=s.inner_backend, fused_kv_projection=s.fused_kv_projection)
     capture = _Capture(backend)
     compiled = torch.compile(model, backend=capture)
     scheduler = make_scheduler()
@@ -547,6 +556,10 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
         graph = backend.graphs[0]
         if graph.controller is None:
             raise RuntimeError(f"the RAS rewrite did not apply: {graph.fallback_reason}")
+        fuse_lines = [line for line in graph.summary.splitlines() if line.startswith("fuse: ")]
+        results["fused_kv_writes"] = sum("stays unfused" not in line for line in fuse_lines)
+        results["unfused_kv_reasons"] = [line for line in fuse_lines if "stays unfused" in line]
+        results["kv_writes"] = len(graph.controller.layout.kv_caches)
         args = capture.example_inputs[0]
         if graph.timestep_index is None:
             raise RuntimeError("the graph has no timestep input")

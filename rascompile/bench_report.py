@@ -49,6 +49,12 @@ def format_report(results: dict) -> str:
         f"inner backend: {s['inner_backend']} (dense and RAS); times: median of {s['repeats']} after warm-up; "
         f"first call (compile) of the capture graph {results['first_call_s']:.1f} s"
     )
+    if "kv_writes" in results:
+        out.append(
+            f"fused K/V projection (rascompile::linear_scatter_): {results['fused_kv_writes']} of "
+            f"{results['kv_writes']} cache writes"
+        )
+        out.extend(f"  {line}" for line in results.get("unfused_kv_reasons", []))
     load = results.get("background_load")
     if load is not None:
         busy = load["other_processes_cores"]

@@ -42,11 +42,12 @@ def test_invalid_schedule_is_reported(capsys):
     assert "error_reset_steps" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
-def test_bench_smoke(inner, tmp_path, capsys):
+@pytest.mark.parametrize(("inner", "fused"), [("eager", "auto"), ("aot_eager", "on")])
+def test_bench_smoke(inner, fused, tmp_path, capsys):
     path = tmp_path / "bench.json"
     start = time.perf_counter()
-    code = main(["bench", "--smoke", "--inner-backend", inner, "--no-progress", "--json", str(path)])
+    argv = ["bench", "--smoke", "--inner-backend", inner, "--fused-kv-projection", fused, "--no-progress"]
+    code = main([*argv, "--json", str(path)])
     elapsed = time.perf_counter() - start
     assert code == 0
     assert elapsed < 60
@@ -69,6 +70,9 @@ def test_bench_smoke(inner, tmp_path, capsys):
         assert row in out, row
     results = json.loads(path.read_text())
     assert results["settings"]["inner_backend"] == inner
+    # on the CPU "auto" does not fuse; "on" fuses the K and V writes of both layers
+    assert (results["fused_kv_writes"], results["kv_writes"]) == ((4, 4) if fused == "on" else (0, 4)), out
+    assert f"{results['fused_kv_writes']} of 4 cache writes" in out
     assert [r["k"] for r in results["per_step"]] == [64, 64, 48, 32, 16, 8]
     assert results["per_step"][0]["ideal_speedup"] == 1.0
     loop = results["loop"]
