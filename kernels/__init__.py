@@ -5,6 +5,6 @@
 Triton on CUDA (``triton_linear_scatter``, imported only when launched), plain torch elsewhere.
 """
 
-from .linear_scatter import NORMS, linear_scatter_, reference_rows
+from .linear_scatter import NORMS, linear_scatter_, normalize_arguments, reference_rows, write_rows
 
-__all__ = ["NORMS", "linear_scatter_", "reference_rows"]
+__all__ = ["NORMS", "linear_scatter_", "normalize_arguments", "reference_rows", "write_rows"]

@@ -255,8 +255,13 @@ def linear_scatter_(
         )
         return
     rows = reference_rows(x, weight, bias, idx, head_dim, norm, norm_group, norm_weight, norm_bias, eps, cos, sin)
+    write_rows(cache4, rows, idx, row_offset)
+
+
+def write_rows(cache4: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, row_offset: int) -> None:
+    """``cache4[b, idx[b, i] + row_offset] = rows[b, i]`` for a cache viewed as [B, T, H, D], in place."""
     batch = torch.arange(idx.shape[0], device=idx.device)[:, None]
-    cache4[batch, idx.long() + row_offset] = rows.unflatten(-1, (-1, head_dim)).to(cache.dtype)
+    cache4[batch, idx.long() + row_offset] = rows.unflatten(-1, (cache4.shape[2], cache4.shape[3])).to(cache4.dtype)
 
 
 @linear_scatter_.register_fake

@@ -47,6 +47,11 @@ def scatter_rows_(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, a
     writes only the k fresh rows into the caller's cache instead of rebuilding the whole cache
     and copying it back at the end of the graph.
     """
+    scatter_rows(cache, fresh, idx, axis)
+
+
+def scatter_rows(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int) -> None:
+    """The plain torch body of ``scatter_rows_`` (exporters use it: it is no custom op)."""
     cache.scatter_(axis, _row_index(idx, list(fresh.shape), axis), fresh.to(cache.dtype))
 
 
@@ -75,6 +80,11 @@ def update_joint_kv_cache(
     along ``axis`` in the dense sequence. A part that is ``None`` was written already (by
     ``fused_kv_update``).
     """
+    return write_joint_sequence(cache, parts, idx, axis, image_part, slots, scatter_rows_)
+
+
+def write_joint_sequence(cache, parts, idx, axis: int, image_part: int, slots: list[int], scatter) -> torch.Tensor:
+    """``update_joint_kv_cache`` with the row writer ``scatter(cache, fresh, rows, axis)`` given."""
     batch = idx.shape[0]
     offset = 0
     for i, (part, length) in enumerate(zip(parts, slots)):
@@ -83,7 +93,7 @@ def update_joint_kv_cache(
                 rows = idx + offset
             else:
                 rows = torch.arange(offset, offset + length, device=idx.device).expand(batch, length)
-            scatter_rows_(cache, part, rows, axis)
+            scatter(cache, part, rows, axis)
         offset += length
     return cache
 
@@ -125,13 +135,7 @@ def fused_kv_update(
     """
     cos = sin = None
     if rope_table is not None:
-        table = rope_table
-        while table.dim() < rope_ndim:
-            table = table.unsqueeze(0)
-        table = table.movedim(rope_axis, 1)
-        table = table.reshape(table.shape[0], table.shape[1], table.shape[-1])  # [Bt, N, D/2]
-        parts = torch.view_as_real(table)
-        cos, sin = parts[..., 0], parts[..., 1]
+        cos, sin = rope_cos_sin(torch.view_as_real(rope_table), rope_axis, rope_ndim)
     linear_scatter_(
         cache,
         x,
@@ -151,3 +155,15 @@ def fused_kv_update(
         validate_indices=False,
     )
     return cache
+
+
+def rope_cos_sin(table: torch.Tensor, axis: int, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [Bt, N, D/2] of a RoPE table given as real pairs [..., N, ..., D/2, 2].
+
+    The table broadcasts against ``ndim``-d keys (without the pair dim) with tokens on ``axis``.
+    """
+    while table.dim() < ndim + 1:
+        table = table.unsqueeze(0)
+    table = table.movedim(axis, 1)
+    table = table.reshape(table.shape[0], table.shape[1], table.shape[-2], 2)
+    return table[..., 0], table[..., 1]

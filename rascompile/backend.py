@@ -151,6 +151,7 @@ class RASGraph:
     def __init__(self, backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list):
         self.backend = backend
         self.dense_gm = gm
+        self.example_inputs = list(example_inputs)  # the first call's inputs (parameters included), for export
         self.dense_fn: Callable | None = None
         self.variants: dict[int, Callable] = {}
         self.ras_gm: torch.fx.GraphModule | None = None

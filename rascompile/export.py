@@ -1,0 +1,298 @@
+"""``rascompile.export``: a RAS-compiled transformer as two ONNX step graphs and a manifest.
+
+The directory it writes holds:
+
+- ``dense.onnx``: one dense step, the model's own inputs to its outputs;
+- ``ras.onnx``: one RAS step. Inputs: the model's inputs, then ``ras_active_idx [B, k]``, the
+  output cache and the K/V caches; outputs: the model's outputs, then the updated caches
+  (``<cache>_out``). ``k`` is a dynamic axis (1 to N), so one file serves every sample ratio, and
+  the dense steps that fill the caches run it with all N tokens;
+- ``rascompile_export.json``: the manifest the runners read (inputs, shapes, dtypes, the cache
+  layout, which inputs were baked in as constants).
+
+The model's parameters, buffers and complex-valued inputs (Lumina-Next's RoPE table) are baked
+into the graphs. No custom ops: the K/V cache writes and the fused K/V projection export through
+their plain torch decompositions (``passes/portable_ops.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+
+from rascompile.passes import RewriteError, build_ras_graph, copy_graph_module
+from rascompile.passes.lower_for_export import ExportError, ExportLowering, lower_for_export
+
+MANIFEST = "rascompile_export.json"
+DEFAULT_OPSET = 18
+CONSTANT_MARKERS = ("_parameters_", "_buffers_")
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """What ``export`` wrote."""
+
+    directory: Path
+    dense: Path
+    ras: Path
+    manifest: dict
+
+
+def export(
+    source: Any,
+    directory: str | Path,
+    *,
+    call_kwargs: dict | None = None,
+    opset: int = DEFAULT_OPSET,
+    fused_kv_projection: bool = True,
+    check: bool = True,
+) -> ExportedModel:
+    """Export the dense and the RAS step graph of a transformer to ONNX.
+
+    Args:
+        source: a ``RASBackend`` or ``RASGraph`` that has seen one call (for example the backend
+            ``rascompile.apply`` returned, after one generation), or a diffusers pipeline, which is
+            then traced with one 1-step call of ``pipe(**call_kwargs)``.
+        directory: where the files go (created if missing).
+        call_kwargs: the pipeline call used for tracing, when ``source`` is a pipeline. The
+            exported graphs are specialised to its resolution and batch size.
+        opset: ONNX opset (TensorRT 10 reads 9 to 20 and newer).
+        fused_kv_projection: rewrite K/V projections into the fused op first (it exports through its
+            decomposition, so the file is the same either way up to operator order).
+        check: run both files once with onnxruntime and compare with PyTorch.
+    """
+    dense_gm, example_inputs = _dense_graph(source, call_kwargs)
+    try:
+        ras_gm, ctx = build_ras_graph(dense_gm, fuse_kv_projection=fused_kv_projection)
+    except RewriteError as exc:
+        raise ExportError(f"cannot export a RAS step graph: the passes cannot rewrite this model: {exc}") from exc
+    placeholders = [n.name for n in dense_gm.graph.nodes if n.op == "placeholder"]
+    constants, runtime = _split_inputs(placeholders, example_inputs)
+    inputs = [_input_record(name, example_inputs[placeholders.index(name)]) for name in runtime]
+    baked = [
+        _input_record(name, value) | {"checksum": _checksum(value)}
+        for name, value in constants.items()
+        if not any(m in name for m in CONSTANT_MARKERS)
+    ]
+    names = {record["placeholder"]: record["name"] for record in inputs}
+    latents = names.get(ctx.latents)
+    if latents is None:
+        raise ExportError(f"the latents input {ctx.latents} is not a runtime input of the graph")
+    runtime_values = [example_inputs[placeholders.index(name)] for name in runtime]
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dense_outputs = [f"output_{i}" if i else "sample" for i in range(_num_outputs(dense_gm))]
+    cache_names = [ctx.output_cache, *(slot.placeholder for slot in ctx.kv_slots)]
+    dense_path = directory / "dense.onnx"
+    ras_path = directory / "ras.onnx"
+
+    dense = lower_for_export(copy_graph_module(dense_gm), ExportLowering(dict(constants)))
+    _export_onnx(
+        _StepModule(dense, 0), runtime_values, [r["name"] for r in inputs], dense_outputs, None, opset, dense_path
+    )
+
+    ras = lower_for_export(copy_graph_module(ras_gm), ExportLowering(dict(constants)))
+    caches = [torch.zeros(ctx.output_cache_shape, dtype=_dtype_of(ras_gm, ctx.output_cache))]
+    caches += [torch.zeros(slot.shape, dtype=slot.dtype) for slot in ctx.kv_slots]
+    k = ctx.num_tokens // 2 + 1
+    idx = torch.stack([torch.randperm(ctx.num_tokens)[:k] for _ in range(ctx.batch_size)])
+    k_dim = torch.export.Dim("k", min=1, max=ctx.num_tokens)
+    dynamic = [None] * len(runtime_values) + [{1: k_dim}] + [None] * len(caches)
+    _export_onnx(
+        _StepModule(ras, len(caches)),
+        [*runtime_values, idx, *caches],
+        [r["name"] for r in inputs] + ["ras_active_idx", *cache_names],
+        dense_outputs + [f"{name}_out" for name in cache_names],
+        dynamic,
+        opset,
+        ras_path,
+    )
+
+    manifest = {
+        "format": 1,
+        "opset": opset,
+        "torch": torch.__version__,
+        "dense": dense_path.name,
+        "ras": ras_path.name,
+        "inputs": inputs,
+        "baked_inputs": baked,
+        "outputs": dense_outputs,
+        "latents": latents,
+        "timestep": names.get(ctx.timestep),
+        "batch_size": ctx.batch_size,
+        "num_tokens": ctx.num_tokens,
+        "patch_size": ctx.patch_size,
+        "latent_hw": list(ctx.latent_hw),
+        "output_cache": {
+            "name": ctx.output_cache,
+            "shape": list(ctx.output_cache_shape),
+            "dtype": _dtype_name(caches[0].dtype),
+        },
+        "kv_caches": [
+            {
+                "name": s.placeholder,
+                "shape": list(s.shape),
+                "dtype": _dtype_name(s.dtype),
+                "attention": s.attention,
+                "kind": s.kind,
+            }
+            for s in ctx.kv_slots
+        ],
+        "rewrite": ctx.log,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    exported = ExportedModel(directory, dense_path, ras_path, manifest)
+    if check:
+        _check_with_onnxruntime(exported, runtime_values, dense, ras, idx, caches)
+    return exported
+
+
+class _StepModule(torch.nn.Module):
+    """A lowered step graph as a module for ``torch.onnx.export``: caches in, updated copies out."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, num_caches: int):
+        super().__init__()
+        self.graph_module = graph_module
+        self.num_caches = num_caches
+
+    def forward(self, *inputs):
+        if not self.num_caches:
+            return tuple(self.graph_module(*inputs))
+        head = inputs[: -self.num_caches]
+        caches = [c.clone() for c in inputs[-self.num_caches :]]
+        return (*self.graph_module(*head, *caches), *caches)
+
+
+def _export_onnx(module, args, input_names, output_names, dynamic, opset, path: Path) -> None:
+    dynamic_shapes = None if dynamic is None else (tuple(dynamic),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module.eval(),
+                tuple(args),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; say which graph failed
+            raise ExportError(f"torch.onnx.export failed for {path.name}: {str(exc).splitlines()[0]}") from exc
+    program.save(str(path))
+
+
+def _dense_graph(source, call_kwargs):
+    from .backend import RASBackend, RASGraph
+
+    if isinstance(source, RASBackend):
+        if len(source.graphs) != 1:
+            raise ExportError(
+                f"the backend holds {len(source.graphs)} graphs; export needs exactly one "
+                "(run the pipeline once, at one resolution, before exporting)"
+            )
+        source = source.graphs[0]
+    if isinstance(source, RASGraph):
+        return source.dense_gm, list(source.example_inputs)
+    if hasattr(source, "transformer") and hasattr(source, "scheduler"):
+        if call_kwargs is None:
+            raise ExportError("exporting a pipeline needs call_kwargs: the call that fixes resolution and batch")
+        return _trace_pipeline(source, call_kwargs)
+    raise ExportError(f"cannot export a {type(source).__name__}: pass a RASBackend, a RASGraph or a pipeline")
+
+
+def _trace_pipeline(pipe, call_kwargs):
+    graphs = []
+
+    def capture(gm, example_inputs, **_):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    original = pipe.transformer
+    pipe.transformer = torch.compile(original, backend=capture, fullgraph=True, dynamic=False)
+    try:
+        with torch.no_grad():
+            pipe(**{**call_kwargs, "num_inference_steps": 1, "output_type": "latent"})
+    except torch._dynamo.exc.Unsupported as exc:
+        raise ExportError(f"the transformer does not trace into one graph: {str(exc).splitlines()[0]}") from exc
+    finally:
+        pipe.transformer = original
+        torch._dynamo.reset()
+    return graphs[0]
+
+
+def _split_inputs(placeholders: list[str], example_inputs: list) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(constants by placeholder name, runtime input placeholder names in order)."""
+    constants, runtime = {}, []
+    for name, value in zip(placeholders, example_inputs):
+        if not isinstance(value, torch.Tensor):
+            raise ExportError(f"graph input {name} is a {type(value).__name__}, not a tensor; cannot export it")
+        if any(m in name for m in CONSTANT_MARKERS) or value.is_complex():
+            constants[name] = value.detach()
+        else:
+            runtime.append(name)
+    return constants, runtime
+
+
+def input_name(placeholder: str) -> str:
+    """The call's keyword for a Dynamo placeholder: ``l_kwargs_hidden_states_`` -> ``hidden_states``."""
+    name = re.sub(r"^l_(kwargs_)?", "", placeholder.lower())
+    return name[:-1] if name.endswith("_") else name
+
+
+def _input_record(placeholder: str, value: torch.Tensor) -> dict:
+    return {
+        "name": input_name(placeholder),
+        "placeholder": placeholder,
+        "shape": list(value.shape),
+        "dtype": _dtype_name(value.dtype),
+    }
+
+
+def _checksum(value: torch.Tensor) -> list[float]:
+    real = torch.view_as_real(value) if value.is_complex() else value
+    real = real.double()
+    return [float(real.sum()), float(real.abs().sum())]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_of(gm: torch.fx.GraphModule, placeholder: str) -> torch.dtype:
+    node = next(n for n in gm.graph.nodes if n.name == placeholder)
+    return node.meta["ras_val"].dtype
+
+
+def _num_outputs(gm: torch.fx.GraphModule) -> int:
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    result = output.args[0]
+    return len(result) if isinstance(result, (tuple, list)) else 1
+
+
+def _check_with_onnxruntime(exported: ExportedModel, runtime_values, dense, ras, idx, caches) -> None:
+    import onnxruntime as ort
+
+    def compare(path: Path, module, args, what: str) -> None:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
+        got = session.run(None, feeds)
+        with torch.no_grad():
+            expected = module(*args)
+        for name, a, b in zip((o.name for o in session.get_outputs()), got, expected):
+            b = b.detach().float().cpu()
+            error = (torch.from_numpy(a).float() - b).abs().max().item()
+            if error > 1e-3 * max(1.0, b.abs().max().item()):
+                raise ExportError(f"{what}: onnxruntime output {name} differs from PyTorch by {error:.3g}")
+
+    compare(exported.dense, _StepModule(dense, 0), runtime_values, "dense.onnx")
+    compare(exported.ras, _StepModule(ras, len(caches)), [*runtime_values, idx, *caches], "ras.onnx")
