@@ -8,7 +8,6 @@ exported graph is a pure function (ScatterElements / ScatterND in ONNX).
 from __future__ import annotations
 
 import torch
-
 from rascompile.kernels import normalize_arguments, reference_rows, write_rows
 
 from .ops import rope_cos_sin, scatter_rows, write_joint_sequence
