@@ -14,9 +14,22 @@ from .api import apply
 from .backend import RASBackend, RASGraph, ras_backend
 from .config import RASConfig
 from .controller import RASController
+from .onnx_export import ExportError, export
+from .onnx_runner import OnnxRunner
 
 if "ras" not in list_backends(exclude_tags=()):
     register_backend(name="ras")(ras_backend)
 
 __version__ = "0.1.0"
-__all__ = ["RASBackend", "RASConfig", "RASController", "RASGraph", "apply", "ras_backend", "__version__"]
+__all__ = [
+    "ExportError",
+    "OnnxRunner",
+    "RASBackend",
+    "RASConfig",
+    "RASController",
+    "RASGraph",
+    "apply",
+    "export",
+    "ras_backend",
+    "__version__",
+]

@@ -45,6 +45,94 @@ class ExportedModel:
     manifest: dict
 
 
+@dataclass
+class StepGraphs:
+    """The lowered dense and RAS step modules of one transformer graph, with example inputs and the
+    manifest that describes them (shared by the ONNX and the torch-tensorrt exports)."""
+
+    dense: torch.nn.Module
+    ras: torch.nn.Module
+    dense_args: list[torch.Tensor]  # example inputs of ``dense``
+    ras_args: list[torch.Tensor]  # example inputs of ``ras``: dense_args, active idx, caches
+    dense_input_names: list[str]
+    ras_input_names: list[str]
+    dense_output_names: list[str]
+    ras_output_names: list[str]
+    manifest: dict
+
+
+def prepare_step_graphs(
+    source: Any, *, call_kwargs: dict | None = None, fused_kv_projection: bool = True
+) -> StepGraphs:
+    """Trace (if needed), rewrite and lower ``source``'s transformer graph: see ``export`` for ``source``."""
+    dense_gm, example_inputs = _dense_graph(source, call_kwargs)
+    try:
+        ras_gm, ctx = build_ras_graph(dense_gm, fuse_kv_projection=fused_kv_projection)
+    except RewriteError as exc:
+        raise ExportError(f"cannot export a RAS step graph: the passes cannot rewrite this model: {exc}") from exc
+    placeholders = [n.name for n in dense_gm.graph.nodes if n.op == "placeholder"]
+    constants, runtime = _split_inputs(placeholders, example_inputs)
+    inputs = [_input_record(name, example_inputs[placeholders.index(name)]) for name in runtime]
+    baked = [
+        _input_record(name, value) | {"checksum": _checksum(value)}
+        for name, value in constants.items()
+        if not any(m in name for m in CONSTANT_MARKERS)
+    ]
+    names = {record["placeholder"]: record["name"] for record in inputs}
+    if ctx.latents not in names:
+        raise ExportError(f"the latents input {ctx.latents} is not a runtime input of the graph")
+    runtime_values = [example_inputs[placeholders.index(name)] for name in runtime]
+    caches = [torch.zeros(ctx.output_cache_shape, dtype=_dtype_of(ras_gm, ctx.output_cache))]
+    caches += [torch.zeros(slot.shape, dtype=slot.dtype) for slot in ctx.kv_slots]
+    k = ctx.num_tokens // 2 + 1
+    idx = torch.stack([torch.randperm(ctx.num_tokens)[:k] for _ in range(ctx.batch_size)])
+    outputs = [f"output_{i}" if i else "sample" for i in range(_num_outputs(dense_gm))]
+    cache_names = [ctx.output_cache, *(slot.placeholder for slot in ctx.kv_slots)]
+    manifest = {
+        "format": 1,
+        "torch": torch.__version__,
+        "inputs": inputs,
+        "baked_inputs": baked,
+        "outputs": outputs,
+        "latents": names[ctx.latents],
+        "timestep": names.get(ctx.timestep),
+        "batch_size": ctx.batch_size,
+        "num_tokens": ctx.num_tokens,
+        "patch_size": ctx.patch_size,
+        "latent_hw": list(ctx.latent_hw),
+        "output_cache": {
+            "name": ctx.output_cache,
+            "shape": list(ctx.output_cache_shape),
+            "dtype": _dtype_name(caches[0].dtype),
+        },
+        "kv_caches": [
+            {
+                "name": s.placeholder,
+                "shape": list(s.shape),
+                "dtype": _dtype_name(s.dtype),
+                "attention": s.attention,
+                "kind": s.kind,
+            }
+            for s in ctx.kv_slots
+        ],
+        "rewrite": ctx.log,
+    }
+    dense = lower_for_export(copy_graph_module(dense_gm), ExportLowering(dict(constants)))
+    ras = lower_for_export(copy_graph_module(ras_gm), ExportLowering(dict(constants)))
+    input_names = [r["name"] for r in inputs]
+    return StepGraphs(
+        dense=_StepModule(dense, 0).eval(),
+        ras=_StepModule(ras, len(caches)).eval(),
+        dense_args=runtime_values,
+        ras_args=[*runtime_values, idx, *caches],
+        dense_input_names=input_names,
+        ras_input_names=[*input_names, "ras_active_idx", *cache_names],
+        dense_output_names=outputs,
+        ras_output_names=outputs + [f"{name}_out" for name in cache_names],
+        manifest=manifest,
+    )
+
+
 def export(
     source: Any,
     directory: str | Path,
@@ -68,90 +156,21 @@ def export(
             decomposition, so the file is the same either way up to operator order).
         check: run both files once with onnxruntime and compare with PyTorch.
     """
-    dense_gm, example_inputs = _dense_graph(source, call_kwargs)
-    try:
-        ras_gm, ctx = build_ras_graph(dense_gm, fuse_kv_projection=fused_kv_projection)
-    except RewriteError as exc:
-        raise ExportError(f"cannot export a RAS step graph: the passes cannot rewrite this model: {exc}") from exc
-    placeholders = [n.name for n in dense_gm.graph.nodes if n.op == "placeholder"]
-    constants, runtime = _split_inputs(placeholders, example_inputs)
-    inputs = [_input_record(name, example_inputs[placeholders.index(name)]) for name in runtime]
-    baked = [
-        _input_record(name, value) | {"checksum": _checksum(value)}
-        for name, value in constants.items()
-        if not any(m in name for m in CONSTANT_MARKERS)
-    ]
-    names = {record["placeholder"]: record["name"] for record in inputs}
-    latents = names.get(ctx.latents)
-    if latents is None:
-        raise ExportError(f"the latents input {ctx.latents} is not a runtime input of the graph")
-    runtime_values = [example_inputs[placeholders.index(name)] for name in runtime]
-
+    steps = prepare_step_graphs(source, call_kwargs=call_kwargs, fused_kv_projection=fused_kv_projection)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    dense_outputs = [f"output_{i}" if i else "sample" for i in range(_num_outputs(dense_gm))]
-    cache_names = [ctx.output_cache, *(slot.placeholder for slot in ctx.kv_slots)]
-    dense_path = directory / "dense.onnx"
-    ras_path = directory / "ras.onnx"
-
-    dense = lower_for_export(copy_graph_module(dense_gm), ExportLowering(dict(constants)))
+    dense_path, ras_path = directory / "dense.onnx", directory / "ras.onnx"
     _export_onnx(
-        _StepModule(dense, 0), runtime_values, [r["name"] for r in inputs], dense_outputs, None, opset, dense_path
+        steps.dense, steps.dense_args, steps.dense_input_names, steps.dense_output_names, None, opset, dense_path
     )
-
-    ras = lower_for_export(copy_graph_module(ras_gm), ExportLowering(dict(constants)))
-    caches = [torch.zeros(ctx.output_cache_shape, dtype=_dtype_of(ras_gm, ctx.output_cache))]
-    caches += [torch.zeros(slot.shape, dtype=slot.dtype) for slot in ctx.kv_slots]
-    k = ctx.num_tokens // 2 + 1
-    idx = torch.stack([torch.randperm(ctx.num_tokens)[:k] for _ in range(ctx.batch_size)])
-    k_dim = torch.export.Dim("k", min=1, max=ctx.num_tokens)
-    dynamic = [None] * len(runtime_values) + [{1: k_dim}] + [None] * len(caches)
-    _export_onnx(
-        _StepModule(ras, len(caches)),
-        [*runtime_values, idx, *caches],
-        [r["name"] for r in inputs] + ["ras_active_idx", *cache_names],
-        dense_outputs + [f"{name}_out" for name in cache_names],
-        dynamic,
-        opset,
-        ras_path,
-    )
-
-    manifest = {
-        "format": 1,
-        "opset": opset,
-        "torch": torch.__version__,
-        "dense": dense_path.name,
-        "ras": ras_path.name,
-        "inputs": inputs,
-        "baked_inputs": baked,
-        "outputs": dense_outputs,
-        "latents": latents,
-        "timestep": names.get(ctx.timestep),
-        "batch_size": ctx.batch_size,
-        "num_tokens": ctx.num_tokens,
-        "patch_size": ctx.patch_size,
-        "latent_hw": list(ctx.latent_hw),
-        "output_cache": {
-            "name": ctx.output_cache,
-            "shape": list(ctx.output_cache_shape),
-            "dtype": _dtype_name(caches[0].dtype),
-        },
-        "kv_caches": [
-            {
-                "name": s.placeholder,
-                "shape": list(s.shape),
-                "dtype": _dtype_name(s.dtype),
-                "attention": s.attention,
-                "kind": s.kind,
-            }
-            for s in ctx.kv_slots
-        ],
-        "rewrite": ctx.log,
-    }
+    k_dim = torch.export.Dim("k", min=1, max=steps.manifest["num_tokens"])
+    dynamic = [None] * len(steps.dense_args) + [{1: k_dim}] + [None] * (len(steps.ras_args) - len(steps.dense_args) - 1)
+    _export_onnx(steps.ras, steps.ras_args, steps.ras_input_names, steps.ras_output_names, dynamic, opset, ras_path)
+    manifest = {**steps.manifest, "opset": opset, "dense": dense_path.name, "ras": ras_path.name}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     exported = ExportedModel(directory, dense_path, ras_path, manifest)
     if check:
-        _check_with_onnxruntime(exported, runtime_values, dense, ras, idx, caches)
+        _check_with_onnxruntime(exported, steps)
     return exported
 
 
@@ -279,10 +298,10 @@ def _num_outputs(gm: torch.fx.GraphModule) -> int:
     return len(result) if isinstance(result, (tuple, list)) else 1
 
 
-def _check_with_onnxruntime(exported: ExportedModel, runtime_values, dense, ras, idx, caches) -> None:
+def _check_with_onnxruntime(exported: ExportedModel, steps: StepGraphs) -> None:
     import onnxruntime as ort
 
-    def compare(path: Path, module, args, what: str) -> None:
+    def compare(path: Path, module, args) -> None:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
         got = session.run(None, feeds)
@@ -292,7 +311,7 @@ def _check_with_onnxruntime(exported: ExportedModel, runtime_values, dense, ras,
             b = b.detach().float().cpu()
             error = (torch.from_numpy(a).float() - b).abs().max().item()
             if error > 1e-3 * max(1.0, b.abs().max().item()):
-                raise ExportError(f"{what}: onnxruntime output {name} differs from PyTorch by {error:.3g}")
+                raise ExportError(f"{path.name}: onnxruntime output {name} differs from PyTorch by {error:.3g}")
 
-    compare(exported.dense, _StepModule(dense, 0), runtime_values, "dense.onnx")
-    compare(exported.ras, _StepModule(ras, len(caches)), [*runtime_values, idx, *caches], "ras.onnx")
+    compare(exported.dense, steps.dense, steps.dense_args)
+    compare(exported.ras, steps.ras, steps.ras_args)
