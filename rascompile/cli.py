@@ -20,6 +20,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "add_arguments",
         "main_from_args",
     ),
+    "export": (
+        "export a diffusers pipeline's transformer as ONNX dense and RAS step graphs (and TensorRT engines)",
+        "rascompile.export_cli",
+        "add_arguments",
+        "main_from_args",
+    ),
 }
 
 

@@ -146,3 +146,29 @@ def test_export_of_a_model_the_passes_cannot_rewrite(tmp_path):
         rascompile.export(RASBackend(CONFIG), tmp_path)
     with pytest.raises(FileNotFoundError, match="rascompile_export.json does not exist"):
         OnnxRunner(tmp_path, CONFIG)
+
+
+def test_export_command(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from rascompile.cli import main
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "pipe")
+    call = sd3_call_kwargs()
+    save_file({k: v.contiguous() for k, v in call.items() if torch.is_tensor(v)}, tmp_path / "prompt.safetensors")
+    argv = ["export", str(tmp_path / "pipe"), str(tmp_path / "out"), "--height", "128", "--width", "128"]
+    assert main([*argv, "--embeddings", str(tmp_path / "prompt.safetensors"), "--guidance-scale", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "checked: onnxruntime equals PyTorch on both graphs" in out
+    manifest = json.loads((tmp_path / "out" / "rascompile_export.json").read_text())
+    assert manifest["inputs"][0] == {
+        "name": "hidden_states",
+        "placeholder": "l_kwargs_hidden_states_",
+        "shape": [2, 4, 16, 16],
+        "dtype": "float32",
+    }
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "out2")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*argv, "--embeddings", str(tmp_path / "prompt.safetensors"), "--tensorrt"]) == 2
+        assert "TensorRT" in capsys.readouterr().err
