@@ -172,3 +172,22 @@ def test_export_command(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main([*argv, "--embeddings", str(tmp_path / "prompt.safetensors"), "--tensorrt"]) == 2
         assert "TensorRT" in capsys.readouterr().err
+
+
+def test_onnx_speed_benchmark_smoke(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "onnx_speed.py"
+    path = tmp_path / "speed.json"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--repeats", "1", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["k"] for r in rows] == [64, 48, 32, 16, 8]
+    assert "ras.onnx ratio 0.25" in result.stdout and rows[0]["speedup"] == 1.0
