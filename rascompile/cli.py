@@ -20,6 +20,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "add_arguments",
         "main_from_args",
     ),
+    "demo": (
+        "the shipped shapes model, dense and with RAS: images, time, speedup, quality, heatmaps (PNG)",
+        "rascompile.demo",
+        "add_arguments",
+        "main_from_args",
+    ),
     "export": (
         "export a diffusers pipeline's transformer as ONNX dense and RAS step graphs (and TensorRT engines)",
         "rascompile.export_cli",

@@ -15,7 +15,7 @@ from typing import Any
 __all__ = ["RASConfig", "METRICS"]
 
 #: Per-pixel metrics understood by :func:`rascompile.selector.token_metric`.
-METRICS = ("std", "l2norm")
+METRICS = ("std", "l2norm", "random")
 
 
 def _fail(field: str, value: Any, allowed: str) -> ValueError:
@@ -73,7 +73,9 @@ class RASConfig:
             the default needs `T >= 23`; pass e.g. `()` for shorter generations.
         metric (`str`, defaults to `"std"`):
             How a latent pixel's update is reduced over channels: `"std"` (unbiased standard deviation) or
-            `"l2norm"` (Euclidean norm). A token's metric is the mean over its `p x p` pixels.
+            `"l2norm"` (Euclidean norm). A token's metric is the mean over its `p x p` pixels. `"random"` is
+            the ablation that ignores the update: a uniform random score per token, reproducible from the
+            update (copies of one image, such as the classifier-free-guidance rows, get the same scores).
         starvation_scale (`float`, defaults to `0.1`):
             A token's metric is multiplied by `exp(starvation_scale * d)`, `d` being its drop count:
             `-(T + 1)` at the start of a generation, `+1` each time it is dropped. Any finite value; `0`

@@ -32,7 +32,8 @@ def token_metric(delta: torch.Tensor, patch_size: int, metric: str) -> torch.Ten
         delta: `[B, C, H, W]`, the update the sampler made to the latents, `x(s+1) - x(s)`.
         patch_size: `p`, the transformer's patch size; `H` and `W` must be divisible by it.
         metric: `"std"` (unbiased standard deviation over channels, needs `C >= 2`) or `"l2norm"` (L2 norm
-            over channels), computed per latent pixel, then averaged over each `p x p` patch.
+            over channels), computed per latent pixel, then averaged over each `p x p` patch; or `"random"`
+            (the ablation): uniform scores seeded by each row's update.
 
     Returns:
         `[B, N]` float32 with `N = (H / p) * (W / p)`, in row-major token order.
@@ -51,10 +52,21 @@ def token_metric(delta: torch.Tensor, patch_size: int, metric: str) -> torch.Ten
         per_pixel = torch.std(x, dim=1, correction=1)
     elif metric == "l2norm":
         per_pixel = torch.linalg.vector_norm(x, ord=2, dim=1)
+    elif metric == "random":
+        return _random_scores(x, (height // p) * (width // p))
     else:
         raise ValueError(f"metric={metric!r} is invalid: must be one of {', '.join(map(repr, METRICS))}")
     grid = per_pixel.reshape(batch, height // p, p, width // p, p)
     return grid.mean(dim=(2, 4)).reshape(batch, (height // p) * (width // p))
+
+
+def _random_scores(delta: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Uniform scores per token, seeded by each row's update, so identical rows get identical scores."""
+    rows = []
+    for row in delta:
+        seed = int(torch.round(row.double().abs().sum() * 1e6).item()) % (2**63 - 1)
+        rows.append(torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed)))
+    return torch.stack(rows).to(delta.device)
 
 
 def initial_drop_counts(

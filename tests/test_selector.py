@@ -330,3 +330,14 @@ def test_select_shape_validation():
         select_active_tokens(torch.rand(2, 8), torch.zeros(2, 8, dtype=torch.int64), 1, 1.0, 0.1)
     with pytest.raises(ValueError, match=r"\[B, N\]"):
         select_active_tokens(torch.rand(8), torch.zeros(8), 1, 1.0, 0.1)
+
+
+def test_random_metric_is_an_ablation_that_ignores_the_update_magnitudes():
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(3, 4, 8, 8, generator=gen)
+    delta[1] = delta[0]  # a classifier-free-guidance copy
+    scores = token_metric(delta, 2, "random")
+    assert scores.shape == (3, 16) and scores.min() >= 0 and scores.max() < 1
+    assert torch.equal(scores[0], scores[1]) and not torch.equal(scores[0], scores[2])
+    assert torch.equal(scores, token_metric(delta, 2, "random"))  # reproducible
+    assert not torch.equal(scores.argsort(1), token_metric(delta, 2, "std").argsort(1))

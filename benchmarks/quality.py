@@ -1,0 +1,188 @@
+"""Quality against speed for RAS on the shipped shapes model: the paper's Table 2, Figure 2 and Table 3 in miniature.
+
+    python benchmarks/quality.py [--samples 256] [--out docs/quality]
+
+For every setting it generates ``--samples`` images from captions of held-out procedural scenes (the
+same captions and seeds for every setting) and measures:
+
+- throughput: images per second of the whole pipeline call (2-core CPU, eager), after a warm-up call;
+- fidelity to the dense result with the same seed and step count: PSNR and SSIM;
+- prompt adherence (the CLIP-score analogue): the share of each caption's (colour, shape) objects that
+  the shipped classifier finds, and the share of images with exactly the captioned objects;
+- distribution distance (the FID analogue): Fréchet distance between the classifier's penultimate
+  features of the generated images and of real procedural images.
+
+Settings: dense sampling at 3 to 28 steps; RAS at sample ratios 0.75, 0.5, 0.25, 0.125 at 12, 20 and
+28 steps; and the Table 3 ablations at 20 steps and ratio 0.25 (random dropping, no error reset, no
+K/V cache, the sign of the starvation term). It writes ``results.json``, ``table2.md``, ``table3.md``
+and ``pareto.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rascompile.demo import demo_config
+from rascompile.shapes.classifier import ShapesClassifier, adherence
+from rascompile.shapes.data import ShapesDataset, render_batch
+from rascompile.shapes.generate import Generator
+from rascompile.shapes.model import ShapesModel
+from rascompile.shapes.quality import fidelity, frechet_distance
+
+DENSE_STEPS = (3, 5, 8, 12, 20, 28)
+RAS_STEPS = (12, 20, 28)
+RATIOS = (0.75, 0.5, 0.25, 0.125)
+ABLATION_STEPS, ABLATION_RATIO = 20, 0.25
+ABLATIONS = {
+    "default": {},
+    "random dropping": {"metric": "random"},
+    "no error reset": {"error_reset_steps": ()},
+    "no K/V cache": {"kv_cache": False},
+    "starvation_scale -0.1": {"starvation_scale": -0.1},
+}
+
+
+def settings(quick: bool) -> list[dict]:
+    dense_steps, ras_steps, ratios = (DENSE_STEPS, RAS_STEPS, RATIOS) if not quick else ((3, 8), (8,), (0.5,))
+    rows = [{"name": f"dense {s}", "table": "2", "steps": s, "config": None} for s in dense_steps]
+    for steps in ras_steps:
+        for ratio in ratios:
+            rows.append(
+                {"name": f"RAS {ratio:g} @ {steps}", "table": "2", "steps": steps, "config": demo_config(steps, ratio)}
+            )
+    ablation_steps = ABLATION_STEPS if not quick else 8
+    base = demo_config(ablation_steps, ABLATION_RATIO)
+    for name, change in ABLATIONS.items():
+        rows.append({"name": name, "table": "3", "steps": ablation_steps, "config": base.replace(**change)})
+    return rows
+
+
+def run(args) -> dict:
+    model, classifier = ShapesModel.load(), ShapesClassifier.load()
+    generate = Generator(model)
+    scenes = [ShapesDataset(args.samples, seed=50_000).scene(i) for i in range(args.samples)]
+    captions = [s.caption for s in scenes]
+    batches = [captions[i : i + args.batch] for i in range(0, len(captions), args.batch)]
+    real = ShapesDataset(args.real, seed=60_000)
+    with torch.no_grad():
+        real_features = classifier.features(render_batch([real.scene(i) for i in range(len(real))]))
+    results, dense_images = [], {}
+    for row in tqdm(settings(args.quick), desc="settings", file=sys.stderr):
+        call = dict(config=row["config"], steps=row["steps"], guidance_scale=args.guidance_scale)
+        generate(batches[0], **call, seed=0)  # warm-up: traces and plans
+        images, seconds = [], 0.0
+        for i, batch in enumerate(batches):
+            result = generate(batch, **call, seed=i)
+            images.append(result.images)
+            seconds += result.seconds
+        images = torch.cat(images)
+        if row["config"] is None:
+            dense_images[row["steps"]] = images
+        with torch.no_grad():
+            features = classifier.features(images)
+        record = {
+            "name": row["name"],
+            "table": row["table"],
+            "steps": row["steps"],
+            "sample_ratio": None if row["config"] is None else row["config"].sample_ratio,
+            "images_per_s": len(images) / seconds,
+            **adherence(classifier, images, captions),
+            "frechet_distance": frechet_distance(features, real_features),
+        }
+        reference = dense_images.get(row["steps"])
+        if row["config"] is not None and reference is not None:
+            record |= fidelity(images, reference)
+        results.append(record)
+    return {"samples": args.samples, "real_samples": args.real, "guidance_scale": args.guidance_scale, "rows": results}
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| setting | steps | images/s | PSNR dB | SSIM | objects found | exact objects | Fréchet distance |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        psnr = f"{r['psnr']:.1f}" if "psnr" in r else "-"
+        ssim = f"{r['ssim']:.3f}" if "ssim" in r else "-"
+        lines.append(
+            f"| {r['name']} | {r['steps']} | {r['images_per_s']:.1f} | {psnr} | {ssim} | "
+            f"{r['object_recall']:.3f} | {r['exact_objects']:.3f} | {r['frechet_distance']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in (
+        (axes[0], "frechet_distance", "Fréchet distance to real images (lower is better)"),
+        (axes[1], "object_recall", "captioned objects found (higher is better)"),
+    ):
+        dense = [r for r in rows if r["sample_ratio"] is None]
+        ax.plot(
+            [r["images_per_s"] for r in dense], [r[key] for r in dense], "o-", color="black", label="dense, 3-28 steps"
+        )
+        for r in dense:
+            ax.annotate(
+                str(r["steps"]), (r["images_per_s"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+        for steps, marker in zip(RAS_STEPS, "s^D"):
+            ras = [r for r in rows if r["sample_ratio"] is not None and r["steps"] == steps]
+            if ras:
+                ax.plot(
+                    [r["images_per_s"] for r in ras], [r[key] for r in ras], marker + "--", label=f"RAS @ {steps} steps"
+                )
+                for r in ras:
+                    ax.annotate(
+                        f"{r['sample_ratio']:g}",
+                        (r["images_per_s"], r[key]),
+                        fontsize=7,
+                        xytext=(3, -9),
+                        textcoords="offset points",
+                    )
+        ax.set_xlabel("throughput (images/s, 2-core CPU)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Shapes model: quality against throughput (labels: steps for dense, sample ratio for RAS)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=256, help="generated images per setting (default 256)")
+    parser.add_argument("--batch", type=int, default=64, help="captions per pipeline call (default 64)")
+    parser.add_argument("--real", type=int, default=2048, help="real images for the Fréchet distance")
+    parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--quick", action="store_true", help="a few settings only (tests)")
+    parser.add_argument("--out", default="docs/quality", help="output directory (default docs/quality)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    results = run(args)
+    results["seconds"] = round(time.perf_counter() - start)
+    results["command"] = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table2 = [r for r in results["rows"] if r["table"] == "2"]
+    (out / "table2.md").write_text(markdown(table2))
+    (out / "table3.md").write_text(markdown([r for r in results["rows"] if r["table"] == "3"]))
+    pareto_plot(table2, out / "pareto.png")
+    print(markdown(results["rows"]))
+    print(f"wrote {out}/results.json, table2.md, table3.md, pareto.png in {results['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The small text-to-image model rascompile ships: an SD3 MMDiT over the shapes data set.
+
+- Latent space: a fixed, invertible space-to-depth transform of the 32 x 32 RGB image
+  (``pixel_unshuffle`` by 2: [12, 16, 16]); no VAE.
+- Text: caption tokens embedded by a learned table (``CaptionEncoder``) into ``prompt_embeds`` and
+  a pooled embedding, so no text encoder is needed.
+- Transformer: diffusers' ``SD3Transformer2DModel`` (4 layers, hidden 128, patch 2: 64 image
+  tokens), trained with rectified flow; sampled by ``StableDiffusion3Pipeline`` with
+  ``FlowMatchEulerDiscreteScheduler``, so the real RAS compile path runs on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import MAX_CAPTION_TOKENS, VOCABULARY, tokenize
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "shapes_dit.safetensors"
+LATENT_SCALE = 2  # space-to-depth factor
+PIXELS_PER_LATENT = 8  # StableDiffusion3Pipeline without a VAE maps height / 8 to latent rows
+
+
+@dataclass(frozen=True)
+class ShapesModelConfig:
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 32
+    text_dim: int = 64
+    patch_size: int = 2
+    latent_size: int = 16
+    latent_channels: int = 12
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+
+class CaptionEncoder(torch.nn.Module):
+    """Token ids [B, L] -> (prompt_embeds [B, L, D], pooled [B, D]): a learned table plus positions."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.tokens = torch.nn.Embedding(len(VOCABULARY), dim)
+        self.positions = torch.nn.Parameter(torch.zeros(MAX_CAPTION_TOKENS, dim))
+        torch.nn.init.normal_(self.tokens.weight, std=0.5)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        present = (ids != 0).unsqueeze(-1).float()
+        embeds = (self.tokens(ids) + self.positions) * present
+        pooled = embeds.sum(1) / present.sum(1).clamp(min=1.0)
+        return embeds, pooled
+
+
+class ShapesModel(torch.nn.Module):
+    def __init__(self, config: ShapesModelConfig | None = None):
+        super().__init__()
+        from diffusers import SD3Transformer2DModel
+
+        self.config = c = config or ShapesModelConfig()
+        self.captions = CaptionEncoder(c.text_dim)
+        self.transformer = SD3Transformer2DModel(
+            sample_size=c.latent_size,
+            patch_size=c.patch_size,
+            in_channels=c.latent_channels,
+            num_layers=c.layers,
+            attention_head_dim=c.head_dim,
+            num_attention_heads=c.heads,
+            joint_attention_dim=c.text_dim,
+            caption_projection_dim=c.hidden,
+            pooled_projection_dim=c.text_dim,
+            out_channels=c.latent_channels,
+            pos_embed_max_size=c.latent_size // c.patch_size,
+        )
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The rectified-flow velocity (noise - data) at noise level ``sigma`` in [0, 1]."""
+        embeds, pooled = self.captions(ids)
+        return self.transformer(
+            hidden_states=latents,
+            timestep=sigma * 1000,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        meta = {"config": json.dumps(asdict(self.config))} | {k: str(v) for k, v in (metadata or {}).items()}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path = WEIGHTS) -> ShapesModel:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: train the model first (python -m rascompile.shapes.train)")
+        with safe_open(str(path), "pt") as f:
+            config = ShapesModelConfig(**json.loads(f.metadata()["config"]))
+        model = cls(config)
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+
+
+def to_latents(images: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, 32, 32] in [-1, 1] -> latents [B, 12, 16, 16]."""
+    return F.pixel_unshuffle(images, LATENT_SCALE)
+
+
+def to_images(latents: torch.Tensor) -> torch.Tensor:
+    """Latents [B, 12, 16, 16] -> images [B, 3, 32, 32], clamped to [-1, 1]."""
+    return F.pixel_shuffle(latents, LATENT_SCALE).clamp(-1, 1)
+
+
+def make_pipeline(model: ShapesModel):
+    """A ``StableDiffusion3Pipeline`` over the model's transformer (no VAE, no text encoders)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=model.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_kwargs(
+    model: ShapesModel, captions: list[str], *, steps: int = 20, guidance_scale: float = 4.0, seed: int = 0
+) -> dict:
+    """Arguments of ``pipe(**...)`` generating one image per caption, with classifier-free guidance."""
+    ids = torch.tensor([tokenize(c) for c in captions])
+    with torch.no_grad():
+        embeds, pooled = model.captions(ids)
+        empty_embeds, empty_pooled = model.captions(torch.zeros_like(ids))
+    size = model.config.latent_size * PIXELS_PER_LATENT
+    return dict(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        negative_prompt_embeds=empty_embeds,
+        negative_pooled_prompt_embeds=empty_pooled,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        return_dict=False,
+    )
