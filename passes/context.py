@@ -50,6 +50,7 @@ class PassContext:
     active_count: str | None = None
     output_cache: str | None = None
     output_cache_shape: tuple[int, ...] = ()
+    output_cache_dtype: object = None
     final_projection: str | None = None
     kv_slots: list[KVCacheSlot] = field(default_factory=list)
 

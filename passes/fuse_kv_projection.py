@@ -22,7 +22,7 @@ import torch.fx
 
 from . import ops
 from .context import PassContext, module_path
-from .graph_utils import describe, example_value, is_linear
+from .graph_utils import call_node, describe, example_value, is_linear
 
 LAYOUT_METHODS = {"view", "reshape", "transpose", "permute", "flatten", "unflatten", "contiguous"}
 CAST_METHODS = {"to", "type_as", "float", "half", "bfloat16"}
@@ -282,16 +282,12 @@ def _random(shape: tuple, dtype: torch.dtype, generator: torch.Generator) -> tor
 def _run(gm: torch.fx.GraphModule, node: torch.fx.Node, values: dict):
     load = lambda a: torch.fx.node.map_arg(a, lambda n: values[n])  # noqa: E731
     args, kwargs = load(node.args), load(node.kwargs)
+    if node.op == "get_attr":
+        return getattr(gm, node.target).detach().cpu()
     try:
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "get_attr":
-            return getattr(gm, node.target).detach().cpu()
+        return call_node(gm, node, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure means the chain is not what the parser took it for
         raise NoMatch(f"{describe(node)} fails on the check's inputs: {exc}") from exc
-    raise NoMatch(f"{describe(node)}: cannot evaluate a {node.op} node")
 
 
 def _ancestors(node: torch.fx.Node, stop: torch.fx.Node) -> set[torch.fx.Node]:

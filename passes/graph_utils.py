@@ -80,6 +80,17 @@ def insert_call(
     return node
 
 
+def call_node(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
+    """Run a ``call_function``, ``call_method`` or ``call_module`` node on argument values."""
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":  # Dynamo graphs of DiTs inline their modules
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    raise ValueError(f"cannot run a {node.op} node ({node.name})")
+
+
 class FakeEnv:
     """Fake-tensor values for the nodes of a graph, computed node by node.
 
@@ -117,12 +128,7 @@ class FakeEnv:
             args, kwargs = self.load(node.args), self.load(node.kwargs)
             try:
                 with self.mode:
-                    if node.op == "call_function":
-                        value = node.target(*args, **kwargs)
-                    elif node.op == "call_method":
-                        value = getattr(args[0], node.target)(*args[1:], **kwargs)
-                    else:  # call_module: Dynamo graphs of DiTs inline their modules
-                        value = self.gm.get_submodule(node.target)(*args, **kwargs)
+                    value = call_node(self.gm, node, args, kwargs)
             except Exception as exc:  # noqa: BLE001 - any failure means the rewrite does not apply
                 raise RewriteError(f"node {node.name} ({describe(node)}) fails on the rewritten shapes: {exc}") from exc
         self.values[node] = value

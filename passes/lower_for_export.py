@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from . import ops, portable_ops
-from .graph_utils import describe
+from .graph_utils import call_node, describe
 
 PORTABLE = {
     ops.update_kv_cache: portable_ops.update_kv_cache,
@@ -100,11 +100,7 @@ def _fold_complex(gm: torch.fx.GraphModule, values: dict) -> None:
             continue
         load = lambda a: torch.fx.node.map_arg(a, lambda n: values[n])  # noqa: E731
         args, kwargs = load(node.args), load(node.kwargs)
-        value = (
-            node.target(*args, **kwargs)
-            if node.op == "call_function"
-            else getattr(args[0], node.target)(*args[1:], **kwargs)
-        )
+        value = call_node(gm, node, args, kwargs)
         if not isinstance(value, torch.Tensor):
             continue
         attr = _replace_with_constant(gm, node, value.contiguous())

@@ -45,6 +45,7 @@ def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph
     projection.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
     ctx.output_cache = cache.name
     ctx.output_cache_shape = tuple(int(s) for s in value.shape)
+    ctx.output_cache_dtype = value.dtype
     ctx.final_projection = projection.name
     ctx.note(f"scatter: outputs merged with the output cache after {describe(projection)}")
     return gm

@@ -180,7 +180,7 @@ class RASGraph:
             batch_size=ctx.batch_size,
             num_tokens=ctx.num_tokens,
             patch_size=ctx.patch_size,
-            output_cache=(ctx.output_cache_shape, _placeholder_dtype(self.ras_gm, ctx.output_cache)),
+            output_cache=(ctx.output_cache_shape, ctx.output_cache_dtype),
             kv_caches=tuple((s.shape, s.dtype) for s in ctx.kv_slots),
         )
         device = example_inputs[self.latents_index].device
@@ -228,11 +228,6 @@ class RASGraph:
             fn = compile_inner(self.backend.inner_backend, _copy(self.ras_gm), [*args, *extra])
             self.variants[k] = fn
         return fn
-
-
-def _placeholder_dtype(gm: torch.fx.GraphModule, name: str) -> torch.dtype:
-    node = next(n for n in gm.graph.nodes if n.name == name)
-    return node.meta["ras_val"].dtype
 
 
 def ras_backend(

@@ -82,7 +82,7 @@ def prepare_step_graphs(
     if ctx.latents not in names:
         raise ExportError(f"the latents input {ctx.latents} is not a runtime input of the graph")
     runtime_values = [example_inputs[placeholders.index(name)] for name in runtime]
-    caches = [torch.zeros(ctx.output_cache_shape, dtype=_dtype_of(ras_gm, ctx.output_cache))]
+    caches = [torch.zeros(ctx.output_cache_shape, dtype=ctx.output_cache_dtype)]
     caches += [torch.zeros(slot.shape, dtype=slot.dtype) for slot in ctx.kv_slots]
     k = ctx.num_tokens // 2 + 1
     idx = torch.stack([torch.randperm(ctx.num_tokens)[:k] for _ in range(ctx.batch_size)])
@@ -285,11 +285,6 @@ def _checksum(value: torch.Tensor) -> list[float]:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _dtype_of(gm: torch.fx.GraphModule, placeholder: str) -> torch.dtype:
-    node = next(n for n in gm.graph.nodes if n.name == placeholder)
-    return node.meta["ras_val"].dtype
 
 
 def _num_outputs(gm: torch.fx.GraphModule) -> int:
