@@ -87,11 +87,15 @@ class RASConfig:
         skip_num_step (`int`, defaults to `0`):
             Dynamic mode when non-zero: step `s` in group `i = s // skip_num_step_length` drops
             `D = avg + skip_num_step * (i - ((T + scheduler_start_step) // skip_num_step_length) // 2)`
-            tokens, rounded down to a multiple of 64, `avg` being the static `D`. May be negative. Every RAS
-            step's `D` must lie in `[0, N - 1]`.
+            tokens, rounded down to a multiple of `dynamic_round_to`, `avg` being the static `D`. May be
+            negative. Every RAS step's `D` must lie in `[0, N - 1]`.
         skip_num_step_length (`int`, defaults to `0`):
             Length `L` of a dynamic-mode group of steps, `>= 0`; must be `> 0` when `skip_num_step != 0`. On
             its own (with `skip_num_step == 0`) it has no effect.
+        dynamic_round_to (`int`, defaults to `64`):
+            Dynamic mode rounds each step's `D` down to a multiple of this, `>= 1`. The default is the
+            reference implementation's 64, sized for 1024-token images; small images (such as the 64 tokens of
+            the shapes model) need a smaller multiple for the dynamic schedule to vary at all.
         num_inference_steps (`int`, *optional*, defaults to `None`):
             Number of inference steps `T`, `>= 1`. Required by the `torch.compile` path; `apply()` reads it
             from the pipeline's scheduler. When given, the checks that depend on `T` run at construction.
@@ -109,6 +113,7 @@ class RASConfig:
     high_ratio: float = 1.0
     skip_num_step: int = 0
     skip_num_step_length: int = 0
+    dynamic_round_to: int = 64
     num_inference_steps: int | None = None
     kv_cache: bool = True
 
@@ -176,6 +181,10 @@ class RASConfig:
                 f"must be > 0 when skip_num_step is non-zero (skip_num_step={self.skip_num_step})",
             )
         store("skip_num_step_length", length)
+        round_to = _as_int("dynamic_round_to", self.dynamic_round_to)
+        if round_to < 1:
+            raise _fail("dynamic_round_to", self.dynamic_round_to, "must be >= 1")
+        store("dynamic_round_to", round_to)
 
         if self.num_inference_steps is not None:
             num_steps = _as_int("num_inference_steps", self.num_inference_steps)
@@ -245,14 +254,15 @@ class RASConfig:
 
     def dynamic_num_dropped(self, step: int, num_steps: int, num_tokens: int) -> int:
         """
-        The raw dynamic-mode `D` of `step`, rounded down to a multiple of 64 (may lie outside `[0, N - 1]`;
-        [`~RASConfig.validate_for`] rejects that for RAS steps). Only meaningful when `skip_num_step != 0`.
+        The raw dynamic-mode `D` of `step`, rounded down to a multiple of `dynamic_round_to` (may lie outside
+        `[0, N - 1]`; [`~RASConfig.validate_for`] rejects that for RAS steps). Only meaningful when
+        `skip_num_step != 0`.
         """
         length = self.skip_num_step_length
         group = step // length
         center = ((num_steps + self.scheduler_start_step) // length) // 2
         raw = self.static_num_dropped(num_tokens) + self.skip_num_step * (group - center)
-        return (raw // 64) * 64
+        return (raw // self.dynamic_round_to) * self.dynamic_round_to
 
     def is_dense_step(self, step: int, num_steps: int) -> bool:
         """Whether the schedule makes `step` dense: before the start, after the end, or a reset step."""

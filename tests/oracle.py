@@ -18,8 +18,8 @@ row-major order over the ``(H/p) x (W/p)`` grid -- the order of both diffusers p
   ``s in error_reset_steps``; every other step is a RAS step.  (Step 0 is always dense: nothing is
   cached yet.)  A RAS step drops ``D = floor((1 - sample_ratio) * N)`` tokens (static mode) or, in
   dynamic mode (``skip_num_step != 0`` and ``skip_num_step_length = L > 0``),
-  ``D = ((avg + skip_num_step * (s // L - ((T + start) // L) // 2)) // 64) * 64`` with ``avg`` the
-  static ``D`` (clamped to ``[0, N]``).
+  ``D = ((avg + skip_num_step * (s // L - ((T + start) // L) // 2)) // R) * R`` with ``avg`` the
+  static ``D`` and ``R = dynamic_round_to`` (64 by default), clamped to ``[0, N]``.
 * Selection before RAS step ``s``: ``delta = x(s) - x(s-1)`` (the latents the transformer received
   at this and the previous call); per latent pixel the unbiased std over channels (``"std"``) or the
   L2 norm over channels (``"l2norm"``); per token the mean over its ``p x p`` pixels; multiplied by
@@ -116,6 +116,7 @@ class RASOracle:
         high_ratio: float = 1.0,
         skip_num_step: int = 0,
         skip_num_step_length: int = 0,
+        dynamic_round_to: int = 64,
         use_kv_cache: bool = True,
     ):
         if metric not in ("std", "l2norm"):
@@ -134,6 +135,7 @@ class RASOracle:
         self.high_ratio = float(high_ratio)
         self.skip_num_step = int(skip_num_step)
         self.skip_num_step_length = int(skip_num_step_length)
+        self.dynamic_round_to = int(dynamic_round_to)
         self.use_kv_cache = bool(use_kv_cache)
 
         self.patch_size: int | None = None
@@ -164,7 +166,7 @@ class RASOracle:
         group = step // length
         centre = ((self.num_inference_steps + self.scheduler_start_step) // length) // 2
         raw = average + self.skip_num_step * (group - centre)
-        dropped = (raw // 64) * 64
+        dropped = raw - raw % self.dynamic_round_to
         return min(max(dropped, 0), num_tokens)
 
     def split_dropped(self, num_dropped: int) -> tuple[int, int]:

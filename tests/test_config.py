@@ -83,6 +83,8 @@ INVALID = [
     ("skip_num_step", True, "int"),
     ("skip_num_step_length", -1, ">= 0"),
     ("skip_num_step_length", 2.0, "int"),
+    ("dynamic_round_to", 0, ">= 1"),
+    ("dynamic_round_to", 8.0, "int"),
     ("num_inference_steps", 0, ">= 1"),
     ("num_inference_steps", -28, ">= 1"),
     ("num_inference_steps", 28.0, "int"),

@@ -16,6 +16,7 @@ CASES = {
     "quarter_nonsquare_tail": dict(sample_ratio=0.25, scheduler_end_step=6, latent_width=24),
     "negative_starvation_no_reset": dict(sample_ratio=0.375, starvation_scale=-0.5, error_reset_steps=()),
     "dynamic": dict(sample_ratio=0.5, skip_num_step=64, skip_num_step_length=2, latent_height=32, latent_width=32),
+    "dynamic_round_to_4": dict(sample_ratio=0.5, skip_num_step=6, skip_num_step_length=2, dynamic_round_to=4),
 }
 MODELS = {
     "sd3": (tiny_sd3_pipeline, sd3_call_kwargs),

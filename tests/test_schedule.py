@@ -84,6 +84,18 @@ def test_dynamic_mode_rounds_down_to_multiple_of_64():
     assert dropped(schedule) == expected
 
 
+def test_dynamic_mode_round_to_suits_small_images():
+    # N=64, T=20, start=4, L=4, skip_num_step=6, sample_ratio=0.5, no reset steps:
+    #   avg = 32, center = ((20 + 4) // 4) // 2 = 3, raw D(i) = 32 + 6 * (i - 3):
+    #   i=1 (steps 4-7): 20, i=2: 26, i=3: 32, i=4 (16-19): 38.
+    #   Rounded down to multiples of 4: 20, 24, 32, 36. With the default 64 every step rounds to 0 (dense).
+    config = RASConfig(skip_num_step=6, skip_num_step_length=4, error_reset_steps=(), dynamic_round_to=4)
+    expected = [0, 0, 0, 0] + [20] * 4 + [24] * 4 + [32] * 4 + [36] * 4
+    assert dropped(build_schedule(config, 20, 64)) == expected
+    coarse = build_schedule(config.replace(dynamic_round_to=64), 20, 64)
+    assert all(plan.dense for plan in coarse)
+
+
 def test_dynamic_mode_group_length_3_t30():
     # N=4096, T=30, start=4, L=3, skip=128: avg=2048, center = ((30 + 4) // 3) // 2 = 11 // 2 = 5.
     # D(i) = 2048 + 128 * (i - 5): step 4 is in group 1 -> 1536; step 29 in group 9 -> 2560;

@@ -4,7 +4,7 @@
   (``pixel_unshuffle`` by 2: [12, 16, 16]); no VAE.
 - Text: caption tokens embedded by a learned table (``CaptionEncoder``) into ``prompt_embeds`` and
   a pooled embedding, so no text encoder is needed.
-- Transformer: diffusers' ``SD3Transformer2DModel`` (4 layers, hidden 128, patch 2: 64 image
+- Transformer: diffusers' ``SD3Transformer2DModel`` (6 layers, hidden 192, patch 2: 64 image
   tokens), trained with rectified flow; sampled by ``StableDiffusion3Pipeline`` with
   ``FlowMatchEulerDiscreteScheduler``, so the real RAS compile path runs on it.
 """
@@ -27,8 +27,8 @@ PIXELS_PER_LATENT = 8  # StableDiffusion3Pipeline without a VAE maps height / 8 
 
 @dataclass(frozen=True)
 class ShapesModelConfig:
-    layers: int = 4
-    heads: int = 4
+    layers: int = 6
+    heads: int = 6
     head_dim: int = 32
     text_dim: int = 64
     patch_size: int = 2
@@ -88,10 +88,11 @@ class ShapesModel(torch.nn.Module):
             return_dict=False,
         )[0]
 
-    def save(self, path: str | Path, metadata: dict | None = None) -> None:
+    def save(self, path: str | Path, metadata: dict | None = None, dtype: torch.dtype = torch.float16) -> None:
+        """Save the weights as ``dtype`` (float16 halves the file; ``load`` returns float32)."""
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
         meta = {"config": json.dumps(asdict(self.config))} | {k: str(v) for k, v in (metadata or {}).items()}
         save_file(tensors, str(path), metadata=meta)
 
@@ -106,7 +107,7 @@ class ShapesModel(torch.nn.Module):
         with safe_open(str(path), "pt") as f:
             config = ShapesModelConfig(**json.loads(f.metadata()["config"]))
         model = cls(config)
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
         return model.eval()
 
 
