@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from rascompile.demo import demo_config
+from rascompile.schedule import build_schedule
 from rascompile.shapes.classifier import ShapesClassifier, adherence
 from rascompile.shapes.data import ShapesDataset, render_batch
 from rascompile.shapes.generate import Generator
@@ -52,6 +53,7 @@ ABLATIONS = {
     "no error reset": {"error_reset_steps": ()},
     "no K/V cache": {"kv_cache": False},
     "starvation_scale -0.1": {"starvation_scale": -0.1},
+    "starvation_scale 1, high_ratio 0.3": {"starvation_scale": 1.0, "high_ratio": 0.3},
 }
 
 
@@ -83,13 +85,13 @@ def run(args) -> dict:
     for row in tqdm(settings(args.quick), desc="settings", file=sys.stderr):
         call = dict(config=row["config"], steps=row["steps"], guidance_scale=args.guidance_scale)
         generate(batches[0], **call, seed=0)  # warm-up: traces and plans
-        images, seconds, computed = [], 0.0, []
+        images, seconds, counts = [], 0.0, []
         for i, batch in enumerate(batches):
             result = generate(batch, **call, seed=i)
             images.append(result.images)
             seconds += result.seconds
             if result.step_counts is not None:
-                computed.append(result.step_counts.float().mean().item() / row["steps"])
+                counts.append(result.step_counts.flatten(1))
         images = torch.cat(images)
         if row["config"] is None:
             dense_images[row["steps"]] = images
@@ -101,7 +103,7 @@ def run(args) -> dict:
             "steps": row["steps"],
             "sample_ratio": None if row["config"] is None else row["config"].sample_ratio,
             "images_per_s": len(images) / seconds,
-            "tokens_computed": sum(computed) / len(computed) if computed else 1.0,
+            **computation(row, torch.cat(counts) if counts else None, model.config.num_tokens),
             **adherence(classifier, images, captions),
             "frechet_distance": frechet_distance(features, real_features),
         }
@@ -112,18 +114,34 @@ def run(args) -> dict:
     return {"samples": args.samples, "real_samples": args.real, "guidance_scale": args.guidance_scale, "rows": results}
 
 
+def computation(row: dict, step_counts: torch.Tensor | None, num_tokens: int) -> dict:
+    """The share of token-steps computed, and how sticky the selection was: the share of tokens that the RAS
+    steps computed every time or never (1.0 means the same tokens on every RAS step)."""
+    if step_counts is None:
+        return {"tokens_computed": 1.0}
+    schedule = build_schedule(row["config"], row["steps"], num_tokens)
+    ras_steps = sum(not plan.dense for plan in schedule)
+    on_ras_steps = step_counts - (row["steps"] - ras_steps)
+    sticky = (on_ras_steps == 0) | (on_ras_steps == ras_steps)
+    return {
+        "tokens_computed": step_counts.float().mean().item() / row["steps"],
+        "always_or_never": sticky.float().mean().item(),
+    }
+
+
 def markdown(rows: list[dict]) -> str:
     head = (
-        "| setting | steps | tokens computed | images/s | PSNR dB | SSIM | objects found | exact objects "
-        "| Fréchet distance |"
+        "| setting | steps | tokens computed | always or never | images/s | PSNR dB | SSIM | objects found "
+        "| exact objects | Fréchet distance |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         psnr = f"{r['psnr']:.1f}" if "psnr" in r else "-"
         ssim = f"{r['ssim']:.3f}" if "ssim" in r else "-"
+        sticky = f"{r['always_or_never']:.2f}" if "always_or_never" in r else "-"
         lines.append(
-            f"| {r['name']} | {r['steps']} | {r.get('tokens_computed', 1.0):.2f} | {r['images_per_s']:.1f} | "
-            f"{psnr} | {ssim} | "
+            f"| {r['name']} | {r['steps']} | {r.get('tokens_computed', 1.0):.2f} | {sticky} | "
+            f"{r['images_per_s']:.1f} | {psnr} | {ssim} | "
             f"{r['object_recall']:.3f} | {r['exact_objects']:.3f} | {r['frechet_distance']:.2f} |"
         )
     return "\n".join(lines) + "\n"

@@ -161,4 +161,11 @@ def test_quality_harness_quick(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["name"] for r in rows][:3] == ["dense 3", "dense 8", "RAS 0.5 @ 8"]
     assert "psnr" in rows[2] and all(r["images_per_s"] > 0 for r in rows)
-    assert (tmp_path / "pareto.png").exists() and (tmp_path / "table3.md").read_text().count("\n") == 2 + 5
+    assert (tmp_path / "pareto.png").exists() and (tmp_path / "table3.md").read_text().count("\n") == 2 + 7
+    # RAS 0.5 at 8 steps (start 1, reset at 5): 6 RAS steps of 32 of 64 tokens, 2 dense steps
+    assert rows[0]["tokens_computed"] == 1.0 and rows[2]["tokens_computed"] == pytest.approx((2 + 6 * 0.5) / 8)
+    ablations = {r["name"]: r for r in rows if r["table"] == "3"}
+    assert ablations["static sampling ratio"]["tokens_computed"] == pytest.approx((2 + 6 * 0.25) / 8)
+    # the dynamic default computes 18 tokens on steps 1-3 and 14 on 4, 6, 7 (reset at 5)
+    assert ablations["default (dynamic ratio)"]["tokens_computed"] == pytest.approx((2 + 3 * 18 / 64 + 3 * 14 / 64) / 8)
+    assert all(0.0 <= r["always_or_never"] <= 1.0 for r in ablations.values())

@@ -39,6 +39,11 @@ class ShapesModelConfig:
     def hidden(self) -> int:
         return self.heads * self.head_dim
 
+    @property
+    def num_tokens(self) -> int:
+        """Image tokens per image."""
+        return (self.latent_size // self.patch_size) ** 2
+
 
 class CaptionEncoder(torch.nn.Module):
     """Token ids [B, L] -> (prompt_embeds [B, L, D], pooled [B, D]): a learned table plus positions."""

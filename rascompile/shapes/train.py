@@ -46,10 +46,10 @@ def flow_loss(model: ShapesModel, images: torch.Tensor, ids: torch.Tensor, gener
 
 def train(
     *,
-    steps: int = 6000,
+    steps: int = 7600,
     minutes: float | None = None,
     batch_size: int = 64,
-    lr: float = 1e-3,
+    lr: float = 8e-4,
     warmup: int = 200,
     ema_decay: float = 0.999,
     caption_dropout: float = 0.1,
@@ -150,10 +150,10 @@ def write_card_figures(log: list[dict], out_dir: str | Path, model: ShapesModel 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6000, help="optimizer steps (the cosine schedule's length)")
+    parser.add_argument("--steps", type=int, default=7600, help="optimizer steps (the cosine schedule's length)")
     parser.add_argument("--minutes", type=float, default=None, help="stop after this long, saving the weights")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(WEIGHTS), help=f"weights file (default {WEIGHTS})")
     parser.add_argument("--init", default=None, help="start from these weights (a second, shorter schedule)")
