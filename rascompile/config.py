@@ -79,7 +79,10 @@ class RASConfig:
         starvation_scale (`float`, defaults to `0.1`):
             A token's metric is multiplied by `exp(starvation_scale * d)`, `d` being its drop count:
             `-(T + 1)` at the start of a generation, `+1` each time it is dropped. Any finite value; `0`
-            disables the scaling and negative values are allowed (ablations use them).
+            disables the scaling and negative values are allowed. A positive value lifts the score of a
+            dropped token, so it rotates computation onto tokens dropped from the low end of the ranking
+            but keeps tokens dropped from the high end dropped: with `high_ratio=1.0` it makes the selection
+            stickier (see `docs/quality/README.md`).
         high_ratio (`float`, defaults to `1.0`):
             Split of the dropped tokens, in `[0, 1]`: the `floor(D * high_ratio)` highest-scoring and the
             `floor(D * (1 - high_ratio))` lowest-scoring tokens are dropped. When the two floors sum to less

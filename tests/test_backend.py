@@ -254,3 +254,20 @@ def test_resolution_changes_without_dynamic_false_keep_ras():
         torch.testing.assert_close(g, e, rtol=0, atol=0)
     assert len(backend.graphs) == 3 and all(g.fallback_reason is None for g in backend.graphs)
     assert all(g.controller.generations == 1 for g in backend.graphs)
+
+
+def test_batch_equal_to_token_count_runs_dense_and_warns():
+    """A known limitation: with a transformer batch equal to N the passes cannot tell the batch axis from the
+    token axis in shape literals. The graph must then run dense with a warning, never a wrong image."""
+    build, kwargs_fn = MODELS["sd3"]
+    call = dict(num_prompts=32, num_images_per_prompt=1, steps=STEPS)  # CFG: batch 64 = 8 x 8 tokens
+    pipe = build()
+    with torch.no_grad():
+        expected = pipe(**kwargs_fn(**call))[0]
+    pipe = build()
+    rascompile.apply(pipe, RASConfig(**SHORT), inner_backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = pipe(**kwargs_fn(**call))[0]
+    assert any("runs dense" in str(w.message) for w in caught)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
