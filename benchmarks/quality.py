@@ -140,7 +140,7 @@ def markdown(rows: list[dict]) -> str:
         ssim = f"{r['ssim']:.3f}" if "ssim" in r else "-"
         sticky = f"{r['always_or_never']:.2f}" if "always_or_never" in r else "-"
         lines.append(
-            f"| {r['name']} | {r['steps']} | {r.get('tokens_computed', 1.0):.2f} | {sticky} | "
+            f"| {r['name']} | {r['steps']} | {r['tokens_computed']:.2f} | {sticky} | "
             f"{r['images_per_s']:.1f} | {psnr} | {ssim} | "
             f"{r['object_recall']:.3f} | {r['exact_objects']:.3f} | {r['frechet_distance']:.2f} |"
         )

@@ -40,9 +40,14 @@ class ShapesModelConfig:
         return self.heads * self.head_dim
 
     @property
+    def token_grid(self) -> int:
+        """Image tokens along each side of the (square) token grid."""
+        return self.latent_size // self.patch_size
+
+    @property
     def num_tokens(self) -> int:
         """Image tokens per image."""
-        return (self.latent_size // self.patch_size) ** 2
+        return self.token_grid**2
 
 
 class CaptionEncoder(torch.nn.Module):
@@ -79,7 +84,7 @@ class ShapesModel(torch.nn.Module):
             caption_projection_dim=c.hidden,
             pooled_projection_dim=c.text_dim,
             out_channels=c.latent_channels,
-            pos_embed_max_size=c.latent_size // c.patch_size,
+            pos_embed_max_size=c.token_grid,
         )
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
