@@ -18,9 +18,9 @@ from rascompile.shapes.data import (
     tokenize,
 )
 from rascompile.shapes.generate import Generator
-from rascompile.shapes.model import ShapesModel, to_images, to_latents
+from rascompile.shapes.model import ShapesModel, ShapesModelConfig, to_images, to_latents
 from rascompile.shapes.quality import fidelity, frechet_distance
-from rascompile.shapes.train import train
+from rascompile.shapes.train import shift_sigma, train
 
 # Held-out scenes: 24 images keep the adherence figures steady (a handful of images varies by +-0.2 per seed).
 # Not 32: with CFG that is a batch of 64, equal to the token count, which the passes cannot tell apart (dense).
@@ -88,8 +88,42 @@ def test_training_smoke(model):
     """A few optimizer steps from the shipped weights: finite loss of the size the model card reports."""
     copy = ShapesModel(model.config)
     copy.load_state_dict(model.state_dict())
-    _, log = train(steps=3, batch_size=8, out=None, model=copy, progress=False, warmup=1)
-    assert len(log) == 3 and all(np.isfinite(r["loss"]) and r["loss"] < 0.5 for r in log)
+    for precision in ("fp32", "bf16"):
+        _, log = train(steps=3, batch_size=8, out=None, model=copy, progress=False, warmup=1, precision=precision)
+        assert len(log) == 3 and all(np.isfinite(r["loss"]) and r["loss"] < 0.5 for r in log), (precision, log)
+
+
+def test_fresh_model_starts_as_adaln_zero():
+    """A fresh model predicts zero velocity and every block starts as the identity (DiT's adaLN-Zero)."""
+    torch.manual_seed(0)
+    fresh = ShapesModel(ShapesModelConfig(layers=2, heads=2, head_dim=16))
+    blocks = fresh.transformer.transformer_blocks
+    for linear in [fresh.transformer.proj_out, *(b.norm1.linear for b in blocks), blocks[0].norm1_context.linear]:
+        assert not linear.weight.any() and not linear.bias.any()
+    assert fresh.transformer.transformer_blocks[0].attn.to_q.weight.std() > 0
+    latents = torch.randn(2, 12, 16, 16)
+    ids = torch.tensor([tokenize("a small red circle on a flat background")] * 2)
+    with torch.no_grad():
+        velocity = fresh.velocity(latents, torch.tensor([0.3, 0.9]), ids)
+    assert velocity.shape == latents.shape and not velocity.any()
+
+
+def test_sigma_shift():
+    sigma = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.equal(shift_sigma(sigma, 1.0), sigma)
+    torch.testing.assert_close(shift_sigma(sigma, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"precision": "fp16"}, r"precision='fp16' is not supported; choose one of fp32, bf16"),
+        ({"sigma_shift": 0.0}, "sigma_shift=0.0"),
+    ],
+)
+def test_training_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train(steps=1, batch_size=2, out=None, progress=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
