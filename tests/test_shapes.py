@@ -18,7 +18,7 @@ from rascompile.shapes.data import (
     tokenize,
 )
 from rascompile.shapes.generate import Generator
-from rascompile.shapes.model import ShapesModel, ShapesModelConfig, to_images, to_latents
+from rascompile.shapes.model import ShapesModel, ShapesModelConfig, initialize_adaln_zero, to_images, to_latents
 from rascompile.shapes.quality import fidelity, frechet_distance
 from rascompile.shapes.train import shift_sigma, train
 
@@ -93,10 +93,12 @@ def test_training_smoke(model):
         assert len(log) == 3 and all(np.isfinite(r["loss"]) and r["loss"] < 0.5 for r in log), (precision, log)
 
 
-def test_fresh_model_starts_as_adaln_zero():
-    """A fresh model predicts zero velocity and every block starts as the identity (DiT's adaLN-Zero)."""
+def test_adaln_zero_initialisation():
+    """After DiT's adaLN-Zero the model predicts zero velocity and every block starts as the identity."""
     torch.manual_seed(0)
     fresh = ShapesModel(ShapesModelConfig(layers=2, heads=2, head_dim=16))
+    assert fresh.transformer.proj_out.weight.any()  # diffusers' initialisation, until asked
+    initialize_adaln_zero(fresh.transformer)
     blocks = fresh.transformer.transformer_blocks
     for linear in [fresh.transformer.proj_out, *(b.norm1.linear for b in blocks), blocks[0].norm1_context.linear]:
         assert not linear.weight.any() and not linear.bias.any()
@@ -119,6 +121,7 @@ def test_sigma_shift():
     [
         ({"precision": "fp16"}, r"precision='fp16' is not supported; choose one of fp32, bf16"),
         ({"sigma_shift": 0.0}, "sigma_shift=0.0"),
+        ({"init": "xavier"}, r"init='xavier' is not supported; choose one of default, adaln-zero"),
     ],
 )
 def test_training_rejects_bad_settings(kwargs, message):

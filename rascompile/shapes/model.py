@@ -86,7 +86,6 @@ class ShapesModel(torch.nn.Module):
             out_channels=c.latent_channels,
             pos_embed_max_size=c.token_grid,
         )
-        initialize_adaln_zero(self.transformer)
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The rectified-flow velocity (noise - data) at noise level ``sigma`` in [0, 1]."""
@@ -129,6 +128,7 @@ def initialize_adaln_zero(transformer) -> None:
     weights, not training. DiT (Peebles and Xie, 2023) found that starting every block as the identity
     trains much faster: the adaptive-norm modulations (shift, scale and gate) and the output projection
     start at zero, other linear layers are Xavier-uniform with zero bias, and the timestep MLP is N(0, 0.02).
+    Used by ``train(init="adaln-zero")``; the shipped weights were trained from diffusers' initialisation.
     """
     for module in transformer.modules():
         if isinstance(module, torch.nn.Linear):
