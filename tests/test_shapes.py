@@ -121,12 +121,36 @@ def test_sigma_shift():
     [
         ({"precision": "fp16"}, r"precision='fp16' is not supported; choose one of fp32, bf16"),
         ({"sigma_shift": 0.0}, "sigma_shift=0.0"),
-        ({"init": "xavier"}, r"init='xavier' is not supported; choose one of default, adaln-zero"),
+        ({"weight_init": "xavier"}, r"weight_init='xavier' is not supported; choose one of default, adaln-zero"),
+        ({"weight_init": "adaln-zero", "model": "continued"}, r"applies to a new model"),
     ],
 )
-def test_training_rejects_bad_settings(kwargs, message):
+def test_training_rejects_bad_settings(kwargs, message, model):
+    if kwargs.get("model") == "continued":
+        kwargs = kwargs | {"model": model}
     with pytest.raises(ValueError, match=message):
         train(steps=1, batch_size=2, out=None, progress=False, **kwargs)
+
+
+def test_training_command(tmp_path):
+    """``python -m rascompile.shapes.train`` with the trial run's options: weights with the settings recorded."""
+    from safetensors import safe_open
+
+    from rascompile.shapes.train import main
+
+    out, log = tmp_path / "w.safetensors", tmp_path / "loss.json"
+    argv = ["--steps", "1", "--batch-size", "2", "--warmup", "1", "--out", str(out), "--log", str(log)]
+    assert main(argv + ["--weight-init", "adaln-zero", "--sigma-shift", "2", "--precision", "bf16"]) == 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert (meta["weight_init"], meta["sigma_shift"], meta["precision"], meta["steps"]) == (
+        "adaln-zero",
+        "2.0",
+        "bf16",
+        "1",
+    )
+    assert len(json.loads(log.read_text())) == 1
+    assert ShapesModel.load(out).transformer.proj_out.weight.abs().max() < 1e-2  # zero-initialised, one small step
 
 
 @pytest.fixture(scope="module")

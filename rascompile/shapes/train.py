@@ -8,7 +8,7 @@ run is reproducible from its seed.
 
 Options beyond the shipped run's recipe (the model card reports what a run with them gave):
 ``sigma_shift`` moves the noise levels trained on towards noise (SD3's timestep shift,
-``s' = shift * s / (1 + (shift - 1) * s)``; 1 leaves them); ``init="adaln-zero"`` starts from DiT's
+``s' = shift * s / (1 + (shift - 1) * s)``; 1 leaves them); ``weight_init="adaln-zero"`` starts from DiT's
 initialisation instead of diffusers'; ``precision="bf16"`` runs the forward and backward under CPU
 autocast (weights, optimizer and EMA stay float32), with attention as plain matmul and softmax because
 PyTorch's fused CPU attention is several times slower in bfloat16 backward for sequences this short.
@@ -43,7 +43,7 @@ def batches(batch_size: int, seed: int):
 
 
 PRECISIONS = ("fp32", "bf16")
-INITS = ("default", "adaln-zero")
+WEIGHT_INITS = ("default", "adaln-zero")
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -80,7 +80,7 @@ def train(
     caption_dropout: float = 0.1,
     sigma_shift: float = 1.0,
     precision: str = "fp32",
-    init: str = "default",
+    weight_init: str = "default",
     seed: int = 0,
     out: str | Path | None = WEIGHTS,
     checkpoint_every: int = 500,
@@ -90,14 +90,16 @@ def train(
     """Train (or continue training ``model``); returns the EMA model and the loss log."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
-    if init not in INITS:
-        raise ValueError(f"init={init!r} is not supported; choose one of {', '.join(INITS)}")
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(f"weight_init={weight_init!r} is not supported; choose one of {', '.join(WEIGHT_INITS)}")
+    if model is not None and weight_init != "default":
+        raise ValueError(f"weight_init={weight_init!r} applies to a new model, not to one whose training continues")
     if not sigma_shift > 0:
         raise ValueError(f"sigma_shift={sigma_shift!r} must be > 0")
     torch.manual_seed(seed)
     if model is None:
         model = ShapesModel(ShapesModelConfig())
-        if init == "adaln-zero":
+        if weight_init == "adaln-zero":
             initialize_adaln_zero(model.transformer)
     model.train()
     ema = ShapesModel(model.config)
@@ -134,7 +136,7 @@ def train(
         done = minutes is not None and elapsed > minutes * 60
         if out is not None and ((step + 1) % checkpoint_every == 0 or done or step + 1 == steps):
             meta = {"steps": step + 1, "seconds": round(elapsed), "seed": seed, "batch_size": batch_size}
-            ema.save(out, meta | {"sigma_shift": sigma_shift, "precision": precision, "init": init})
+            ema.save(out, meta | {"sigma_shift": sigma_shift, "precision": precision, "weight_init": weight_init})
         if done:
             break
     return ema, log
@@ -206,7 +208,10 @@ def main(argv=None) -> int:
         help="bf16: CPU autocast, float32 weights (faster where the CPU has bfloat16 instructions)",
     )
     parser.add_argument(
-        "--init", choices=INITS, default="default", help="adaln-zero: DiT's initialisation (default: diffusers')"
+        "--weight-init",
+        choices=WEIGHT_INITS,
+        default="default",
+        help="a new model's initialisation: adaln-zero is DiT's (default: diffusers')",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--log", default=None, help="write the loss log (JSON) here")
@@ -223,7 +228,7 @@ def main(argv=None) -> int:
         warmup=args.warmup,
         sigma_shift=args.sigma_shift,
         precision=args.precision,
-        init=args.init,
+        weight_init=args.weight_init,
         seed=args.seed,
         out=args.out,
         model=model,
