@@ -84,7 +84,11 @@ def adherence(classifier: ShapesClassifier, images: torch.Tensor, captions: list
     recall = (predicted & wanted).sum(1).float() / wanted.sum(1).clamp(min=1).float()
     exact = (predicted == wanted).all(1).float()
     named = [(row, BACKGROUNDS.index(bg)) for row, (_, bg) in enumerate(contents) if bg is not None]
-    rows, kinds = (torch.tensor(v) for v in zip(*named)) if named else (torch.zeros(0, dtype=torch.long),) * 2
+    rows, kinds = (
+        (torch.tensor(v, device=logits.device) for v in zip(*named))
+        if named
+        else (torch.zeros(0, dtype=torch.long, device=logits.device),) * 2
+    )
     background_ok = (background[rows].argmax(1) == kinds).float()
     return {
         "object_recall": recall.mean().item(),

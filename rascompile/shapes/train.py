@@ -71,16 +71,17 @@ def flow_loss(
 
 def train(
     *,
-    steps: int = 7600,
+    steps: int = 7200,
     minutes: float | None = None,
     batch_size: int = 64,
-    lr: float = 8e-4,
+    lr: float = 2.4e-3,
+    adam_beta2: float = 0.95,
     warmup: int = 200,
     ema_decay: float = 0.999,
     caption_dropout: float = 0.1,
     sigma_shift: float = 1.0,
-    precision: str = "fp32",
-    weight_init: str = "default",
+    precision: str = "bf16",
+    weight_init: str | None = None,
     seed: int = 0,
     out: str | Path | None = WEIGHTS,
     checkpoint_every: int = 500,
@@ -90,14 +91,17 @@ def train(
     """Train (or continue training ``model``); returns the EMA model and the loss log."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
-    if weight_init not in WEIGHT_INITS:
+    if weight_init is not None and weight_init not in WEIGHT_INITS:
         raise ValueError(f"weight_init={weight_init!r} is not supported; choose one of {', '.join(WEIGHT_INITS)}")
-    if model is not None and weight_init != "default":
+    if model is not None and weight_init is not None:
         raise ValueError(f"weight_init={weight_init!r} applies to a new model, not to one whose training continues")
+    if not 0 < adam_beta2 < 1:
+        raise ValueError(f"adam_beta2={adam_beta2!r} must be in (0, 1)")
     if not sigma_shift > 0:
         raise ValueError(f"sigma_shift={sigma_shift!r} must be > 0")
     torch.manual_seed(seed)
     if model is None:
+        weight_init = weight_init or "adaln-zero"
         model = ShapesModel(ShapesModelConfig())
         if weight_init == "adaln-zero":
             initialize_adaln_zero(model.transformer)
@@ -105,7 +109,7 @@ def train(
     ema = ShapesModel(model.config)
     ema.load_state_dict(model.state_dict())
     ema.eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, adam_beta2), weight_decay=0.01)
     schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -135,8 +139,9 @@ def train(
         bar.set_postfix(loss=f"{smoothed:.4f}")
         done = minutes is not None and elapsed > minutes * 60
         if out is not None and ((step + 1) % checkpoint_every == 0 or done or step + 1 == steps):
-            meta = {"steps": step + 1, "seconds": round(elapsed), "seed": seed, "batch_size": batch_size}
-            ema.save(out, meta | {"sigma_shift": sigma_shift, "precision": precision, "weight_init": weight_init})
+            meta = {"steps": step + 1, "seconds": round(elapsed), "seed": seed, "batch_size": batch_size, "lr": lr}
+            recipe = {"adam_beta2": adam_beta2, "sigma_shift": sigma_shift, "precision": precision}
+            ema.save(out, meta | recipe | {"weight_init": weight_init or "continued"})
         if done:
             break
     return ema, log
@@ -192,10 +197,11 @@ def write_card_figures(log: list[dict], out_dir: str | Path, model: ShapesModel 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=7600, help="optimizer steps (the cosine schedule's length)")
+    parser.add_argument("--steps", type=int, default=7200, help="optimizer steps (the cosine schedule's length)")
     parser.add_argument("--minutes", type=float, default=None, help="stop after this long, saving the weights")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=8e-4)
+    parser.add_argument("--lr", type=float, default=2.4e-3, help="peak learning rate (cosine schedule)")
+    parser.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW's second-moment decay")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(WEIGHTS), help=f"weights file (default {WEIGHTS})")
     parser.add_argument("--init", default=None, help="start from these weights (a second, shorter schedule)")
@@ -204,14 +210,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="fp32",
+        default="bf16",
         help="bf16: CPU autocast, float32 weights (faster where the CPU has bfloat16 instructions)",
     )
     parser.add_argument(
         "--weight-init",
         choices=WEIGHT_INITS,
-        default="default",
-        help="a new model's initialisation: adaln-zero is DiT's (default: diffusers')",
+        default=None,
+        help="a new model's initialisation: adaln-zero is DiT's (the default), default is diffusers'",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--log", default=None, help="write the loss log (JSON) here")
@@ -225,6 +231,7 @@ def main(argv=None) -> int:
         minutes=args.minutes,
         batch_size=args.batch_size,
         lr=args.lr,
+        adam_beta2=args.adam_beta2,
         warmup=args.warmup,
         sigma_shift=args.sigma_shift,
         precision=args.precision,
