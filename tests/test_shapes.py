@@ -123,6 +123,7 @@ def test_sigma_shift():
         ({"sigma_shift": 0.0}, "sigma_shift=0.0"),
         ({"weight_init": "xavier"}, r"weight_init='xavier' is not supported; choose one of default, adaln-zero"),
         ({"weight_init": "adaln-zero", "model": "continued"}, r"applies to a new model"),
+        ({"adam_beta2": 1.0}, r"adam_beta2=1.0 must be in \(0, 1\)"),
     ],
 )
 def test_training_rejects_bad_settings(kwargs, message, model):
@@ -132,25 +133,34 @@ def test_training_rejects_bad_settings(kwargs, message, model):
         train(steps=1, batch_size=2, out=None, progress=False, **kwargs)
 
 
-def test_training_command(tmp_path):
-    """``python -m rascompile.shapes.train`` with the trial run's options: weights with the settings recorded."""
+def _recorded(path, keys):
     from safetensors import safe_open
 
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    return {k: meta[k] for k in keys}
+
+
+def test_training_command(tmp_path):
+    """``python -m rascompile.shapes.train``: the shipped recipe by default, each option recorded in the weights."""
     from rascompile.shapes.train import main
 
+    keys = ("weight_init", "precision", "lr", "adam_beta2", "sigma_shift", "steps")
     out, log = tmp_path / "w.safetensors", tmp_path / "loss.json"
     argv = ["--steps", "1", "--batch-size", "2", "--warmup", "1", "--out", str(out), "--log", str(log)]
-    assert main(argv + ["--weight-init", "adaln-zero", "--sigma-shift", "2", "--precision", "bf16"]) == 0
-    with safe_open(str(out), "pt") as f:
-        meta = f.metadata()
-    assert (meta["weight_init"], meta["sigma_shift"], meta["precision"], meta["steps"]) == (
-        "adaln-zero",
-        "2.0",
-        "bf16",
-        "1",
+    assert main(argv) == 0
+    assert _recorded(out, keys) == dict(
+        weight_init="adaln-zero", precision="bf16", lr="0.0024", adam_beta2="0.95", sigma_shift="1.0", steps="1"
     )
     assert len(json.loads(log.read_text())) == 1
     assert ShapesModel.load(out).transformer.proj_out.weight.abs().max() < 1e-2  # zero-initialised, one small step
+
+    options = ["--weight-init", "default", "--precision", "fp32", "--lr", "1e-3", "--adam-beta2", "0.99"]
+    assert main(argv + options + ["--sigma-shift", "2"]) == 0
+    assert _recorded(out, keys) == dict(
+        weight_init="default", precision="fp32", lr="0.001", adam_beta2="0.99", sigma_shift="2.0", steps="1"
+    )
+    assert ShapesModel.load(out).transformer.proj_out.weight.abs().max() > 1e-2  # diffusers' initialisation
 
 
 @pytest.fixture(scope="module")
