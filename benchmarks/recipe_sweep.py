@@ -37,7 +37,16 @@ DEADLINE = float(os.environ.get("SWEEP_SECONDS", 480))
 RESULTS = os.environ.get("SWEEP_TMP", "/tmp")
 
 BASE = dict(
-    steps=7600, batch=64, lr=8e-4, warmup=200, ema=0.999, init="default", shift=1.0, model={}, betas=(0.9, 0.999), wd=0.01
+    steps=7600,
+    batch=64,
+    lr=8e-4,
+    warmup=200,
+    ema=0.999,
+    init="default",
+    shift=1.0,
+    model={},
+    betas=(0.9, 0.999),
+    wd=0.01,
 )
 CONFIGS = {
     "base": {},  # the recipe of the first shipped weights
@@ -191,7 +200,11 @@ def summary(out_dir: str, names: list[str]) -> None:
 
     from rascompile.shapes.data import render_batch
 
-    results = [json.load(open(f"{RESULTS}/{n}_result.json")) for n in names or CONFIGS if os.path.exists(f"{RESULTS}/{n}_result.json")]
+    results = [
+        json.load(open(f"{RESULTS}/{n}_result.json"))
+        for n in names or CONFIGS
+        if os.path.exists(f"{RESULTS}/{n}_result.json")
+    ]
     json.dump(results, open(f"{out_dir}/results.json", "w"), indent=1)
     data = ShapesDataset(10, seed=70_000)
     rows = [("data", render_batch([data.scene(i) for i in range(10)]))]
