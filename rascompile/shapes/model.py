@@ -128,7 +128,7 @@ def initialize_adaln_zero(transformer) -> None:
     weights, not training. DiT (Peebles and Xie, 2023) found that starting every block as the identity
     trains much faster: the adaptive-norm modulations (shift, scale and gate) and the output projection
     start at zero, other linear layers are Xavier-uniform with zero bias, and the timestep MLP is N(0, 0.02).
-    Used by ``train(weight_init="adaln-zero")``; the shipped weights were trained from diffusers' initialisation.
+    ``train`` applies it to every new model unless ``weight_init="default"`` asks for diffusers' initialisation.
     """
     for module in transformer.modules():
         if isinstance(module, torch.nn.Linear):

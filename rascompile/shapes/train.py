@@ -6,12 +6,13 @@ the empty caption) 10% of the time, so classifier-free guidance works. The saved
 exponential moving average of the trained ones. Batches come from ``ShapesDataset`` in order, so a
 run is reproducible from its seed.
 
-Options beyond the shipped run's recipe (the model card reports what a run with them gave):
-``sigma_shift`` moves the noise levels trained on towards noise (SD3's timestep shift,
-``s' = shift * s / (1 + (shift - 1) * s)``; 1 leaves them); ``weight_init="adaln-zero"`` starts from DiT's
-initialisation instead of diffusers'; ``precision="bf16"`` runs the forward and backward under CPU
-autocast (weights, optimizer and EMA stay float32), with attention as plain matmul and softmax because
-PyTorch's fused CPU attention is several times slower in bfloat16 backward for sequences this short.
+The shipped run's recipe is the default: DiT's adaLN-Zero initialisation (``weight_init="default"`` keeps
+diffusers' instead), AdamW with ``adam_beta2=0.95``, and ``precision="bf16"``, which runs the forward and
+backward under CPU autocast (weights, optimizer and EMA stay float32), with attention as plain matmul and
+softmax because PyTorch's fused CPU attention is several times slower in bfloat16 backward for sequences
+this short. ``sigma_shift`` moves the noise levels trained on towards noise (SD3's timestep shift,
+``s' = shift * s / (1 + (shift - 1) * s)``; the default 1 leaves them); the model card reports what a run
+with shift 2 gave.
 """
 
 from __future__ import annotations
