@@ -2,13 +2,14 @@
 
 ``build_ras_graph`` runs the pipeline on a copy of the dense graph:
 
-1. ``find_token_source``      — analysis: latents, timestep, image tokens [B, N, C]
-2. ``gather_active_tokens``   — gather active tokens [B, k, C] right after the token source
-3. ``scatter_output``         — merge fresh and cached token outputs before unpatchify
-4. ``cache_attention_kv``     — per-layer K/V caches of all N image tokens for attention
-5. ``retarget_token_region``  — token-count constants, position tables and masks follow k
-6. ``fuse_kv_projection``     — (optional) K/V projection + norm + RoPE + cache write as one op
-7. ``verify_ras_graph``       — checks the result at three token counts, then cleans up
+1. ``normalize_attention_args`` — attention calls read one way (q, k, v positional, the rest by name)
+2. ``find_token_source``      — analysis: latents, timestep, image tokens [B, N, C]
+3. ``gather_active_tokens``   — gather active tokens [B, k, C] right after the token source
+4. ``scatter_output``         — merge fresh and cached token outputs before unpatchify
+5. ``cache_attention_kv``     — per-layer K/V caches of all N image tokens for attention
+6. ``retarget_token_region``  — token-count constants, position tables and masks follow k
+7. ``fuse_kv_projection``     — (optional) K/V projection + norm + RoPE + cache write as one op
+8. ``verify_ras_graph``       — checks the result at three token counts, then cleans up
 
 The rewritten graph takes the original inputs followed by ``ras_active_idx`` [B, k],
 ``ras_output_cache`` [B, N, C_out] and the K/V caches, and works for any k in [1, N].
@@ -25,6 +26,7 @@ from .fuse_kv_projection import fuse_kv_projection
 from .gather_active_tokens import gather_active_tokens
 from .graph_utils import record_dense_shapes
 from .manager import PassManager
+from .normalize_attention_args import normalize_attention_args
 from .retarget_token_region import retarget_token_region
 from .scatter_output import scatter_output
 from .snapshot import graph_summary
@@ -33,6 +35,7 @@ from .verify_ras_graph import verify_ras_graph
 
 RAS_PASSES = PassManager(
     [
+        normalize_attention_args,
         find_token_source,
         gather_active_tokens,
         scatter_output,

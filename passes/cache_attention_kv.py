@@ -23,6 +23,7 @@ import torch.fx
 from . import ops
 from .context import KVCacheSlot, PassContext, RewriteError, module_path
 from .graph_utils import add_placeholder, describe, example_value, insert_call, is_sdpa
+from .normalize_attention_args import sdpa_argument
 from .retarget_token_region import retarget_token_region
 
 
@@ -35,7 +36,7 @@ def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
     idx = nodes[ctx.active_idx]
     for attention in [n for n in gm.graph.nodes if is_sdpa(n)]:
         for kind, position in (("key", 1), ("value", 2)):
-            joint = _joint_concat(attention.args[position], axes, ctx.num_tokens)
+            joint = _joint_concat(sdpa_argument(attention, kind), axes, ctx.num_tokens)
             if joint is not None:
                 _cache_joint_sequence(gm, ctx, attention, kind, joint, idx, axes)
                 continue
@@ -65,8 +66,7 @@ def _joint_concat(node, axes, num_tokens):
     """For ``cat([..., image keys, ...], dim=token axis)`` fed straight to attention: (cat, image part index)."""
     if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.cat):
         return None
-    parts = node.args[0]
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    parts, dim = _cat_arguments(node)
     if node.name not in axes or not isinstance(parts, (list, tuple)):
         return None
     ndim = len(node.meta["ras_dense_shape"])
@@ -78,12 +78,19 @@ def _joint_concat(node, axes, num_tokens):
     return node, image[0]
 
 
+def _cat_arguments(node: torch.fx.Node) -> tuple:
+    """``(tensors, dim)`` of a ``torch.cat`` node, passed by position or by name."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return tensors, dim
+
+
 def _cache_joint_sequence(gm, ctx: PassContext, attention, kind: str, joint, idx, axes) -> None:
     """Cache the whole joint sequence that attention reads: active image rows and every text row are
     written into it in place, and attention reads the buffer itself, with no concatenation."""
     cat, image_part = joint
     axis = axes[cat.name]
-    parts = list(cat.args[0])
+    parts = list(_cat_arguments(cat)[0])
     slots = [p.meta["ras_dense_shape"][axis] for p in parts]
     cache = _add_cache(gm, ctx, attention, kind, example_value(cat), axis)
     updated = insert_call(gm, cat, ops.update_joint_kv_cache, (cache, parts, idx, axis, image_part, slots), like=cat)
@@ -154,7 +161,7 @@ def _image_only_producer(attention, position, axes, num_tokens):
     splits, transposes, the head repeat of grouped-query attention) and keeps the smallest tensor,
     the earliest among equals, so a GQA model caches its kv heads rather than their repeats.
     """
-    consumer, node = attention, attention.args[position]
+    consumer, node = attention, sdpa_argument(attention, ("key", "value")[position - 1])
     while True:
         if not isinstance(node, torch.fx.Node) or node.name not in axes:
             return None

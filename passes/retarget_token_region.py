@@ -26,6 +26,7 @@ from torch.fx.node import map_aggregate
 from . import ops
 from .context import PassContext, RewriteError
 from .graph_utils import FakeEnv, describe, insert_call, is_elementwise, is_sdpa
+from .normalize_attention_args import sdpa_argument
 
 # Ops that may drop the token axis: they select a part of it (the text part of a joint sequence).
 SLICING_FUNCTIONS = {operator.getitem, torch.narrow, torch.split, torch.chunk, torch.tensor_split}
@@ -190,27 +191,55 @@ def _may_drop_token_axis(node: torch.fx.Node) -> bool:
 def _refuse_token_mixing(node: torch.fx.Node, inputs: list[torch.fx.Node], region: _Region) -> None:
     if node.op == "call_function" and node.target in ALWAYS_MIXING:
         raise RewriteError(f"{node.name} ({describe(node)}) mixes image tokens")
-    first = node.args[0] if node.args else None
-    if _target_in(node, MIXING_FUNCTIONS, MIXING_METHODS) and first in inputs:
-        axis = region.axis(first)
-        ndim = len(region.env.shape(first))
-        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        dims = dims if isinstance(dims, (tuple, list)) else [dims]
-        if any(d is None or (isinstance(d, int) and d % ndim == axis) for d in dims):
-            raise RewriteError(f"{node.name} ({describe(node)}) reduces or reorders along the token axis")
+    if _target_in(node, MIXING_FUNCTIONS, MIXING_METHODS):
+        first, dims = _reduction_operands(node)
+        if first in inputs:
+            axis = region.axis(first)
+            ndim = len(region.env.shape(first))
+            dims = dims if isinstance(dims, (tuple, list)) else [dims]
+            if any(d is None or (isinstance(d, int) and d % ndim == axis) for d in dims):
+                raise RewriteError(f"{node.name} ({describe(node)}) reduces or reorders along the token axis")
+        elif first is None and inputs:
+            raise RewriteError(f"{node.name} ({describe(node)}): cannot tell which tensor it reduces")
     if _target_in(node, MATMUL_FUNCTIONS, MATMUL_METHODS):
-        a, b = node.args[0], node.args[1]
+        a, b = _matmul_operands(node)
         if a in inputs and region.axis(a) == len(region.env.shape(a)) - 1:
             raise RewriteError(f"{node.name} ({describe(node)}) contracts over the token axis")
         if b in inputs and region.axis(b) == len(region.env.shape(b)) - 2:
             raise RewriteError(f"{node.name} ({describe(node)}) contracts over the token axis")
 
 
+#: Where a mixing op takes its dimension(s) when given positionally (0 is the tensor itself).
+_DIM_POSITION = {"roll": 2, "topk": 2, "norm": 2, "normalize": 2}
+_DIM_KEYWORDS = ("dim", "dims", "axis")
+
+
+def _reduction_operands(node: torch.fx.Node) -> tuple[Any, Any]:
+    """(the tensor a reduction or reordering runs on, its dim argument or None for all dims), whether they
+    were passed by position or by name (``torch.sum(input=x, dim=1)``, ``x.roll(1, dims=1)``)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    for keyword in _DIM_KEYWORDS:
+        if keyword in node.kwargs:
+            return first, node.kwargs[keyword]
+    position = _DIM_POSITION.get(name, 1)
+    return first, node.args[position] if len(node.args) > position else None
+
+
+def _matmul_operands(node: torch.fx.Node) -> tuple[Any, Any]:
+    names = (("input", "self"), ("other", "mat2"))
+    operands = list(node.args[:2])
+    for i, keys in enumerate(names):
+        if len(operands) <= i:
+            operands.append(next((node.kwargs[k] for k in keys if k in node.kwargs), None))
+    return operands[0], operands[1]
+
+
 def _gather_attention_mask(gm, node, region: _Region, idx, ctx: PassContext) -> None:
-    query, key = node.args[0], node.args[1]
-    if node.kwargs.get("is_causal") or (len(node.args) > 5 and node.args[5]):
+    query, key = sdpa_argument(node, "query"), sdpa_argument(node, "key")
+    if sdpa_argument(node, "is_causal", False):
         raise RewriteError(f"{node.name} ({describe(node)}): causal attention over image tokens")
-    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    mask = sdpa_argument(node, "attn_mask")
     if not isinstance(mask, torch.fx.Node):
         return
     if region.axis(mask) is not None:

@@ -12,10 +12,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RASConfig", "METRICS"]
+__all__ = ["RASConfig", "METRICS", "REFERENCE_START_STEP", "REFERENCE_RESET_STEPS", "REFERENCE_NUM_STEPS"]
 
 #: Per-pixel metrics understood by :func:`rascompile.selector.token_metric`.
 METRICS = ("std", "l2norm", "random")
+
+#: The reference implementation's step-indexed defaults, for its 28-step generations. When a user leaves
+#: ``scheduler_start_step`` or ``error_reset_steps`` unset, they follow the generation's ``T`` (see
+#: :meth:`RASConfig.resolved_start_step`), so the defaults work for every step count.
+REFERENCE_NUM_STEPS = 28
+REFERENCE_START_STEP = 4
+REFERENCE_RESET_STEPS = (12, 22)
 
 
 def _fail(field: str, value: Any, allowed: str) -> ValueError:
@@ -36,6 +43,11 @@ def _as_float(field: str, value: Any) -> float:
     if not math.isfinite(value):
         raise _fail(field, value, "must be finite")
     return value
+
+
+def _scaled_step(step: int, num_steps: int) -> int:
+    """A step of the reference's 28-step schedule moved to a generation of `num_steps` steps (rounded half up)."""
+    return (2 * step * num_steps + REFERENCE_NUM_STEPS) // (2 * REFERENCE_NUM_STEPS)
 
 
 def _check_num_steps(num_steps: Any) -> int:
@@ -61,16 +73,19 @@ class RASConfig:
         sample_ratio (`float`, defaults to `0.5`):
             Fraction of the image tokens computed on a static RAS step, in `(0, 1]`. A RAS step drops
             `D = floor((1 - sample_ratio) * N)` tokens. `1.0` makes every step dense.
-        scheduler_start_step (`int`, defaults to `4`):
-            First step that may be a RAS step; the steps before it are dense. Must be `>= 1` (selection needs
-            a previous step, so step 0 is always dense) and `< num_inference_steps`.
+        scheduler_start_step (`int`, *optional*, defaults to `None`):
+            First step that may be a RAS step; the steps before it are dense. When set, must be `>= 1`
+            (selection needs a previous step, so step 0 is always dense) and `< num_inference_steps`. `None`
+            follows `T`: the reference's step 4 of 28, scaled to `T` (`round(4 * T / 28)`, at least 1), so
+            `4` at 28 steps, `3` at 20 and `1` at 10; a generation too short for any RAS step runs dense.
         scheduler_end_step (`int`, *optional*, defaults to `None`):
             Last step that may be a RAS step; the steps after it are dense. `None` means `T`, i.e. no dense
             tail. When given, must be `>= scheduler_start_step` and `<= T`.
-        error_reset_steps (`tuple[int, ...]`, defaults to `(12, 22)`):
+        error_reset_steps (`tuple[int, ...]`, *optional*, defaults to `None`):
             Steps that are always dense, to reset the error accumulated by the reused outputs. A list is
-            accepted and stored as a tuple. Each step must be `>= 0` and `< T`, without duplicates. Note that
-            the default needs `T >= 23`; pass e.g. `()` for shorter generations.
+            accepted and stored as a tuple. When set, each step must be `>= 0` and `< T`, without duplicates;
+            `()` disables resets. `None` follows `T`: the reference's steps `(12, 22)` of 28, scaled to `T`
+            (`(12, 22)` at 28 steps, `(9, 16)` at 20, `(4, 8)` at 10).
         metric (`str`, defaults to `"std"`):
             How a latent pixel's update is reduced over channels: `"std"` (unbiased standard deviation) or
             `"l2norm"` (Euclidean norm). A token's metric is the mean over its `p x p` pixels. `"random"` is
@@ -108,9 +123,9 @@ class RASConfig:
     """
 
     sample_ratio: float = 0.5
-    scheduler_start_step: int = 4
+    scheduler_start_step: int | None = None
     scheduler_end_step: int | None = None
-    error_reset_steps: tuple[int, ...] = (12, 22)
+    error_reset_steps: tuple[int, ...] | None = None
     metric: str = "std"
     starvation_scale: float = 0.1
     high_ratio: float = 1.0
@@ -129,39 +144,47 @@ class RASConfig:
             raise _fail("sample_ratio", self.sample_ratio, "must be in (0, 1]")
         store("sample_ratio", sample_ratio)
 
-        start = _as_int("scheduler_start_step", self.scheduler_start_step)
-        if start < 1:
-            raise _fail(
-                "scheduler_start_step",
-                self.scheduler_start_step,
-                "must be >= 1 (step 0 is always dense: selection needs a previous step)",
-            )
-        store("scheduler_start_step", start)
+        if self.scheduler_start_step is not None:
+            start = _as_int("scheduler_start_step", self.scheduler_start_step)
+            if start < 1:
+                raise _fail(
+                    "scheduler_start_step",
+                    self.scheduler_start_step,
+                    "must be None or >= 1 (step 0 is always dense: selection needs a previous step)",
+                )
+            store("scheduler_start_step", start)
 
         if self.scheduler_end_step is not None:
             end = _as_int("scheduler_end_step", self.scheduler_end_step)
-            if end < start:
+            start = self.scheduler_start_step
+            if start is not None and end < start:
                 raise _fail(
                     "scheduler_end_step",
                     self.scheduler_end_step,
                     f"must be None or >= scheduler_start_step ({start})",
                 )
+            if end < 1:
+                raise _fail("scheduler_end_step", self.scheduler_end_step, "must be None or >= 1")
             store("scheduler_end_step", end)
 
         steps = self.error_reset_steps
-        if isinstance(steps, (str, bytes)) or not isinstance(steps, (tuple, list, range)):
-            raise _fail("error_reset_steps", steps, "must be a tuple or list of ints")
-        normalized = []
-        for step in steps:
-            if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-                raise _fail("error_reset_steps", steps, f"must contain only ints, got {step!r}")
-            if step < 0:
-                raise _fail("error_reset_steps", steps, f"steps must be >= 0, got {step}")
-            normalized.append(int(step))
-        duplicates = sorted({s for s in normalized if normalized.count(s) > 1})
-        if duplicates:
-            raise _fail("error_reset_steps", steps, f"steps must be distinct, repeated: {duplicates}")
-        store("error_reset_steps", tuple(normalized))
+        if steps is not None:
+            if isinstance(steps, (str, bytes)) or not isinstance(steps, (tuple, list, range)):
+                raise _fail("error_reset_steps", steps, "must be None or a tuple or list of ints")
+            normalized = []
+            seen: set[int] = set()
+            repeated: set[int] = set()
+            for step in steps:
+                if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+                    raise _fail("error_reset_steps", steps, f"must contain only ints, got {step!r}")
+                if step < 0:
+                    raise _fail("error_reset_steps", steps, f"steps must be >= 0, got {step}")
+                step = int(step)
+                (repeated if step in seen else seen).add(step)
+                normalized.append(step)
+            if repeated:
+                raise _fail("error_reset_steps", steps, f"steps must be distinct, repeated: {sorted(repeated)}")
+            store("error_reset_steps", tuple(normalized))
 
         if not isinstance(self.metric, str) or self.metric not in METRICS:
             raise _fail("metric", self.metric, f"must be one of {', '.join(map(repr, METRICS))}")
@@ -246,6 +269,24 @@ class RASConfig:
         """Whether the number of dropped tokens varies over the steps (`skip_num_step != 0`)."""
         return self.skip_num_step != 0
 
+    def resolved_start_step(self, num_steps: int) -> int:
+        """The first step that may be a RAS step in a generation of `num_steps` steps: `scheduler_start_step`,
+        or when unset the reference's step 4 of 28 scaled to `T` (at least 1; `>= T` means no RAS step)."""
+        num_steps = _check_num_steps(num_steps)
+        if self.scheduler_start_step is not None:
+            return self.scheduler_start_step
+        return max(1, _scaled_step(REFERENCE_START_STEP, num_steps))
+
+    def resolved_error_reset_steps(self, num_steps: int) -> tuple[int, ...]:
+        """The error-reset steps of a generation of `num_steps` steps: `error_reset_steps`, or when unset the
+        reference's steps (12, 22) of 28 scaled to `T` (those that fall inside the generation, without
+        repeats)."""
+        num_steps = _check_num_steps(num_steps)
+        if self.error_reset_steps is not None:
+            return self.error_reset_steps
+        scaled = (_scaled_step(s, num_steps) for s in REFERENCE_RESET_STEPS)
+        return tuple(sorted({s for s in scaled if s < num_steps}))
+
     def resolved_end_step(self, num_steps: int) -> int:
         """The last step that may be a RAS step in a generation of `num_steps` steps."""
         num_steps = _check_num_steps(num_steps)
@@ -263,40 +304,42 @@ class RASConfig:
         """
         length = self.skip_num_step_length
         group = step // length
-        center = ((num_steps + self.scheduler_start_step) // length) // 2
+        center = ((num_steps + self.resolved_start_step(num_steps)) // length) // 2
         raw = self.static_num_dropped(num_tokens) + self.skip_num_step * (group - center)
         return (raw // self.dynamic_round_to) * self.dynamic_round_to
 
     def is_dense_step(self, step: int, num_steps: int) -> bool:
         """Whether the schedule makes `step` dense: before the start, after the end, or a reset step."""
         return (
-            step < self.scheduler_start_step
+            step < self.resolved_start_step(num_steps)
             or step > self.resolved_end_step(num_steps)
-            or step in self.error_reset_steps
+            or step in self.resolved_error_reset_steps(num_steps)
         )
 
     def _validate_steps(self, num_steps: int) -> None:
-        """The checks that depend on the number of steps `T` only."""
-        if self.scheduler_start_step >= num_steps:
+        """The checks that depend on the number of steps `T` only; they apply to the values a user set (the
+        unset ones follow `T`)."""
+        start = self.scheduler_start_step
+        if start is not None and start >= num_steps:
             raise _fail(
                 "scheduler_start_step",
-                self.scheduler_start_step,
-                f"must be < num_inference_steps ({num_steps})",
+                start,
+                f"must be < num_inference_steps ({num_steps}), or None to follow the step count",
             )
         if self.scheduler_end_step is not None and self.scheduler_end_step > num_steps:
             raise _fail(
                 "scheduler_end_step",
                 self.scheduler_end_step,
                 f"must be None or in [scheduler_start_step, num_inference_steps] = "
-                f"[{self.scheduler_start_step}, {num_steps}]",
+                f"[{self.resolved_start_step(num_steps)}, {num_steps}]",
             )
-        beyond = [s for s in self.error_reset_steps if s >= num_steps]
+        beyond = [s for s in self.error_reset_steps or () if s >= num_steps]
         if beyond:
             raise _fail(
                 "error_reset_steps",
                 self.error_reset_steps,
                 f"step(s) {beyond} are beyond the last step of a {num_steps}-step generation; "
-                f"every step must be in [0, {num_steps - 1}]",
+                f"every step must be in [0, {num_steps - 1}], or None to follow the step count",
             )
 
     def validate_for(self, num_steps: int, num_tokens: int) -> None:

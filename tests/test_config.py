@@ -9,9 +9,9 @@ from rascompile.config import RASConfig
 def test_defaults_match_reference_implementation():
     config = RASConfig()
     assert config.sample_ratio == 0.5
-    assert config.scheduler_start_step == 4
+    assert config.scheduler_start_step is None and config.resolved_start_step(28) == 4
     assert config.scheduler_end_step is None
-    assert config.error_reset_steps == (12, 22)
+    assert config.error_reset_steps is None and config.resolved_error_reset_steps(28) == (12, 22)
     assert config.metric == "std"
     assert config.starvation_scale == 0.1
     assert config.high_ratio == 1.0
@@ -59,7 +59,7 @@ INVALID = [
     ("scheduler_start_step", 4.0, "int"),
     ("scheduler_start_step", True, "int"),
     ("scheduler_start_step", "4", "int"),
-    ("scheduler_end_step", 3, ">= scheduler_start_step (4)"),
+    ("scheduler_end_step", 0, ">= 1"),
     ("scheduler_end_step", 10.5, "int"),
     ("scheduler_end_step", False, "int"),
     ("error_reset_steps", (12, 12), "distinct"),
@@ -68,7 +68,7 @@ INVALID = [
     ("error_reset_steps", (True,), "ints"),
     ("error_reset_steps", "12,22", "tuple or list"),
     ("error_reset_steps", 12, "tuple or list"),
-    ("error_reset_steps", None, "tuple or list"),
+    ("error_reset_steps", {12: 1}, "tuple or list"),
     ("metric", "l1", "'std', 'l2norm'"),
     ("metric", "STD", "'std', 'l2norm'"),
     ("metric", None, "'std', 'l2norm'"),
@@ -105,6 +105,44 @@ def test_invalid_values_are_rejected_with_field_value_and_range(field, value, al
     assert allowed in message
 
 
+def test_end_step_before_an_explicit_start_step_is_refused():
+    with pytest.raises(ValueError, match=r"RASConfig\.scheduler_end_step=3 .*>= scheduler_start_step \(4\)"):
+        RASConfig(scheduler_start_step=4, scheduler_end_step=3)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 5, 8, 10, 12, 20, 22, 28, 50, 1000])
+def test_default_config_works_for_every_step_count(num_steps):
+    """Unset step-indexed fields follow T: the reference's positions at 28 steps, scaled; never an error."""
+    config = RASConfig(num_inference_steps=num_steps)
+    schedule = [config.is_dense_step(s, num_steps) for s in range(num_steps)]
+    assert schedule[0], "step 0 is always dense"
+    resets = config.resolved_error_reset_steps(num_steps)
+    assert all(0 <= s < num_steps for s in resets) and len(set(resets)) == len(resets)
+    start = config.resolved_start_step(num_steps)
+    assert start >= 1 and start == max(1, round(4 * num_steps / 28 + 1e-9))
+    if num_steps >= 4:
+        assert not all(schedule), "a default generation of 4 or more steps has RAS steps"
+
+
+def test_reset_and_start_defaults_scale_the_reference_schedule():
+    config = RASConfig()
+    assert (config.resolved_start_step(28), config.resolved_error_reset_steps(28)) == (4, (12, 22))
+    assert (config.resolved_start_step(20), config.resolved_error_reset_steps(20)) == (3, (9, 16))
+    assert (config.resolved_start_step(10), config.resolved_error_reset_steps(10)) == (1, (4, 8))
+    # explicit values are kept as given and validated strictly
+    assert RASConfig(error_reset_steps=()).resolved_error_reset_steps(10) == ()
+    with pytest.raises(ValueError, match=r"error_reset_steps=\(12, 22\)"):
+        RASConfig(error_reset_steps=(12, 22)).validate_for(10, 64)
+
+
+def test_a_long_reset_list_validates_quickly():
+    import time
+
+    start = time.perf_counter()
+    RASConfig(error_reset_steps=tuple(range(20000)))
+    assert time.perf_counter() - start < 2.0  # quadratic duplicate checks took about 5 s
+
+
 def test_every_field_has_an_invalid_case():
     assert {f.name for f in dataclasses.fields(RASConfig)} == {f for f, _, _ in INVALID}
 
@@ -123,9 +161,9 @@ def test_dynamic_mode_needs_a_group_length():
 
 def test_num_inference_steps_triggers_step_checks_at_construction():
     with pytest.raises(ValueError, match=r"RASConfig\.error_reset_steps=\(12, 22\).*\[22\]"):
-        RASConfig(num_inference_steps=20)
+        RASConfig(num_inference_steps=20, error_reset_steps=(12, 22))
     with pytest.raises(ValueError, match=r"RASConfig\.scheduler_start_step=4 .*< num_inference_steps \(4\)"):
-        RASConfig(num_inference_steps=4, error_reset_steps=())
+        RASConfig(num_inference_steps=4, scheduler_start_step=4, error_reset_steps=())
     assert RASConfig(num_inference_steps=23).num_inference_steps == 23
 
 
@@ -134,7 +172,7 @@ def test_config_is_immutable_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.sample_ratio = 0.3  # type: ignore[misc]
     assert hash(config) == hash(RASConfig())
-    assert config == RASConfig(error_reset_steps=[12, 22])
+    assert RASConfig(error_reset_steps=(12, 22)) == RASConfig(error_reset_steps=[12, 22])
 
 
 def test_replace_returns_validated_copy():
@@ -193,8 +231,8 @@ class TestValidateFor:
     @pytest.mark.parametrize("num_steps", [1, 3, 4])
     def test_start_at_or_beyond_t(self, num_steps):
         with pytest.raises(ValueError, match=rf"RASConfig\.scheduler_start_step=4 .*\({num_steps}\)"):
-            RASConfig(error_reset_steps=()).validate_for(num_steps, 64)
-        RASConfig(error_reset_steps=()).validate_for(5, 64)
+            RASConfig(scheduler_start_step=4, error_reset_steps=()).validate_for(num_steps, 64)
+        RASConfig(scheduler_start_step=4, error_reset_steps=()).validate_for(5, 64)
 
     def test_num_inference_steps_mismatch(self):
         config = RASConfig(num_inference_steps=28)

@@ -33,7 +33,7 @@ def test_defaults_t28():
 
 def test_odd_token_count_rounds_dropped_down():
     # N = 15: D = floor(0.5 * 15) = 7, k = 8.
-    schedule = build_schedule(RASConfig(error_reset_steps=()), 6, 15)
+    schedule = build_schedule(RASConfig(scheduler_start_step=4, error_reset_steps=()), 6, 15)
     assert [(p.dense, p.num_dropped, p.num_active) for p in schedule] == [(True, 0, 15)] * 4 + [(False, 7, 8)] * 2
 
 
@@ -89,7 +89,9 @@ def test_dynamic_mode_round_to_suits_small_images():
     #   avg = 32, center = ((20 + 4) // 4) // 2 = 3, raw D(i) = 32 + 6 * (i - 3):
     #   i=1 (steps 4-7): 20, i=2: 26, i=3: 32, i=4 (16-19): 38.
     #   Rounded down to multiples of 4: 20, 24, 32, 36. With the default 64 every step rounds to 0 (dense).
-    config = RASConfig(skip_num_step=6, skip_num_step_length=4, error_reset_steps=(), dynamic_round_to=4)
+    config = RASConfig(
+        skip_num_step=6, skip_num_step_length=4, scheduler_start_step=4, error_reset_steps=(), dynamic_round_to=4
+    )
     expected = [0, 0, 0, 0] + [20] * 4 + [24] * 4 + [32] * 4 + [36] * 4
     assert dropped(build_schedule(config, 20, 64)) == expected
     coarse = build_schedule(config.replace(dynamic_round_to=64), 20, 64)
@@ -132,7 +134,7 @@ def test_high_ratio_split_floors():
 
 def test_build_schedule_validates_first():
     with pytest.raises(ValueError, match=r"RASConfig\.error_reset_steps"):
-        build_schedule(RASConfig(), 20, 1024)
+        build_schedule(RASConfig(error_reset_steps=(12, 22)), 20, 1024)
     with pytest.raises(ValueError, match=r"RASConfig\.skip_num_step=200"):
         build_schedule(RASConfig(skip_num_step=200, skip_num_step_length=4), 28, 1024)
 
