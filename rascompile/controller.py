@@ -9,6 +9,7 @@ state crosses generations.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ class Decision:
     kind: str  # "dense" | "capture" | "ras"
     step: int
     active_idx: torch.Tensor | None = None
+    reason: str | None = None  # why a step the schedule planned as RAS runs dense, for a warning
 
     @property
     def num_active(self) -> int | None:
@@ -54,6 +56,11 @@ class RASController:
         self.generations = 0
         self.history: list[Decision] = []  # this generation's decisions, for inspection and tests
         self.step_counts: torch.Tensor | None = None  # per token: how many steps computed it
+        self.last_step = -1  # the last step this controller ran in the current generation
+        self.dense_reason: str | None = None  # set when the rest of the generation must run dense
+        self.owner: int | None = None  # the thread running the current generation
+        self.step_generation = -1  # the step source's generation this controller's schedule belongs to
+        self.busy = threading.Lock()  # held while a call runs: a second thread's call at the same time is refused
 
     def reset(self) -> None:
         """Forget the current generation. Calls run dense until the step source reports a new one
@@ -61,27 +68,75 @@ class RASController:
         self.schedule = ()
         self.previous_latents = None
         self.drop_counts = None
+        self.owner = None
         self.steps.reset()
+
+    def check_thread(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> None:
+        """Refuse a call from another thread while a generation runs: one controller holds the caches of one
+        generation, and interleaving two would silently mix their images."""
+        me = threading.get_ident()
+        if self.owner is None or self.owner == me or self._finished():
+            return
+        if self.steps.starts_generation(latents, timestep):
+            return  # a new generation replaces the one under way; that thread's next call is refused
+        raise RuntimeError(
+            "rascompile: this compiled transformer is running a generation in another thread; one RAS-compiled "
+            "transformer serves one generation at a time (its controller holds that generation's caches). "
+            "Compile one transformer per thread (torch.compile of a copy, or rascompile.apply on each pipeline)."
+        )
+
+    def _finished(self) -> bool:
+        return bool(self.schedule) and self.last_step >= len(self.schedule) - 1
 
     def decide(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> Decision:
         info = self.steps.advance(latents, timestep)
+        if info.repeat:
+            return self._repeated_call(info)
         if info.new_generation:
             self._begin(info.num_steps)
-        elif not self.schedule or len(self.schedule) != info.num_steps:
+            self.step_generation = info.generation
+        elif not self.schedule or len(self.schedule) != info.num_steps or info.generation != self.step_generation:
             # This graph joined a generation already under way (e.g. Dynamo recompiled mid-generation):
             # without its earlier steps there is nothing to reuse, so it runs dense until the next one.
             return Decision("dense", info.step)
-        plan = self.schedule[info.step]
-        if plan.dense:
-            needs_cache = any(not p.dense for p in self.schedule[info.step + 1 :])
-            decision = (
-                Decision("capture", info.step, self._all_tokens()) if needs_cache else Decision("dense", info.step)
-            )
-        else:
-            decision = Decision("ras", info.step, self._select(latents, plan))
+        if not 0 <= info.step < len(self.schedule):
+            return Decision("dense", info.step, reason=f"a call at step {info.step}, after the last step, runs dense")
+        decision = self._plan(latents, info.step)
         self.previous_latents = latents.detach().clone()
+        self.last_step = info.step
         self._count(decision)
         self.history.append(decision)
+        return decision
+
+    def _plan(self, latents: torch.Tensor, step: int) -> Decision:
+        plan = self.schedule[step]
+        needs_cache = any(not p.dense for p in self.schedule[step + 1 :])
+        capture = Decision("capture", step, self._all_tokens()) if needs_cache else Decision("dense", step)
+        if self.dense_reason is not None:
+            return Decision("dense", step, reason=self.dense_reason)
+        if plan.dense:
+            return capture
+        if step != self.last_step + 1:
+            # Steps ran elsewhere (another graph of this transformer, e.g. a grad-mode call): the caches and
+            # the previous latents are older than one step, so this step refills them.
+            return capture
+        return Decision("ras", step, self._select(latents, plan))
+
+    def skip(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> None:
+        """Count a call that runs elsewhere (dense, outside RAS, e.g. in grad mode) as a step of the step source,
+        so graphs sharing it keep the right step; their next step refills the caches."""
+        self.steps.advance(latents, timestep)
+
+    def _repeated_call(self, info) -> Decision:
+        """A second call for the same step (one call per guidance branch): the caches hold the other call's
+        tokens, so every call of this generation runs dense from here on."""
+        self.dense_reason = (
+            "the pipeline calls the transformer several times per step (once per guidance branch); "
+            "those calls share one set of caches, so they run dense"
+        )
+        decision = Decision("dense", info.step, reason=self.dense_reason)
+        if self.schedule:
+            self.history.append(decision)
         return decision
 
     def _begin(self, num_steps: int) -> None:
@@ -92,6 +147,9 @@ class RASController:
         self.history = []
         self.step_counts = torch.zeros(layout.batch_size, layout.num_tokens, dtype=torch.int32, device=self.device)
         self.generations += 1
+        self.last_step = -1
+        self.dense_reason = None
+        self.owner = threading.get_ident()
         if any(not p.dense for p in self.schedule):
             self.allocate_caches()
 

@@ -89,9 +89,10 @@ def select_active_tokens(
     """
     Choose the tokens the next RAS step computes, independently for each row.
 
-    Each token's score is `metric * exp(starvation_scale * drop_counts)` (up to a positive per-row factor,
-    which does not change the order; it keeps long generations clear of float32 underflow). The scores of a
-    row are sorted ascending (stable: ties keep token order); the `floor(D * (1 - high_ratio))` lowest and the
+    Each token's score is `metric * exp(starvation_scale * drop_counts)`, ranked through its logarithm
+    `log(metric) + starvation_scale * drop_counts` in float64: the same order, without the overflow or
+    underflow of `exp` at large scales or long generations. The scores of a row are sorted ascending
+    (stable: ties keep token order); the `floor(D * (1 - high_ratio))` lowest and the
     `floor(D * high_ratio)` highest are dropped and the others are active. `drop_counts` is incremented in
     place by 1 at every dropped token. Rows with identical `metric` and `drop_counts` get identical results.
 
@@ -125,15 +126,28 @@ def select_active_tokens(
         raise ValueError(f"starvation_scale={starvation_scale!r} is invalid: must be finite")
 
     num_low, num_high = split_num_dropped(int(num_dropped), float(high_ratio))
-    exponent = starvation_scale * drop_counts.to(torch.float32)
-    # Shifting a row's exponents by their maximum scales its scores by a positive constant, which leaves the
-    # order unchanged but keeps exp() from underflowing float32 (drop counts start at -(T + 1)).
-    exponent = exponent - exponent.amax(dim=1, keepdim=True)
-    score = metric.to(torch.float32) * torch.exp(exponent)
-    order = torch.sort(score, dim=1, stable=True).indices
+    order = _rank(metric, drop_counts, float(starvation_scale))
     split = num_tokens - num_high
     dropped = torch.cat([order[:, :num_low], order[:, split:]], dim=1)
     active = order[:, num_low:split]
     if dropped.shape[1]:
         drop_counts.scatter_add_(1, dropped, torch.ones_like(dropped, dtype=drop_counts.dtype))
     return torch.sort(active, dim=1).values
+
+
+# Past this |starvation_scale| one drop outweighs any ratio of two float32 metrics (log-ratio < 2 * 104), so the
+# order is by drop count first and metric second; ranking that way avoids float64 overflow of the product.
+_LEXICOGRAPHIC_SCALE = 256.0
+
+
+def _rank(metric: torch.Tensor, drop_counts: torch.Tensor, starvation_scale: float) -> torch.Tensor:
+    """Token indices of each row in ascending order of `metric * exp(starvation_scale * drop_counts)`."""
+    log_metric = torch.log(metric.to(torch.float32).clamp_min(0)).to(torch.float64)  # log(0) = -inf ranks first
+    counts = drop_counts.to(torch.float64)
+    if abs(starvation_scale) <= _LEXICOGRAPHIC_SCALE:
+        score = log_metric + starvation_scale * counts
+        score = torch.where(torch.isneginf(log_metric), torch.full_like(score, -torch.inf), score)
+        return torch.sort(score, dim=1, stable=True).indices
+    by_metric = torch.sort(log_metric, dim=1, stable=True).indices
+    signed_counts = torch.gather(counts, 1, by_metric) * (1.0 if starvation_scale > 0 else -1.0)
+    return torch.gather(by_metric, 1, torch.sort(signed_counts, dim=1, stable=True).indices)

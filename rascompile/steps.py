@@ -9,6 +9,11 @@ The compiled graph sees one transformer call at a time. A step source turns each
 - ``TimestepSteps`` (the ``torch.compile(..., backend="ras")`` path) counts calls and watches
   the timestep: within a generation it moves strictly in one direction (SD3 passes decreasing
   timesteps, LuminaPipeline increasing ones); a repeat or a reversal starts a new generation.
+
+Both mark a call that repeats the previous call's latents and timestep as ``repeat``: another call
+for the same step, as pipelines that run one transformer call per guidance branch make (Wan,
+Lumina2, CogView4, Chroma; true CFG in Flux and Qwen-Image). Such a call neither starts a
+generation nor advances the step.
 """
 
 from __future__ import annotations
@@ -24,6 +29,37 @@ class StepInfo:
     step: int
     num_steps: int
     new_generation: bool
+    repeat: bool = False  # same latents and timestep as the previous call: another call for the same step
+    generation: int = 0  # the step source's count of generations begun, so a graph can tell one it missed
+
+
+class _LastCall:
+    """The previous call's latents and timestep, to tell a second call for the same step from a new step."""
+
+    def __init__(self):
+        self.latents: torch.Tensor | None = None
+        self.timestep: float | None = None
+
+    def forget(self) -> None:
+        self.latents, self.timestep = None, None
+
+    def repeats(self, latents: torch.Tensor, timestep: float | None) -> bool:
+        last = self.latents
+        return (
+            last is not None
+            and timestep == self.timestep
+            and last.shape == latents.shape
+            and last.dtype == latents.dtype
+            and last.device == latents.device
+            and torch.equal(last, latents)
+        )
+
+    def remember(self, latents: torch.Tensor, timestep: float | None) -> None:
+        self.latents, self.timestep = latents.detach().clone(), timestep
+
+
+def _timestep_value(timestep: torch.Tensor | None) -> float | None:
+    return float(timestep.reshape(-1)[0]) if timestep is not None else None
 
 
 class SchedulerSteps:
@@ -38,9 +74,16 @@ class SchedulerSteps:
             )
         self.scheduler = scheduler
         self.expected = num_inference_steps
+        self.last = _LastCall()
+        self.generation = 0
 
     def reset(self) -> None:
-        """Nothing to forget: the scheduler marks every generation's first step itself."""
+        """The scheduler marks every generation's first step itself; only the last call is forgotten."""
+        self.last.forget()
+
+    def starts_generation(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> bool:
+        """Whether ``advance`` would start a new generation for this call (without advancing)."""
+        return self.scheduler.step_index is None and not self.last.repeats(latents, _timestep_value(timestep))
 
     def advance(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> StepInfo:
         num_steps = len(self.scheduler.timesteps)
@@ -50,9 +93,14 @@ class SchedulerSteps:
                 "leave num_inference_steps unset with rascompile.apply, or make them match"
             )
         index = self.scheduler.step_index
+        t = _timestep_value(timestep)
+        if self.last.repeats(latents, t):
+            return StepInfo(0 if index is None else int(index), num_steps, False, True, self.generation)
+        self.last.remember(latents, t)
         if index is None:
-            return StepInfo(0, num_steps, True)
-        return StepInfo(int(index), num_steps, False)
+            self.generation += 1
+            return StepInfo(0, num_steps, True, generation=self.generation)
+        return StepInfo(int(index), num_steps, False, generation=self.generation)
 
 
 class TimestepSteps:
@@ -60,22 +108,34 @@ class TimestepSteps:
 
     def __init__(self, num_inference_steps: int):
         self.num_steps = num_inference_steps
+        self.last = _LastCall()
+        self.generation = 0
         self.reset()
 
     def reset(self) -> None:
         """The next call starts a new generation."""
         self.step, self.timesteps = -1, []
+        self.last.forget()
 
-    def advance(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> StepInfo:
-        t = float(timestep.reshape(-1)[0]) if timestep is not None else None
+    def starts_generation(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> bool:
+        """Whether ``advance`` would start a new generation for this call (without advancing)."""
+        t = _timestep_value(timestep)
+        return not self.last.repeats(latents, t) and self._would_restart(t)
+
+    def _would_restart(self, t: float | None) -> bool:
         # Without a timestep input (a graph that baked it in), generations are counted every T calls.
         if self.step < 0:
-            restart = True
-        elif t is None:
-            restart = self.step + 1 >= self.num_steps
-        else:
-            restart = self._restarts(t)
-        if restart:
+            return True
+        if t is None:
+            return self.step + 1 >= self.num_steps
+        return self._restarts(t)
+
+    def advance(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> StepInfo:
+        t = _timestep_value(timestep)
+        if self.last.repeats(latents, t):
+            return StepInfo(max(self.step, 0), self.num_steps, False, True, self.generation)
+        self.last.remember(latents, t)
+        if self._would_restart(t):
             if 0 <= self.step < self.num_steps - 1:
                 warnings.warn(
                     f"a generation ended after {self.step + 1} of num_inference_steps={self.num_steps} steps; "
@@ -83,7 +143,8 @@ class TimestepSteps:
                     stacklevel=3,
                 )
             self.step, self.timesteps = 0, [t]
-            return StepInfo(0, self.num_steps, True)
+            self.generation += 1
+            return StepInfo(0, self.num_steps, True, generation=self.generation)
         if self.step + 1 >= self.num_steps:
             raise ValueError(
                 f"the pipeline runs more than num_inference_steps={self.num_steps} steps in one generation; "
@@ -91,7 +152,7 @@ class TimestepSteps:
             )
         self.step += 1
         self.timesteps.append(t)
-        return StepInfo(self.step, self.num_steps, False)
+        return StepInfo(self.step, self.num_steps, False, generation=self.generation)
 
     def _restarts(self, t: float) -> bool:
         previous = self.timesteps[-1]

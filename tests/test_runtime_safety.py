@@ -1,0 +1,328 @@
+"""The backend and runtime never crash and are never silently wrong: per-branch guidance, threads, calls after
+the last step, grad-mode calls mid-generation, Dynamo's recompile limit, failures inside the passes."""
+
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from models import sd3_call_kwargs, tiny_sd3_pipeline
+from test_attention_keywords import KeywordAttentionDiT
+from test_passes import _capture
+
+import rascompile
+from rascompile import RASConfig
+from rascompile.backend import BACKEND_OPTIONS, RASBackend
+from rascompile.selector import select_active_tokens
+
+STEPS = 8
+SHORT = dict(num_inference_steps=STEPS, scheduler_start_step=2, error_reset_steps=(5,))
+OPTIONS = {**SHORT, "sample_ratio": 0.5, "inner_backend": "aot_eager"}
+
+
+def _branches(batch=2, seed=0):
+    """Latents and the two guidance branches' embeddings for the tiny SD3 transformer."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 16, 16, generator=g)
+    cond = dict(
+        encoder_hidden_states=torch.randn(batch, 7, 32, generator=g),
+        pooled_projections=torch.randn(batch, 16, generator=g),
+    )
+    uncond = dict(
+        encoder_hidden_states=torch.randn(batch, 7, 32, generator=g),
+        pooled_projections=torch.randn(batch, 16, generator=g),
+    )
+    return x, cond, uncond
+
+
+def euler_per_branch(transformer, scheduler, x, cond, uncond, guidance=4.0, on_step=None):
+    """A pipeline loop that calls the transformer once per guidance branch, as Wan, Lumina2 or CogView4 do."""
+    scheduler.set_timesteps(STEPS)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            if on_step is not None:
+                on_step(i)
+            timestep = t.expand(x.shape[0])
+            c = transformer(hidden_states=x, timestep=timestep, **cond, return_dict=False)[0]
+            u = transformer(hidden_states=x, timestep=timestep, **uncond, return_dict=False)[0]
+            x = scheduler.step(u + guidance * (c - u), t, x, return_dict=False)[0]
+    return x
+
+
+@pytest.mark.parametrize("path", ["apply", "options"])
+def test_one_call_per_guidance_branch_runs_dense_and_warns(path):
+    x, cond, uncond = _branches()
+    pipe = tiny_sd3_pipeline()
+    expected = euler_per_branch(pipe.transformer, pipe.scheduler, x, cond, uncond)
+    pipe = tiny_sd3_pipeline()
+    if path == "apply":
+        rascompile.apply(pipe, RASConfig(sample_ratio=0.5, **SHORT), inner_backend="aot_eager")
+    else:
+        pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = euler_per_branch(pipe.transformer, pipe.scheduler, x, cond, uncond)
+        again = euler_per_branch(pipe.transformer, pipe.scheduler, x, cond, uncond)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)
+    messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
+    assert sum("several times per step" in m for m in messages) == 1, messages
+    assert not any("generation ended" in str(w.message) for w in caught)
+
+
+def test_batched_guidance_still_runs_ras_after_a_per_branch_generation():
+    """The per-branch fallback lasts one generation: a following batched generation runs RAS again."""
+    pipe = tiny_sd3_pipeline()
+    backend = rascompile.apply(pipe, RASConfig(sample_ratio=0.5, **SHORT), inner_backend="aot_eager")
+    x, cond, uncond = _branches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        euler_per_branch(pipe.transformer, pipe.scheduler, x, cond, uncond)
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    euler_per_branch(pipe.transformer, pipe.scheduler, torch.cat([x, x]), both, both)  # two identical calls
+    with torch.no_grad():
+        pipe(**sd3_call_kwargs(steps=STEPS))
+    kinds = [d.kind for d in backend.graphs[-1].controller.history]
+    assert kinds.count("ras") > 0, kinds
+
+
+def test_concurrent_first_calls_of_two_compiled_pipelines_match_single_thread():
+    def generate(pipe):
+        with torch.no_grad():
+            return pipe(**sd3_call_kwargs(num_prompts=2, steps=STEPS))[0]
+
+    alone = []
+    for _ in range(2):
+        pipe = tiny_sd3_pipeline()
+        rascompile.apply(pipe, RASConfig(sample_ratio=0.5, **SHORT), inner_backend="aot_eager")
+        alone.append(generate(pipe))
+        torch._dynamo.reset()
+    pipes = []
+    for _ in range(2):
+        pipe = tiny_sd3_pipeline()
+        pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
+        pipes.append(pipe)
+    start = threading.Barrier(2)
+
+    def run(pipe):
+        start.wait()
+        return generate(pipe)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ThreadPoolExecutor(2) as pool:
+            results = [f.result() for f in [pool.submit(run, p) for p in pipes]]
+    for got in results:
+        torch.testing.assert_close(got, alone[0], rtol=0, atol=0)
+    assert not any("runs dense" in str(w.message) for w in caught)
+    assert all(g.controller.generations == 1 for p in pipes for g in _graphs(p) if g.controller is not None)
+
+
+def _graphs(pipe):
+    """The RAS graphs of ``pipe``'s transformer, each with this transformer's controller as ``.controller``."""
+    from rascompile.backend import _SHARED_BACKENDS
+
+    anchor = next(pipe.transformer._orig_mod.parameters())
+    return [
+        _Bound(
+            g,
+            g.controller_for(g.example_inputs[: g.anchor_index] + [anchor] + g.example_inputs[g.anchor_index + 1 :])
+            if g.controller
+            else None,
+        )
+        for b in _SHARED_BACKENDS.values()
+        for g in b.graphs
+    ]
+
+
+class _Bound:
+    def __init__(self, graph, controller):
+        self.graph, self.controller = graph, controller
+
+
+def test_one_compiled_transformer_interleaved_by_two_threads_raises():
+    pipe = tiny_sd3_pipeline()
+    rascompile_backend = RASBackend(RASConfig(sample_ratio=0.5, **SHORT), inner_backend="aot_eager")
+    compiled = torch.compile(pipe.transformer, backend=rascompile_backend)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(STEPS)
+    x, cond, _ = _branches(seed=1)
+    y, _, _ = _branches(seed=2)
+
+    def call(latents, step):
+        t = scheduler.timesteps[step].expand(latents.shape[0])
+        with torch.no_grad():
+            return compiled(hidden_states=latents, timestep=t, **cond, return_dict=False)[0]
+
+    with ThreadPoolExecutor(1) as first, ThreadPoolExecutor(1) as second:
+        first.submit(call, x, 0).result()
+        second.submit(call, y, 0).result()  # another generation begins in the other thread
+        with pytest.raises(RuntimeError, match="another thread"):
+            first.submit(call, x, 1).result()
+        second.submit(call, y, 1).result()  # the thread that owns the generation goes on
+    graph = rascompile_backend.graphs[0]
+    assert [d.step for d in graph.controller.history] == [0, 1]
+
+    graph.controller.busy.acquire()  # a call in flight in some thread
+    try:
+        with pytest.raises(RuntimeError, match="already running in another thread"):
+            call(y, 2)
+    finally:
+        graph.controller.busy.release()
+
+
+def test_a_call_after_the_last_step_runs_dense():
+    pipe = tiny_sd3_pipeline()
+    rascompile.apply(pipe, RASConfig(sample_ratio=0.5, **SHORT), inner_backend="aot_eager")
+    with torch.no_grad():
+        pipe(**sd3_call_kwargs(steps=STEPS))
+    assert pipe.scheduler.step_index == STEPS  # the scheduler now points past its last step
+    x, cond, _ = _branches()
+    args = dict(hidden_states=x, timestep=torch.tensor([10.0, 10.0]), **cond, return_dict=False)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        out = pipe.transformer(**args)[0]
+        expected = pipe.transformer._orig_mod(**args)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_grad_mode_call_mid_generation_does_not_shift_the_step_count():
+    pipe = tiny_sd3_pipeline()
+    pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
+    x, cond, uncond = _branches()
+    grad_step = 2
+
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(STEPS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, t in enumerate(scheduler.timesteps):
+            with torch.set_grad_enabled(i == grad_step):
+                out = pipe.transformer(hidden_states=x, timestep=t.expand(2), **cond, return_dict=False)[0]
+            x = scheduler.step(out.detach(), t, x, return_dict=False)[0]
+    controllers = {id(g.controller): g.controller for g in _graphs(pipe) if g.controller is not None}
+    assert len(controllers) == 1, "the grad-mode graph and the inference graph drive one controller"
+    history = next(iter(controllers.values())).history
+    assert [d.step for d in history] == [s for s in range(STEPS) if s != grad_step]
+    by_step = {d.step: d.kind for d in history}
+    assert by_step[5] in ("capture", "dense"), "the error-reset step must stay dense"
+    assert by_step[grad_step + 1] == "capture", "the step after the missed one refills the caches"
+    assert by_step[grad_step + 2] == "ras"
+
+
+@pytest.mark.parametrize("scale", [1e39, -1e39, 1e300, 300.0, -300.0, 1e-300])
+def test_extreme_starvation_scales_rank_by_the_score(scale):
+    g = torch.Generator().manual_seed(0)
+    metric = torch.rand(3, 40, generator=g) + 0.01
+    metric[:, 5] = 0.0
+    drops = torch.randint(-30, -20, (3, 40), generator=g).float()
+    active = select_active_tokens(metric, drops.clone(), 20, 0.5, scale)
+    # the order the scores define, compared exactly in log space: log m_i + s d_i
+    log_m = [
+        [float("-inf") if m == 0 else torch.tensor(m, dtype=torch.float64).log().item() for m in row]
+        for row in metric.tolist()
+    ]
+    expected = []
+    for row_m, row_d in zip(log_m, drops.tolist()):
+        if abs(scale) > 256:
+            key = lambda i, row_m=row_m, row_d=row_d: (row_d[i] * (1 if scale > 0 else -1), row_m[i])  # noqa: E731
+        else:
+            key = lambda i, row_m=row_m, row_d=row_d: row_m[i] + scale * row_d[i]  # noqa: E731
+        order = sorted(range(40), key=key)
+        expected.append(sorted(order[10:30]))
+    assert active.tolist() == expected
+    assert active.tolist() != [list(range(20))] * 3
+
+
+@torch._dynamo.config.patch(recompile_limit=2)
+def test_reaching_dynamos_recompile_limit_warns():
+    model = KeywordAttentionDiT(num_tokens=16, with_mask=False)
+    backend = RASBackend(
+        RASConfig(num_inference_steps=4, scheduler_start_step=1, error_reset_steps=()), inner_backend="eager"
+    )
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for side in (8, 12):
+            compiled(torch.randn(2, 4, side, side))
+    messages = [str(w.message) for w in caught if "recompile_limit" in str(w.message)]
+    assert len(messages) == 1 and "recompile_limit=2" in messages[0] and "without RAS" in messages[0]
+
+
+def test_an_internal_error_in_a_pass_runs_dense_with_one_warning(monkeypatch):
+    from rascompile.passes import RAS_PASSES
+
+    def broken_pass(gm, ctx):
+        raise ZeroDivisionError("injected")
+
+    monkeypatch.setattr(RAS_PASSES, "passes", [*RAS_PASSES.passes[:3], broken_pass, *RAS_PASSES.passes[3:]])
+    model = KeywordAttentionDiT()
+    options = {"num_inference_steps": 4, "scheduler_start_step": 1, "error_reset_steps": (), "inner_backend": "eager"}
+    compiled = torch.compile(model, backend="ras", options=options)
+    x = torch.randn(2, 4, 8, 8)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        outs = [compiled(x) for _ in range(3)]
+    messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
+    assert len(messages) == 1 and "internal error" in messages[0] and "ZeroDivisionError: injected" in messages[0]
+    for out in outs:
+        torch.testing.assert_close(out, model(x))
+
+
+def test_backend_arguments_are_checked_up_front(tmp_path):
+    with pytest.raises(TypeError, match=r"RASBackend\(config=...\) must be a RASConfig.*dict.*from_options"):
+        RASBackend({"sample_ratio": 0.5})
+    with pytest.raises(TypeError, match="dump_graphs=123 is invalid"):
+        RASBackend(RASConfig(**SHORT), dump_graphs=123)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="dump_graphs=.*cannot create"):
+        RASBackend(RASConfig(**SHORT), dump_graphs=str(blocker / "dumps"))
+    backend = RASBackend(RASConfig(**SHORT), dump_graphs=tmp_path / "dumps")
+    assert (tmp_path / "dumps").is_dir() and backend.dump_graphs == str(tmp_path / "dumps")
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.lists(st.integers(-2, 12), max_size=4),
+    st.sampled_from(["std", "l2norm", "random", "eager", "aot_eager"]),
+)
+_KEYS = st.sampled_from([*RASConfig.field_names(), *BACKEND_OPTIONS, "bogus"])
+
+
+@pytest.fixture(scope="module")
+def captured_dit():
+    model = KeywordAttentionDiT()
+    x = torch.randn(2, 4, 8, 8)
+    gm, inputs = _capture(model, x)
+    with torch.no_grad():
+        dense = gm(*inputs)[0]
+    return gm, inputs, dense
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(options=st.dictionaries(_KEYS, _VALUES, max_size=4))
+def test_random_options_name_the_field_or_run_like_dense(options, captured_dit, tmp_path_factory):
+    gm, inputs, dense = captured_dit
+    options = {"num_inference_steps": 4, **options}
+    if "dump_graphs" in options and isinstance(options["dump_graphs"], str):
+        options["dump_graphs"] = str(tmp_path_factory.mktemp("dumps") / (options["dump_graphs"] or "d"))
+    options.setdefault("inner_backend", "eager")
+    try:
+        backend = RASBackend.from_options(options)
+    except (ValueError, TypeError) as exc:
+        message = str(exc)
+        assert any(key in message for key in options), message
+        return
+    graph = backend(gm, list(inputs))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        out = graph(*inputs)[0]  # the first call of a generation: dense or a capture step
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
