@@ -37,11 +37,13 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
 from .backend import INNER_BACKENDS, RASBackend, RASGraph
 from .bench_report import format_report
+from .cli import check_output_file, echo, positive_int, ratio, ratio_list
 from .config import RASConfig
 from .controller import RASController
 from .flops import ModelSpec, ideal_speedup, loop_ideal_speedup, step_flops
@@ -151,28 +153,22 @@ SMOKE = dict(
 )
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
-    if not values or not all(0.0 < v < 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"ratios must be in (0, 1), got {text!r}")
-    return values
+_floats = ratio_list(include_one=False)  # the per-step table's ratios, each in (0, 1)
+_positive = positive_int
+
+
+def _ratio(text: str) -> float:
+    return ratio(text, include_one=False)
 
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from exc
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {echo(text)}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"steps are counted from 0, got {echo(text)}")
+    return values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -201,7 +197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reset-steps", type=_ints, default=None, help="comma-separated error_reset_steps (default 12,20)"
     )
     run.add_argument(
-        "--loop-ratio", type=float, default=None, help=f"sample ratio of the loop (default {d.loop_ratio})"
+        "--loop-ratio", type=_ratio, default=None, help=f"sample ratio of the loop, in (0, 1) (default {d.loop_ratio})"
     )
     run.add_argument(
         "--repeats", type=_positive, default=None, help=f"timed repeats per measurement; median (default {d.repeats})"
@@ -269,6 +265,17 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         settings = replace(settings, progress=False)
     if settings.latent_size % settings.patch:
         raise ValueError(f"--latent-size={settings.latent_size} must be a multiple of the patch size {settings.patch}")
+    if settings.start_step >= settings.steps:
+        raise ValueError(
+            f"--steps {settings.steps} leaves no RAS step: it must be greater than --start-step "
+            f"({settings.start_step}; the steps before it are dense)"
+        )
+    beyond = [step for step in settings.reset_steps if step >= settings.steps]
+    if beyond:
+        raise ValueError(
+            f"--reset-steps (error_reset_steps) {','.join(map(str, settings.reset_steps))}: step(s) "
+            f"{','.join(map(str, beyond))} are not steps of a --steps {settings.steps} loop (0 to {settings.steps - 1})"
+        )
     settings.loop_config().validate_for(settings.steps, settings.num_tokens)  # fail before compiling anything
     return settings
 
@@ -688,13 +695,20 @@ def main_from_args(args: argparse.Namespace) -> int:
     """``rascompile bench``: run, print the report, write ``--json``. Returns the exit status."""
     try:
         settings = settings_from_args(args)
+        if settings.json_path:
+            check_output_file(settings.json_path, "--json")  # before the run, not after it
     except ValueError as exc:
         print(f"rascompile bench: error: {exc}", file=sys.stderr)
         return 2
     results = run_bench(settings)
     print(format_report(results), flush=True)
     if settings.json_path:
-        with open(settings.json_path, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        path = Path(settings.json_path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=2, default=str))
+        except OSError as exc:  # the path was writable when the run began
+            print(f"rascompile bench: error: --json {path}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
+            return 2
         print(f"\nwrote {settings.json_path}")
     return 0

@@ -24,15 +24,34 @@ DEFAULT_CAPTIONS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import finite_float, int_at_least, ratio_list
+
     parser.add_argument(
         "--caption", action="append", default=None, help="a caption (repeat for several; default: four examples)"
     )
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    parser.add_argument("--ratios", default="0.5,0.25", help="comma-separated RAS sample ratios (default 0.5,0.25)")
-    parser.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance (default 4)")
+    parser.add_argument(
+        "--steps",
+        type=int_at_least(MIN_STEPS, " (step 0 is always dense, so RAS needs a second step)"),
+        default=20,
+        help=f"denoising steps, >= {MIN_STEPS} (default 20)",
+    )
+    parser.add_argument(
+        "--ratios",
+        type=ratio_list(include_one=True),
+        default="0.5,0.25",
+        help="comma-separated RAS sample ratios in (0, 1] (default 0.5,0.25)",
+    )
+    parser.add_argument("--guidance-scale", type=finite_float, default=4.0, help="classifier-free guidance (default 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="rascompile-demo", help="directory for the PNGs (default rascompile-demo)")
+    parser.add_argument(
+        "--weights", metavar="FILE", default=None, help="shapes model weights (default: the shipped model)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+#: Fewest denoising steps the demo runs: step 0 is always dense, RAS starts at step 1 at the earliest.
+MIN_STEPS = 2
 
 
 def demo_config(steps: int, ratio: float):
@@ -45,22 +64,58 @@ def demo_config(steps: int, ratio: float):
     )
 
 
+def check_caption(caption: str) -> None:
+    """Raise ``ValueError`` if the shapes model cannot read ``caption`` (echoing long text only in part)."""
+    from .cli import echo
+    from .shapes.data import MAX_CAPTION_TOKENS, TOKEN_IDS, VOCABULARY
+
+    words = caption.lower().split()
+    unknown = list(dict.fromkeys(w for w in words if w not in TOKEN_IDS or w == "<pad>"))
+    if unknown:
+        shown = ", ".join(echo(w, 20) for w in unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        )
+        raise ValueError(
+            f"--caption {echo(caption)} has word(s) outside the vocabulary: {shown}; "
+            f"the vocabulary is: {', '.join(VOCABULARY[1:])}"
+        )
+    if len(words) > MAX_CAPTION_TOKENS:
+        raise ValueError(f"--caption {echo(caption)} has {len(words)} words; at most {MAX_CAPTION_TOKENS} are allowed")
+
+
 def main_from_args(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
+
+    from .cli import check_output_directory
+    from .shapes.classifier import WEIGHTS as CLASSIFIER_WEIGHTS
     from .shapes.classifier import ShapesClassifier, adherence
-    from .shapes.data import tokenize
     from .shapes.generate import Generator
-    from .shapes.model import ShapesModel
+    from .shapes.model import WEIGHTS, ShapesModel
     from .shapes.quality import fidelity
 
     captions = list(args.caption or DEFAULT_CAPTIONS)
     try:
         for caption in captions:
-            tokenize(caption)
-        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+            check_caption(caption)
+        check_output_directory(args.out, "--out")
+        ratios = list(args.ratios)
         configs = [demo_config(args.steps, r) for r in ratios]
-        model, classifier = ShapesModel.load(), ShapesClassifier.load()
+        if args.weights is not None and not Path(args.weights).exists():
+            raise FileNotFoundError(f"--weights {args.weights} does not exist")
+        model = ShapesModel.load(args.weights or WEIGHTS)
+        for config in configs:
+            config.validate_for(args.steps, model.config.num_tokens)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        classifier = ShapesClassifier.load()
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (SafetensorError, OSError, RuntimeError) as exc:  # a damaged file: unreadable, or other tensors
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: shapes classifier weights {CLASSIFIER_WEIGHTS} cannot be loaded: {reason}", file=sys.stderr)
         return 2
 
     generate = Generator(model)

@@ -108,17 +108,102 @@ class ShapesModel(torch.nn.Module):
 
     @classmethod
     def load(cls, path: str | Path = WEIGHTS) -> ShapesModel:
-        from safetensors import safe_open
+        """Load weights saved by ``save`` (as float32).
+
+        The file is checked before anything is allocated: it must be a safetensors file whose ``config`` metadata
+        names :class:`ShapesModelConfig` fields with values in :data:`CONFIG_LIMITS`, and whose tensors have the
+        names and shapes that config needs. A file that fails raises ``ValueError`` naming the file and the field
+        or tensor (``FileNotFoundError`` when it does not exist).
+        """
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: train the model first (python -m rascompile.shapes.train)")
-        with safe_open(str(path), "pt") as f:
-            config = ShapesModelConfig(**json.loads(f.metadata()["config"]))
+        if not path.is_file():
+            raise ValueError(f"shapes model weights {path} are not a file")
+        try:
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+                shapes = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"shapes model weights {path} are not a readable safetensors file: {exc}") from None
+        config = _config_from_metadata(path, metadata)
+        _check_tensors(path, config, shapes)
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"shapes model weights {path} cannot be read: {exc}") from None
+        for name, value in tensors.items():
+            if not torch.isfinite(value).all():
+                raise ValueError(f"shapes model weights {path}: tensor {name} holds NaN or infinite values")
         model = cls(config)
-        model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+        model.load_state_dict({k: v.float() for k, v in tensors.items()})
         return model.eval()
+
+
+#: Bounds ``ShapesModel.load`` accepts for each config field: 1 to 8 x the shipped model's value. A file asking
+#: for more is corrupt or not a shapes model, and building it would allocate for minutes before failing.
+CONFIG_LIMITS = {name: (1, 8 * value) for name, value in asdict(ShapesModelConfig()).items()}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _config_from_metadata(path: Path, metadata: dict) -> ShapesModelConfig:
+    """The model config stored in a weights file's metadata, checked field by field."""
+    if "config" not in metadata:
+        raise ValueError(f"shapes model weights {path} have no 'config' metadata: not saved by ShapesModel.save")
+    try:
+        fields = json.loads(metadata["config"])
+    except ValueError as exc:
+        raise ValueError(f"shapes model weights {path}: the 'config' metadata is not valid JSON ({exc})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"shapes model weights {path}: the 'config' metadata is not a JSON object")
+    unknown = sorted(set(fields) - set(CONFIG_LIMITS))
+    if unknown:
+        raise ValueError(
+            f"shapes model weights {path}: the 'config' metadata has unknown field(s) {', '.join(unknown)}; "
+            f"the fields are {', '.join(CONFIG_LIMITS)}"
+        )
+    for name, value in fields.items():
+        low, high = CONFIG_LIMITS[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"shapes model weights {path}: config field {name}={value!r} is not an int")
+        if not low <= value <= high:
+            raise ValueError(f"shapes model weights {path}: config field {name}={value} is outside [{low}, {high}]")
+    config = ShapesModelConfig(**fields)
+    if config.latent_size % config.patch_size:
+        raise ValueError(
+            f"shapes model weights {path}: config field latent_size={config.latent_size} is not a multiple of "
+            f"patch_size={config.patch_size}"
+        )
+    return config
+
+
+def _check_tensors(path: Path, config: ShapesModelConfig, shapes: dict[str, tuple[list[int], str]]) -> None:
+    """Compare the file's tensor names, shapes and dtypes with those ``config`` needs, without allocating:
+    the expected state dict comes from a model built on the meta device."""
+    with torch.device("meta"):
+        expected = {k: list(v.shape) for k, v in ShapesModel(config).state_dict().items()}
+    where = f"shapes model weights {path}"
+    described = ", ".join(f"{k}={v}" for k, v in asdict(config).items())
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+        raise ValueError(f"{where}: the tensors do not match the metadata config ({described}): {'; '.join(parts)}")
+    for name, shape in expected.items():
+        got, dtype = shapes[name]
+        if got != shape:
+            raise ValueError(
+                f"{where}: tensor {name} has shape {got}, but the metadata config ({described}) needs {shape}"
+            )
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{where}: tensor {name} has dtype {dtype}; expected a float type")
 
 
 def initialize_adaln_zero(transformer) -> None:
