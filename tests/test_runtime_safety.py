@@ -176,17 +176,19 @@ def test_one_compiled_transformer_interleaved_by_two_threads_raises():
 
 def test_a_call_after_the_last_step_runs_dense():
     pipe = tiny_sd3_pipeline()
-    rascompile.apply(pipe, RASConfig(sample_ratio=0.5, **SHORT), inner_backend="aot_eager")
+    backend = rascompile.apply(pipe, RASConfig(sample_ratio=0.5, **SHORT), inner_backend="aot_eager")
     with torch.no_grad():
         pipe(**sd3_call_kwargs(steps=STEPS))
     assert pipe.scheduler.step_index == STEPS  # the scheduler now points past its last step
     x, cond, _ = _branches()
-    args = dict(hidden_states=x, timestep=torch.tensor([10.0, 10.0]), **cond, return_dict=False)
+    t = pipe.scheduler.timesteps[-1].expand(2)
+    args = dict(hidden_states=x, timestep=t, **cond, joint_attention_kwargs=None, return_dict=False)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         out = pipe.transformer(**args)[0]
         expected = pipe.transformer._orig_mod(**args)[0]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert len(backend.graphs) == 1, "the call must reach the generation's own graph"
 
 
 def test_a_grad_mode_call_mid_generation_does_not_shift_the_step_count():
