@@ -8,7 +8,12 @@ The directory it writes holds:
   (``<cache>_out``). ``k`` is a dynamic axis (1 to N), so one file serves every sample ratio, and
   the dense steps that fill the caches run it with all N tokens;
 - ``rascompile_export.json``: the manifest the runners read (inputs, shapes, dtypes, the cache
-  layout, which inputs were baked in as constants).
+  layout, which inputs were baked in as constants, the opset the files have and the SHA-256 of
+  every file; see ``rascompile.manifest``).
+
+The files are written into a fresh directory next to ``directory`` and moved into place only once
+onnxruntime has run them (with ``check=True``), so a failed export leaves nothing behind and an
+earlier export in ``directory`` is replaced whole, never mixed with the new files.
 
 The model's parameters, buffers and complex-valued inputs (Lumina-Next's RoPE table) are baked
 into the graphs. No custom ops: the K/V cache writes and the fused K/V projection export through
@@ -17,9 +22,16 @@ their plain torch decompositions (``passes/portable_ops.py``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import re
+import secrets
+import shutil
+import stat
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +42,32 @@ import torch.fx
 from rascompile.passes import RewriteError, build_ras_graph, copy_graph_module
 from rascompile.passes.lower_for_export import ExportError, ExportLowering, lower_for_export
 
-MANIFEST = "rascompile_export.json"
+from .manifest import FORMAT, GRAPHS, MANIFEST, onnx_opset, sha256_file, write_manifest
+
 DEFAULT_OPSET = 18
 CONSTANT_MARKERS = ("_parameters_", "_buffers_")
+# Files an earlier export may hold besides those its manifest names (engines and programs written by
+# rascompile.tensorrt); a directory holding anything else is not replaced.
+EXPORT_FILES = (MANIFEST, *(f"{g}.{ext}" for g in GRAPHS for ext in ("onnx", "engine", "ep")))
+
+
+@functools.cache
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets ``export`` accepts: torch.onnx's dynamo exporter implements its operators at
+    ``TORCHLIB_OPSET`` (18) and converts the model up to ``ONNX_MAX_OPSET`` (23 in torch 2.13, capped by
+    what the installed ``onnx`` knows). Lower opsets are a best-effort version conversion that torch
+    skips silently when it fails (the file stays at 18), so they are refused."""
+    import onnx
+
+    try:
+        from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET as low
+    except ImportError:  # pragma: no cover - torch moved its constants
+        low = 18
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET as high
+    except ImportError:  # pragma: no cover
+        high = 23
+    return low, min(high, onnx.defs.onnx_opset_version())
 
 
 @dataclass(frozen=True)
@@ -89,7 +124,7 @@ def prepare_step_graphs(
     outputs = [f"output_{i}" if i else "sample" for i in range(_num_outputs(dense_gm))]
     cache_names = [ctx.output_cache, *(slot.placeholder for slot in ctx.kv_slots)]
     manifest = {
-        "format": 1,
+        "format": FORMAT,
         "torch": torch.__version__,
         "inputs": inputs,
         "baked_inputs": baked,
@@ -151,27 +186,169 @@ def export(
         directory: where the files go (created if missing).
         call_kwargs: the pipeline call used for tracing, when ``source`` is a pipeline. The
             exported graphs are specialised to its resolution and batch size.
-        opset: ONNX opset (TensorRT 10 reads 9 to 20 and newer).
+        opset: ONNX opset, from 18 to 23 (``opset_range()``; TensorRT 10 reads 9 to 24). The manifest
+            records the opset the files were written with, read back from them.
         fused_kv_projection: rewrite K/V projections into the fused op first (it exports through its
             decomposition, so the file is the same either way up to operator order).
         check: run both files once with onnxruntime and compare with PyTorch.
+
+    Raises:
+        ValueError: ``opset`` is not an int in ``opset_range()``.
+        ExportError: the graphs cannot be exported, onnxruntime disagrees with PyTorch, or
+            ``directory`` is a file or a non-empty directory that is not an earlier rascompile export
+            (it is not replaced then; an earlier export is replaced whole).
     """
+    opset = check_opset(opset)
+    target = output_path(directory)
+    check_output_path(target)  # before the expensive tracing
     steps = prepare_step_graphs(source, call_kwargs=call_kwargs, fused_kv_projection=fused_kv_projection)
+    with staged_directory(target) as stage:
+        dense_path, ras_path = stage / "dense.onnx", stage / "ras.onnx"
+        _export_onnx(
+            steps.dense, steps.dense_args, steps.dense_input_names, steps.dense_output_names, None, opset, dense_path
+        )
+        k_dim = torch.export.Dim("k", min=1, max=steps.manifest["num_tokens"])
+        ras_dynamic = [None] * (len(steps.ras_args) - len(steps.dense_args) - 1)
+        dynamic = [None] * len(steps.dense_args) + [{1: k_dim}] + ras_dynamic
+        _export_onnx(steps.ras, steps.ras_args, steps.ras_input_names, steps.ras_output_names, dynamic, opset, ras_path)
+        manifest = {
+            **steps.manifest,
+            "runtime": "onnx",
+            "opset": _written_opset(opset, dense_path, ras_path),
+            "dense": dense_path.name,
+            "ras": ras_path.name,
+            "sha256": file_checksums(stage),
+        }
+        write_manifest(stage, manifest)
+        if check:
+            _check_with_onnxruntime(ExportedModel(stage, dense_path, ras_path, manifest), steps)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    dense_path, ras_path = directory / "dense.onnx", directory / "ras.onnx"
-    _export_onnx(
-        steps.dense, steps.dense_args, steps.dense_input_names, steps.dense_output_names, None, opset, dense_path
-    )
-    k_dim = torch.export.Dim("k", min=1, max=steps.manifest["num_tokens"])
-    dynamic = [None] * len(steps.dense_args) + [{1: k_dim}] + [None] * (len(steps.ras_args) - len(steps.dense_args) - 1)
-    _export_onnx(steps.ras, steps.ras_args, steps.ras_input_names, steps.ras_output_names, dynamic, opset, ras_path)
-    manifest = {**steps.manifest, "opset": opset, "dense": dense_path.name, "ras": ras_path.name}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    exported = ExportedModel(directory, dense_path, ras_path, manifest)
-    if check:
-        _check_with_onnxruntime(exported, steps)
-    return exported
+    return ExportedModel(directory, directory / dense_path.name, directory / ras_path.name, manifest)
+
+
+def check_opset(opset: Any) -> int:
+    low, high = opset_range()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise ValueError(
+            f"opset={opset!r} is invalid: must be an int from {low} to {high}. torch {torch.__version__}'s ONNX "
+            f"exporter implements its operators at opset {low} and converts up to {high}; a lower opset is a "
+            f"best-effort conversion that torch skips silently when it fails, leaving the files at opset {low}"
+        )
+    return opset
+
+
+def _written_opset(requested: int, *paths: Path) -> int:
+    import onnx
+
+    for path in paths:
+        written = onnx_opset(onnx.load(str(path), load_external_data=False))
+        if written != requested:
+            raise ExportError(f"torch.onnx wrote {path.name} with opset {written}, though opset={requested} was asked")
+    return requested
+
+
+def file_checksums(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file in ``directory`` (the exported files and external data), not the manifest."""
+    sums = {}
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.name == MANIFEST or entry.name.startswith(f".{MANIFEST}."):
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            raise ExportError(f"the export wrote {entry.path}, which is not a regular file")
+        sums[entry.name] = sha256_file(entry.path)
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------- output directory
+
+
+def output_path(directory: str | Path) -> Path:
+    """The absolute output directory, symlinks resolved (an export replaces the directory a link points to)."""
+    return Path(directory).expanduser().resolve()
+
+
+def check_output_path(target: Path) -> None:
+    """Raise ExportError unless ``target`` is missing, an empty directory or an earlier rascompile export."""
+    if not os.path.lexists(target):
+        return
+    info = os.stat(target)
+    if not stat.S_ISDIR(info.st_mode):
+        kind = "regular file" if stat.S_ISREG(info.st_mode) else "special file"
+        raise ExportError(
+            f"the output path {target} exists and is a {kind}, not a directory; refusing to replace it: "
+            "choose another output directory or remove it"
+        )
+    entries = sorted(os.listdir(target))
+    if not entries:
+        return
+    if MANIFEST not in entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ExportError(
+            f"the output directory {target} is not empty ({shown}) and holds no {MANIFEST}, so it is not an "
+            "earlier rascompile export; refusing to replace it: choose another output directory or empty it"
+        )
+    known = set(EXPORT_FILES) | _named_by_manifest(target / MANIFEST)
+    foreign = [e for e in entries if e not in known or not (target / e).is_file()]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ExportError(
+            f"the output directory {target} holds an earlier rascompile export and also {shown}, which are not "
+            "part of it; refusing to replace it: choose another output directory or move them away"
+        )
+
+
+def _named_by_manifest(path: Path) -> set[str]:
+    """The file names an earlier (possibly older or broken) manifest names; nothing if it is unreadable."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode) or os.stat(path).st_size > (16 << 20):
+            return set()
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(data, dict):
+        return set()
+    names = [data.get(g) for g in GRAPHS]
+    engines = data.get("engines")
+    names += [engines.get(g) for g in GRAPHS] if isinstance(engines, dict) else []
+    names += list(data["sha256"]) if isinstance(data.get("sha256"), dict) else []
+    return {n for n in names if isinstance(n, str) and "/" not in n and "\\" not in n and n not in (".", "..")}
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """A fresh directory next to ``target`` (same filesystem) to write an export into. When the block
+    ends normally it replaces ``target`` (checked again with ``check_output_path``); when it raises, it
+    is removed and ``target`` is left as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = _sibling(target, "new")
+    os.mkdir(stage)
+    published = False
+    try:
+        yield stage
+        check_output_path(target)
+        backup = None
+        if os.path.lexists(target):
+            backup = _sibling(target, "old")
+            os.rename(target, backup)
+        try:
+            os.rename(stage, target)
+        except OSError as exc:
+            if backup is not None:
+                os.rename(backup, target)
+            raise ExportError(f"cannot move the finished export into {target}: {exc}") from exc
+        published = True
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        if not published:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _sibling(target: Path, tag: str) -> Path:
+    while True:
+        path = target.parent / f".{target.name}.rascompile-{tag}-{secrets.token_hex(4)}"
+        if not os.path.lexists(path):
+            return path
 
 
 class _StepModule(torch.nn.Module):

@@ -8,11 +8,15 @@ TensorRT engines.
     runner = OnnxRunner("exported/", RASConfig(sample_ratio=0.5, num_inference_steps=28))
     pipe.transformer = runner.as_transformer(pipe.transformer)   # or runner.for_pipeline(pipe)
     image = pipe(...).images[0]
+
+An export directory is data: the runners check its manifest (``rascompile.manifest``: every
+field, sizes, file names confined to the directory, SHA-256 of every file, the ONNX graphs' inputs
+and outputs) before they open anything, and raise a ``ManifestError`` (a ``ValueError``) naming the
+file and the field.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +24,32 @@ import torch
 
 from .config import RASConfig
 from .controller import GraphLayout, RASController
-from .onnx_export import MANIFEST
+from .manifest import (
+    BAKED_DTYPES,
+    GRAPHS,
+    MANIFEST,
+    ManifestError,
+    check_onnx_graph,
+    external_data_files,
+    load_manifest,
+    read_verified,
+    verify_file,
+    where,
+)
 from .steps import SchedulerSteps, TimestepSteps
 
+__all__ = ["MANIFEST", "ExportedTransformer", "ManifestError", "OnnxRunner", "StepRunner", "load_manifest"]
 
-def load_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: export the model first (rascompile export)")
-    return json.loads(path.read_text())
+# Keyword arguments the diffusers transformers take that carry options, not data. They were fixed when
+# the model was traced for export: None or empty is accepted; a dict of plain values is accepted and
+# pinned (a later call with another value is refused). Any other keyword the exported graphs do not
+# take is refused, unless it is None (e.g. ``skip_layers=None``).
+CALL_OPTIONS = ("joint_attention_kwargs", "cross_attention_kwargs", "attention_kwargs")
+_DTYPES = {name: getattr(torch, name) for name in BAKED_DTYPES}
 
 
 def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
+    return _DTYPES[name]
 
 
 class StepRunner:
@@ -54,6 +71,7 @@ class StepRunner:
         self.controller = RASController(self.config, layout, steps, torch.device("cpu"))
         self.input_names = [i["name"] for i in m["inputs"]]
         self._baked_checked: set[str] = set()
+        self._options: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ one transformer call
 
@@ -81,13 +99,24 @@ class StepRunner:
         return tuple(outputs)
 
     def inputs_from_call(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        """The exported graph's inputs, by name, checked against the exported shapes and dtypes."""
-        given = dict(zip(self.input_names, args)) | kwargs
-        known = set(self.input_names) | {r["name"] for r in self.manifest["baked_inputs"]}
-        unknown = sorted(k for k, v in given.items() if k not in known and isinstance(v, torch.Tensor))
-        if unknown:
-            # non-tensor arguments (attention kwargs, flags) were fixed when the model was traced for export
-            raise ValueError(f"input(s) {', '.join(map(repr, unknown))} are not inputs of the exported model")
+        """The exported graph's inputs, by name, checked against the exported shapes and dtypes.
+
+        Keyword arguments the exported graphs do not take are refused (ValueError naming them), except
+        None values and the option dicts of ``CALL_OPTIONS``: everything but the tensor inputs was
+        fixed when the model was traced for export, so an argument such as ``skip_layers=[7]`` cannot
+        take effect."""
+        if len(args) > len(self.input_names):
+            raise ValueError(
+                f"{len(args)} positional arguments; the exported model takes at most {len(self.input_names)} "
+                f"({', '.join(self.input_names)})"
+            )
+        given = dict(zip(self.input_names, args))
+        twice = sorted(set(given) & set(kwargs))
+        if twice:
+            raise ValueError(f"input(s) {', '.join(map(repr, twice))} given both positionally and as keywords")
+        given |= kwargs
+        baked = [r["name"] for r in self.manifest["baked_inputs"]]
+        self._check_options({k: v for k, v in given.items() if k not in self.input_names and k not in baked})
         inputs = {}
         for record in self.manifest["inputs"]:
             name = record["name"]
@@ -99,6 +128,30 @@ class StepRunner:
                 _check_baked(record, given[record["name"]])
                 self._baked_checked.add(record["name"])
         return inputs
+
+    def _check_options(self, extra: dict) -> None:
+        takes = ", ".join([*self.input_names, *(r["name"] for r in self.manifest["baked_inputs"]), "return_dict"])
+        for name, value in sorted(extra.items()):
+            if value is None or (isinstance(value, (dict, list, tuple)) and not value):
+                continue
+            if (
+                name in CALL_OPTIONS
+                and isinstance(value, dict)
+                and all(isinstance(v, (bool, int, float, str, type(None))) for v in value.values())
+            ):
+                pinned = self._options.setdefault(name, dict(value))
+                if pinned != value:
+                    raise ValueError(
+                        f"keyword argument {name}={value!r} differs from {pinned!r} in this runner's earlier calls; "
+                        "the exported graphs were traced with one fixed value (export again for another)"
+                    )
+                continue
+            kind = "a tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+            raise ValueError(
+                f"keyword argument {name!r} ({kind}) is not an input of the exported model, so it cannot take "
+                f"effect; the exported model takes {takes} (other keyword arguments only as None). Leave it "
+                "out, or export a model traced with it"
+            )
 
     def run_dense(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         feeds = {name: inputs[name] for name in self.input_names}
@@ -163,22 +216,53 @@ class ExportedTransformer(torch.nn.Module):
 
 
 class OnnxRunner(StepRunner):
-    """Runs the exported ONNX step graphs with onnxruntime (CPU by default)."""
+    """Runs the exported ONNX step graphs with onnxruntime (CPU by default).
+
+    Both graphs are checked and loaded when the runner is made: the manifest, the files' SHA-256, and
+    the graphs' inputs and outputs against the manifest (``load_onnx_graphs``)."""
 
     def __init__(self, directory, config: RASConfig | None = None, *, providers=None, steps=None):
         super().__init__(directory, config, steps=steps)
+        import onnxruntime as ort
+
         self.providers = providers or ["CPUExecutionProvider"]
-        self.sessions: dict = {}
+        self.sessions = {
+            graph: ort.InferenceSession(model, providers=self.providers)
+            for graph, model in load_onnx_graphs(self.directory, self.manifest).items()
+        }
 
     def execute(self, graph: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        session = self.sessions.get(graph)
-        if session is None:
-            import onnxruntime as ort
-
-            session = ort.InferenceSession(str(self.directory / self.manifest[graph]), providers=self.providers)
-            self.sessions[graph] = session
+        session = self.sessions[graph]
         arrays = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in feeds.items()}
         return [torch.from_numpy(a) for a in session.run(None, arrays)]
+
+
+def load_onnx_graphs(directory: str | Path, manifest: dict) -> dict[str, bytes | str]:
+    """For "dense" and "ras": the ONNX model checked against the manifest, as the bytes that were
+    checked (or, for a model that keeps tensors in external files, its path once those files are
+    checked too), ready for ``onnxruntime.InferenceSession``."""
+    import onnx
+
+    if manifest.get("runtime", "onnx") != "onnx":
+        raise ManifestError(
+            f"{where(directory)}: field 'runtime' is {manifest['runtime']!r}; this directory holds no ONNX graphs "
+            "(run it with rascompile.tensorrt.TorchTensorRTRunner)"
+        )
+    models: dict[str, bytes | str] = {}
+    for graph in GRAPHS:
+        data = read_verified(directory, manifest, manifest[graph], graph)
+        try:
+            model = onnx.load_model_from_string(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError
+            raise ManifestError(
+                f"{where(directory)}: field {graph!r} names {manifest[graph]!r}, which is not an ONNX model: {exc}"
+            ) from None
+        check_onnx_graph(directory, manifest, graph, model)
+        external = external_data_files(model)
+        for name in external:
+            verify_file(directory, manifest, name, f"{graph} (external data of {manifest[graph]})")
+        models[graph] = str(Path(directory) / manifest[graph]) if external else data
+    return models
 
 
 def _checked(name: str, value, record: dict) -> torch.Tensor:
