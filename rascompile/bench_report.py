@@ -47,7 +47,7 @@ def format_report(results: dict) -> str:
     )
     out.append(
         f"inner backend: {s['inner_backend']} (dense and RAS); times: median of {s['repeats']} after warm-up; "
-        f"first call (compile) of the capture graph {results['first_call_s']:.1f} s"
+        f"first call (compile of the graphs the loop's schedule runs) {results['first_call_s']:.1f} s"
     )
     if "kv_writes" in results:
         out.append(

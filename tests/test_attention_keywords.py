@@ -5,9 +5,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from test_passes import _capture, _run_ras
-
 from rascompile.passes import RewriteError, build_ras_graph
+from test_passes import _capture, _run_ras
 
 
 class KeywordAttentionDiT(torch.nn.Module):
