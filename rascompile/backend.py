@@ -330,7 +330,7 @@ class RASGraph:
             self.backend.warn_once(decision.reason)
         if decision.kind == "dense":
             return self._dense(args)
-        return self._run_active(control, decision.active_idx, args)
+        return self._run_active(control, decision.active_idx, args, decision.branch)
 
     def run_dense(self, *args):
         """One dense step with the original graph, bypassing the controller (benchmarks, debugging)."""
@@ -342,9 +342,9 @@ class RASGraph:
             raise RuntimeError(f"this graph has no RAS variant: {self.fallback_reason}")
         return self._run_active(self.controller_for(args), active_idx, args)
 
-    def _run_active(self, control: RASController, active_idx: torch.Tensor, args):
-        control.allocate_caches()
-        extra = (active_idx, control.output_cache, *control.kv_caches)
+    def _run_active(self, control: RASController, active_idx: torch.Tensor, args, branch: int = 0):
+        output_cache, kv_caches = control.caches(branch)
+        extra = (active_idx, output_cache, *kv_caches)
         return self._variant(int(active_idx.shape[1]), args, extra)(*args, *extra)
 
     def _timestep(self, args):

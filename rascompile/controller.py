@@ -36,6 +36,7 @@ class Decision:
     step: int
     active_idx: torch.Tensor | None = None
     reason: str | None = None  # why a step the schedule planned as RAS runs dense, for a warning
+    branch: int = 0  # which call of this step (one call per guidance branch): the caches it uses
 
     @property
     def num_active(self) -> int | None:
@@ -51,13 +52,16 @@ class RASController:
         self.schedule: tuple[StepPlan, ...] = ()
         self.drop_counts: torch.Tensor | None = None
         self.previous_latents: torch.Tensor | None = None
-        self.output_cache: torch.Tensor | None = None
-        self.kv_caches: list[torch.Tensor] = []
+        # per guidance branch (one transformer call each): (output cache, K/V caches); branch 0 is every
+        # pipeline's, the others exist for pipelines that call the transformer once per branch
+        self.branch_caches: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         self.generations = 0
         self.history: list[Decision] = []  # this generation's decisions, for inspection and tests
         self.step_counts: torch.Tensor | None = None  # per token: how many steps computed it
         self.last_step = -1  # the last step this controller ran in the current generation
-        self.dense_reason: str | None = None  # set when the rest of the generation must run dense
+        self.step_decision: Decision | None = None  # the decision of the current step's first call
+        self.branch = 0  # the current call's branch within its step
+        self.branch_steps: dict[int, int] = {}  # per branch: the last step it ran
         self.owner: int | None = None  # the thread running the current generation
         self.step_generation = -1  # the step source's generation this controller's schedule belongs to
         self.busy = threading.Lock()  # held while a call runs: a second thread's call at the same time is refused
@@ -88,22 +92,43 @@ class RASController:
     def _finished(self) -> bool:
         return bool(self.schedule) and self.last_step >= len(self.schedule) - 1
 
+    @property
+    def output_cache(self) -> torch.Tensor | None:
+        """Branch 0's output cache (the only one unless the pipeline calls the transformer per guidance branch)."""
+        return self.branch_caches[0][0] if self.branch_caches else None
+
+    @property
+    def kv_caches(self) -> list[torch.Tensor]:
+        return self.branch_caches[0][1] if self.branch_caches else []
+
+    def caches(self, branch: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(output cache, K/V caches)`` of one guidance branch, allocated on first use."""
+        self.allocate_caches(branch)
+        return self.branch_caches[branch]
+
     def decide(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> Decision:
+        """Plan one transformer call. A call that repeats the previous call's latents and timestep is the next
+        guidance branch of the same step: it runs the step's decision (the same active tokens, as the rows of
+        batched guidance share one selection) on that branch's own caches."""
         info = self.steps.advance(latents, timestep)
         if info.repeat:
-            return self._repeated_call(info)
+            return self._next_branch(info)
         if info.new_generation:
             self._begin(info.num_steps)
             self.step_generation = info.generation
         elif not self.schedule or len(self.schedule) != info.num_steps or info.generation != self.step_generation:
             # This graph joined a generation already under way (e.g. Dynamo recompiled mid-generation):
             # without its earlier steps there is nothing to reuse, so it runs dense until the next one.
+            self.step_decision = None
             return Decision("dense", info.step)
         if not 0 <= info.step < len(self.schedule):
+            self.step_decision = None
             return Decision("dense", info.step, reason=f"a call at step {info.step}, after the last step, runs dense")
         decision = self._plan(latents, info.step)
         self.previous_latents = latents.detach().clone()
         self.last_step = info.step
+        self.step_decision, self.branch = decision, 0
+        self.branch_steps[0] = info.step
         self._count(decision)
         self.history.append(decision)
         return decision
@@ -112,8 +137,6 @@ class RASController:
         plan = self.schedule[step]
         needs_cache = any(not p.dense for p in self.schedule[step + 1 :])
         capture = Decision("capture", step, self._all_tokens()) if needs_cache else Decision("dense", step)
-        if self.dense_reason is not None:
-            return Decision("dense", step, reason=self.dense_reason)
         if plan.dense:
             return capture
         if step != self.last_step + 1:
@@ -122,22 +145,22 @@ class RASController:
             return capture
         return Decision("ras", step, self._select(latents, plan))
 
+    def _next_branch(self, info) -> Decision:
+        first = self.step_decision
+        if first is None or first.step != info.step:
+            return Decision("dense", info.step)  # the step's first call ran dense outside a RAS generation
+        self.branch += 1
+        branch, previous = self.branch, self.branch_steps.get(self.branch)
+        self.branch_steps[branch] = info.step
+        if first.kind == "ras" and previous != info.step - 1:
+            # this branch did not run the previous step (it is new, or it skipped one): its caches are stale
+            return Decision("capture", info.step, self._all_tokens(), branch=branch)
+        return Decision(first.kind, info.step, first.active_idx, branch=branch)
+
     def skip(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> None:
         """Count a call that runs elsewhere (dense, outside RAS, e.g. in grad mode) as a step of the step source,
         so graphs sharing it keep the right step; their next step refills the caches."""
         self.steps.advance(latents, timestep)
-
-    def _repeated_call(self, info) -> Decision:
-        """A second call for the same step (one call per guidance branch): the caches hold the other call's
-        tokens, so every call of this generation runs dense from here on."""
-        self.dense_reason = (
-            "the pipeline calls the transformer several times per step (once per guidance branch); "
-            "those calls share one set of caches, so they run dense"
-        )
-        decision = Decision("dense", info.step, reason=self.dense_reason)
-        if self.schedule:
-            self.history.append(decision)
-        return decision
 
     def _begin(self, num_steps: int) -> None:
         layout = self.layout
@@ -148,18 +171,19 @@ class RASController:
         self.step_counts = torch.zeros(layout.batch_size, layout.num_tokens, dtype=torch.int32, device=self.device)
         self.generations += 1
         self.last_step = -1
-        self.dense_reason = None
+        self.step_decision, self.branch, self.branch_steps = None, 0, {}
         self.owner = threading.get_ident()
         if any(not p.dense for p in self.schedule):
             self.allocate_caches()
 
-    def allocate_caches(self) -> None:
-        """Allocate the output and K/V caches once; later generations reuse them (their first step
-        is dense and rewrites them in full)."""
-        if self.output_cache is None:
+    def allocate_caches(self, branch: int = 0) -> None:
+        """Allocate the output and K/V caches of branches up to ``branch`` once; later generations reuse them
+        (a branch's first step in a generation is dense and rewrites them in full)."""
+        while len(self.branch_caches) <= branch:
             shape, dtype = self.layout.output_cache
-            self.output_cache = torch.empty(shape, dtype=dtype, device=self.device)
-            self.kv_caches = [torch.empty(s, dtype=d, device=self.device) for s, d in self.layout.kv_caches]
+            output = torch.empty(shape, dtype=dtype, device=self.device)
+            kv = [torch.empty(s, dtype=d, device=self.device) for s, d in self.layout.kv_caches]
+            self.branch_caches.append((output, kv))
 
     def _all_tokens(self) -> torch.Tensor:
         n, b = self.layout.num_tokens, self.layout.batch_size

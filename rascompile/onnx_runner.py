@@ -91,7 +91,7 @@ class StepRunner:
             if decision.kind == "dense":
                 outputs = self.run_dense(inputs)
             else:
-                outputs = self.run_active(decision.active_idx, inputs)
+                outputs = self.run_active(decision.active_idx, inputs, branch=decision.branch)
         if return_dict:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
@@ -157,8 +157,11 @@ class StepRunner:
         feeds = {name: inputs[name] for name in self.input_names}
         return self.execute("dense", feeds)[: len(self.manifest["outputs"])]
 
-    def run_active(self, active_idx: torch.Tensor, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """One step over the tokens ``active_idx`` [B, k] (k = N fills the caches), with the runner's caches."""
+    def run_active(
+        self, active_idx: torch.Tensor, inputs: dict[str, torch.Tensor], *, branch: int = 0
+    ) -> list[torch.Tensor]:
+        """One step over the tokens ``active_idx`` [B, k] (k = N fills the caches), with the runner's caches of
+        guidance branch ``branch`` (pipelines that call the transformer once per branch keep one set each)."""
         m = self.manifest
         n, batch = m["num_tokens"], m["batch_size"]
         if active_idx.dim() != 2 or active_idx.shape[0] != batch or not 1 <= active_idx.shape[1] <= n:
@@ -167,9 +170,8 @@ class StepRunner:
             )
         if int(active_idx.min()) < 0 or int(active_idx.max()) >= n:
             raise ValueError(f"active_idx holds indices outside [0, {n - 1}] (N = {n} image tokens)")
-        control = self.controller
-        control.allocate_caches()
-        caches = [control.output_cache, *control.kv_caches]
+        output_cache, kv_caches = self.controller.caches(branch)
+        caches = [output_cache, *kv_caches]
         names = [m["output_cache"]["name"], *(c["name"] for c in m["kv_caches"])]
         feeds = {name: inputs[name] for name in self.input_names}
         feeds["ras_active_idx"] = active_idx.to(torch.int64)

@@ -52,25 +52,75 @@ def euler_per_branch(transformer, scheduler, x, cond, uncond, guidance=4.0, on_s
     return x
 
 
-@pytest.mark.parametrize("path", ["apply", "options"])
-def test_one_call_per_guidance_branch_runs_dense_and_warns(path):
-    x, cond, uncond = _branches()
-    pipe = tiny_sd3_pipeline()
-    expected = euler_per_branch(pipe.transformer, pipe.scheduler, x, cond, uncond)
+def euler_batched(transformer, scheduler, x, cond, uncond, guidance=4.0):
+    """The same loop with batched guidance: one call on [uncond; cond] rows, as SD3's pipeline makes it."""
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    scheduler.set_timesteps(STEPS)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = transformer(
+                hidden_states=torch.cat([x, x]), timestep=t.expand(2 * x.shape[0]), **both, return_dict=False
+            )[0]
+            u, c = out.chunk(2)
+            x = scheduler.step(u + guidance * (c - u), t, x, return_dict=False)[0]
+    return x
+
+
+def _compiled_pipe(path):
     pipe = tiny_sd3_pipeline()
     if path == "apply":
-        rascompile.apply(pipe, RASConfig(sample_ratio=0.5, **SHORT), inner_backend="aot_eager")
+        backend = rascompile.apply(pipe, RASConfig(sample_ratio=0.5, **SHORT), inner_backend="aot_eager")
     else:
         pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
+        backend = None
+    return pipe, backend
+
+
+@pytest.mark.parametrize("path", ["apply", "options"])
+def test_one_call_per_guidance_branch_equals_batched_guidance_under_ras(path):
+    """Each branch keeps its own caches and both branches of an image share one selection per step, as the
+    rows of batched guidance do: the per-branch loop equals the batched loop, RAS steps included."""
+    x, cond, uncond = _branches()
+    pipe, backend = _compiled_pipe(path)
+    batched = euler_batched(pipe.transformer, pipe.scheduler, x, cond, uncond)
+    (control,) = _controllers(pipe, backend)
+    batched_kinds = [d.kind for d in control.history]
+    torch._dynamo.reset()
+    pipe, backend = _compiled_pipe(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = euler_per_branch(pipe.transformer, pipe.scheduler, x, cond, uncond)
+        per_branch = euler_per_branch(pipe.transformer, pipe.scheduler, x, cond, uncond)
         again = euler_per_branch(pipe.transformer, pipe.scheduler, x, cond, uncond)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)
-    messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
-    assert sum("several times per step" in m for m in messages) == 1, messages
-    assert not any("generation ended" in str(w.message) for w in caught)
+    assert not [str(w.message) for w in caught if "rascompile" in str(w.message) or "generation" in str(w.message)]
+    (control,) = _controllers(pipe, backend)
+    kinds = [d.kind for d in control.history]
+    assert kinds == ["capture", "capture", "ras", "ras", "ras", "capture", "ras", "ras"] == batched_kinds
+    assert len(control.branch_caches) == 2, "one set of caches per branch"
+    torch.testing.assert_close(per_branch, batched, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, per_branch, rtol=0, atol=0)
+
+
+def test_a_branch_that_appears_mid_generation_fills_its_caches_first():
+    """Guidance that starts at a RAS step (a guidance interval): the new branch's first call is a capture
+    step, which equals the uncompiled transformer, never a RAS step over empty caches."""
+    x, cond, uncond = _branches()
+    pipe, _ = _compiled_pipe("options")
+    reference = tiny_sd3_pipeline().transformer
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(STEPS)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            timestep = t.expand(2)
+            c = pipe.transformer(hidden_states=x, timestep=timestep, **cond, return_dict=False)[0]
+            if i >= 3:  # steps 2-4 are RAS steps; the second branch joins at step 3
+                u = pipe.transformer(hidden_states=x, timestep=timestep, **uncond, return_dict=False)[0]
+                if i == 3:
+                    expected = reference(hidden_states=x, timestep=timestep, **uncond, return_dict=False)[0]
+                    torch.testing.assert_close(u, expected, rtol=1e-5, atol=1e-5)
+                c = u + 4.0 * (c - u)
+            x = scheduler.step(c, t, x, return_dict=False)[0]
+    (control,) = _controllers(pipe)
+    assert [d.kind for d in control.history][2:5] == ["ras", "ras", "ras"]
 
 
 def test_batched_guidance_still_runs_ras_after_a_per_branch_generation():
@@ -118,29 +168,17 @@ def test_concurrent_first_calls_of_two_compiled_pipelines_match_single_thread():
     for got in results:
         torch.testing.assert_close(got, alone[0], rtol=0, atol=0)
     assert not any("runs dense" in str(w.message) for w in caught)
-    assert all(g.controller.generations == 1 for p in pipes for g in _graphs(p) if g.controller is not None)
+    assert all(c.generations == 1 for p in pipes for c in _controllers(p))
 
 
-def _graphs(pipe):
-    """The RAS graphs of ``pipe``'s transformer, each with this transformer's controller as ``.controller``."""
+def _controllers(pipe, backend=None):
+    """The controllers that ran ``pipe``'s transformer instance (one per resolution and graph layout)."""
     from rascompile.backend import _SHARED_BACKENDS
 
     anchor = next(pipe.transformer._orig_mod.parameters())
-    return [
-        _Bound(
-            g,
-            g.controller_for(g.example_inputs[: g.anchor_index] + [anchor] + g.example_inputs[g.anchor_index + 1 :])
-            if g.controller
-            else None,
-        )
-        for b in _SHARED_BACKENDS.values()
-        for g in b.graphs
-    ]
-
-
-class _Bound:
-    def __init__(self, graph, controller):
-        self.graph, self.controller = graph, controller
+    backends = [backend] if backend is not None else list(_SHARED_BACKENDS.values())
+    tables = [b._per_transformer.get(anchor) or {} for b in backends]
+    return [v for table in tables for k, v in table.items() if k[0] == "controller"]
 
 
 def test_one_compiled_transformer_interleaved_by_two_threads_raises():
@@ -205,9 +243,9 @@ def test_a_grad_mode_call_mid_generation_does_not_shift_the_step_count():
             with torch.set_grad_enabled(i == grad_step):
                 out = pipe.transformer(hidden_states=x, timestep=t.expand(2), **cond, return_dict=False)[0]
             x = scheduler.step(out.detach(), t, x, return_dict=False)[0]
-    controllers = {id(g.controller): g.controller for g in _graphs(pipe) if g.controller is not None}
+    controllers = _controllers(pipe)
     assert len(controllers) == 1, "the grad-mode graph and the inference graph drive one controller"
-    history = next(iter(controllers.values())).history
+    history = controllers[0].history
     assert [d.step for d in history] == [s for s in range(STEPS) if s != grad_step]
     by_step = {d.step: d.kind for d in history}
     assert by_step[5] in ("capture", "dense"), "the error-reset step must stay dense"
