@@ -21,6 +21,17 @@ if "ras" not in list_backends(exclude_tags=()):
     register_backend(name="ras")(ras_backend)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``rascompile.check(pipe, call_kwargs=...)``: the module rascompile/check.py, callable, imported on first use
+    if name == "check":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.check")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ExportError",
     "OnnxRunner",
@@ -29,6 +40,7 @@ __all__ = [
     "RASController",
     "RASGraph",
     "apply",
+    "check",
     "export",
     "ras_backend",
     "__version__",

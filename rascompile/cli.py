@@ -24,6 +24,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "add_arguments",
         "main_from_args",
     ),
+    "check": (
+        "check that RAS computes what the model computes on a pipeline's transformer graphs (for CI)",
+        "rascompile.check",
+        "add_arguments",
+        "main_from_args",
+    ),
     "demo": (
         "the shipped shapes model, dense and with RAS: images, time, speedup, quality, heatmaps (PNG)",
         "rascompile.demo",

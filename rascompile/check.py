@@ -1,0 +1,588 @@
+"""``rascompile check``: the compiled-graph regression check to run in CI on your own model.
+
+Put this in CI whenever you upgrade torch, diffusers or the model: it captures the transformer's Dynamo graph(s)
+from one call, builds each graph's RAS step graph exactly as the ``ras`` backend does, and checks that the
+rewritten graph computes what the uncompiled graph computes:
+
+(a) ``capture``: a step over all N image tokens in order (the dense step that fills the caches) equals the
+    uncompiled graph's output (with ``inner_backend="inductor"``: the dense graph compiled by inductor);
+(b) ``permutation``: all N tokens, in a random order per batch row, equal dense (position tables and attention
+    masks must follow the tokens);
+(c) ``subset``: right after a capture step, a RAS step on the same inputs over a random subset of k < N tokens
+    per row (k = N // 2, N // 4 and 1) reproduces the dense output (the caches hold what dense computes).
+
+A graph the passes refuse runs dense in the backend, which is correct by construction: it passes, with the
+reason, unless ``require_ras`` is set.
+
+    report = rascompile.check(pipe, call_kwargs={"prompt_embeds": ..., "height": 1024, "width": 1024})
+    print(report.format())          # a short table per graph; report.to_dict() for JSON; report.passed
+
+    rascompile check ./sd3-medium --height 1024 --width 1024 --embeddings prompt.safetensors --require-ras
+
+In a test suite use ``rascompile.testing.assert_ras_equivalent``, which raises ``AssertionError`` with this report.
+
+Tolerances are relative to the scale of each output (its largest finite absolute value), per output dtype: see
+``RELATIVE_TOLERANCE``. The graphs capture the one-step pipeline call with a small recording Dynamo backend
+(``capture_graphs``), which, like ``rascompile.export``, resets Dynamo's caches when it is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import types
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_leaves
+
+#: The largest ``max |RAS - dense|`` a check accepts, as a fraction of the output's scale (its largest finite
+#: absolute value), by the output's dtype. Why these values: the RAS graph does the dense graph's arithmetic on
+#: the same numbers, but its matrix products and attention run over k rows instead of N (other kernels and
+#: blocking, so other summation orders) and read keys and values back from the caches, so results may differ by
+#: rounding, about one unit of the dtype's precision (u = 2^-24 in float32, 2^-11 in float16, 2^-8 in bfloat16)
+#: per op, adding up over the layers. Measured on the CPU: at most 4e-7 of the scale in float32 (the tiny SD3 and
+#: Lumina-Next test models, and the 4-layer, hidden-768 SD3 of ``rascompile bench`` at 256 tokens), 4.4e-3 in
+#: bfloat16 (the latter model), 0 in float16. A wrong rewrite changes the affected outputs by about their own size:
+#: without the K/V caches that latter model is off by 7e-2 of the scale at k = N/2 and 2.5e-1 at k = 1, in float32
+#: and bfloat16 alike. So: float32 1e-5 (25x the measured rounding, 7000x below that error), bfloat16 2e-2 (4.5x
+#: and 3.5x), float16 and TF32 5e-3 (their u is 8x finer than bfloat16's; not measured on a GPU), float64 1e-10.
+#: Pass ``relative_tolerance`` to ``check`` for another value.
+RELATIVE_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+#: float32 outputs of CUDA graphs when float32 matrix products may use TF32 (``torch.backends.cuda.matmul.
+#: allow_tf32`` / ``torch.set_float32_matmul_precision("high")``): TF32 keeps float16's 10-bit mantissa.
+TF32_RELATIVE_TOLERANCE = 5e-3
+#: Subset sizes of check (c), as fractions of N (1 is always checked too).
+SUBSET_FRACTIONS = (2, 4)
+
+CHECK_NAMES = {
+    "capture": "all N in order (fills the caches)",
+    "permutation": "all N, random order per row",
+    "subset": "random subset per row, after a capture step",
+}
+
+
+class CheckError(ValueError):
+    """The check cannot run: the object is neither a pipeline nor a transformer, or its call fails or never
+    reaches the transformer. (A check that runs and fails is reported, not raised.)"""
+
+
+# ============================================================================================ the report
+
+
+@dataclass
+class CheckResult:
+    """One check of one graph."""
+
+    name: str  # "capture", "permutation" or "subset" (see CHECK_NAMES)
+    k: int  # active tokens per batch row
+    max_abs_diff: float  # max |RAS - dense| over every output element (inf where NaN/inf appear in one only)
+    tolerance: float  # the largest accepted max_abs_diff: relative tolerance x output scale
+    passed: bool
+    error: str | None = None  # the exception the RAS graph raised, when it did not run
+
+
+@dataclass
+class GraphReport:
+    """What the check found for one Dynamo graph."""
+
+    index: int  # the graph's position in Dynamo's compile order
+    ras: bool  # whether the backend runs this graph with RAS (False: dense)
+    reason: str | None  # why it runs dense (the passes' RewriteError, or their internal error)
+    num_tokens: int | None  # N, image tokens
+    batch_size: int | None  # B, as the transformer sees it (twice the images with classifier-free guidance)
+    dtype: str | None  # dtype of the graph's (first floating) output
+    relative_tolerance: float | None
+    output_scale: float | None  # largest finite |dense output|
+    k_values: list[int] = field(default_factory=list)  # active-token counts checked, in check order
+    checks: list[CheckResult] = field(default_factory=list)
+    summary: str = ""  # rascompile.passes.graph_summary of the rewritten graph (what the passes found and did)
+    passed: bool = True  # every check passed (a dense graph passes unless RAS is required)
+
+
+@dataclass
+class CheckReport:
+    """The result of ``check``: one ``GraphReport`` per Dynamo graph of the transformer."""
+
+    model: str  # the transformer's class
+    pipeline: str | None  # the pipeline's class, when a pipeline was checked
+    torch: str
+    diffusers: str | None
+    inner_backend: str  # how the RAS graphs ran; the reference is the uncompiled graph with "eager", else the
+    # dense graph compiled by the same backend
+    require_ras: bool
+    seed: int
+    graphs: list[GraphReport]
+    passed: bool
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (non-finite floats become the strings "inf", "-inf", "nan")."""
+        return _json_safe(asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def failures(self) -> list[str]:
+        """One line per failed check or refused dense graph; empty when the report passed."""
+        lines = []
+        for g in self.graphs:
+            if not g.ras and self.require_ras:
+                lines.append(f"graph {g.index} runs dense ({g.reason}) and RAS is required")
+            for c in g.checks:
+                if not c.passed:
+                    what = f"error: {c.error}" if c.error else f"max |diff| {c.max_abs_diff:.3g} > {c.tolerance:.3g}"
+                    lines.append(f"graph {g.index}: {c.name} at k={c.k} failed ({what})")
+        return lines
+
+    def format(self, verbose: bool = False) -> str:
+        """The human report: a short table per graph; ``verbose`` adds each graph's whole rewrite summary."""
+        head = f"rascompile check: {self.model}" + (f" of {self.pipeline}" if self.pipeline else "")
+        versions = f"torch {self.torch}" + (f", diffusers {self.diffusers}" if self.diffusers else "")
+        lines = [f"{head} ({versions}; inner backend {self.inner_backend}; seed {self.seed})"]
+        for g in self.graphs:
+            lines += _format_graph(g, self.require_ras, verbose)
+        ras = sum(g.ras for g in self.graphs)
+        counts = f"{len(self.graphs)} graph{'s' * (len(self.graphs) != 1)}: {ras} RAS, {len(self.graphs) - ras} dense"
+        if self.passed:
+            lines.append(f"PASS ({counts})")
+        else:
+            lines.append(f"FAIL ({counts})")
+            lines += [f"  {line}" for line in self.failures()]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _format_graph(g: GraphReport, require_ras: bool, verbose: bool) -> list[str]:
+    if not g.ras:
+        verdict = "FAIL: RAS is required" if require_ras else "pass: a dense graph runs the model unchanged"
+        return [f"graph {g.index}: dense ({g.reason}); {verdict}"]
+    lines = [
+        f"graph {g.index}: RAS, N={g.num_tokens} image tokens, B={g.batch_size}, {g.dtype}, output scale "
+        f"{g.output_scale:.3g}, tolerance {g.relative_tolerance:g} x scale"
+    ]
+    rows = [("check", "k", "tokens", "max |diff|", "tolerance", "result")]
+    for c in g.checks:
+        result = "pass" if c.passed else "FAIL" + (f" ({c.error})" if c.error else "")
+        rows.append((c.name, str(c.k), CHECK_NAMES[c.name], f"{c.max_abs_diff:.2e}", f"{c.tolerance:.2e}", result))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2])]
+        cells += [r[3].rjust(widths[3]), r[4].rjust(widths[4]), r[5]]
+        lines.append("  " + "  ".join(cells))
+    summary = g.summary.splitlines()
+    shown = summary if verbose else summary[:4]
+    lines += [f"  | {line}" for line in shown]
+    if len(summary) > len(shown):
+        lines.append(f"  | ... {len(summary) - len(shown)} more rewrite lines (verbose / --json)")
+    return lines
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# ============================================================================================ capturing the graphs
+
+
+def capture_graphs(module: torch.nn.Module, call: Callable[[torch.nn.Module], Any]) -> list[tuple]:
+    """The Dynamo graphs of ``module`` and their inputs, as ``call(compiled_module)`` runs them once.
+
+    A small recording backend (``torch.compile(..., dynamic=False)`` without ``fullgraph``, so graph breaks give
+    several graphs, in compile order). Inputs that are not parameters are copied when the graph is compiled, so
+    later in-place changes by the caller do not reach them. Resets Dynamo's caches when done, as
+    ``rascompile.export`` does, so the recording backend leaves nothing behind."""
+    graphs: list[tuple] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list, **_: Any):
+        graphs.append((gm, [_kept(a) for a in example_inputs]))
+        return gm.forward
+
+    compiled = torch.compile(module, backend=record, dynamic=False)
+    try:
+        with torch.no_grad():
+            call(compiled)
+    finally:
+        torch._dynamo.reset()
+    return graphs
+
+
+def _kept(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        return value.detach().clone()
+    return value
+
+
+def _unwrap(module: Any) -> Any:
+    """The module under a ``torch.compile`` wrapper (a pipeline whose transformer was compiled already)."""
+    return getattr(module, "_orig_mod", module)
+
+
+def _graphs_of(source: Any, call_kwargs: dict) -> tuple[list[tuple], torch.nn.Module, Any]:
+    """(captured graphs, the transformer, the pipeline or None) for a pipeline or a transformer."""
+    if isinstance(source, torch.nn.Module):
+        transformer = _unwrap(source)
+        try:
+            graphs = capture_graphs(transformer, lambda compiled: compiled(**call_kwargs))
+        except Exception as exc:
+            raise CheckError(f"calling {type(transformer).__name__}(**call_kwargs) failed: {_first_line(exc)}") from exc
+        return graphs, transformer, None
+    original = getattr(source, "transformer", None)
+    if not isinstance(_unwrap(original), torch.nn.Module) or not callable(source):
+        raise CheckError(
+            f"check() takes a diffusers pipeline with a transformer, or the transformer (a torch.nn.Module); "
+            f"got {type(source).__name__}"
+        )
+    transformer = _unwrap(original)
+
+    def run(compiled):
+        source.transformer = compiled
+        source(**{**call_kwargs, "num_inference_steps": 1, "output_type": "latent"})
+
+    try:
+        graphs = capture_graphs(transformer, run)
+    except Exception as exc:
+        raise CheckError(f"the one-step call of {type(source).__name__} failed: {_first_line(exc)}") from exc
+    finally:
+        source.transformer = original
+    return graphs, transformer, source
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+# ============================================================================================ the checks
+
+
+def check(
+    pipe_or_transformer: Any,
+    call_kwargs: dict | None = None,
+    *,
+    require_ras: bool = False,
+    seed: int = 0,
+    inner_backend: str = "eager",
+    fused_kv_projection: bool | None = None,
+    relative_tolerance: float | None = None,
+) -> CheckReport:
+    """Check that RAS computes what the model computes, on every Dynamo graph of ``pipe_or_transformer``.
+
+    This is the thing to put in CI when upgrading torch, diffusers or the model: a change that makes the passes
+    misread the graph fails here, with the graph, the check, k and the difference (or shows up as a graph that
+    now runs dense, with the reason; ``require_ras=True`` fails on it).
+
+    Args:
+        pipe_or_transformer: a diffusers pipeline, called once for one step (``num_inference_steps=1``,
+            ``output_type="latent"``) with ``call_kwargs``; or its transformer, called as
+            ``transformer(**call_kwargs)``. Either may be ``torch.compile``-d already (its module is used).
+        call_kwargs: the call's arguments: resolution, batch, prompt or prompt embeddings, guidance. The check
+            holds for the shapes they give (a resolution or batch size is one graph).
+        require_ras: fail when a graph runs dense. Without it a dense graph passes: it is the unchanged model.
+        seed: seeds the random active-token orders and subsets.
+        inner_backend: how the graphs run for the check: ``"eager"`` (the default: the rewrite itself against
+            the uncompiled graph, fastest), or ``"aot_eager"`` / ``"inductor"`` (what ``backend="ras"`` runs by
+            default; one compile per k), checked against the dense graph compiled by the same backend (inductor's
+            own rounding differs from eager by about 2e-6 of the scale on the tiny SD3 model).
+        fused_kv_projection: as for ``RASBackend``: ``None`` fuses on CUDA with Triton, as the backend does.
+        relative_tolerance: overrides ``RELATIVE_TOLERANCE`` (a fraction of each output's scale).
+
+    Returns a ``CheckReport``; ``report.passed`` is the verdict. Raises ``CheckError`` when the call fails or
+    never calls the transformer. Like ``rascompile.export``, it resets Dynamo's caches when done.
+    """
+    from .backend import RASBackend
+    from .config import RASConfig
+
+    if relative_tolerance is not None and not (
+        isinstance(relative_tolerance, (int, float)) and math.isfinite(relative_tolerance) and relative_tolerance >= 0
+    ):
+        raise ValueError(f"relative_tolerance={relative_tolerance!r} is invalid: must be a finite number >= 0")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r} is invalid: must be an int")
+    # The backend the graphs would get: it validates inner_backend and fused_kv_projection, and builds each RAS
+    # graph exactly as torch.compile(..., backend="ras") does. Its controller is not used: the check drives the
+    # RAS graph with its own index and caches.
+    backend = RASBackend(
+        RASConfig(num_inference_steps=1), inner_backend=inner_backend, fused_kv_projection=fused_kv_projection
+    )
+    graphs, transformer, pipe = _graphs_of(pipe_or_transformer, dict(call_kwargs or {}))
+    if not graphs:
+        raise CheckError(f"the call never ran {type(transformer).__name__}: no graph to check")
+    reports = [
+        _check_graph(i, backend, gm, inputs, seed, require_ras, relative_tolerance)
+        for i, (gm, inputs) in enumerate(graphs)
+    ]
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        diffusers_version = None
+    return CheckReport(
+        model=type(transformer).__name__,
+        pipeline=type(pipe).__name__ if pipe is not None else None,
+        torch=torch.__version__,
+        diffusers=diffusers_version,
+        inner_backend=inner_backend,
+        require_ras=require_ras,
+        seed=seed,
+        graphs=reports,
+        passed=all(r.passed for r in reports),
+    )
+
+
+def _check_graph(
+    index: int,
+    backend: Any,
+    gm: torch.fx.GraphModule,
+    inputs: list,
+    seed: int,
+    require_ras: bool,
+    relative_tolerance: float | None,
+) -> GraphReport:
+    with warnings.catch_warnings():  # the reason for running dense goes into the report instead
+        warnings.simplefilter("ignore")
+        graph = backend.new_graph(gm, inputs)
+    if graph.ras_gm is None:
+        reason = graph.fallback_reason or "the passes did not rewrite it"
+        return GraphReport(index, False, reason, None, None, None, None, None, passed=not require_ras)
+    layout = graph.layout
+    n, b = layout.num_tokens, layout.batch_size
+    with torch.no_grad():
+        dense = [t for t in tree_leaves(_reference(backend.inner_backend, gm, inputs)) if isinstance(t, torch.Tensor)]
+    floating = [t for t in dense if t.is_floating_point()]
+    reference = floating[0] if floating else None
+    rtol = relative_tolerance if relative_tolerance is not None else _relative_tolerance(reference)
+    device = inputs[graph.latents_index].device
+    runner = _RASRunner(graph, inputs, device)
+    generator = torch.Generator().manual_seed(seed)
+
+    def random_rows(k: int) -> torch.Tensor:
+        return torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(b)]).to(device)
+
+    identity = torch.arange(n, device=device).expand(b, n).contiguous()
+    checks = [runner.compare("capture", identity, dense, rtol)]
+    checks.append(runner.compare("permutation", random_rows(n), dense, rtol))
+    subsets = sorted({n // f for f in SUBSET_FRACTIONS if 1 <= n // f < n} | ({1} if n > 1 else set()), reverse=True)
+    for k in subsets:
+        runner.run(identity)  # a capture step fills the caches from these inputs
+        checks.append(runner.compare("subset", random_rows(k), dense, rtol))
+    scale = max((_scale(t) for t in floating), default=0.0)
+    return GraphReport(
+        index=index,
+        ras=True,
+        reason=None,
+        num_tokens=n,
+        batch_size=b,
+        dtype=str(reference.dtype).removeprefix("torch.") if reference is not None else None,
+        relative_tolerance=rtol,
+        output_scale=scale,
+        k_values=[c.k for c in checks],
+        checks=checks,
+        summary=graph.summary,
+        passed=all(c.passed for c in checks),
+    )
+
+
+def _reference(inner_backend: str, gm: torch.fx.GraphModule, inputs: list) -> Any:
+    """The dense output the RAS graph must reproduce: the uncompiled graph's; with a compiling inner backend, the
+    dense graph compiled by it, so that the checks measure RAS and not the compiler's rounding against eager."""
+    if inner_backend == "eager":
+        return gm(*inputs)
+    from rascompile.passes import copy_graph_module
+
+    from .backend import compile_inner
+
+    return compile_inner(inner_backend, copy_graph_module(gm), list(inputs))(*inputs)
+
+
+class _RASRunner:
+    """Runs one RAS graph with the check's own caches; the caches start as NaN, so a row a capture step fails
+    to write poisons the output instead of passing on leftover values."""
+
+    def __init__(self, graph: Any, inputs: list, device: torch.device):
+        from rascompile.passes import copy_graph_module
+
+        from .backend import compile_inner
+
+        self.graph, self.inputs = graph, inputs
+        shape, dtype = graph.layout.output_cache
+        self.caches = [_poisoned(shape, dtype, device)] + [_poisoned(s, d, device) for s, d in graph.layout.kv_caches]
+        self._compile = lambda args: compile_inner(graph.backend.inner_backend, copy_graph_module(graph.ras_gm), args)
+        self._variants: dict[int, Callable] = {}
+
+    def run(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        args = [*self.inputs, idx, *self.caches]
+        k = int(idx.shape[1])
+        if k not in self._variants:
+            self._variants[k] = self._compile(args)
+        with torch.no_grad():
+            out = self._variants[k](*args)
+        return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+    def compare(self, name: str, idx: torch.Tensor, dense: list[torch.Tensor], rtol: float) -> CheckResult:
+        k = int(idx.shape[1])
+        try:
+            got = self.run(idx)
+        except Exception as exc:  # noqa: BLE001 - a RAS graph that fails to run is a failed check, reported
+            return CheckResult(name, k, math.inf, math.nan, False, error=_first_line(exc))
+        if len(got) != len(dense):
+            return CheckResult(name, k, math.inf, math.nan, False, error=f"{len(got)} outputs, dense has {len(dense)}")
+        outcomes = []  # (diff, tolerance) per output; the worst relative to its tolerance is reported
+        for ours, theirs in zip(got, dense):
+            tolerance = rtol * _scale(theirs) if theirs.is_floating_point() else 0.0
+            outcomes.append((_difference(ours, theirs), tolerance))
+        passed = all(diff <= tolerance for diff, tolerance in outcomes)
+        worst = max(outcomes, key=lambda o: _ratio(*o), default=(0.0, 0.0))
+        return CheckResult(name, k, worst[0], worst[1], passed)
+
+
+def _ratio(diff: float, tolerance: float) -> float:
+    if tolerance > 0:
+        return diff / tolerance
+    return math.inf if diff > 0 else 0.0
+
+
+def _poisoned(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    cache = torch.empty(tuple(shape), dtype=dtype, device=device)
+    return cache.fill_(math.nan) if cache.is_floating_point() or cache.is_complex() else cache.zero_()
+
+
+def _difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """max |ours - theirs| in float64; equal values (infinities included) and NaN against NaN count as equal,
+    a NaN or inf in one of them only as an infinite difference, a shape or dtype change likewise."""
+    if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
+        return math.inf
+    if ours.numel() == 0:
+        return 0.0
+    a, b = ours.detach().double(), theirs.detach().double()
+    same = (a == b) | (a.isnan() & b.isnan())
+    diff = torch.where(same, torch.zeros_like(a), (a - b).abs())
+    return float(torch.nan_to_num(diff, nan=math.inf).max())
+
+
+def _scale(t: torch.Tensor) -> float:
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0.0
+    finite = t.detach().abs()[torch.isfinite(t)]
+    return float(finite.max()) if finite.numel() else 0.0
+
+
+def _relative_tolerance(output: torch.Tensor | None) -> float:
+    if output is None:
+        return 0.0  # integer outputs must match exactly
+    if output.dtype == torch.float32 and output.is_cuda and torch.get_float32_matmul_precision() != "highest":
+        return TF32_RELATIVE_TOLERANCE
+    return RELATIVE_TOLERANCE.get(output.dtype, RELATIVE_TOLERANCE[torch.float32])
+
+
+# ============================================================================================ the command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .backend import INNER_BACKENDS
+    from .cli import finite_float, int_at_least, positive_int
+    from .export_cli import _side
+
+    parser.add_argument("pipeline", help="local directory of a diffusers pipeline (DiffusionPipeline.from_pretrained)")
+    parser.add_argument("--height", type=_side, default=None, help="image height in pixels (default: the pipeline's)")
+    parser.add_argument("--width", type=_side, default=None, help="image width in pixels (default: the pipeline's)")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="prompt (needs the text encoders; default empty)")
+    prompt.add_argument(
+        "--embeddings",
+        metavar="FILE",
+        default=None,
+        help="safetensors file of prompt embeddings named after the pipeline's call arguments (prompt_embeds, "
+        "pooled_prompt_embeds, negative_prompt_embeds, ...), one row per prompt, as for rascompile export",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=finite_float,
+        default=None,
+        help="classifier-free guidance scale; > 1 doubles the batch (default: the pipeline's)",
+    )
+    parser.add_argument("--num-images-per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
+    parser.add_argument(
+        "--seed", type=int_at_least(0), default=0, help="seed of the latents and the random token orders (default 0)"
+    )
+    parser.add_argument(
+        "--inner-backend",
+        choices=INNER_BACKENDS,
+        default="eager",
+        help="how the RAS graphs run: eager (the default: the rewrite itself), aot_eager, or inductor (as "
+        "backend='ras' runs them; one compile per k)",
+    )
+    parser.add_argument("--require-ras", action="store_true", help="fail when a graph runs dense")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    """Exit status: 0 every check passed, 1 a check failed (or a graph runs dense with --require-ras), 2 bad
+    input or the check could not run (one line ``error: ...`` on stderr)."""
+    from safetensors import SafetensorError
+
+    from .export_cli import InputError, _absent_components, call_kwargs_from_args, check_size, read_model_index
+
+    pipeline = Path(args.pipeline)
+    if not pipeline.is_dir():
+        print(f"error: pipeline {pipeline} is not a directory (give a local diffusers pipeline)", file=sys.stderr)
+        return 2
+    try:
+        index = read_model_index(pipeline)
+        call_kwargs = call_kwargs_from_args(args, index)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(pipeline), dtype=torch.float32, **_absent_components(index))
+    except (OSError, ValueError, SafetensorError) as exc:  # missing or damaged files, configs that are not JSON
+        print(f"error: cannot load the pipeline {pipeline}: {_first_line(exc)}", file=sys.stderr)
+        return 2
+    try:
+        if getattr(pipe, "transformer", None) is None:
+            raise InputError(f"{pipeline} loads as a {type(pipe).__name__} without a transformer")
+        check_size(pipe, call_kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        call_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
+        print(f"checking {type(pipe.transformer).__name__} of {type(pipe).__name__} ...", file=sys.stderr)
+        report = check(
+            pipe, call_kwargs, require_ras=args.require_ras, seed=args.seed, inner_backend=args.inner_backend
+        )
+    except ValueError as exc:  # InputError, CheckError
+        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(report.to_json() if args.json else report.format())
+    return 0 if report.passed else 1
+
+
+# ``rascompile.check(...)`` calls ``check``: ``import rascompile.check`` makes ``rascompile.check`` this module (a
+# package attribute a function of that name could not keep), so the module itself is callable.
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args: Any, **kwargs: Any) -> CheckReport:
+        return check(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
