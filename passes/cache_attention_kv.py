@@ -9,8 +9,12 @@ tensor and an ``update_kv_cache`` node that writes the active tokens' fresh rows
 passes the full cache on, so attention sees fresh keys for active tokens and the cached keys
 of every other image token. When attention reads ``cat([image keys, text keys])`` directly (SD3
 joint attention), the cache holds that whole joint sequence instead and ``update_joint_kv_cache``
-writes the text rows and the active image rows into it, so no concatenation runs. Needs the
-token axes, which it gets by retargeting a copy.
+writes the text rows and the active image rows into it, so no concatenation runs. When the key
+reaches attention as a joint sequence built earlier (RoPE applied after concatenating text and image
+keys, as Flux does, or text and image concatenated before the projection, as single-stream blocks do),
+the cache holds that joint tensor as attention reads it and ``update_joint_rows_cache`` writes every
+text row and the active image rows at their dense rows. Needs the token axes and the image rows' offset
+in joint sequences, which it gets by retargeting a copy.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
     if not ctx.kv_cache:
         ctx.note("kv: cache disabled, attention sees active tokens only")
         return gm
-    axes = _token_axes_of_retargeted_copy(gm, ctx)
+    axes, offsets = _token_axes_of_retargeted_copy(gm, ctx)
     nodes = {n.name: n for n in gm.graph.nodes}
     idx = nodes[ctx.active_idx]
     for attention in [n for n in gm.graph.nodes if is_sdpa(n)]:
@@ -40,7 +44,12 @@ def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
             if joint is not None:
                 _cache_joint_sequence(gm, ctx, attention, kind, joint, idx, axes)
                 continue
-            found = _image_only_producer(attention, position, axes, ctx.num_tokens)
+            try:
+                found = _image_only_producer(attention, position, axes, ctx.num_tokens)
+            except RewriteError:
+                if not _cache_joint_tensor(gm, ctx, attention, kind, idx, axes, offsets):
+                    raise
+                continue
             if found is None:
                 continue
             tensor, consumer = found
@@ -98,14 +107,32 @@ def _cache_joint_sequence(gm, ctx: PassContext, attention, kind: str, joint, idx
     attention.replace_input_with(cat, updated)
 
 
-def _token_axes_of_retargeted_copy(gm: torch.fx.GraphModule, ctx: PassContext) -> dict[str, int]:
+def _cache_joint_tensor(gm, ctx: PassContext, attention, kind: str, idx, axes, offsets) -> bool:
+    """Cache the joint key (or value) tensor attention reads, when its image rows are located."""
+    tensor = sdpa_argument(attention, kind)
+    if not isinstance(tensor, torch.fx.Node) or tensor.name not in axes or offsets.get(tensor.name) is None:
+        return False
+    axis, offset = axes[tensor.name], offsets[tensor.name]
+    cache = _add_cache(gm, ctx, attention, kind, example_value(tensor), axis)
+    args = (cache, tensor, idx, axis, offset, ctx.num_tokens)
+    updated = insert_call(gm, tensor, ops.update_joint_rows_cache, args, like=tensor)
+    updated.meta["ras_impure"] = True
+    attention.replace_input_with(tensor, updated)
+    ctx.note(f"kv: joint {kind} cached whole (image rows from {offset}) for {describe(attention)}")
+    return True
+
+
+def _token_axes_of_retargeted_copy(gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[dict, dict]:
+    """Token axes, and where joint sequences keep their image rows, by node name, from a retargeted copy."""
     graph = torch.fx.Graph()
     value_map: dict = {}
     out = graph.graph_copy(gm.graph, value_map)
     graph.output(out)
     trial = torch.fx.GraphModule(gm, graph)
     retarget_token_region(trial, dataclasses.replace(ctx, log=[], kv_slots=[]))
-    return {n.name: n.meta["ras_token_axis"] for n in trial.graph.nodes if "ras_token_axis" in n.meta}
+    axes = {n.name: n.meta["ras_token_axis"] for n in trial.graph.nodes if "ras_token_axis" in n.meta}
+    offsets = {n.name: n.meta["ras_image_offset"] for n in trial.graph.nodes if "ras_image_offset" in n.meta}
+    return axes, offsets
 
 
 LAYOUT_METHODS = {
@@ -168,6 +195,10 @@ def _image_only_producer(attention, position, axes, num_tokens):
         axis = axes[node.name]
         if node.meta["ras_dense_shape"][axis] == num_tokens:
             break
+        if node.op == "call_function" and node.target is torch.cat:
+            # a joint sequence is built here, before the projections and norms on the way to attention: the
+            # image tokens' inputs are no image-only keys; the joint tensor attention reads is cached instead
+            raise RewriteError(f"{describe(attention)}: the {('key', 'value')[position - 1]} is a joint sequence")
         parents = [a for a in node.all_input_nodes if a.name in axes]
         if len(parents) != 1:
             raise RewriteError(

@@ -37,7 +37,8 @@ class PassContext:
     dump_dir: str | None = None
 
     # facts found by find_token_source
-    latents: str | None = None  # placeholder name of the latents (B, C, H, W)
+    latents: str | None = None  # placeholder name of the latents (B, C, H, W), or (B, N, C) when packed
+    latent_layout: str = "image"  # "image" [B, C, H, W] or "packed" [B, N, C] (see find_token_source)
     timestep: str | None = None  # placeholder name of the timestep, when one is found
     token_source: str | None = None  # node producing the image tokens [B, N, C]
     batch_size: int = 0

@@ -24,6 +24,7 @@ from .graph_utils import call_node, describe
 PORTABLE = {
     ops.update_kv_cache: portable_ops.update_kv_cache,
     ops.update_joint_kv_cache: portable_ops.update_joint_kv_cache,
+    ops.update_joint_rows_cache: portable_ops.update_joint_rows_cache,
     ops.merge_output: portable_ops.merge_output,
     ops.fused_kv_update: portable_ops.fused_kv_update,
 }

@@ -39,6 +39,25 @@ def gather_position_table(table: torch.Tensor, idx: torch.Tensor, axis: int, ndi
     return gather_tokens(table, idx, axis)
 
 
+def joint_rows(idx: torch.Tensor, offset: int, num_tokens: int, total: int) -> torch.Tensor:
+    """The dense rows a joint sequence keeps on a RAS step: [B, total - N + k].
+
+    The dense joint sequence has ``total`` rows with the N image rows at ``[offset, offset + N)``; the
+    rewritten one keeps the other rows whole and the active image rows ``offset + idx`` in their place.
+    """
+    batch = idx.shape[0]
+    before = torch.arange(offset, device=idx.device).expand(batch, offset)
+    after = torch.arange(offset + num_tokens, total, device=idx.device).expand(batch, total - offset - num_tokens)
+    return torch.cat([before, idx + offset, after], dim=1)
+
+
+def gather_joint_table(
+    table: torch.Tensor, idx: torch.Tensor, axis: int, ndim: int, offset: int, num_tokens: int, total: int
+) -> torch.Tensor:
+    """A position table over a joint (text + image) sequence, gathered at the rows the joint sequence keeps."""
+    return gather_position_table(table, joint_rows(idx, offset, num_tokens, total), axis, ndim)
+
+
 @torch.library.custom_op("rascompile::scatter_rows_", mutates_args=("cache",))
 def scatter_rows_(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int) -> None:
     """``cache[b, ..., idx[b, i], ...] = fresh[b, ..., i, ...]`` along ``axis``, in place.
@@ -67,6 +86,18 @@ def update_kv_cache(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor,
     later steps.
     """
     scatter_rows_(cache, fresh, idx, axis)
+    return cache
+
+
+def update_joint_rows_cache(
+    cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int, offset: int, num_tokens: int
+) -> torch.Tensor:
+    """Write a joint (text + image) key or value tensor into its cache of the whole dense sequence; return it.
+
+    ``fresh`` holds the rows a RAS step keeps (see ``joint_rows``): every text row and the active image rows;
+    they go to their dense rows, so the cache holds every text row and all N image rows.
+    """
+    scatter_rows_(cache, fresh, joint_rows(idx, offset, num_tokens, cache.shape[axis]), axis)
     return cache
 
 

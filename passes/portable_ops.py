@@ -10,11 +10,16 @@ from __future__ import annotations
 import torch
 from rascompile.kernels import normalize_arguments, reference_rows, write_rows
 
-from .ops import rope_cos_sin, scatter_rows, write_joint_sequence
+from .ops import joint_rows, rope_cos_sin, scatter_rows, write_joint_sequence
 
 
 def update_kv_cache(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
     scatter_rows(cache, fresh, idx, axis)
+    return cache
+
+
+def update_joint_rows_cache(cache, fresh, idx, axis: int, offset: int, num_tokens: int) -> torch.Tensor:
+    scatter_rows(cache, fresh, joint_rows(idx, offset, num_tokens, cache.shape[axis]), axis)
     return cache
 
 

@@ -95,6 +95,36 @@ class _Region:
         self.env = env
         self.n = num_tokens
         self.delta = num_tokens - probe
+        # where the N image rows start along a node's token axis in the dense graph (0 for image-only tensors,
+        # the text length for a [text; image] joint sequence); None when it cannot be told
+        self.offsets: dict[torch.fx.Node, int | None] = {}
+
+    def record_offset(self, node: torch.fx.Node, inputs: list[torch.fx.Node]) -> None:
+        axis = self.axis(node)
+        if axis is None:
+            return
+        if axis < 0:  # a tuple of token tensors (split, unbind): its parts keep the input's layout
+            self.offsets[node] = next((self.offsets.get(a) for a in inputs if a in self.offsets), None)
+            return
+        size = self.dense_size(node, axis)
+        if size == self.n:
+            self.offsets[node] = 0
+            return
+        self.offsets[node] = self._joint_offset(node, axis, size, inputs)
+
+    def _joint_offset(self, node: torch.fx.Node, axis: int, size: int, inputs: list[torch.fx.Node]) -> int | None:
+        if node.op == "call_function" and node.target is torch.cat:
+            parts = node.args[0] if node.args else node.kwargs.get("tensors")
+            image = [i for i, p in enumerate(parts) if isinstance(p, torch.fx.Node) and p in inputs]
+            if len(image) != 1 or self.offsets.get(parts[image[0]]) is None:
+                return None
+            before = sum(p.meta["ras_dense_shape"][axis] for p in parts[: image[0]])
+            return before + self.offsets[parts[image[0]]]
+        for arg in inputs:
+            arg_axis = self.axis(arg)
+            if arg_axis == -1 or (arg_axis is not None and self.dense_size(arg, arg_axis) == size):
+                return self.offsets.get(arg)
+        return None
 
     def axis(self, node: torch.fx.Node) -> int | None:
         """Token axis of ``node``'s tensor value, or None when its shape is the dense one."""
@@ -164,9 +194,12 @@ def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
         elif is_elementwise(node):
             _gather_position_tables(gm, node, inputs, region, idx, ctx)
         _retarget_literals(gm, node, inputs, region, count, ctx)
+        region.record_offset(node, inputs)
         axis = region.axis(node)
         if axis is not None and axis >= 0:
             node.meta["ras_token_axis"] = axis
+            if region.offsets.get(node) is not None:
+                node.meta["ras_image_offset"] = region.offsets[node]
         elif axis is None and not _may_drop_token_axis(node):
             raise RewriteError(f"{node.name} ({describe(node)}) loses the token axis of its input")
     return gm
@@ -255,10 +288,15 @@ def _gather_attention_mask(gm, node, region: _Region, idx, ctx: PassContext) -> 
         mask_shape = region.env.shape(mask)
         if mask_shape[mask_axis] == 1:
             continue
-        if dense_len != region.n:
-            raise RewriteError(f"{node.name} ({describe(node)}): mask over a joint image+text sequence")
         axis = ndim + mask_axis
-        gathered = insert_call(gm, node, ops.gather_position_table, (mask, idx, axis, ndim), before=True)
+        if dense_len == region.n:
+            gathered = insert_call(gm, node, ops.gather_position_table, (mask, idx, axis, ndim), before=True)
+        else:
+            offset = region.offsets.get(arg)
+            if offset is None or mask_shape[mask_axis] != dense_len:
+                raise RewriteError(f"{node.name} ({describe(node)}): mask over a joint image+text sequence")
+            args = (mask, idx, axis, ndim, offset, region.n, dense_len)
+            gathered = insert_call(gm, node, ops.gather_joint_table, args, before=True)
         region.env.evaluate(gathered)
         _replace_arg(node, mask, gathered)
         mask = gathered
@@ -280,9 +318,19 @@ def _gather_position_tables(gm, node, inputs, region: _Region, idx, ctx: PassCon
         table_axis = out_axis - (out_ndim - len(shape))
         if table_axis < 0 or shape[table_axis] != region.dense_size(ref, ref_axis) or shape[table_axis] == 1:
             continue
-        if shape[table_axis] != region.n:
-            raise RewriteError(f"{node.name} ({describe(node)}): position table over a joint sequence")
-        gathered = insert_call(gm, node, ops.gather_position_table, (arg, idx, out_axis, out_ndim), before=True)
+        if shape[table_axis] == region.n:
+            args = (arg, idx, out_axis, out_ndim)
+            gathered = insert_call(gm, node, ops.gather_position_table, args, before=True)
+        else:
+            offset = region.offsets.get(ref)
+            if offset is None:
+                raise RewriteError(
+                    f"{node.name} ({describe(node)}): position table over a joint sequence whose image rows "
+                    "cannot be located"
+                )
+            args = (arg, idx, out_axis, out_ndim, offset, region.n, shape[table_axis])
+            gathered = insert_call(gm, node, ops.gather_joint_table, args, before=True)
+            ctx.note(f"table: joint position table (image rows from {offset}) gathered for {describe(node)}")
         region.env.evaluate(gathered)
         _replace_arg(node, arg, gathered)
         ctx.note(f"table: position table gathered at active tokens for {describe(node)}")

@@ -42,6 +42,7 @@ def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph
     cache = add_placeholder(gm, OUTPUT_CACHE, fake_cache)
     merged = insert_call(gm, projection, ops.merge_output, (cache, projection, idx), like=projection)
     merged.meta["ras_impure"] = True
+    merged.meta["ras_dense_shape"] = projection.meta["ras_dense_shape"]  # it may be the graph's output (packed)
     projection.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
     ctx.output_cache = cache.name
     ctx.output_cache_shape = tuple(int(s) for s in value.shape)

@@ -121,6 +121,14 @@ class RASBackend:
                 table[key] = RASController(self.config, layout, steps, device)
             return table[key]
 
+    def controllers_of(self, module: torch.nn.Module) -> list[RASController]:
+        """The controllers that ran ``module`` (a transformer, or its ``torch.compile`` wrapper): one per
+        resolution and graph layout, for inspection (``history``, ``step_counts``, ``branch_caches``)."""
+        module = getattr(module, "_orig_mod", module)
+        params = {id(p) for p in module.parameters()}
+        tables = [table for key, table in self._per_transformer.items() if key in params]
+        return [c for table in tables for key, c in table.items() if key[0] == "controller"]
+
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> RASBackend:
         options = dict(options or {})
@@ -253,6 +261,7 @@ class RASGraph:
             patch_size=ctx.patch_size,
             output_cache=(ctx.output_cache_shape, ctx.output_cache_dtype),
             kv_caches=tuple((s.shape, s.dtype) for s in ctx.kv_slots),
+            latent_layout=ctx.latent_layout,
         )
         self.ras_gm, self.summary = ras_gm, graph_summary(ctx)
         self.latents_index, self.timestep_index = latents_index, timestep_index
@@ -397,8 +406,9 @@ class _ByTensor:
                 self._entries[key] = (weakref.ref(tensor, lambda _, key=key: self._entries.pop(key, None)), found)
             return found
 
-    def values(self) -> list:
-        return [value for ref, value in list(self._entries.values()) if ref() is not None]
+    def items(self) -> list[tuple[int, Any]]:
+        """``(id of the tensor, value)`` for the tensors still alive."""
+        return [(key, value) for key, (ref, value) in list(self._entries.items()) if ref() is not None]
 
 
 def _checked_dump_dir(dump_graphs: Any) -> str | None:
@@ -437,6 +447,12 @@ def ras_backend(
         backend = RASBackend.from_options(options)
         _SHARED_BACKENDS[key] = backend
     return backend(gm, example_inputs)
+
+
+def controllers_of(module: torch.nn.Module) -> list[RASController]:
+    """The controllers that ran ``module`` through ``torch.compile(..., backend="ras")`` (see
+    ``RASBackend.controllers_of``; for ``rascompile.apply`` ask the backend it returns)."""
+    return [c for backend in list(_SHARED_BACKENDS.values()) for c in backend.controllers_of(module)]
 
 
 # The backends of ``backend="ras"`` compiles, by their options. Weak: an entry lives as long as Dynamo keeps a

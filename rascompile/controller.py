@@ -16,7 +16,7 @@ import torch
 
 from .config import RASConfig
 from .schedule import StepPlan, build_schedule
-from .selector import initial_drop_counts, select_active_tokens, token_metric
+from .selector import initial_drop_counts, packed_token_metric, select_active_tokens, token_metric
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class GraphLayout:
     patch_size: int
     output_cache: tuple[tuple[int, ...], torch.dtype]
     kv_caches: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+    latent_layout: str = "image"  # "image": latents [B, C, H, W]; "packed": [B, N, C], one row per token
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,10 @@ class RASController:
 
     def _select(self, latents: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         delta = latents.detach().float() - self.previous_latents.float()
-        metric = token_metric(delta, self.layout.patch_size, self.config.metric)
+        if self.layout.latent_layout == "packed":
+            metric = packed_token_metric(delta, self.config.metric)
+        else:
+            metric = token_metric(delta, self.layout.patch_size, self.config.metric)
         idx = select_active_tokens(
             metric, self.drop_counts, plan.num_dropped, self.config.high_ratio, self.config.starvation_scale
         )

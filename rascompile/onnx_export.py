@@ -105,6 +105,11 @@ def prepare_step_graphs(
         ras_gm, ctx = build_ras_graph(dense_gm, fuse_kv_projection=fused_kv_projection)
     except RewriteError as exc:
         raise ExportError(f"cannot export a RAS step graph: the passes cannot rewrite this model: {exc}") from exc
+    if ctx.latent_layout != "image":
+        raise ExportError(
+            f"cannot export a model with {ctx.latent_layout} latents yet: the export manifest describes "
+            "[B, C, H, W] latents only (run it with torch.compile(backend='ras') or rascompile.apply)"
+        )
     placeholders = [n.name for n in dense_gm.graph.nodes if n.op == "placeholder"]
     constants, runtime = _split_inputs(placeholders, example_inputs)
     inputs = [_input_record(name, example_inputs[placeholders.index(name)]) for name in runtime]

@@ -15,7 +15,7 @@ import torch
 from .config import METRICS
 from .schedule import split_num_dropped
 
-__all__ = ["token_metric", "initial_drop_counts", "select_active_tokens"]
+__all__ = ["token_metric", "packed_token_metric", "initial_drop_counts", "select_active_tokens"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -58,6 +58,27 @@ def token_metric(delta: torch.Tensor, patch_size: int, metric: str) -> torch.Ten
         raise ValueError(f"metric={metric!r} is invalid: must be one of {', '.join(map(repr, METRICS))}")
     grid = per_pixel.reshape(batch, height // p, p, width // p, p)
     return grid.mean(dim=(2, 4)).reshape(batch, (height // p) * (width // p))
+
+
+def packed_token_metric(delta: torch.Tensor, metric: str) -> torch.Tensor:
+    """
+    Per-token change metric of an update to packed latents `[B, N, C]` (Flux, Qwen-Image, LTX: the pipeline
+    packs each token's latent elements into its row): `"std"` (unbiased standard deviation over the token's
+    C elements), `"l2norm"` (their L2 norm) or `"random"`. Returns `[B, N]` float32.
+    """
+    if not isinstance(delta, torch.Tensor) or delta.dim() != 3:
+        shape = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__
+        raise ValueError(f"delta must be a [B, N, C] tensor of packed latents, got {shape}")
+    x = delta.to(torch.float32)
+    if metric == "std":
+        if x.shape[2] < 2:
+            raise ValueError(f"metric='std' needs at least 2 elements per token, got C={x.shape[2]}")
+        return torch.std(x, dim=2, correction=1)
+    if metric == "l2norm":
+        return torch.linalg.vector_norm(x, ord=2, dim=2)
+    if metric == "random":
+        return _random_scores(x, x.shape[1])
+    raise ValueError(f"metric={metric!r} is invalid: must be one of {', '.join(map(repr, METRICS))}")
 
 
 def _random_scores(delta: torch.Tensor, num_tokens: int) -> torch.Tensor:

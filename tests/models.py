@@ -267,3 +267,108 @@ def lumina_call_kwargs(
         return_dict=False,
         clean_caption=False,
     )
+
+
+# ---------------------------------------------------------------------------------------------- Flux (packed)
+
+FLUX_TEXT_DIM = 24
+FLUX_POOLED_DIM = 12
+FLUX_TEXT_LEN = 5
+
+
+def tiny_flux_transformer(seed: int = 0):
+    """A Flux.1 transformer: one double-stream and one single-stream block, hidden 16 (2 heads x 8), RoPE over
+    the joint [text; image] sequence, packed latents of 16 elements per token (the pipeline's 2x2 packing of 4
+    latent channels)."""
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=FLUX_TEXT_DIM,
+        pooled_projection_dim=FLUX_POOLED_DIM,
+        axes_dims_rope=(2, 2, 4),
+    )
+    _reinit_(model, seed, std=0.15, qk_std=0.3)
+    return model.eval()
+
+
+def tiny_flux_pipeline(transformer=None):
+    """FluxPipeline with the tiny transformer, no VAE and no text encoders (prompt embeddings passed in)."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer if transformer is not None else tiny_flux_transformer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_call_kwargs(batch: int = 2, size: int = 128, steps: int = 8, seed: int = 0, true_cfg: bool = False) -> dict:
+    """``size`` pixels square: latents size/8 (no VAE), packed 2x2, so N = (size / 16)^2 tokens (64 at 128)."""
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    kwargs = dict(
+        prompt_embeds=torch.randn(batch, FLUX_TEXT_LEN, FLUX_TEXT_DIM, generator=gen),
+        pooled_prompt_embeds=torch.randn(batch, FLUX_POOLED_DIM, generator=gen),
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        return_dict=False,
+    )
+    if true_cfg:
+        kwargs.update(
+            negative_prompt_embeds=torch.randn(batch, FLUX_TEXT_LEN, FLUX_TEXT_DIM, generator=gen),
+            negative_pooled_prompt_embeds=torch.randn(batch, FLUX_POOLED_DIM, generator=gen),
+            true_cfg_scale=4.0,
+        )
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------- Qwen-Image
+
+
+def tiny_qwen_image_transformer(seed: int = 0):
+    """A Qwen-Image MMDiT: one block, hidden 16 (2 heads x 8), per-stream RoPE, packed latents of 16 elements."""
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=FLUX_TEXT_DIM,
+        axes_dims_rope=(2, 2, 4),
+    )
+    _reinit_(model, seed, std=0.15, qk_std=0.3)
+    return model.eval()
+
+
+def qwen_image_call_kwargs(batch: int = 2, grid: int = 8, seed: int = 0, padded_text: bool = True) -> dict:
+    """Transformer call arguments as QwenImagePipeline passes them: packed latents [B, grid^2, 16], a text mask
+    (the first image's last two text tokens padded when ``padded_text``)."""
+    gen = torch.Generator().manual_seed(30_000 + seed)
+    mask = torch.ones(batch, FLUX_TEXT_LEN)
+    if padded_text:
+        mask[0, -2:] = 0
+    return dict(
+        hidden_states=torch.randn(batch, grid * grid, 16, generator=gen),
+        encoder_hidden_states=torch.randn(batch, FLUX_TEXT_LEN, FLUX_TEXT_DIM, generator=gen),
+        encoder_hidden_states_mask=mask,
+        timestep=torch.full((batch,), 0.5),
+        img_shapes=[(1, grid, grid)] * batch,
+        return_dict=False,
+    )

@@ -15,7 +15,7 @@ from test_passes import _capture
 
 import rascompile
 from rascompile import RASConfig
-from rascompile.backend import BACKEND_OPTIONS, RASBackend
+from rascompile.backend import BACKEND_OPTIONS, RASBackend, controllers_of
 from rascompile.selector import select_active_tokens
 
 STEPS = 8
@@ -173,12 +173,7 @@ def test_concurrent_first_calls_of_two_compiled_pipelines_match_single_thread():
 
 def _controllers(pipe, backend=None):
     """The controllers that ran ``pipe``'s transformer instance (one per resolution and graph layout)."""
-    from rascompile.backend import _SHARED_BACKENDS
-
-    anchor = next(pipe.transformer._orig_mod.parameters())
-    backends = [backend] if backend is not None else list(_SHARED_BACKENDS.values())
-    tables = [b._per_transformer.get(anchor) or {} for b in backends]
-    return [v for table in tables for k, v in table.items() if k[0] == "controller"]
+    return backend.controllers_of(pipe.transformer) if backend is not None else controllers_of(pipe.transformer)
 
 
 def test_one_compiled_transformer_interleaved_by_two_threads_raises():
