@@ -134,3 +134,21 @@ def test_qwen_image_text_mask_takes_effect():
         padded = model(**qwen_image_call_kwargs(padded_text=True))[0]
         full = model(**qwen_image_call_kwargs(padded_text=False))[0]
     assert (padded - full).abs().max() > 1e-3
+
+
+def test_graph_snapshot(rewritten, request):
+    """A canonical summary of each rewritten graph; a diffusers or torch upgrade that changes it fails here.
+
+    Regenerate with RASCOMPILE_UPDATE_SNAPSHOTS=1 after reading the diff.
+    """
+    import os
+    from pathlib import Path
+
+    from rascompile.passes import graph_summary
+
+    _, ctx, _, _ = rewritten
+    name = request.node.callspec.params["rewritten"]
+    path = Path(__file__).parent / "snapshots" / f"{name}.txt"
+    if os.environ.get("RASCOMPILE_UPDATE_SNAPSHOTS"):
+        path.write_text(graph_summary(ctx))
+    assert graph_summary(ctx) == path.read_text(), f"rewritten graph of {name} changed; diff against {path}"
