@@ -321,6 +321,7 @@ def _gather_position_tables(gm, node, inputs, region: _Region, idx, ctx: PassCon
         if shape[table_axis] == region.n:
             args = (arg, idx, out_axis, out_ndim)
             gathered = insert_call(gm, node, ops.gather_position_table, args, before=True)
+            ctx.note(f"table: position table gathered at active tokens for {describe(node)}")
         else:
             offset = region.offsets.get(ref)
             if offset is None:
@@ -333,7 +334,6 @@ def _gather_position_tables(gm, node, inputs, region: _Region, idx, ctx: PassCon
             ctx.note(f"table: joint position table (image rows from {offset}) gathered for {describe(node)}")
         region.env.evaluate(gathered)
         _replace_arg(node, arg, gathered)
-        ctx.note(f"table: position table gathered at active tokens for {describe(node)}")
 
 
 def _replace_arg(node: torch.fx.Node, old: torch.fx.Node, new: torch.fx.Node) -> None:
