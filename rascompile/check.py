@@ -36,7 +36,6 @@ import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -539,33 +538,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main_from_args(args: argparse.Namespace) -> int:
     """Exit status: 0 every check passed, 1 a check failed (or a graph runs dense with --require-ras), 2 bad
     input or the check could not run (one line ``error: ...`` on stderr)."""
-    from safetensors import SafetensorError
+    from .export_cli import load_pipeline
 
-    from .export_cli import InputError, _absent_components, call_kwargs_from_args, check_size, read_model_index
-
-    pipeline = Path(args.pipeline)
-    if not pipeline.is_dir():
-        print(f"error: pipeline {pipeline} is not a directory (give a local diffusers pipeline)", file=sys.stderr)
-        return 2
     try:
-        index = read_model_index(pipeline)
-        call_kwargs = call_kwargs_from_args(args, index)
+        pipe, call_kwargs = load_pipeline(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    from diffusers import DiffusionPipeline
-
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(pipeline), dtype=torch.float32, **_absent_components(index))
-    except (OSError, ValueError, SafetensorError) as exc:  # missing or damaged files, configs that are not JSON
-        print(f"error: cannot load the pipeline {pipeline}: {_first_line(exc)}", file=sys.stderr)
-        return 2
-    try:
-        if getattr(pipe, "transformer", None) is None:
-            raise InputError(f"{pipeline} loads as a {type(pipe).__name__} without a transformer")
-        check_size(pipe, call_kwargs)
-        pipe.set_progress_bar_config(disable=True)
         call_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
         print(f"checking {type(pipe.transformer).__name__} of {type(pipe).__name__} ...", file=sys.stderr)
         report = check(

@@ -20,6 +20,7 @@ import inspect
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -305,40 +306,49 @@ def check_size(pipe, call_kwargs: dict) -> None:
 # ============================================================================================ the command
 
 
+def load_pipeline(args: argparse.Namespace, *, before_loading: Callable[[], None] | None = None) -> tuple:
+    """``(pipe, call_kwargs)``: the local pipeline ``args.pipeline`` names, loaded in fp32 with its absent
+    components as None, and the call arguments the options give, checked against it (``check_size``).
+
+    ``before_loading`` runs after the cheap checks and before the slow load. Every bad input raises
+    ``InputError`` (a ``ValueError``) with the one line to print; the ``export`` and ``check`` commands share this.
+    """
+    pipeline = Path(args.pipeline)
+    if not pipeline.is_dir():
+        raise InputError(f"pipeline {pipeline} is not a directory (give a local diffusers pipeline)")
+    index = read_model_index(pipeline)
+    if before_loading is not None:
+        before_loading()
+    call_kwargs = call_kwargs_from_args(args, index)
+
+    from diffusers import DiffusionPipeline
+    from safetensors import SafetensorError
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(pipeline), dtype=torch.float32, **_absent_components(index))
+    except (OSError, ValueError, SafetensorError) as exc:  # missing or damaged files, configs that are not JSON
+        raise InputError(f"cannot load the pipeline {pipeline}: {_first_line(exc)}") from exc
+    if getattr(pipe, "transformer", None) is None:
+        raise InputError(f"{pipeline} loads as a {type(pipe).__name__} without a transformer")
+    check_size(pipe, call_kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, call_kwargs
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    from safetensors import SafetensorError
-
     from .onnx_export import ExportError, export
 
-    pipeline = Path(args.pipeline)
-    if not pipeline.is_dir():
-        print(f"error: pipeline {pipeline} is not a directory (give a local diffusers pipeline)", file=sys.stderr)
-        return 2
     try:
-        index = read_model_index(pipeline)
-        check_output_directory(args.output, "output")
-        call_kwargs = call_kwargs_from_args(args, index)
+        pipe, call_kwargs = load_pipeline(args, before_loading=lambda: check_output_directory(args.output, "output"))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    from diffusers import DiffusionPipeline
-
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(pipeline), dtype=torch.float32, **_absent_components(index))
-    except (OSError, ValueError, SafetensorError) as exc:  # missing or damaged files, configs that are not JSON
-        print(f"error: cannot load the pipeline {pipeline}: {_first_line(exc)}", file=sys.stderr)
-        return 2
-    try:
-        if getattr(pipe, "transformer", None) is None:
-            raise InputError(f"{pipeline} loads as a {type(pipe).__name__} without a transformer")
-        check_size(pipe, call_kwargs)
-        pipe.set_progress_bar_config(disable=True)
         print(f"tracing {type(pipe.transformer).__name__} of {type(pipe).__name__} ...", file=sys.stderr)
         result = export(
             pipe,
