@@ -1,16 +1,22 @@
 """Speed benchmark of RAS against dense execution: ``rascompile bench`` / ``benchmarks/speed.py``.
 
-A mid-size SD3-shaped MMDiT (diffusers ``SD3Transformer2DModel``, random weights) runs on the current
-device in fp32 under ``torch.no_grad()`` with a classifier-free-guidance batch of 2. Everything is
-compiled with the same inner backend (inductor by default). Reported:
+A mid-size transformer of one diffusers family (``--model``: ``sd3``, the default, an SD3-shaped
+``SD3Transformer2DModel`` with a classifier-free-guidance batch of 2; ``flux``, a ``FluxTransformer2DModel``
+with packed latents, batch 1; ``wan``, a ``WanTransformer3DModel`` on video latents, batch 1 per guidance
+branch; see :mod:`rascompile.bench_models`), random weights, runs on the current device in fp32 under
+``torch.no_grad()`` with the inputs its pipeline passes. Everything is compiled with the same inner backend
+(inductor by default). Reported:
 
 1. **Per-step time**: one dense step of the compiled original graph, one "capture" step (the RAS graph
    over all N tokens, which the dense steps of a RAS generation run to fill the caches) and one RAS step
-   at each sample ratio, each beside its *ideal speedup* from the analytic FLOP model
-   (:func:`step_flops`).
+   at each sample ratio, each beside its *ideal speedup* FLOPs(dense) / FLOPs(k). For ``sd3`` the FLOPs
+   come from the analytic model (:func:`step_flops`); for the other families they are measured with
+   ``FlopCounterMode`` (:func:`rascompile.flops.count_flops`): the eager model for a dense step, the
+   rewritten RAS graph run eagerly at k for a RAS step. ``sd3`` reports the measured FLOPs beside the
+   analytic ones.
 2. **Whole denoising loop** (28 steps, scheduler start 4, error resets 12 and 20, ratio 0.25 -- the
-   paper's SD3 setting): RAS compiled against dense compiled and dense eager, with the loop's ideal
-   speedup from the per-step FLOPs and the schedule.
+   paper's SD3 setting, for every family): RAS compiled against dense compiled and dense eager, with the
+   loop's ideal speedup from the per-step FLOPs and the schedule.
 3. **Controller overhead**: ``RASController.decide`` (token metric, selection, bookkeeping) per RAS step,
    as a share of the RAS step time.
 4. **Memory**: the bytes of the caches the controller holds between steps, and the peak of the torch CPU
@@ -21,13 +27,15 @@ Every timing is the median of ``--repeats`` runs after warm-up (the first call o
 and is reported as compile time, not timed). "Dense compiled" calls the Dynamo graph of the transformer
 compiled by the inner backend directly (what ``torch.compile(backend="inductor")`` runs, without
 Dynamo's guard check, which costs microseconds); RAS runs through ``torch.compile`` and its controller.
+
+When the backend cannot rewrite the model's graph (it runs dense and warns with the reason), the report says
+so, with the reason, and times the dense step only: no RAS numbers, no speedups.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -41,21 +49,34 @@ from pathlib import Path
 import torch
 
 from .backend import INNER_BACKENDS, RASBackend, RASGraph
+from .bench_models import MODEL_DEFAULTS, MODEL_SMOKE, MODELS, Inputs, bench_model, input_shapes
 from .bench_report import format_report
 from .cli import check_output_file, echo, positive_int, ratio, ratio_list
 from .config import RASConfig
 from .controller import RASController
-from .flops import ModelSpec, ideal_speedup, loop_ideal_speedup, step_flops
+from .flops import (
+    ModelSpec,
+    count_flops,
+    ideal_speedup,
+    loop_ideal_speedup,
+    measured_loop_ideal_speedup,
+    step_flops,
+)
 from .schedule import build_schedule
 from .steps import TimestepSteps
 
 __all__ = [
     "BenchSettings",
+    "Inputs",
+    "MODELS",
     "ModelSpec",
     "SMOKE",
     "add_arguments",
     "build_model",
     "denoise",
+    "dense_step_flops",
+    "ras_step_flops",
+    "settings_for",
     "format_report",
     "ideal_speedup",
     "loop_ideal_speedup",
@@ -73,14 +94,20 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BenchSettings:
+    """The benchmark's sizes and run settings. The defaults are the SD3 ones; :func:`settings_for` gives another
+    family's (``bench_models.MODEL_DEFAULTS``)."""
+
+    model: str = "sd3"  # the family: sd3, flux or wan (rascompile.bench_models)
     heads: int = 12
     head_dim: int = 64
-    layers: int = 4
-    latent_size: int = 64  # latent height = width
+    layers: int = 4  # sd3: joint blocks; flux: double-stream blocks; wan: blocks
+    single_layers: int = 0  # flux: single-stream blocks
+    frames: int = 1  # wan: latent frames
+    latent_size: int = 64  # latent height = width (flux: before the pipeline's 2x2 packing)
     latent_channels: int = 16
-    patch: int = 2
+    patch: int = 2  # flux: the pipeline's 2x2 packing; wan: the spatial patch (temporal 1)
     text_tokens: int = 77
-    joint_dim: int = 768
+    joint_dim: int = 768  # width of the text embeddings (wan: text_dim)
     pooled_dim: int = 768
     ratios: tuple[float, ...] = (0.75, 0.5, 0.25, 0.125)
     steps: int = 28
@@ -105,13 +132,19 @@ class BenchSettings:
 
     @property
     def num_tokens(self) -> int:
-        return (self.latent_size // self.patch) ** 2
+        """N: image (video) tokens per image."""
+        return self.frames * (self.latent_size // self.patch) ** 2
 
     @property
     def batch(self) -> int:
-        return 2  # classifier-free guidance
+        """The batch of one transformer call: 2 for SD3 (classifier-free guidance batched), 1 for Flux
+        (guidance-distilled) and Wan (one call per guidance branch)."""
+        return 2 if self.model == "sd3" else 1
 
     def spec(self) -> ModelSpec:
+        """The analytic FLOP model's sizes (SD3 only)."""
+        if self.model != "sd3":
+            raise ValueError(f"the analytic FLOP model is SD3's; --model {self.model} has its FLOPs measured")
         return ModelSpec(
             hidden=self.hidden,
             layers=self.layers,
@@ -134,7 +167,14 @@ class BenchSettings:
         )
 
 
-#: What ``--smoke`` changes: a tiny model and a short run, for tests.
+def settings_for(model: str, **changes) -> BenchSettings:
+    """The default settings of ``model`` (a family of ``bench_models``), then ``changes``."""
+    bench_model(model)  # refuse an unknown family
+    return replace(BenchSettings(model=model), **{**MODEL_DEFAULTS[model], **changes})
+
+
+#: What ``--smoke`` changes: a tiny model and a short run, for tests (``bench_models.MODEL_SMOKE`` adds a
+#: family's own changes).
 SMOKE = dict(
     heads=2,
     head_dim=16,
@@ -170,17 +210,62 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _defaults(field: str) -> str:
+    """The per-family defaults of a ``BenchSettings`` field, for the help: ``sd3 4, flux 2, wan 4``."""
+    values = [(name, getattr(settings_for(name), field)) for name in MODELS]
+    if len({v for _, v in values}) == 1:
+        return str(values[0][1])
+    return ", ".join(f"{name} {value}" for name, value in values)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``rascompile bench`` (defaults: the benchmark of the project's issue)."""
+    parser.description = (
+        "time RAS against dense execution on a mid-size transformer of one diffusers family (--model sd3, flux "
+        "or wan): per step against the FLOP ideal, whole loop, overhead, memory"
+    )
     d = BenchSettings()
-    model = parser.add_argument_group("model (SD3Transformer2DModel, random weights, fp32, CFG batch 2)")
-    model.add_argument("--layers", type=_positive, default=None, help=f"joint blocks (default {d.layers})")
+    model = parser.add_argument_group(
+        "model (random weights, fp32, the inputs its diffusers pipeline passes; defaults per --model)"
+    )
+    model.add_argument(
+        "--model",
+        choices=MODELS,
+        default="sd3",
+        help="the transformer: sd3 (SD3Transformer2DModel, CFG batch 2), flux (FluxTransformer2DModel: "
+        "double- and single-stream blocks, packed latents, guidance-distilled, batch 1) or wan "
+        "(WanTransformer3DModel: video latents, self- and cross-attention, one call of batch 1 per guidance "
+        "branch) (default sd3)",
+    )
+    model.add_argument(
+        "--layers",
+        type=_positive,
+        default=None,
+        help=f"sd3: joint blocks; flux: double-stream blocks; wan: blocks (default {_defaults('layers')})",
+    )
+    model.add_argument(
+        "--single-layers",
+        type=_positive,
+        default=None,
+        help=f"flux only: single-stream blocks (default {settings_for('flux').single_layers})",
+    )
     model.add_argument("--heads", type=_positive, default=None, help=f"attention heads (default {d.heads})")
     model.add_argument("--head-dim", type=_positive, default=None, help=f"channels per head (default {d.head_dim})")
     model.add_argument(
-        "--latent-size", type=_positive, default=None, help=f"latent height = width (default {d.latent_size})"
+        "--latent-size",
+        type=_positive,
+        default=None,
+        help=f"latent height = width (flux: before the 2x2 packing) (default {_defaults('latent_size')})",
     )
-    model.add_argument("--text-tokens", type=_positive, default=None, help=f"prompt tokens (default {d.text_tokens})")
+    model.add_argument(
+        "--frames",
+        type=_positive,
+        default=None,
+        help=f"wan only: latent frames (4 (F - 1) + 1 video frames) (default {settings_for('wan').frames})",
+    )
+    model.add_argument(
+        "--text-tokens", type=_positive, default=None, help=f"prompt tokens (default {_defaults('text_tokens')})"
+    )
     run = parser.add_argument_group("run")
     run.add_argument(
         "--ratios",
@@ -223,23 +308,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--smoke",
         action="store_true",
-        help="tiny model (2 layers, 16x16 latents), eager inner backend, 1 repeat, 6 steps: a quick check",
+        help="tiny model (2 layers, 16x16 latents; flux 1+1 blocks; wan 2x8x8 latents), eager inner backend, "
+        "1 repeat, 6 steps: a quick check",
     )
     run.add_argument("--json", dest="json_path", metavar="PATH", default=None, help="also write the numbers here")
 
 
+#: Options that apply to one family only: option -> (settings field, family)
+_FAMILY_OPTIONS = {"--single-layers": ("single_layers", "flux"), "--frames": ("frames", "wan")}
+
+
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
-    """Defaults, then ``--smoke``'s changes, then the options given explicitly."""
-    settings = BenchSettings(smoke=bool(args.smoke))
+    """The family's defaults, then ``--smoke``'s changes, then the options given explicitly."""
+    name = getattr(args, "model", None) or "sd3"
+    for option, (field, family) in _FAMILY_OPTIONS.items():
+        if getattr(args, field, None) is not None and name != family:
+            raise ValueError(f"{option} applies to --model {family} only, not --model {name}")
+    settings = settings_for(name, smoke=bool(args.smoke))
     if args.smoke:
-        settings = replace(settings, **SMOKE)
+        settings = replace(settings, **{**SMOKE, **MODEL_SMOKE[name]})
     given = {
-        name: getattr(args, name)
-        for name in (
+        field: getattr(args, field)
+        for field in (
             "layers",
+            "single_layers",
             "heads",
             "head_dim",
             "latent_size",
+            "frames",
             "text_tokens",
             "ratios",
             "steps",
@@ -253,7 +349,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
             "seed",
             "json_path",
         )
-        if getattr(args, name, None) is not None
+        if getattr(args, field, None) is not None
     }
     settings = replace(settings, **given)
     fused = getattr(args, "fused_kv_projection", "auto")
@@ -264,6 +360,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         settings = replace(settings, progress=False)
     if settings.latent_size % settings.patch:
         raise ValueError(f"--latent-size={settings.latent_size} must be a multiple of the patch size {settings.patch}")
+    if settings.model != "sd3" and (settings.head_dim < 8 or settings.head_dim % 2):
+        raise ValueError(
+            f"--head-dim={settings.head_dim}: --model {settings.model} splits each head's channels over three RoPE "
+            "axes; give an even --head-dim of at least 8"
+        )
     if settings.start_step >= settings.steps:
         raise ValueError(
             f"--steps {settings.steps} leaves no RAS step: it must be greater than --start-step "
@@ -310,77 +411,35 @@ def machine_info() -> dict:
 
 
 def build_model(settings: BenchSettings) -> torch.nn.Module:
-    """An ``SD3Transformer2DModel`` of the benchmark's size with seeded random weights, in eval mode.
+    """The transformer of ``settings.model`` at the benchmark's size with seeded random weights, in eval mode.
 
     Every parameter is redrawn (diffusers zero-initialises some layers): matrices ~ N(0, 1/fan_in), norm
     scales ~ 1 + N(0, 0.02^2), biases ~ N(0, 0.02^2).
     """
-    from diffusers import SD3Transformer2DModel
-
-    model = SD3Transformer2DModel(
-        sample_size=settings.latent_size,
-        patch_size=settings.patch,
-        in_channels=settings.latent_channels,
-        num_layers=settings.layers,
-        attention_head_dim=settings.head_dim,
-        num_attention_heads=settings.heads,
-        joint_attention_dim=settings.joint_dim,
-        caption_projection_dim=settings.hidden,
-        pooled_projection_dim=settings.pooled_dim,
-        out_channels=settings.latent_channels,
-        pos_embed_max_size=max(96, settings.latent_size // settings.patch),
-    )
-    gen = torch.Generator().manual_seed(settings.seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            if param.dim() >= 2:
-                value = noise / math.sqrt(param[0].numel())
-            elif name.endswith("weight"):
-                value = 1.0 + 0.02 * noise
-            else:
-                value = 0.02 * noise
-            param.copy_(value.to(param.dtype))
-    return model.eval()
+    return bench_model(settings.model).build(settings)
 
 
-@dataclass
-class Inputs:
-    latents: torch.Tensor  # [1, C, H, W]: one image, duplicated for CFG
-    prompt_embeds: torch.Tensor  # [2, L, joint_dim]: negative; positive
-    pooled: torch.Tensor  # [2, pooled_dim]
-
-
-def make_inputs(settings: BenchSettings) -> Inputs:
-    gen = torch.Generator().manual_seed(settings.seed + 1)
-    s = settings
-    return Inputs(
-        latents=torch.randn(1, s.latent_channels, s.latent_size, s.latent_size, generator=gen),
-        prompt_embeds=torch.randn(2, s.text_tokens, s.joint_dim, generator=gen),
-        pooled=torch.randn(2, s.pooled_dim, generator=gen),
-    )
+def make_inputs(settings: BenchSettings):
+    """The pipeline inputs of one image (for ``sd3`` an :class:`Inputs`: latents [1, C, H, W], prompt embeddings
+    and pooled embeddings [negative; positive])."""
+    return bench_model(settings.model).make_inputs(settings)
 
 
 def make_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+    """SD3's scheduler (flow matching, shift 3)."""
+    return bench_model("sd3").make_scheduler(None)
 
 
 def denoise(transformer: Callable, scheduler, inputs: Inputs, steps: int, guidance_scale: float, on_step=None):
-    """A Stable Diffusion 3 denoising loop with classifier-free guidance; returns the final latents."""
+    """A Stable Diffusion 3 denoising loop with classifier-free guidance; returns the final latents.
+    (Other families: ``bench_models.bench_model(name).denoise``.)"""
+    sd3 = bench_model("sd3")
+    settings = replace(BenchSettings(), guidance_scale=guidance_scale)
     scheduler.set_timesteps(steps)
     x = inputs.latents
     for t in scheduler.timesteps:
-        out = transformer(
-            hidden_states=torch.cat([x, x]),
-            timestep=t.expand(2),
-            encoder_hidden_states=inputs.prompt_embeds,
-            pooled_projections=inputs.pooled,
-            return_dict=False,
-        )[0]
-        uncond, cond = out.chunk(2)
-        x = scheduler.step(uncond + guidance_scale * (cond - uncond), t, x, return_dict=False)[0]
+        out = transformer(**sd3.call_kwargs(settings, inputs, x, t))[0]
+        x = scheduler.step(sd3.combine(settings, [out]), t, x, return_dict=False)[0]
         if on_step is not None:
             on_step()
     return x
@@ -400,17 +459,24 @@ class _Capture:
 
 
 class _GraphCaller:
-    """Calls a compiled graph like the transformer, swapping the loop's latents and timestep into the captured
-    graph inputs (the prompt embeddings and parameters stay those of the first call)."""
+    """Calls a compiled graph like the transformer: the tensors of each call (latents, timestep, the branch's text)
+    take the places in the captured graph inputs where the first call's tensors of those names were (the graph's
+    other inputs, parameters included, stay those of the first call)."""
 
-    def __init__(self, fn: Callable, args: list, latents_index: int, timestep_index: int):
+    def __init__(self, fn: Callable, args: list, first_call: dict):
         self.fn, self.args = fn, args
-        self.latents_index, self.timestep_index = latents_index, timestep_index
+        self.places = {}
+        for name, value in first_call.items():
+            if isinstance(value, torch.Tensor):
+                found = [i for i, a in enumerate(args) if a is value]
+                if found:
+                    self.places[name] = found[0]
 
-    def __call__(self, *, hidden_states, timestep, **_):
+    def __call__(self, **kwargs):
         args = list(self.args)
-        args[self.latents_index] = hidden_states
-        args[self.timestep_index] = timestep
+        for name, index in self.places.items():
+            if name in kwargs:
+                args[index] = kwargs[name]
         return self.fn(*args)
 
 
@@ -484,38 +550,95 @@ class _LoadMonitor:
         return {"other_processes_cores": max(0.0, (busy - own) / wall), "wall_s": wall}
 
 
-def _cache_bytes(controller: RASController) -> int:
-    tensors = [controller.output_cache, *controller.kv_caches]
+def _cache_bytes(controller: RASController, branch: int = 0) -> int:
+    """Bytes of one guidance branch's output and K/V caches (0 if that branch has none)."""
+    if branch >= len(controller.branch_caches):
+        return 0
+    output, kv = controller.branch_caches[branch]
+    tensors = [output, *kv]
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _controller_overhead(settings: BenchSettings, graph: RASGraph, timesteps: torch.Tensor, repeats: int) -> dict:
-    """Median time of ``RASController.decide`` on the RAS steps of whole generations, on a fresh controller
-    with the graph's layout (a first generation warms up and is not timed)."""
+def _controller_overhead(
+    settings: BenchSettings, graph: RASGraph, inputs, timesteps: torch.Tensor, repeats: int
+) -> dict:
+    """Median time of ``RASController.decide`` per RAS step (all of the step's calls: one per guidance branch
+    for a pipeline that calls the transformer per branch) over whole generations, on a fresh controller with
+    the graph's layout (a first generation warms up and is not timed). The latents move by random noise."""
+    family = bench_model(settings.model)
     config = settings.loop_config()
     layout = graph.controller.layout
     controller = RASController(config, layout, TimestepSteps(settings.steps), graph.controller.device)
     gen = torch.Generator().manual_seed(settings.seed + 2)
-    shape = (1, settings.latent_channels, settings.latent_size, settings.latent_size)
+    shape = tuple(inputs.latents.shape)  # the pipeline's latents of one image
     x = torch.randn(shape, generator=gen)
-    trajectory = []
-    for _ in range(settings.steps):
-        trajectory.append(torch.cat([x, x]))
+    calls = []  # per step: (latents, timestep) of each of its transformer calls
+    for t in timesteps:
+        step = []
+        for branch in range(family.calls_per_step):
+            kwargs = family.call_kwargs(settings, inputs, x, t, branch)
+            step.append((kwargs["hidden_states"], kwargs["timestep"]))
+        calls.append(step)
         x = x + 0.05 * torch.randn(shape, generator=gen)
     times: list[float] = []
     for generation in range(repeats + 1):
-        for latents, t in zip(trajectory, timesteps):
-            t2 = t.expand(2)
+        for step in calls:
             start = time.perf_counter()
-            decision = controller.decide(latents, t2)
+            decisions = [controller.decide(latents, t) for latents, t in step]
             elapsed = time.perf_counter() - start
-            if generation > 0 and decision.kind == "ras":
+            if generation > 0 and decisions[0].kind == "ras":
                 times.append(elapsed)
     return {
         "decide_s": _median(times) if times else None,
         "samples": len(times),
-        "latents_shape": [2, *shape[1:]],
+        "calls_per_step": family.calls_per_step,
+        "latents_shape": list(calls[0][0][0].shape),
     }
+
+
+def dense_step_flops(model: torch.nn.Module, call: dict) -> int:
+    """Measured FLOPs of one dense step: the eager ``model(**call)`` under ``FlopCounterMode``."""
+    with torch.no_grad():
+        return count_flops(lambda: model(**call))
+
+
+def ras_step_flops(graph: RASGraph, args: list, active_idx: torch.Tensor) -> int:
+    """Measured FLOPs of one RAS step over the tokens ``active_idx`` [B, k]: the rewritten graph (what the inner
+    backend compiles) run eagerly under ``FlopCounterMode`` with the controller's caches (which it writes)."""
+    output_cache, kv_caches = graph.controller.caches(0)
+    with torch.no_grad():
+        return count_flops(graph.ras_gm, *args, active_idx, output_cache, *kv_caches)
+
+
+def _whole_graph(backend: RASBackend) -> tuple[RASGraph | None, str | None]:
+    """The one RAS graph of the transformer, or ``None`` and why RAS does not apply."""
+    if len(backend.graphs) != 1:
+        return None, (
+            f"Dynamo split the transformer into {len(backend.graphs)} graphs (graph breaks); the benchmark needs "
+            "the whole transformer as one graph"
+        )
+    graph = backend.graphs[0]
+    if graph.controller is None:
+        return graph, graph.fallback_reason or "the backend runs this graph dense"
+    return graph, None
+
+
+def _dense_only(settings: BenchSettings, model, compiled, call: dict, dense_flops: int) -> list[dict]:
+    """Per-step times of the dense model when RAS does not apply: compiled (``torch.compile`` with the ras
+    backend, which runs the dense graph) and eager."""
+    variants = [("dense compiled", lambda: compiled(**call)), ("dense eager", lambda: model(**call))]
+    rows = []
+    for name, fn in variants:
+        compile_s = _timed(fn)
+        _timed(fn)
+        rows.append({"name": name, "ratio": None, "k": settings.num_tokens, "first_call_s": compile_s, "times_s": []})
+    for _ in range(settings.repeats):
+        for row, (_, fn) in zip(rows, variants):
+            row["times_s"].append(_timed(fn))
+    for row in rows:
+        row["median_s"] = _median(row["times_s"])
+        row["flops"] = dense_flops
+    return rows
 
 
 def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None) -> dict:
@@ -524,13 +647,17 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     s = settings
-    spec = s.spec()
+    family = bench_model(s.model)
+    spec = s.spec() if s.model == "sd3" else None  # the analytic FLOP model: SD3 only
     n = s.num_tokens
     loop_repeats = s.loop_repeats or s.repeats
+    model_info = {"name": s.model, "class": family.class_name, "description": family.describe(s)}
+    model_info |= (asdict(spec) if spec is not None else {}) | family.shapes(s)
+    model_info["calls_per_step"] = family.calls_per_step
     results: dict = {
         "machine": machine_info(),
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
-        "model": asdict(spec) | {"heads": s.heads, "head_dim": s.head_dim, "latent_size": s.latent_size},
+        "model": model_info,
     }
     load = _LoadMonitor()
     model = build_model(s)
@@ -540,28 +667,27 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     backend = RASBackend(s.loop_config(), inner_backend=s.inner_backend, fused_kv_projection=s.fused_kv_projection)
     capture = _Capture(backend)
     compiled = torch.compile(model, backend=capture)
-    scheduler = make_scheduler()
-    scheduler.set_timesteps(s.steps)
+    scheduler = family.make_scheduler(s)
+    family.set_timesteps(s, scheduler, s.steps)
     timesteps = scheduler.timesteps.clone()
-    x2 = torch.cat([inputs.latents, inputs.latents])
+    first = family.call_kwargs(s, inputs, inputs.latents, timesteps[0], 0)  # the generation's first call
+    model_info["inputs"] = input_shapes(first)
 
     with torch.no_grad():
         # ------------------------------------------------------------------ first call: trace, rewrite, compile
         log(f"tracing and compiling the graphs the loop's schedule runs (k=N={n} and RAS) with {s.inner_backend} ...")
-        first_call_s = _timed(
-            lambda: compiled(
-                hidden_states=x2,
-                timestep=timesteps[0].expand(2),
-                encoder_hidden_states=inputs.prompt_embeds,
-                pooled_projections=inputs.pooled,
-                return_dict=False,
-            )
-        )
-        if len(backend.graphs) != 1:
-            raise RuntimeError(f"expected one Dynamo graph of the transformer, got {len(backend.graphs)}")
-        graph = backend.graphs[0]
-        if graph.controller is None:
-            raise RuntimeError(f"the RAS rewrite did not apply: {graph.fallback_reason}")
+        first_call_s = _timed(lambda: compiled(**first))
+        results["first_call_s"] = first_call_s
+        graph, reason = _whole_graph(backend)
+        results["ras"] = {"applies": reason is None, "reason": reason}
+        log("counting the FLOPs of a dense step (FlopCounterMode, eager model) ...")
+        dense_flops = dense_step_flops(model, first)
+        if reason is not None:
+            log(f"RAS does not apply to {family.class_name}: {reason}; timing the dense step only")
+            results["per_step"] = _dense_only(s, model, compiled, first, dense_flops)
+            results["flops"] = {"source": "measured", "dense_measured": dense_flops}
+            results["background_load"] = load.stop()
+            return results
         fuse_lines = [line for line in graph.summary.splitlines() if line.startswith("fuse: ")]
         results["fused_kv_writes"] = sum("stays unfused" not in line for line in fuse_lines)
         results["unfused_kv_reasons"] = [line for line in fuse_lines if "stays unfused" in line]
@@ -571,38 +697,43 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
             raise RuntimeError("the graph has no timestep input")
 
         # ------------------------------------------------------------------ per-step times
-        variants: list[tuple[str, float | None, int, Callable]] = [("dense compiled", None, n, graph.run_dense)]
+        variants: list[tuple[str, float | None, int, torch.Tensor | None, Callable]] = [
+            ("dense compiled", None, n, None, graph.run_dense)
+        ]
         all_idx = torch.arange(n).expand(s.batch, n).contiguous()
-        variants.append(("RAS capture step (k=N)", None, n, lambda *a: graph.run_active(all_idx, *a)))
+        variants.append(("RAS capture step (k=N)", None, n, all_idx, lambda *a: graph.run_active(all_idx, *a)))
         ratios = s.ratios if s.loop_ratio in s.ratios else (*s.ratios, s.loop_ratio)
         for i, ratio in enumerate(ratios):
             k = n - RASConfig(sample_ratio=ratio).static_num_dropped(n)
             idx = _random_active(s.batch, n, k, s.seed + 100 + i)
             if ratio == s.loop_ratio:
                 loop_idx = idx
-            variants.append((f"RAS ratio {ratio:g}", ratio, k, lambda *a, idx=idx: graph.run_active(idx, *a)))
+            variants.append((f"RAS ratio {ratio:g}", ratio, k, idx, lambda *a, idx=idx: graph.run_active(idx, *a)))
+
+        # FLOPs: the dense step on the eager model; a RAS step as the rewritten graph run eagerly at k
+        log("counting the FLOPs of the RAS graph at each k (FlopCounterMode, graph run eagerly) ...")
+        measured = [dense_flops if idx is None else ras_step_flops(graph, args, idx) for _, _, _, idx, _ in variants]
 
         per_step = []
         bar = _progress(s, len(variants) * (s.repeats + 2), "per-step")
-        for name, ratio, k, fn in variants:
+        for (name, ratio, k, _, fn), flops in zip(variants, measured):
             bar.set_description(f"per-step: compiling {name}")
             compile_s = _timed(lambda fn=fn: fn(*args))  # the first call of a graph compiles it
             _timed(lambda fn=fn: fn(*args))  # warm-up
             bar.update(2)
-            per_step.append(
-                {
-                    "name": name,
-                    "ratio": ratio,
-                    "k": k,
-                    "first_call_s": compile_s,
-                    "times_s": [],
-                    "ideal_speedup": ideal_speedup(spec, k),
-                    "flops": step_flops(spec, k),
-                }
-            )
+            row = {"name": name, "ratio": ratio, "k": k, "first_call_s": compile_s, "times_s": []}
+            row["measured_flops"] = flops
+            row["measured_ideal_speedup"] = dense_flops / flops
+            if spec is not None:
+                row["ideal_speedup"] = ideal_speedup(spec, k)
+                row["flops"] = step_flops(spec, k)
+            else:
+                row["ideal_speedup"] = row["measured_ideal_speedup"]
+                row["flops"] = flops
+            per_step.append(row)
         bar.set_description("per-step: timing")
         for _ in range(s.repeats):  # interleaved, so that drift affects every variant alike
-            for row, (_, _, _, fn) in zip(per_step, variants):
+            for row, (_, _, _, _, fn) in zip(per_step, variants):
                 row["times_s"].append(_timed(lambda fn=fn: fn(*args)))
                 bar.update()
         bar.close()
@@ -613,14 +744,23 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
             row["speedup"] = dense_s / row["median_s"]
             row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
         results["per_step"] = per_step
-        results["first_call_s"] = first_call_s
+        flops_info: dict = {"dense_measured": dense_flops}
+        if spec is not None:
+            flops_info["source"] = "analytic"
+            # how far the generic measurement is from the analytic model, over the per-step rows
+            flops_info["measured_vs_analytic_max_relative_difference"] = max(
+                abs(r["measured_flops"] / r["flops"] - 1) for r in per_step
+            )
+        else:
+            flops_info["source"] = "measured"
+        results["flops"] = flops_info
         results["compile_count_after_per_step"] = graph.compile_count
 
         # ------------------------------------------------------------------ whole loops
         schedule = build_schedule(s.loop_config(), s.steps, n)
         active_per_step = [p.num_active for p in schedule]
         num_ras = sum(not p.dense for p in schedule)
-        dense_caller = _GraphCaller(graph.run_dense, args, graph.latents_index, graph.timestep_index)
+        dense_caller = _GraphCaller(graph.run_dense, args, first)
         loops: dict[str, Callable] = {"RAS compiled": compiled, "dense compiled": dense_caller}
         if s.eager_loop:
             loops["dense eager"] = model
@@ -630,8 +770,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
 
         def run_loop(name: str) -> float:
             bar.set_description(f"loop: {name}")
-            sched = make_scheduler()
-            return _timed(lambda: denoise(loops[name], sched, inputs, s.steps, s.guidance_scale, bar.update))
+            return _timed(lambda: family.denoise(loops[name], s, inputs, s.steps, bar.update))
 
         # The first call above began a generation; forget it, so the warm-up loop (whose first call repeats that
         # call's latents and timestep) begins its own instead of looking like a second call for the same step.
@@ -639,7 +778,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
         run_loop("RAS compiled")  # warm-up: a whole generation (compiles any missing variant)
         for name, fn in loops.items():
             if name != "RAS compiled":  # warm-up: one step
-                denoise(fn, make_scheduler(), inputs, 1, s.guidance_scale, bar.update)
+                family.denoise(fn, s, inputs, 1, bar.update)
         kinds: list[str] = []
         for _ in range(loop_repeats):
             for name in loops:  # interleaved, so that drift affects every variant alike
@@ -647,8 +786,14 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
                 if name == "RAS compiled":
                     kinds = [d.kind for d in graph.controller.history]
         bar.close()
+        if spec is not None:
+            loop_ideal = loop_ideal_speedup(spec, active_per_step)
+        else:
+            flops_at = {row["k"]: row["measured_flops"] for row in per_step[2:]} | {n: dense_flops}
+            loop_ideal = measured_loop_ideal_speedup(flops_at, n, active_per_step)
         loop = {
             "steps": s.steps,
+            "calls_per_step": family.calls_per_step,
             "ratio": s.loop_ratio,
             "start_step": s.start_step,
             "reset_steps": list(s.reset_steps),
@@ -656,31 +801,32 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
             "run_ras_steps": kinds.count("ras"),
             "run_capture_steps": kinds.count("capture"),
             "run_dense_steps": kinds.count("dense"),
-            "ideal_speedup": loop_ideal_speedup(spec, active_per_step),
+            "ideal_speedup": loop_ideal,
             "times_s": loop_times,
             "median_s": {name: _median(v) for name, v in loop_times.items()},
         }
         ras_row = next(r for r in per_step if r["ratio"] == s.loop_ratio)
-        loop["predicted_ras_s"] = (
+        calls = family.calls_per_step
+        loop["predicted_ras_s"] = calls * (
             kinds.count("capture") * per_step[1]["median_s"]
             + kinds.count("dense") * dense_s
             + kinds.count("ras") * ras_row["median_s"]
         )
-        loop["predicted_dense_s"] = s.steps * dense_s
+        loop["predicted_dense_s"] = calls * s.steps * dense_s
         results["loop"] = loop
         results["compile_count"] = graph.compile_count
 
         # ------------------------------------------------------------------ controller overhead
-        overhead = _controller_overhead(s, graph, timesteps, max(s.repeats, 1))
+        overhead = _controller_overhead(s, graph, inputs, timesteps, max(s.repeats, 1))
         if overhead["decide_s"] is not None:
-            overhead["ras_step_s"] = ras_row["median_s"]
+            overhead["ras_step_s"] = calls * ras_row["median_s"]
             overhead["ras_step_ratio"] = ras_row["ratio"]
-            overhead["percent_of_ras_step"] = 100.0 * overhead["decide_s"] / ras_row["median_s"]
+            overhead["percent_of_ras_step"] = 100.0 * overhead["decide_s"] / overhead["ras_step_s"]
         results["controller"] = overhead
 
         # ------------------------------------------------------------------ memory
         memory = results["memory"]
-        memory["ras_caches_bytes"] = _cache_bytes(graph.controller)
+        memory["ras_caches_bytes"] = sum(_cache_bytes(graph.controller, b) for b in range(calls))
         memory["dense_step_peak_bytes"] = _step_peak_bytes(lambda: graph.run_dense(*args))
         memory["capture_step_peak_bytes"] = _step_peak_bytes(lambda: graph.run_active(all_idx, *args))
         memory["ras_step_ratio"] = s.loop_ratio

@@ -32,23 +32,60 @@ def _ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
-def format_report(results: dict) -> str:
-    """The plain-text tables of a :func:`run_bench` result."""
-    m, s, model = results["machine"], results["settings"], results["model"]
-    out = []
-    out.append("rascompile bench: Region-Adaptive Sampling vs dense" + (" [SMOKE: tiny model]" if s["smoke"] else ""))
-    out.append(f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}")
-    out.append(f"software: torch {m['torch']}, diffusers {m['diffusers']}, python {m['python']}")
-    out.append(
-        f"model: SD3Transformer2DModel, random weights, {model['layers']} layers, hidden {model['hidden']} "
+def _sd3_description(model: dict) -> str:
+    """The model line of results written before ``--model`` existed (SD3 only)."""
+    return (
+        f"SD3Transformer2DModel, random weights, {model['layers']} layers, hidden {model['hidden']} "
         f"({model['heads']} heads x {model['head_dim']}), {model['in_channels']}x{model['latent_size']}x"
         f"{model['latent_size']} latents = {model['num_tokens']} image tokens, {model['text_tokens']} text tokens, "
         f"CFG batch {model['batch']}, fp32, no_grad"
     )
+
+
+def _shape_text(shape: list) -> str:
+    dims = [str(v) for v in shape if isinstance(v, int)]
+    dtype = [v.removeprefix("torch.") for v in shape if isinstance(v, str)]
+    return "[" + ", ".join(dims) + "]" + (f" {dtype[0]}" if dtype else "")
+
+
+def _dense_only_report(results: dict, out: list[str]) -> str:
+    """The report of a model RAS does not apply to: the reason, the dense step; no RAS numbers."""
+    model = results["model"]
+    name = model.get("class", "this model")
+    out.append(f"RAS DOES NOT APPLY to {name}: the ras backend runs it dense.")
+    out.append(f"  reason: {results['ras']['reason']}")
+    out.append("  No RAS numbers: with backend='ras' every step of this model runs the dense graph timed below.")
+    out.append("")
+    out.append("Per-step time of the dense model (one transformer call)")
+    rows = [
+        [r["name"], r["k"], _ms(r["median_s"]), f"{r['flops'] / 1e9:.2f}", f"{r['first_call_s']:.1f}"]
+        for r in results["per_step"]
+    ]
+    out.append(_table(["variant", "N", "ms", "GFLOP", "first call s"], rows))
+    out.append("  GFLOP: measured with FlopCounterMode on the eager model (matrix products, convolutions, attention)")
+    out.append(f"  memory: model parameters {_mb(results['memory']['parameters_bytes'])}")
+    return "\n".join(out)
+
+
+def format_report(results: dict) -> str:
+    """The plain-text tables of a :func:`run_bench` result."""
+    m, s, model = results["machine"], results["settings"], results["model"]
+    out = []
+    title = "rascompile bench: Region-Adaptive Sampling vs dense"
+    out.append(f"{title} --model {model.get('name', 'sd3')}" + (" [SMOKE: tiny model]" if s["smoke"] else ""))
+    out.append(f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}")
+    out.append(f"software: torch {m['torch']}, diffusers {m['diffusers']}, python {m['python']}")
+    out.append(f"model: {model.get('description') or _sd3_description(model)}")
+    if model.get("inputs"):
+        calls = model.get("calls_per_step", 1)
+        per = f"each of the {calls} calls of a step" if calls > 1 else "one call per step"
+        shapes = ", ".join(f"{name} {_shape_text(shape)}" for name, shape in model["inputs"].items())
+        out.append(f"transformer inputs ({per}): {shapes}")
     out.append(
         f"inner backend: {s['inner_backend']} (dense and RAS); times: median of {s['repeats']} after warm-up; "
         f"first call (compile of the graphs the loop's schedule runs) {results['first_call_s']:.1f} s"
     )
+    ras = results.get("ras", {"applies": True})
     if "kv_writes" in results:
         out.append(
             f"fused K/V projection (rascompile::linear_scatter_): {results['fused_kv_writes']} of "
@@ -63,6 +100,8 @@ def format_report(results: dict) -> str:
             f"run: {load['wall_s']:.0f} s; other processes kept {busy:.2f} of {m['cores']} cores busy on average{warn}"
         )
     out.append("")
+    if not ras["applies"]:
+        return _dense_only_report(results, out)
 
     out.append("Per-step time (one transformer call)")
     rows = []
@@ -92,6 +131,18 @@ def format_report(results: dict) -> str:
         )
     )
     out.append("  speedup = dense compiled / variant; ideal = FLOPs(dense) / FLOPs(k) (matrix products only)")
+    flops = results.get("flops", {})
+    if flops.get("source") == "measured":
+        out.append(
+            "  FLOPs measured with FlopCounterMode (matrix products, convolutions, attention): the dense step on the "
+            "eager model, a RAS step as the rewritten graph run eagerly at k"
+        )
+    elif "measured_vs_analytic_max_relative_difference" in flops:
+        diff = 100 * flops["measured_vs_analytic_max_relative_difference"]
+        out.append(
+            f"  FLOPs from the analytic SD3 model; measured with FlopCounterMode (eager model, RAS graph run eagerly "
+            f"at k) they agree within {diff:.2f} %"
+        )
     out.append("")
 
     loop = results["loop"]
@@ -102,6 +153,7 @@ def format_report(results: dict) -> str:
         f"error_reset_steps ({resets}): {loop['planned_ras_steps']} RAS steps planned; run: "
         f"{loop['run_ras_steps']} RAS, {loop['run_capture_steps']} capture, {loop['run_dense_steps']} dense "
         f"(median of {s['loop_repeats'] or s['repeats']})"
+        + (f"; {loop['calls_per_step']} transformer calls per step" if loop.get("calls_per_step", 1) > 1 else "")
     )
     rows = []
     ras = med["RAS compiled"]
@@ -147,7 +199,9 @@ def format_report(results: dict) -> str:
             )
         shape = "x".join(map(str, c["latents_shape"]))
         out.append(_table(["", "ms", "target"], rows, right=[False, True, False]))
-        out.append(f"  median over {c['samples']} RAS steps on [{shape}] latents")
+        calls = c.get("calls_per_step", 1)
+        per = f", {calls} calls per step" if calls > 1 else ""
+        out.append(f"  median over {c['samples']} RAS steps on [{shape}] latents{per}")
     out.append("")
 
     mem = results["memory"]

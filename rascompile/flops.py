@@ -1,8 +1,10 @@
-"""Analytic FLOP model of an SD3 MMDiT step, for the ideal speedup of RAS at k active tokens."""
+"""FLOPs of a transformer step, for the ideal speedup of RAS at k active tokens: an analytic model of an SD3 MMDiT
+step, and FLOPs measured with ``FlopCounterMode`` for any model (:func:`count_flops`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -79,3 +81,60 @@ def loop_ideal_speedup(spec: ModelSpec, active_per_step: Sequence[int]) -> float
     (N for a dense step) over the same generation with every step dense."""
     dense = step_flops(spec, spec.num_tokens) * len(active_per_step)
     return dense / sum(step_flops(spec, k) for k in active_per_step)
+
+
+# ============================================================================================ measured FLOPs
+# For the families without an analytic model (and as a check of the SD3 one): FLOPs counted by
+# ``torch.utils.flop_counter.FlopCounterMode`` while a step runs eagerly. It counts matrix products
+# (mm, addmm, bmm, baddbmm), convolutions and attention; element-wise work is not counted, as above.
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _linear_scatter_flops(cache_shape, x_shape, weight_shape, *args, **kwargs) -> int:
+    """``rascompile::linear_scatter_`` (the fused K/V projection): ``x @ weight.T`` over x's rows."""
+    out_features, in_features = weight_shape
+    rows = math.prod(x_shape) // in_features
+    return 2 * rows * in_features * out_features
+
+
+def _extra_formulas() -> dict:
+    """Formulas FlopCounterMode lacks: the CPU flash attention kernel that ``scaled_dot_product_attention``
+    dispatches to on the CPU (torch registers only the CUDA kernels), and the fused K/V projection op."""
+    import torch
+
+    formulas = {}
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None:
+        formulas[cpu_flash] = _sdpa_flops
+    try:
+        import rascompile.kernels  # noqa: F401 - registers rascompile::linear_scatter_
+
+        formulas[torch.ops.rascompile.linear_scatter_] = _linear_scatter_flops
+    except (ImportError, AttributeError):  # pragma: no cover - the op ships with the package
+        pass
+    return formulas
+
+
+def count_flops(fn, *args, **kwargs) -> int:
+    """FLOPs (2 x multiply-adds) of the matrix products, convolutions and attention that ``fn(*args, **kwargs)``
+    runs through torch ops, counted with ``FlopCounterMode``. Run it eagerly (an FX graph module, the model):
+    a compiled graph's kernels are not torch ops."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as counter:
+        fn(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def measured_loop_ideal_speedup(
+    flops_at: Mapping[int, float], num_tokens: int, active_per_step: Sequence[int]
+) -> float:
+    """:func:`loop_ideal_speedup` from measured per-step FLOPs ``flops_at[k]`` (``flops_at[num_tokens]`` is a
+    dense step's)."""
+    dense = flops_at[num_tokens] * len(active_per_step)
+    return dense / sum(flops_at[k] for k in active_per_step)

@@ -19,7 +19,7 @@ def test_bench_help(capsys):
         main(["bench", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--smoke", "--repeats", "--json", "--inner-backend", "--ratios"):
+    for option in ("--smoke", "--repeats", "--json", "--inner-backend", "--ratios", "--model", "--frames"):
         assert option in out
 
 
@@ -58,6 +58,10 @@ def test_bench_smoke(inner, fused, tmp_path, capsys):
     assert elapsed < 90
     out = result.stdout
     for row in (
+        "--model sd3",
+        "model: SD3Transformer2DModel",
+        "transformer inputs (one call per step): hidden_states [2, 16, 16, 16], timestep [2]",
+        "FLOPs from the analytic SD3 model; measured with FlopCounterMode",
         "machine:",
         "torch 2.",
         "dense compiled",
@@ -80,6 +84,10 @@ def test_bench_smoke(inner, fused, tmp_path, capsys):
     assert f"{results['fused_kv_writes']} of 4 cache writes" in out
     assert [r["k"] for r in results["per_step"]] == [64, 64, 48, 32, 16, 8]
     assert results["per_step"][0]["ideal_speedup"] == 1.0
+    assert results["model"]["name"] == "sd3" and results["ras"] == {"applies": True, "reason": None}
+    # the ideal comes from the analytic model; the FlopCounterMode measurement agrees with it
+    assert results["flops"]["source"] == "analytic"
+    assert results["flops"]["measured_vs_analytic_max_relative_difference"] < 0.01
     loop = results["loop"]
     # 6 steps, start 2, reset step 4: steps 2, 3 and 5 are RAS steps, 0, 1 and 4 fill the caches
     assert (loop["planned_ras_steps"], loop["run_ras_steps"], loop["run_capture_steps"]) == (3, 3, 3)
