@@ -3,13 +3,14 @@
 ``build_ras_graph`` runs the pipeline on a copy of the dense graph:
 
 1. ``normalize_attention_args`` — attention calls read one way (q, k, v positional, the rest by name)
-2. ``find_token_source``      — analysis: latents, timestep, image tokens [B, N, C]
-3. ``gather_active_tokens``   — gather active tokens [B, k, C] right after the token source
-4. ``scatter_output``         — merge fresh and cached token outputs before unpatchify
-5. ``cache_attention_kv``     — per-layer K/V caches of all N image tokens for attention
-6. ``retarget_token_region``  — token-count constants, position tables and masks follow k
-7. ``fuse_kv_projection``     — (optional) K/V projection + norm + RoPE + cache write as one op
-8. ``verify_ras_graph``       — checks the result at three token counts, then cleans up
+2. ``find_token_source``      — analysis: latents and their layout, timestep, image tokens [B, N, C]
+3. ``functionalize_inplace_writes`` — in-place writes into token tensors become out-of-place ops
+4. ``gather_active_tokens``   — gather active tokens [B, k, C] right after the token source
+5. ``scatter_output``         — merge fresh and cached token outputs before unpatchify
+6. ``cache_attention_kv``     — per-layer K/V caches of all N image tokens for attention
+7. ``retarget_token_region``  — token-count constants, position tables and masks follow k
+8. ``fuse_kv_projection``     — (optional) K/V projection + norm + RoPE + cache write as one op
+9. ``verify_ras_graph``       — checks the result at three token counts, then cleans up
 
 The rewritten graph takes the original inputs followed by ``ras_active_idx`` [B, k],
 ``ras_output_cache`` [B, N, C_out] and the K/V caches, and works for any k in [1, N].
@@ -22,6 +23,7 @@ import torch.fx
 from .cache_attention_kv import cache_attention_kv
 from .context import KVCacheSlot, PassContext, RewriteError
 from .find_token_source import find_token_source
+from .functionalize_inplace_writes import functionalize_inplace_writes
 from .fuse_kv_projection import fuse_kv_projection
 from .gather_active_tokens import gather_active_tokens
 from .graph_utils import record_dense_shapes
@@ -37,6 +39,7 @@ RAS_PASSES = PassManager(
     [
         normalize_attention_args,
         find_token_source,
+        functionalize_inplace_writes,
         gather_active_tokens,
         scatter_output,
         cache_attention_kv,

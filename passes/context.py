@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.fx
 
@@ -38,7 +39,8 @@ class PassContext:
 
     # facts found by find_token_source
     latents: str | None = None  # placeholder name of the latents (B, C, H, W), or (B, N, C) when packed
-    latent_layout: str = "image"  # "image" [B, C, H, W] or "packed" [B, N, C] (see find_token_source)
+    latent_layout: str = "image"  # kind of ``latent``: "image", "video" or "packed"
+    latent: Any = None  # the LatentLayout (see latent_layout): which latent elements make up each token
     timestep: str | None = None  # placeholder name of the timestep, when one is found
     token_source: str | None = None  # node producing the image tokens [B, N, C]
     batch_size: int = 0

@@ -1,30 +1,31 @@
 """Analysis pass: find the latents input, the timestep input and the image-token tensor.
 
-Matches one of two latent layouts:
+Matches one of three latent layouts (see ``latent_layout``):
 - ``image``: a 4-D floating model input ``x`` [B, C, H, W] whose forward slice first enters a
   submodule (the patch embedding), and the last 3-D node ``[B, N, C']`` computed from ``x``
   before the slice enters a second submodule (the first block), with ``N * p * p == H * W`` for
   an integer patch size ``p``. That node is the image-token tensor after patch (and, for models
   that add it there, position) embedding.
+- ``video``: the same for a 5-D input [B, C, F, H, W] or [B, F, C, H, W] and ``(p_t, p, p)`` patches,
+  the reading confirmed by the patch embedding's convolution (its stride and input channels).
 - ``packed``: no such input, and a 3-D floating model input ``x`` [B, N, C] of tokens the pipeline
   packed itself (Flux, Qwen-Image, LTX), the only one whose token count N is that of the graph's
   3-D output [B, N, C_out]; the token source is the last [B, N, C'] node computed from it before
   the second submodule (after the token-wise input projection). Each token's latent elements are
   its own row.
-Produces: no graph change; fills ``ctx.latents``, ``ctx.latent_layout``, ``ctx.timestep``,
-``ctx.token_source``, ``ctx.num_tokens``, ``ctx.patch_size`` (1 when packed), ``ctx.batch_size`` and
+Produces: no graph change; fills ``ctx.latents``, ``ctx.latent``, ``ctx.latent_layout``, ``ctx.timestep``,
+``ctx.token_source``, ``ctx.num_tokens``, ``ctx.patch_size`` (spatial; 1 when packed), ``ctx.batch_size`` and
 ``ctx.latent_hw`` (``(N, 1)`` when packed).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.fx
 
 from .context import PassContext, RewriteError, module_path
 from .graph_utils import describe, example_value, forward_slice, placeholders
+from .latent_layout import LatentLayout, choose_video_layout, image_layout, packed_layout, patch_evidence, video_layouts
 
 
 def is_model_input(node: torch.fx.Node) -> bool:
@@ -41,38 +42,38 @@ def find_token_source(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gr
     reasons = []
     for latents in inputs:
         value = example_value(latents)
-        if not (isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point()):
+        if not (isinstance(value, torch.Tensor) and value.dim() in (4, 5) and value.is_floating_point()):
             continue
         found = _token_source_from(latents, order)
         if isinstance(found, str):
             reasons.append(f"{latents.name}: {found}")
             continue
-        source, patch = found
-        batch, _, height, width = (int(s) for s in value.shape)
-        _record(ctx, inputs, latents, source, "image", patch, (height, width))
+        source, layout = found
+        _record(ctx, inputs, latents, source, layout)
         return gm
     packed = _packed_latents(gm, inputs, reasons)
     if packed is not None:
         found = _token_source_from(packed, order)
         if not isinstance(found, str):
-            _record(ctx, inputs, packed, found[0], "packed", 1, (int(example_value(packed).shape[1]), 1))
+            _record(ctx, inputs, packed, *found)
             return gm
         reasons.append(f"{packed.name}: {found}")
-    detail = "; ".join(reasons) if reasons else "no 4-D floating-point model input"
+    detail = "; ".join(reasons) if reasons else "no 4-D or 5-D floating-point model input"
     raise RewriteError(f"no image-token source found ({detail})")
 
 
-def _record(ctx: PassContext, inputs, latents, source, layout: str, patch: int, latent_hw: tuple[int, int]) -> None:
+def _record(ctx: PassContext, inputs, latents, source, layout: LatentLayout) -> None:
     batch = int(example_value(latents).shape[0])
     ctx.latents = latents.name
-    ctx.latent_layout = layout
+    ctx.latent = layout
+    ctx.latent_layout = layout.kind
     ctx.token_source = source.name
     ctx.batch_size = batch
     ctx.num_tokens = int(example_value(source).shape[1])
-    ctx.patch_size = patch
-    ctx.latent_hw = latent_hw
+    ctx.patch_size = layout.spatial_patch
+    ctx.latent_hw = (layout.shape[-2], layout.shape[-1]) if layout.kind != "packed" else (layout.shape[1], 1)
     ctx.timestep = _find_timestep(inputs, batch)
-    kind = f"patch {patch}" if layout == "image" else "packed latents"
+    kind = f"patch {layout.patch[-1]}" if layout.kind == "image" else layout.describe()
     ctx.note(f"tokens: {ctx.num_tokens} image tokens ({kind}) from {describe(source)}")
 
 
@@ -97,32 +98,43 @@ def _packed_latents(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], reaso
     return candidates[0] if candidates else None
 
 
-def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.Node, int] | str:
+def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.Node, LatentLayout] | str:
     value = example_value(latents)
-    if value.dim() == 3:  # packed: N tokens of one latent element row each
-        height, width = int(value.shape[1]), 1
-    else:
-        height, width = int(value.shape[2]), int(value.shape[3])
+    shape = tuple(int(s) for s in value.shape)
     downstream = sorted(forward_slice([latents]), key=order.__getitem__)
     first_module = next((module_path(n) for n in downstream if module_path(n)), None)
     if first_module is None:
         return "it never enters a submodule"
     top = first_module.split(".")[0]
-    best = None
+    embedding = []
     for node in downstream:
         owner = module_path(node).split(".")[0]
         if owner and owner != top:
             break  # the first block: everything before it is patch and position embedding
+        embedding.append(node)
+    best, reason = None, None
+    for node in embedding:
         val = example_value(node)
-        if not (isinstance(val, torch.Tensor) and val.dim() == 3 and int(val.shape[0]) == int(value.shape[0])):
+        if not (isinstance(val, torch.Tensor) and val.dim() == 3 and int(val.shape[0]) == shape[0]):
             continue
-        tokens = int(val.shape[1])
-        patch = math.isqrt(height * width // tokens) if tokens and (height * width) % tokens == 0 else 0
-        if patch and patch * patch * tokens == height * width and height % patch == 0 and width % patch == 0:
-            best = (node, patch)
+        layout = _layout_for(shape, int(val.shape[1]), embedding)
+        if isinstance(layout, LatentLayout):
+            best = (node, layout)
+        elif layout is not None:
+            reason = layout
     if best is None:
-        return f"no [B, N, C] tensor with N = H*W/p^2 after {top!r}"
+        return reason or f"no [B, N, C] tensor with N = H*W/p^2 after {top!r}"
     return best
+
+
+def _layout_for(shape: tuple[int, ...], num_tokens: int, embedding: list) -> LatentLayout | str | None:
+    """The latent layout that gives ``num_tokens`` tokens, the reason none can be told apart, or None."""
+    if len(shape) == 3:
+        return packed_layout(shape) if num_tokens == shape[1] else None
+    if len(shape) == 4:
+        return image_layout(shape, num_tokens)
+    candidates = video_layouts(shape, num_tokens)
+    return choose_video_layout(candidates, patch_evidence(embedding)) if candidates else None
 
 
 def _find_timestep(inputs: list[torch.fx.Node], batch: int) -> str | None:

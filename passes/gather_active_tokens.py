@@ -34,7 +34,9 @@ def gather_active_tokens(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx
     with gm.graph.inserting_after(idx):
         count = gm.graph.call_method("size", (idx, 1))
     count.meta["ras_managed"] = True
-    gathered = insert_call(gm, source, ops.gather_tokens, (source, idx, 1), like=source)
+    # the gather goes after the token source and after the index it reads (the source may be the latents input)
+    after = count if source.op == "placeholder" else source
+    gathered = insert_call(gm, after, ops.gather_tokens, (source, idx, 1), like=source)
     # with k = N the gather is the source itself: its consumers are in the token region too
     gathered.meta["ras_dense_shape"] = source.meta["ras_dense_shape"]
     source.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)

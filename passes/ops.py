@@ -58,6 +58,13 @@ def gather_joint_table(
     return gather_position_table(table, joint_rows(idx, offset, num_tokens, total), axis, ndim)
 
 
+def setitem_copy(tensor: torch.Tensor, index, value) -> torch.Tensor:
+    """``tensor`` with ``tensor[index] = value`` applied to a copy: the out-of-place form of an in-place write."""
+    out = tensor.clone()
+    out[index] = value
+    return out
+
+
 @torch.library.custom_op("rascompile::scatter_rows_", mutates_args=("cache",))
 def scatter_rows_(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int) -> None:
     """``cache[b, ..., idx[b, i], ...] = fresh[b, ..., i, ...]`` along ``axis``, in place.

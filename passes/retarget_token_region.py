@@ -183,6 +183,7 @@ def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
             continue
         if node.op in ("placeholder", "get_attr") or node.meta.get("ras_managed"):
             env.evaluate(node)
+            region.record_offset(node, [])  # the token gather: image rows from 0
             continue
         inputs = [a for a in node.all_input_nodes if region.axis(a) is not None]
         if not inputs:

@@ -262,6 +262,7 @@ class RASGraph:
             output_cache=(ctx.output_cache_shape, ctx.output_cache_dtype),
             kv_caches=tuple((s.shape, s.dtype) for s in ctx.kv_slots),
             latent_layout=ctx.latent_layout,
+            latent=ctx.latent,
         )
         self.ras_gm, self.summary = ras_gm, graph_summary(ctx)
         self.latents_index, self.timestep_index = latents_index, timestep_index

@@ -16,7 +16,13 @@ import torch
 
 from .config import RASConfig
 from .schedule import StepPlan, build_schedule
-from .selector import initial_drop_counts, packed_token_metric, select_active_tokens, token_metric
+from .selector import (
+    initial_drop_counts,
+    layout_token_metric,
+    packed_token_metric,
+    select_active_tokens,
+    token_metric,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class GraphLayout:
     output_cache: tuple[tuple[int, ...], torch.dtype]
     kv_caches: tuple[tuple[tuple[int, ...], torch.dtype], ...]
     latent_layout: str = "image"  # "image": latents [B, C, H, W]; "packed": [B, N, C], one row per token
+    latent: object = None  # the passes' LatentLayout (any layout, video included); None: ``latent_layout``
 
 
 @dataclass(frozen=True)
@@ -192,7 +199,9 @@ class RASController:
 
     def _select(self, latents: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         delta = latents.detach().float() - self.previous_latents.float()
-        if self.layout.latent_layout == "packed":
+        if self.layout.latent is not None:
+            metric = layout_token_metric(delta, self.layout.latent, self.config.metric)
+        elif self.layout.latent_layout == "packed":
             metric = packed_token_metric(delta, self.config.metric)
         else:
             metric = token_metric(delta, self.layout.patch_size, self.config.metric)

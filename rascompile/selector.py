@@ -15,7 +15,7 @@ import torch
 from .config import METRICS
 from .schedule import split_num_dropped
 
-__all__ = ["token_metric", "packed_token_metric", "initial_drop_counts", "select_active_tokens"]
+__all__ = ["token_metric", "packed_token_metric", "layout_token_metric", "initial_drop_counts", "select_active_tokens"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -79,6 +79,46 @@ def packed_token_metric(delta: torch.Tensor, metric: str) -> torch.Tensor:
     if metric == "random":
         return _random_scores(x, x.shape[1])
     raise ValueError(f"metric={metric!r} is invalid: must be one of {', '.join(map(repr, METRICS))}")
+
+
+def layout_token_metric(delta: torch.Tensor, layout, metric: str) -> torch.Tensor:
+    """
+    Per-token change metric of a latent update in any latent layout (``rascompile.passes.latent_layout``).
+
+    Args:
+        delta: the update the sampler made to the latents, shaped like ``layout.shape``.
+        layout: a ``LatentLayout``: which latent elements make up each token.
+        metric: as in `token_metric`, per latent element over the channel axis, then averaged over the token's
+            patch (a ``p x p`` square of an image, a ``p_t x p x p`` block of a video); packed latents as in
+            `packed_token_metric`.
+
+    Returns:
+        `[B, N]` float32 in token order.
+    """
+    if layout.kind == "packed":
+        return packed_token_metric(delta, metric)
+    if layout.kind == "image":
+        return token_metric(delta, layout.patch[-1], metric)
+    if not isinstance(delta, torch.Tensor) or tuple(delta.shape[1:]) != tuple(layout.shape[1:]):
+        shape = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__
+        raise ValueError(f"delta must be shaped like the latents {tuple(layout.shape)}, got {shape}")
+    x = delta.to(torch.float32)
+    channels = x.shape[layout.channel_axis]
+    if metric == "std":
+        if channels < 2:
+            raise ValueError(f"metric='std' needs at least 2 channels, got C={channels}")
+        per_element = torch.std(x, dim=layout.channel_axis, correction=1)
+    elif metric == "l2norm":
+        per_element = torch.linalg.vector_norm(x, ord=2, dim=layout.channel_axis)
+    elif metric == "random":
+        return _random_scores(x, layout.num_tokens)
+    else:
+        raise ValueError(f"metric={metric!r} is invalid: must be one of {', '.join(map(repr, METRICS))}")
+    blocks = [x.shape[0]]
+    for size, p in zip(layout.token_grid, layout.patch):
+        blocks += [size, p]
+    grid = per_element.reshape(blocks)
+    return grid.mean(dim=tuple(range(2, len(blocks), 2))).reshape(x.shape[0], layout.num_tokens)
 
 
 def _random_scores(delta: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -372,3 +372,77 @@ def qwen_image_call_kwargs(batch: int = 2, grid: int = 8, seed: int = 0, padded_
         img_shapes=[(1, grid, grid)] * batch,
         return_dict=False,
     )
+
+
+# ---------------------------------------------------------------------------------------------- Wan (video)
+
+WAN_TEXT_DIM = 24
+WAN_TEXT_LEN = 6
+
+
+def tiny_wan_transformer(seed: int = 0):
+    """A Wan 2.1 transformer: two blocks, hidden 16 (2 heads x 8), patch (1, 2, 2), 4 latent channels, RoPE over
+    (frame, row, column) written in place into an ``empty_like`` buffer, RMS q/k norm across heads."""
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=WAN_TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=64,
+    )
+    _reinit_(model, seed, std=0.15, qk_std=0.3)
+    return model.eval()
+
+
+def wan_call_kwargs(batch: int = 2, frames: int = 2, latent_size: int = 8, seed: int = 0) -> dict:
+    """Transformer call arguments as WanPipeline passes them for one guidance branch: latents [B, 4, F, H, W]
+    (N = F * (H / 2) * (W / 2) tokens: 32 by default), a float timestep per row and the text embeddings."""
+    gen = torch.Generator().manual_seed(40_000 + seed)
+    return dict(
+        hidden_states=torch.randn(batch, 4, frames, latent_size, latent_size, generator=gen),
+        timestep=torch.full((batch,), 500.0),
+        encoder_hidden_states=torch.randn(batch, WAN_TEXT_LEN, WAN_TEXT_DIM, generator=gen),
+        return_dict=False,
+    )
+
+
+def tiny_wan_pipeline(transformer=None):
+    """WanPipeline with the tiny transformer, no VAE (temporal factor 4, spatial 8) and no text encoder."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+        transformer=transformer if transformer is not None else tiny_wan_transformer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_pipeline_kwargs(batch: int = 1, steps: int = 8, seed: int = 0, guidance: bool = True) -> dict:
+    """5 frames (2 latent frames) of 64x64 pixels (8x8 latents): N = 2 * 4 * 4 = 32 tokens. With guidance the
+    pipeline calls the transformer twice per step, once per branch."""
+    gen = torch.Generator().manual_seed(41_000 + seed)
+    kwargs = dict(
+        prompt_embeds=torch.randn(batch, WAN_TEXT_LEN, WAN_TEXT_DIM, generator=gen),
+        height=64,
+        width=64,
+        num_frames=5,
+        num_inference_steps=steps,
+        guidance_scale=5.0 if guidance else 1.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        return_dict=False,
+    )
+    if guidance:
+        kwargs["negative_prompt_embeds"] = torch.randn(batch, WAN_TEXT_LEN, WAN_TEXT_DIM, generator=gen)
+    return kwargs

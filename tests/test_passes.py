@@ -145,6 +145,6 @@ def test_graph_dumps_before_and_after_every_pass(captured, tmp_path):
     _, gm, _ = captured
     build_ras_graph(gm, dump_dir=str(tmp_path))
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert len(names) == 2 * 8 and names[0] == "00_normalize_attention_args.after.py"
-    assert "ras_active_idx" in (tmp_path / "07_verify_ras_graph.after.py").read_text()
+    assert len(names) == 2 * 9 and names[0] == "00_normalize_attention_args.after.py"
+    assert "ras_active_idx" in (tmp_path / "08_verify_ras_graph.after.py").read_text()
     assert "ras_active_idx" not in (tmp_path / "01_find_token_source.before.py").read_text()

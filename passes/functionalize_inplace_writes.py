@@ -1,0 +1,173 @@
+"""The in-place-write rule: writes into token tensors become out-of-place ops the other passes can follow.
+
+Matches: in the forward slice of the image tokens, ``t[index] = value`` (``operator.setitem``: RoPE written
+into ``q[:, :, L:]`` by CogView4, into the halves of an ``empty_like`` buffer by Wan) and in-place methods
+``t.op_(...)`` that have an out-of-place twin ``t.op(...)``.
+Produces: ``t2 = setitem_copy(t, index, value)`` (or ``t2 = t.op(...)``), with every later use of ``t`` (and of
+the in-place op's result) reading ``t2``. Values are unchanged; the token axis, offsets and literals of the
+written tensor are then followed like any other op's.
+Leaves a write in place (so that ``retarget_token_region`` refuses it with its reason) when another tensor
+that shares ``t``'s storage is read after the write, or when ``t`` belongs to a graph input: the functional
+form would not show those readers the write.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from . import ops
+from .context import PassContext
+from .graph_utils import describe, forward_slice
+
+#: Ops whose result may share storage with their first argument.
+VIEW_METHODS = {
+    "view",
+    "view_as",
+    "reshape",
+    "reshape_as",
+    "transpose",
+    "permute",
+    "flatten",
+    "unflatten",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "expand_as",
+    "narrow",
+    "select",
+    "split",
+    "chunk",
+    "unbind",
+    "tensor_split",
+    "t",
+    "movedim",
+    "contiguous",
+    "to",
+    "type_as",
+    "float",
+    "half",
+    "bfloat16",
+    "detach",
+    "__getitem__",
+    "real",
+    "imag",
+}
+VIEW_FUNCTIONS = {
+    operator.getitem,
+    torch.transpose,
+    torch.permute,
+    torch.flatten,
+    torch.unflatten,
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.reshape,
+    torch.narrow,
+    torch.select,
+    torch.split,
+    torch.chunk,
+    torch.unbind,
+    torch.tensor_split,
+    torch.movedim,
+    torch.view_as_real,
+    torch.view_as_complex,
+    torch.detach,
+}
+
+
+def functionalize_inplace_writes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    region = forward_slice([nodes[ctx.token_source]])
+    for node in [n for n in gm.graph.nodes if n in region and _is_write(n)]:
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        target = node.args[0]
+        if not isinstance(target, torch.fx.Node) or not _safe_to_copy(node, target, order):
+            continue
+        ctx.note(f"write: in-place {_write_name(node)} made out-of-place in {describe(node)}")
+        _rewrite(gm, node, target, order)
+    return gm
+
+
+def _is_write(node: torch.fx.Node) -> bool:
+    if node.op == "call_function" and node.target is operator.setitem:
+        return True
+    return (
+        node.op == "call_method"
+        and node.target.endswith("_")
+        and not node.target.startswith("_")
+        and hasattr(torch.Tensor, node.target[:-1])
+    )
+
+
+def _write_name(node: torch.fx.Node) -> str:
+    return "setitem" if node.op == "call_function" else node.target
+
+
+def _base(node: torch.fx.Node) -> torch.fx.Node:
+    """The node whose storage ``node`` may share (itself unless it comes from a chain of view ops)."""
+    while _is_view(node) and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in VIEW_METHODS or (node.target.endswith("_") and not node.target.startswith("_"))
+    if node.op == "call_function":
+        return node.target in VIEW_FUNCTIONS
+    return False
+
+
+def _aliases(base: torch.fx.Node) -> set[torch.fx.Node]:
+    """``base`` and every node reached from it through view ops."""
+    found, stack = set(), [base]
+    while stack:
+        node = stack.pop()
+        if node in found:
+            continue
+        found.add(node)
+        stack.extend(u for u in node.users if _is_view(u) and u.args and u.args[0] is node)
+    return found
+
+
+def _safe_to_copy(write: torch.fx.Node, target: torch.fx.Node, order: dict) -> bool:
+    base = _base(target)
+    if base.op in ("placeholder", "get_attr"):
+        return False
+    for alias in _aliases(base):
+        if alias is target or alias is write:
+            continue
+        if order[alias] > order[write]:
+            if not _derived_from(alias, target):  # a view taken later of the storage, not through ``target``
+                return False
+        elif any(order[user] > order[write] for user in alias.users):
+            return False
+    return True
+
+
+def _derived_from(view: torch.fx.Node, target: torch.fx.Node) -> bool:
+    """Whether ``view`` is a chain of view ops over ``target`` (it will read the written copy)."""
+    while view is not target:
+        if not (_is_view(view) and isinstance(view.args[0], torch.fx.Node)):
+            return False
+        view = view.args[0]
+    return True
+
+
+def _rewrite(gm: torch.fx.GraphModule, write: torch.fx.Node, target: torch.fx.Node, order: dict) -> None:
+    later = [u for u in list(target.users) if u is not write and order[u] > order[write]]
+    with gm.graph.inserting_before(write):
+        if write.op == "call_function":
+            copy = gm.graph.call_function(ops.setitem_copy, tuple(write.args), dict(write.kwargs))
+        else:
+            copy = gm.graph.call_method(write.target[:-1], tuple(write.args), dict(write.kwargs))
+    copy.meta.update({k: v for k, v in write.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    for key in ("ras_dense_shape", "example_value", "val"):
+        if key in target.meta:
+            copy.meta[key] = target.meta[key]
+    for user in later:
+        user.replace_input_with(target, copy)
+    write.replace_all_uses_with(copy)
+    gm.graph.erase_node(write)
