@@ -1,0 +1,232 @@
+"""The diffusion transformers rascompile is tested on: one entry per model, with what RAS does on it.
+
+Each ``Case`` names the diffusers transformer (and pipeline) class, builds a tiny seeded model, gives the
+keyword arguments its pipeline passes at one denoising step (batch 2) and says whether the passes rewrite
+it (RAS) or why it runs dense. ``tests/test_model_zoo.py`` checks every entry against the model-agnostic
+invariants; ``python tests/zoo.py`` prints the README's supported-models table from this list, and a test
+keeps the README's copy equal to it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import models
+import models_video
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_RESULTS = ROOT / "docs" / "bench" / "models.json"
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    model: str  # the name people use
+    transformer_class: str
+    pipeline_class: str | None
+    transformer: Callable  # (seed) -> tiny transformer
+    call_kwargs: Callable  # (batch, seed) -> the pipeline's transformer kwargs at one step
+    ras: bool  # the passes rewrite it
+    reason: str = ""  # dense: words of the reason rascompile gives; RAS: what the table adds
+    pipeline: Callable | None = None  # (transformer) -> download-free pipeline
+    pipeline_kwargs: Callable | None = None  # () -> the pipeline's call kwargs
+    per_branch: bool = False  # the pipeline calls the transformer once per guidance branch
+    timestep_scale: float = 1000.0  # the timestep the transformer sees at sigma = 1
+    latents_key: str = "hidden_states"
+    timestep_key: str = "timestep"
+    bench: str | None = None  # ``rascompile bench --model`` name
+    layout: str = "image"
+    zoo_tests: bool = True  # False: tests of their own cover it (tests/test_passes.py, test_packed_models.py)
+
+
+def _sd3_kwargs(batch: int = 2, seed: int = 0) -> dict:
+    import torch
+
+    gen = torch.Generator().manual_seed(70_000 + seed)
+    latents = torch.randn(batch // 2 or 1, models.SD3_IN_CHANNELS, 16, 16, generator=gen)
+    return dict(
+        hidden_states=torch.cat([latents] * (2 if batch > 1 else 1))[:batch],
+        timestep=torch.full((batch,), 500.0),
+        encoder_hidden_states=torch.randn(batch, models.SD3_TEXT_LEN, models.SD3_TEXT_DIM, generator=gen),
+        pooled_projections=torch.randn(batch, models.SD3_POOLED_DIM, generator=gen),
+        return_dict=False,
+    )
+
+
+def _flux_kwargs(batch: int = 2, seed: int = 0) -> dict:
+    import torch
+
+    gen = torch.Generator().manual_seed(80_000 + seed)
+    ids = torch.zeros(8, 8, 3)
+    ids[..., 1] = torch.arange(8)[:, None]
+    ids[..., 2] = torch.arange(8)[None, :]
+    return dict(
+        hidden_states=torch.randn(batch, 64, 16, generator=gen),
+        timestep=torch.full((batch,), 0.5),
+        guidance=torch.full((batch,), 3.5),
+        pooled_projections=torch.randn(batch, models.FLUX_POOLED_DIM, generator=gen),
+        encoder_hidden_states=torch.randn(batch, models.FLUX_TEXT_LEN, models.FLUX_TEXT_DIM, generator=gen),
+        txt_ids=torch.zeros(models.FLUX_TEXT_LEN, 3),
+        img_ids=ids.reshape(64, 3),
+        return_dict=False,
+    )
+
+
+CASES: list[Case] = [
+    Case(
+        "sd3",
+        "Stable Diffusion 3 / 3.5",
+        "SD3Transformer2DModel",
+        "StableDiffusion3Pipeline",
+        lambda seed=0: models.tiny_sd3_transformer(seed),
+        _sd3_kwargs,
+        ras=True,
+        reason="equals the paper's reference code",
+        bench="sd3",
+        zoo_tests=False,
+    ),
+    Case(
+        "lumina",
+        "Lumina-Next",
+        "LuminaNextDiT2DModel",
+        "LuminaPipeline",
+        lambda seed=0: models.tiny_lumina_transformer(seed),
+        None,
+        ras=True,
+        reason="equals the paper's reference code",
+        zoo_tests=False,
+    ),
+    Case(
+        "flux",
+        "FLUX.1",
+        "FluxTransformer2DModel",
+        "FluxPipeline",
+        lambda seed=0: models.tiny_flux_transformer(seed),
+        _flux_kwargs,
+        ras=True,
+        reason="joint RoPE table and joint K/V caches; true CFG per branch",
+        timestep_scale=1.0,
+        bench="flux",
+        layout="packed",
+        zoo_tests=False,
+    ),
+    Case(
+        "qwen-image",
+        "Qwen-Image",
+        "QwenImageTransformer2DModel",
+        "QwenImagePipeline",
+        lambda seed=0: models.tiny_qwen_image_transformer(seed),
+        lambda batch=2, seed=0: models.qwen_image_call_kwargs(batch=batch, seed=seed),
+        ras=True,
+        reason="text mask over joint keys; true CFG per branch",
+        timestep_scale=1.0,
+        layout="packed",
+        zoo_tests=False,
+    ),
+    Case(
+        "wan",
+        "Wan 2.1",
+        "WanTransformer3DModel",
+        "WanPipeline",
+        lambda seed=0: models.tiny_wan_transformer(seed),
+        lambda batch=2, seed=0: models.wan_call_kwargs(batch=batch, seed=seed),
+        ras=True,
+        reason="RoPE written in place; one call per guidance branch",
+        pipeline=lambda transformer=None: models.tiny_wan_pipeline(transformer),
+        pipeline_kwargs=lambda: models.wan_pipeline_kwargs(),
+        per_branch=True,
+        bench="wan",
+        layout="video",
+    ),
+    Case(
+        "cogvideox",
+        "CogVideoX (5B, RoPE)",
+        "CogVideoXTransformer3DModel",
+        "CogVideoXPipeline",
+        lambda seed=0: models_video.tiny_cogvideox_transformer(seed),
+        lambda batch=2, seed=0: models_video.cogvideox_call_kwargs(batch=batch, seed=seed),
+        ras=True,
+        reason="[B, F, C, H, W] latents; RoPE written in place into the image rows",
+        pipeline=lambda transformer=None: models_video.tiny_cogvideox_pipeline(transformer),
+        pipeline_kwargs=lambda: models_video.cogvideox_pipeline_kwargs(),
+        layout="video",
+    ),
+    Case(
+        "cogvideox-sincos",
+        "CogVideoX (2B, sin-cos)",
+        "CogVideoXTransformer3DModel",
+        "CogVideoXPipeline",
+        lambda seed=0: models_video.tiny_cogvideox_transformer(seed, rope=False),
+        lambda batch=2, seed=0: models_video.cogvideox_call_kwargs(batch=batch, seed=seed, rope=False),
+        ras=True,
+        reason="position table over the joint [text; image] sequence",
+        layout="video",
+    ),
+    Case(
+        "hunyuan-video",
+        "HunyuanVideo",
+        "HunyuanVideoTransformer3DModel",
+        "HunyuanVideoPipeline",
+        lambda seed=0: models_video.tiny_hunyuan_video_transformer(seed),
+        lambda batch=2, seed=0: models_video.hunyuan_video_call_kwargs(batch=batch, seed=seed),
+        ras=True,
+        reason="single-stream blocks, joint mask",
+        pipeline=lambda transformer=None: models_video.tiny_hunyuan_video_pipeline(transformer),
+        pipeline_kwargs=lambda: models_video.hunyuan_video_pipeline_kwargs(),
+        layout="video",
+    ),
+    Case(
+        "ltx",
+        "LTX-Video",
+        "LTXVideoTransformer3DModel",
+        "LTXPipeline",
+        lambda seed=0: models_video.tiny_ltx_transformer(seed),
+        lambda batch=2, seed=0: models_video.ltx_call_kwargs(batch=batch, seed=seed),
+        ras=True,
+        reason="packed video tokens, RoPE cos/sin tables",
+        pipeline=lambda transformer=None: models_video.tiny_ltx_pipeline(transformer),
+        pipeline_kwargs=lambda: models_video.ltx_pipeline_kwargs(),
+        layout="packed",
+    ),
+]
+
+BY_KEY = {case.key: case for case in CASES}
+
+
+def bench_results() -> dict:
+    """``rascompile bench --model NAME --json`` results kept in docs/bench/models.json, by model name."""
+    if not BENCH_RESULTS.is_file():
+        return {}
+    return json.loads(BENCH_RESULTS.read_text())
+
+
+def _speedup(case: Case, results: dict) -> str:
+    result = results.get(case.bench or "")
+    if not result:
+        return ""
+    return f"{result['speedup']:.2f}x ({result['fraction_of_ideal']:.2f} of ideal)"
+
+
+def supported_models_table() -> str:
+    """The README's table, from ``CASES``."""
+    results = bench_results()
+    lines = [
+        "| Model | Transformer | Pipeline | RAS | Notes | Per-step speedup at ratio 0.25 (CPU bench) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case in CASES:
+        status = "RAS" if case.ras else "dense"
+        pipeline = f"`{case.pipeline_class}`" if case.pipeline_class else ""
+        lines.append(
+            f"| {case.model} | `{case.transformer_class}` | {pipeline} | {status} | {case.reason} | "
+            f"{_speedup(case, results)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(supported_models_table())
