@@ -21,12 +21,10 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.node import map_aggregate
 
-from . import ops
 from .context import PassContext, RewriteError
 from .graph_utils import FakeEnv, describe, insert_call, is_elementwise, is_sdpa
-from .normalize_attention_args import sdpa_argument
+from .position_tables import gather_attention_mask, gather_position_tables
 
 # Ops that may drop the token axis: they select a part of it (the text part of a joint sequence).
 SLICING_FUNCTIONS = {operator.getitem, torch.narrow, torch.split, torch.chunk, torch.tensor_split}
@@ -88,7 +86,7 @@ ALWAYS_MIXING = {
 }
 
 
-class _Region:
+class TokenRegion:
     """Token-axis bookkeeping for the walk: which nodes carry k instead of N tokens."""
 
     def __init__(self, env: FakeEnv, num_tokens: int, probe: int):
@@ -98,6 +96,8 @@ class _Region:
         # where the N image rows start along a node's token axis in the dense graph (0 for image-only tensors,
         # the text length for a [text; image] joint sequence); None when it cannot be told
         self.offsets: dict[torch.fx.Node, int | None] = {}
+        # position-table gathers already inserted, by their arguments (one gather serves every layer)
+        self.gathered: dict[tuple, torch.fx.Node] = {}
 
     def record_offset(self, node: torch.fx.Node, inputs: list[torch.fx.Node]) -> None:
         axis = self.axis(node)
@@ -174,7 +174,7 @@ class _Region:
 
 def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
     env = FakeEnv(gm)
-    region = _Region(env, ctx.num_tokens, ctx.probe_tokens)
+    region = TokenRegion(env, ctx.num_tokens, ctx.probe_tokens)
     nodes = {n.name: n for n in gm.graph.nodes}
     idx, count = nodes[ctx.active_idx], nodes[ctx.active_count]
     for node in list(gm.graph.nodes):
@@ -191,9 +191,9 @@ def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
             continue
         _refuse_token_mixing(node, inputs, region)
         if is_sdpa(node):
-            _gather_attention_mask(gm, node, region, idx, ctx)
+            gather_attention_mask(gm, node, region, idx, ctx)
         elif is_elementwise(node):
-            _gather_position_tables(gm, node, inputs, region, idx, ctx)
+            gather_position_tables(gm, node, inputs, region, idx, ctx)
         _retarget_literals(gm, node, inputs, region, count, ctx)
         region.record_offset(node, inputs)
         axis = region.axis(node)
@@ -206,7 +206,7 @@ def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
     return gm
 
 
-def _check_outputs(output: torch.fx.Node, region: _Region) -> None:
+def _check_outputs(output: torch.fx.Node, region: TokenRegion) -> None:
     for arg in output.all_input_nodes:
         if region.axis(arg) is not None:
             raise RewriteError(f"graph output {arg.name} ({describe(arg)}) carries active tokens only")
@@ -222,7 +222,7 @@ def _may_drop_token_axis(node: torch.fx.Node) -> bool:
     return is_sdpa(node) or _target_in(node, SLICING_FUNCTIONS, SLICING_METHODS)
 
 
-def _refuse_token_mixing(node: torch.fx.Node, inputs: list[torch.fx.Node], region: _Region) -> None:
+def _refuse_token_mixing(node: torch.fx.Node, inputs: list[torch.fx.Node], region: TokenRegion) -> None:
     if node.op == "call_function" and node.target in ALWAYS_MIXING:
         raise RewriteError(f"{node.name} ({describe(node)}) mixes image tokens")
     if _target_in(node, MIXING_FUNCTIONS, MIXING_METHODS):
@@ -269,80 +269,6 @@ def _matmul_operands(node: torch.fx.Node) -> tuple[Any, Any]:
     return operands[0], operands[1]
 
 
-def _gather_attention_mask(gm, node, region: _Region, idx, ctx: PassContext) -> None:
-    query, key = sdpa_argument(node, "query"), sdpa_argument(node, "key")
-    if sdpa_argument(node, "is_causal", False):
-        raise RewriteError(f"{node.name} ({describe(node)}): causal attention over image tokens")
-    mask = sdpa_argument(node, "attn_mask")
-    if not isinstance(mask, torch.fx.Node):
-        return
-    if region.axis(mask) is not None:
-        raise RewriteError(f"{node.name} ({describe(node)}): attention mask computed from image tokens")
-    ndim = len(region.env.shape(query))
-    for arg, mask_axis in ((query, -2), (key, -1)):
-        arg_axis = region.axis(arg)
-        if arg_axis is None:
-            continue
-        if arg_axis != ndim - 2:
-            raise RewriteError(f"{node.name} ({describe(node)}): tokens are not on the sequence axis")
-        dense_len = region.dense_size(arg, arg_axis)
-        mask_shape = region.env.shape(mask)
-        if mask_shape[mask_axis] == 1:
-            continue
-        axis = ndim + mask_axis
-        if dense_len == region.n:
-            gathered = insert_call(gm, node, ops.gather_position_table, (mask, idx, axis, ndim), before=True)
-        else:
-            offset = region.offsets.get(arg)
-            if offset is None or mask_shape[mask_axis] != dense_len:
-                raise RewriteError(f"{node.name} ({describe(node)}): mask over a joint image+text sequence")
-            args = (mask, idx, axis, ndim, offset, region.n, dense_len)
-            gathered = insert_call(gm, node, ops.gather_joint_table, args, before=True)
-        region.env.evaluate(gathered)
-        _replace_arg(node, mask, gathered)
-        mask = gathered
-        ctx.note(f"mask: attention mask rows gathered for {describe(node)}")
-
-
-def _gather_position_tables(gm, node, inputs, region: _Region, idx, ctx: PassContext) -> None:
-    ref = inputs[0]
-    ref_shape = region.env.shape(ref)
-    ref_axis = region.axis(ref)
-    if ref_axis < 0:
-        return
-    out_ndim = len(node.meta["ras_dense_shape"] or ref_shape)
-    out_axis = ref_axis + out_ndim - len(ref_shape)
-    for arg in node.all_input_nodes:
-        if arg in inputs or not isinstance(region.env.values.get(arg), torch.Tensor):
-            continue
-        shape = region.env.shape(arg)
-        table_axis = out_axis - (out_ndim - len(shape))
-        if table_axis < 0 or shape[table_axis] != region.dense_size(ref, ref_axis) or shape[table_axis] == 1:
-            continue
-        if shape[table_axis] == region.n:
-            args = (arg, idx, out_axis, out_ndim)
-            gathered = insert_call(gm, node, ops.gather_position_table, args, before=True)
-            ctx.note(f"table: position table gathered at active tokens for {describe(node)}")
-        else:
-            offset = region.offsets.get(ref)
-            if offset is None:
-                raise RewriteError(
-                    f"{node.name} ({describe(node)}): position table over a joint sequence whose image rows "
-                    "cannot be located"
-                )
-            args = (arg, idx, out_axis, out_ndim, offset, region.n, shape[table_axis])
-            gathered = insert_call(gm, node, ops.gather_joint_table, args, before=True)
-            ctx.note(f"table: joint position table (image rows from {offset}) gathered for {describe(node)}")
-        region.env.evaluate(gathered)
-        _replace_arg(node, arg, gathered)
-
-
-def _replace_arg(node: torch.fx.Node, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    swap = lambda a: new if a is old else a  # noqa: E731
-    node.args = map_aggregate(node.args, swap)
-    node.kwargs = map_aggregate(node.kwargs, swap)
-
-
 def _int_paths(value: Any, path: tuple = ()) -> list[tuple[tuple, int]]:
     """(path, int) for every int literal inside nested args (tuples, lists, dicts, slices)."""
     found = []
@@ -376,7 +302,7 @@ def _set_path(value: Any, path: tuple, new: Any) -> Any:
     return type(value)(items) if not isinstance(value, list) else items
 
 
-def _retarget_literals(gm, node, inputs, region: _Region, count, ctx: PassContext) -> None:
+def _retarget_literals(gm, node, inputs, region: TokenRegion, count, ctx: PassContext) -> None:
     """Evaluate ``node``, rewriting token-count literals where the shapes require it."""
     sizes = {region.n}
     for arg in inputs:
@@ -413,7 +339,7 @@ def _retarget_literals(gm, node, inputs, region: _Region, count, ctx: PassContex
     raise RewriteError(f"{node.name} ({describe(node)}): cannot adapt its token-count constants {sorted(sizes)}")
 
 
-def _count_expr(gm, node, count, offset: int, region: _Region) -> torch.fx.Node:
+def _count_expr(gm, node, count, offset: int, region: TokenRegion) -> torch.fx.Node:
     """A node computing ``k + offset`` (k itself when offset is 0)."""
     if offset == 0:
         return count

@@ -184,6 +184,13 @@ class RASController:
         if any(not p.dense for p in self.schedule):
             self.allocate_caches()
 
+    def step_count_grid(self) -> torch.Tensor | None:
+        """``step_counts`` on the token grid of the latent layout: ``[B, H/p, W/p]`` for images, ``[B, F/p_t, H/p,
+        W/p]`` for video (one heatmap per frame), ``[B, N]`` when the layout is unknown or packed."""
+        if self.step_counts is None or self.layout.latent is None:
+            return self.step_counts
+        return self.layout.latent.to_grid(self.step_counts)
+
     def allocate_caches(self, branch: int = 0) -> None:
         """Allocate the output and K/V caches of branches up to ``branch`` once; later generations reuse them
         (a branch's first step in a generation is dense and rewrites them in full)."""

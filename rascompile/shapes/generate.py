@@ -58,7 +58,6 @@ class Generator:
         counts = None
         if backend is not None and backend.graphs and backend.graphs[0].controller is not None:
             controller = backend.graphs[0].controller
-            side = self.model.config.token_grid
             # CFG rows of one image share a selection: keep the conditional half
-            counts = controller.step_counts[-len(captions) :].reshape(len(captions), side, side).clone()
+            counts = controller.step_count_grid()[-len(captions) :].clone()
         return Generation(to_images(latents), seconds, counts)
