@@ -58,6 +58,20 @@ def _refuse_dynamic_shapes(gm: torch.fx.GraphModule) -> None:
         )
 
 
+def _refuse_data_dependent_sizes(gm: torch.fx.GraphModule) -> None:
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    from .graph_utils import describe, example_value
+
+    for node in gm.graph.nodes:
+        value = example_value(node)
+        if isinstance(value, (torch.Tensor, torch.SymInt, tuple, list)) and free_unbacked_symbols(value):
+            raise RewriteError(
+                f"{node.name} ({describe(node)}) has sizes that depend on tensor data (Dynamo's "
+                "capture_scalar_outputs / capture_dynamic_output_shape_ops): the token count cannot be followed"
+            )
+
+
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A new GraphModule over a copy of ``gm``'s graph (node metadata shared shallowly)."""
     graph = torch.fx.Graph()
@@ -79,6 +93,7 @@ def build_ras_graph(
 
     Raises RewriteError, with the reason, when the rewrite cannot be shown to apply.
     """
+    _refuse_data_dependent_sizes(gm)
     _refuse_dynamic_shapes(gm)
     record_dense_shapes(gm)
     ctx = PassContext(kv_cache=kv_cache, fuse_kv_projection=fuse_kv_projection, dump_dir=dump_dir)

@@ -177,6 +177,7 @@ def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
     region = TokenRegion(env, ctx.num_tokens, ctx.probe_tokens)
     nodes = {n.name: n for n in gm.graph.nodes}
     idx, count = nodes[ctx.active_idx], nodes[ctx.active_count]
+    attends = False
     for node in list(gm.graph.nodes):
         if node.op == "output":
             _check_outputs(node, region)
@@ -191,6 +192,7 @@ def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
             continue
         _refuse_token_mixing(node, inputs, region)
         if is_sdpa(node):
+            attends = True
             gather_attention_mask(gm, node, region, idx, ctx)
         elif is_elementwise(node):
             gather_position_tables(gm, node, inputs, region, idx, ctx)
@@ -203,6 +205,10 @@ def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
                 node.meta["ras_image_offset"] = region.offsets[node]
         elif axis is None and not _may_drop_token_axis(node):
             raise RewriteError(f"{node.name} ({describe(node)}) loses the token axis of its input")
+    if not attends:
+        # a piece of a model between graph breaks (an output head, a text projection): its "tokens" were
+        # computed in full by another graph, so skipping rows here would only copy stale outputs
+        raise RewriteError("no attention reads the image tokens: this graph is not a whole transformer")
     return gm
 
 

@@ -243,6 +243,12 @@ class RASGraph:
         self.ras_gm, self.controller, self.summary = None, None, ""
         self.fallback_reason = reason
         self.backend.warn_once(f"this graph runs dense: {reason}")
+        # compiled now, inside Dynamo's call: graphs with data-dependent sizes (``.tolist()`` under
+        # ``capture_scalar_outputs``) need its tracing context, which a first-call compile would not have
+        try:
+            self.dense_fn = compile_inner(self.backend.inner_backend, self.dense_gm, self.example_inputs)
+        except Exception:  # noqa: BLE001 - compiled again at the first call, where the error surfaces as usual
+            self.dense_fn = None
 
     def _build(self, gm: torch.fx.GraphModule, example_inputs: list) -> None:
         backend = self.backend

@@ -212,3 +212,38 @@ def test_readme_table_is_generated_from_the_zoo():
     assert start in readme and end in readme, "README lacks the supported-models markers"
     table = readme.split(start, 1)[1].split(end, 1)[0]
     assert table == supported_models_table(), "README's model table is stale: run python tests/zoo.py"
+
+
+@pytest.mark.parametrize("case", [c for c in ZOO if not c.ras], ids=lambda c: c.key)
+def test_dense_models_run_through_the_backend_unchanged(case):
+    """A model RAS does not reach still compiles with backend="ras": every graph runs dense, with warnings that
+    say why, and the result equals the uncompiled model."""
+    model = case.transformer()
+    kwargs = case.call_kwargs()
+    with torch.no_grad():
+        expected = model(**kwargs)[0]
+    compiled = torch.compile(model, backend="ras", options=OPTIONS)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = compiled(**case.call_kwargs())[0]
+    messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
+    assert any("runs dense" in m for m in messages), messages
+    assert not controllers_of(compiled)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_data_dependent_sizes_run_dense_instead_of_raising():
+    """Lumina2 under ``capture_scalar_outputs``: its graph has sizes that depend on tensor data; the passes
+    refuse it with that reason and the dense graph is compiled inside Dynamo's call, where its tracing context
+    is (a first-call compile raised ``DataDependentOutputException``)."""
+    case = next(c for c in CASES if c.key == "lumina2")
+    model = case.transformer()
+    with torch.no_grad():
+        expected = model(**case.call_kwargs())[0]
+    compiled = torch.compile(model, backend="ras", options=OPTIONS)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            got = compiled(**case.call_kwargs())[0]
+    assert any("depend on tensor data" in str(w.message) for w in caught)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import models
+import models_classic as classic
+import models_image as image
 import models_video
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +42,7 @@ class Case:
     timestep_key: str = "timestep"
     bench: str | None = None  # ``rascompile bench --model`` name
     layout: str = "image"
+    note: str = ""  # dense: what in the model keeps RAS out, for the table
     zoo_tests: bool = True  # False: tests of their own cover it (tests/test_passes.py, test_packed_models.py)
 
 
@@ -192,7 +195,186 @@ CASES: list[Case] = [
         pipeline_kwargs=lambda: models_video.ltx_pipeline_kwargs(),
         layout="packed",
     ),
+    Case(
+        "sd35",
+        "Stable Diffusion 3.5",
+        "SD3Transformer2DModel",
+        "StableDiffusion3Pipeline",
+        classic.tiny_sd35_transformer,
+        classic.sd35_call_kwargs,
+        ras=True,
+        reason="RMS q/k norm, dual attention blocks",
+        pipeline=classic.tiny_sd35_pipeline,
+        pipeline_kwargs=classic.sd35_pipeline_kwargs,
+    ),
+    Case(
+        "pixart",
+        "PixArt-Sigma",
+        "PixArtTransformer2DModel",
+        "PixArtSigmaPipeline",
+        classic.tiny_pixart_transformer,
+        classic.pixart_call_kwargs,
+        ras=True,
+        reason="self-attention plus cross-attention to text",
+        pipeline=classic.tiny_pixart_pipeline,
+        pipeline_kwargs=classic.pixart_pipeline_kwargs,
+    ),
+    Case(
+        "hunyuan-dit",
+        "HunyuanDiT",
+        "HunyuanDiT2DModel",
+        "HunyuanDiTPipeline",
+        classic.tiny_hunyuan_dit_transformer,
+        classic.hunyuan_dit_call_kwargs,
+        ras=True,
+        reason="RoPE tables from the pipeline, long skips",
+        pipeline=classic.tiny_hunyuan_dit_pipeline,
+        pipeline_kwargs=classic.hunyuan_dit_pipeline_kwargs,
+    ),
+    Case(
+        "dit",
+        "DiT",
+        "DiTTransformer2DModel",
+        "DiTPipeline",
+        classic.tiny_dit_transformer,
+        classic.dit_call_kwargs,
+        ras=True,
+        reason="class-conditional",
+        pipeline=classic.tiny_dit_pipeline,
+        pipeline_kwargs=classic.dit_pipeline_kwargs,
+    ),
+    Case(
+        "flux2",
+        "FLUX.2",
+        "Flux2Transformer2DModel",
+        "Flux2Pipeline",
+        image.tiny_flux2_transformer,
+        image.flux2_call_kwargs,
+        ras=True,
+        reason="joint RoPE table, single-stream blocks",
+        pipeline=image.tiny_flux2_pipeline,
+        pipeline_kwargs=image.flux2_pipeline_kwargs,
+        timestep_scale=1.0,
+        layout="packed",
+    ),
+    Case(
+        "chroma",
+        "Chroma",
+        "ChromaTransformer2DModel",
+        "ChromaPipeline",
+        image.tiny_chroma_transformer,
+        image.chroma_call_kwargs,
+        ras=True,
+        reason="joint mask rows gathered; one call per guidance branch",
+        pipeline=image.tiny_chroma_pipeline,
+        pipeline_kwargs=image.chroma_pipeline_kwargs,
+        per_branch=True,
+        timestep_scale=1.0,
+        layout="packed",
+    ),
+    Case(
+        "cogview4",
+        "CogView4",
+        "CogView4Transformer2DModel",
+        "CogView4Pipeline",
+        image.tiny_cogview4_transformer,
+        image.cogview4_call_kwargs,
+        ras=True,
+        reason="RoPE written in place into the image rows; one call per guidance branch",
+        pipeline=image.tiny_cogview4_pipeline,
+        pipeline_kwargs=image.cogview4_pipeline_kwargs,
+        per_branch=True,
+    ),
+    Case(
+        "cogview3plus",
+        "CogView3-Plus",
+        "CogView3PlusTransformer2DModel",
+        "CogView3PlusPipeline",
+        image.tiny_cogview3plus_transformer,
+        image.cogview3plus_call_kwargs,
+        ras=True,
+        reason="text and image joined in the patch embedding",
+        pipeline=image.tiny_cogview3plus_pipeline,
+        pipeline_kwargs=image.cogview3plus_pipeline_kwargs,
+    ),
+    Case(
+        "auraflow",
+        "AuraFlow",
+        "AuraFlowTransformer2DModel",
+        "AuraFlowPipeline",
+        image.tiny_auraflow_transformer,
+        image.auraflow_call_kwargs,
+        ras=True,
+        reason="register tokens, single-stream blocks",
+        pipeline=image.tiny_auraflow_pipeline,
+        pipeline_kwargs=image.auraflow_pipeline_kwargs,
+        timestep_scale=1.0,
+    ),
+    Case(
+        "hunyuan-image",
+        "HunyuanImage-2.1 (without the glyph encoder)",
+        "HunyuanImageTransformer2DModel",
+        "HunyuanImagePipeline",
+        lambda seed=0: image.tiny_hunyuan_image_transformer(seed, glyph=False),
+        lambda batch=2, seed=0: _without_glyph(image.hunyuan_image_call_kwargs(batch=batch, seed=seed)),
+        ras=True,
+        reason="joint [image; text] sequence, key mask; one call per guidance branch",
+        pipeline=lambda transformer=None: image.tiny_hunyuan_image_pipeline(transformer),
+        pipeline_kwargs=image.hunyuan_image_pipeline_kwargs,
+        per_branch=True,
+    ),
+    Case(
+        "hunyuan-image-glyph",
+        "HunyuanImage-2.1",
+        "HunyuanImageTransformer2DModel",
+        "HunyuanImagePipeline",
+        lambda seed=0: image.tiny_hunyuan_image_transformer(seed, glyph=True),
+        image.hunyuan_image_call_kwargs,
+        ras=False,
+        reason="no image-token source found",
+        note="graph breaks: the glyph text is reordered per row with boolean indexing (`text_2[text_mask_2]`)",
+    ),
+    Case(
+        "lumina2",
+        "Lumina-Image 2.0",
+        "Lumina2Transformer2DModel",
+        "Lumina2Pipeline",
+        classic.tiny_lumina2_transformer,
+        classic.lumina2_call_kwargs,
+        ras=False,
+        reason="no image-token source found",
+        note="graph breaks at `attention_mask.sum(1).tolist()`: the image rows start at a different offset in "
+        "each row; no Dynamo setting makes it one graph",
+    ),
+    Case(
+        "hidream",
+        "HiDream-I1",
+        "HiDreamImageTransformer2DModel",
+        "HiDreamImagePipeline",
+        classic.tiny_hidream_transformer,
+        classic.hidream_call_kwargs,
+        ras=False,
+        reason="no attention reads the image tokens",
+        note="mixture-of-experts routing (`bincount`) breaks the graph inside the block loop",
+    ),
+    Case(
+        "sana",
+        "Sana",
+        "SanaTransformer2DModel",
+        "SanaPipeline",
+        classic.tiny_sana_transformer,
+        classic.sana_call_kwargs,
+        ras=False,
+        reason="contracts over the token axis",
+        note="linear attention sums over all tokens; the feed-forward is a 3x3 convolution over the grid",
+    ),
 ]
+
+
+def _without_glyph(kwargs: dict) -> dict:
+    """HunyuanImage's call without the ByT5 glyph inputs (a model built without ``text_embed_2_dim``)."""
+    return {k: v for k, v in kwargs.items() if k not in ("encoder_hidden_states_2", "encoder_attention_mask_2")}
+
 
 BY_KEY = {case.key: case for case in CASES}
 
@@ -220,9 +402,10 @@ def supported_models_table() -> str:
     ]
     for case in CASES:
         status = "RAS" if case.ras else "dense"
+        notes = case.reason if case.ras else f'{case.note} (rascompile: "{case.reason}")'
         pipeline = f"`{case.pipeline_class}`" if case.pipeline_class else ""
         lines.append(
-            f"| {case.model} | `{case.transformer_class}` | {pipeline} | {status} | {case.reason} | "
+            f"| {case.model} | `{case.transformer_class}` | {pipeline} | {status} | {notes} | "
             f"{_speedup(case, results)} |"
         )
     return "\n".join(lines) + "\n"
