@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from rascompile.passes import RewriteError, build_ras_graph, graph_summary
 from zoo import CASES, ROOT, supported_models_table
 
 from rascompile.backend import controllers_of
-from rascompile.passes import RewriteError, build_ras_graph, graph_summary
 
 ZOO = [c for c in CASES if c.zoo_tests]
 RAS_CASES = [c for c in ZOO if c.ras]
@@ -125,7 +125,7 @@ def test_subsets_on_unchanged_inputs_reuse_caches(case):
     for k in (1, n // 4, n - 1):
         idx = torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(b)])
         out, _, _ = _run(ras, ctx, inputs, idx, output_cache, kv)
-        torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5, msg=lambda m: f"k={k}: {m}")
+        torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"k={k}: {m}")
 
 
 @pytest.mark.parametrize("case", [c for c in RAS_CASES if c.pipeline], ids=lambda c: c.key)
