@@ -1,14 +1,14 @@
 """The in-place-write rule: writes into token tensors become out-of-place ops the other passes can follow.
 
-Matches: in the forward slice of the image tokens, ``t[index] = value`` (``operator.setitem``: RoPE written
+Matches: in the forward slice of the latents, ``t[index] = value`` (``operator.setitem``: RoPE written
 into ``q[:, :, L:]`` by CogView4, into the halves of an ``empty_like`` buffer by Wan) and in-place methods
 ``t.op_(...)`` that have an out-of-place twin ``t.op(...)``.
 Produces: ``t2 = setitem_copy(t, index, value)`` (or ``t2 = t.op(...)``), with every later use of ``t`` (and of
 the in-place op's result) reading ``t2``. Values are unchanged; the token axis, offsets and literals of the
 written tensor are then followed like any other op's.
-Leaves a write in place (so that ``retarget_token_region`` refuses it with its reason) when another tensor
-that shares ``t``'s storage is read after the write, or when ``t`` belongs to a graph input: the functional
-form would not show those readers the write.
+Refuses (RewriteError) a write when another tensor that shares ``t``'s storage is read after it, or when ``t``
+belongs to a graph input or constant: the out-of-place form would not show those readers the write, and left
+in place, a K/V cache filled before it would miss it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from . import ops
-from .context import PassContext
+from .context import PassContext, RewriteError
 from .graph_utils import describe, forward_slice
 
 #: Ops whose result may share storage with their first argument.
@@ -79,14 +79,23 @@ VIEW_FUNCTIONS = {
 
 def functionalize_inplace_writes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
     nodes = {n.name: n for n in gm.graph.nodes}
-    region = forward_slice([nodes[ctx.token_source]])
+    # from the latents, not the token source: an in-place op may be the token source, and its result unused
+    region = forward_slice([nodes[ctx.latents]])
     for node in [n for n in gm.graph.nodes if n in region and _is_write(n)]:
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         target = node.args[0]
-        if not isinstance(target, torch.fx.Node) or not _safe_to_copy(node, target, order):
+        if not isinstance(target, torch.fx.Node):
             continue
+        reader = _later_reader(node, target, order)
+        if reader is not None:
+            raise RewriteError(
+                f"{node.name} ({describe(node)}): in-place {_write_name(node)} into storage that {reader} reads "
+                "afterwards; it cannot be made out-of-place, and the K/V caches would miss it"
+            )
         ctx.note(f"write: in-place {_write_name(node)} made out-of-place in {describe(node)}")
-        _rewrite(gm, node, target, order)
+        copy = _rewrite(gm, node, target, order)
+        if ctx.token_source in (node.name, target.name):  # the tokens are the written tensor
+            ctx.token_source = copy.name
     return gm
 
 
@@ -132,19 +141,21 @@ def _aliases(base: torch.fx.Node) -> set[torch.fx.Node]:
     return found
 
 
-def _safe_to_copy(write: torch.fx.Node, target: torch.fx.Node, order: dict) -> bool:
+def _later_reader(write: torch.fx.Node, target: torch.fx.Node, order: dict) -> str | None:
+    """Who would miss the write if it went to a copy: another alias of ``target``'s storage read after it, or
+    the graph input or constant the storage belongs to. None when the write can be made out-of-place."""
     base = _base(target)
     if base.op in ("placeholder", "get_attr"):
-        return False
+        return f"{base.name} (a graph input or constant)"
     for alias in _aliases(base):
         if alias is target or alias is write:
             continue
         if order[alias] > order[write]:
             if not _derived_from(alias, target):  # a view taken later of the storage, not through ``target``
-                return False
+                return f"{alias.name} ({describe(alias)})"
         elif any(order[user] > order[write] for user in alias.users):
-            return False
-    return True
+            return f"{alias.name} ({describe(alias)})"
+    return None
 
 
 def _derived_from(view: torch.fx.Node, target: torch.fx.Node) -> bool:
@@ -156,7 +167,7 @@ def _derived_from(view: torch.fx.Node, target: torch.fx.Node) -> bool:
     return True
 
 
-def _rewrite(gm: torch.fx.GraphModule, write: torch.fx.Node, target: torch.fx.Node, order: dict) -> None:
+def _rewrite(gm: torch.fx.GraphModule, write: torch.fx.Node, target: torch.fx.Node, order: dict) -> torch.fx.Node:
     later = [u for u in list(target.users) if u is not write and order[u] > order[write]]
     with gm.graph.inserting_before(write):
         if write.op == "call_function":
@@ -171,3 +182,4 @@ def _rewrite(gm: torch.fx.GraphModule, write: torch.fx.Node, target: torch.fx.No
         user.replace_input_with(target, copy)
     write.replace_all_uses_with(copy)
     gm.graph.erase_node(write)
+    return copy

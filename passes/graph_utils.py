@@ -11,6 +11,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.node import map_aggregate
 
+from . import ops
 from .context import RewriteError, module_path
 
 
@@ -128,7 +129,10 @@ class FakeEnv:
             args, kwargs = self.load(node.args), self.load(node.kwargs)
             try:
                 with self.mode:
-                    value = call_node(self.gm, node, args, kwargs)
+                    if node.op == "call_function" and node.target is ops.fused_kv_update:
+                        value = ops.fused_kv_update_shapes(*args, **kwargs)
+                    else:
+                        value = call_node(self.gm, node, args, kwargs)
             except Exception as exc:  # noqa: BLE001 - any failure means the rewrite does not apply
                 raise RewriteError(f"node {node.name} ({describe(node)}) fails on the rewritten shapes: {exc}") from exc
         self.values[node] = value
@@ -212,9 +216,18 @@ def forward_slice(roots: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
     return seen
 
 
+def mutates(node: torch.fx.Node) -> bool:
+    """Writes into one of its inputs: ``t[i] = v``, ``t.add_(...)``, the cache updates the passes insert."""
+    if node.meta.get("ras_impure", False) or node.is_impure():
+        return True
+    if node.op == "call_function":
+        return node.target is operator.setitem
+    return node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
+
+
 def clean_up(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Dead-code elimination (keeping the cache-mutating nodes), lint and recompile."""
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.meta.get("ras_impure", False))
+    """Dead-code elimination (keeping every node that writes into a tensor), lint and recompile."""
+    gm.graph.eliminate_dead_code(is_impure_node=mutates)
     gm.graph.lint()
     gm.recompile()
     return gm

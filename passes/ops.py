@@ -195,6 +195,20 @@ def fused_kv_update(
     return cache
 
 
+def fused_kv_update_shapes(cache, x, weight, bias, idx, axis, head_dim, row_offset, *rest) -> torch.Tensor:
+    """``fused_kv_update`` for shape propagation: the op's argument checks, and the cache it returns, without
+    calling the mutating custom op (the passes propagate fake tensors through graphs inside Dynamo's compile,
+    where dispatching it now and then failed inside the dispatcher)."""
+    from rascompile.kernels import normalize_arguments
+
+    norm, norm_group, norm_weight, norm_bias, eps, rope_table, rope_axis, rope_ndim = rest
+    cos = sin = None
+    if rope_table is not None:
+        cos, sin = rope_cos_sin(torch.view_as_real(rope_table), rope_axis, rope_ndim)
+    normalize_arguments(cache, x, weight, bias, idx, axis, head_dim, norm, norm_group, norm_weight, norm_bias, cos, sin)
+    return cache
+
+
 def rope_cos_sin(table: torch.Tensor, axis: int, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [Bt, N, D/2] of a RoPE table given as real pairs [..., N, ..., D/2, 2].
 

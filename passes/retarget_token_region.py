@@ -316,14 +316,21 @@ def _retarget_literals(gm, node, inputs, region: TokenRegion, count, ctx: PassCo
         if axis is not None and axis >= 0:
             sizes.add(region.dense_size(arg, axis))
     packed = (node.args, node.kwargs)
-    candidates = [(p, v) for p, v in _int_paths(packed) if v in sizes]
+    # a token count, or its negative (``x[:, -N:]``: the image rows at the end of a joint sequence)
+    candidates = [(p, v) for p, v in _int_paths(packed) if v in sizes or (v < 0 and -v in sizes)]
     if not candidates:
         region.env.evaluate(node)
         return
     replacements = {}
     for _, value in candidates:
-        if value not in replacements:
+        if value in replacements:
+            continue
+        if value > 0:
             replacements[value] = _count_expr(gm, node, count, value - region.n, region)
+        else:
+            positive = _count_expr(gm, node, count, -value - region.n, region)
+            replacements[value] = insert_call(gm, node, operator.neg, (positive,), before=True)
+            region.env.evaluate(replacements[value])
     # All candidates rewritten, else each alone, else none: the first that gives consistent shapes wins.
     singles = [[c] for c in candidates] if len(candidates) > 1 else []
     options = [candidates, *singles, []]

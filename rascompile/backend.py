@@ -10,6 +10,7 @@ token count (the dense steps that fill the caches run it with k = N).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import threading
@@ -116,7 +117,9 @@ class RASBackend:
             steps = table.get(("steps", latents_key))
             if steps is None:
                 steps = table[("steps", latents_key)] = self.steps_factory()
-            key = ("controller", latents_key, layout)
+            # one controller per resolution: graphs that differ only in their caches' shapes (the branches of
+            # per-branch guidance with prompts of different lengths) share its steps and selections
+            key = ("controller", latents_key, dataclasses.replace(layout, output_cache=None, kv_caches=None))
             if key not in table:
                 table[key] = RASController(self.config, layout, steps, device)
             return table[key]
@@ -294,10 +297,10 @@ class RASGraph:
         last_ras = max((p.step for p in schedule if not p.dense), default=-1)
         if any(p.dense and p.step > last_ras for p in schedule):
             self._dense_compiled(example_inputs)
-        control.allocate_caches()
+        output_cache, kv_caches = control.caches(0, self.layout)
         for k in sorted(counts):
             index = torch.arange(k, device=control.device).expand(self.layout.batch_size, k).contiguous()
-            self._variant(k, example_inputs, (index, control.output_cache, *control.kv_caches))
+            self._variant(k, example_inputs, (index, output_cache, *kv_caches))
 
     def _anchor(self, args) -> torch.Tensor | None:
         return args[self.anchor_index] if self.anchor_index is not None else None
@@ -359,7 +362,7 @@ class RASGraph:
         return self._run_active(self.controller_for(args), active_idx, args)
 
     def _run_active(self, control: RASController, active_idx: torch.Tensor, args, branch: int = 0):
-        output_cache, kv_caches = control.caches(branch)
+        output_cache, kv_caches = control.caches(branch, self.layout)
         extra = (active_idx, output_cache, *kv_caches)
         return self._variant(int(active_idx.shape[1]), args, extra)(*args, *extra)
 

@@ -60,11 +60,13 @@ class RASController:
         self.schedule: tuple[StepPlan, ...] = ()
         self.drop_counts: torch.Tensor | None = None
         self.previous_latents: torch.Tensor | None = None
-        # per guidance branch (one transformer call each): (output cache, K/V caches); branch 0 is every
-        # pipeline's, the others exist for pipelines that call the transformer once per branch
-        self.branch_caches: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        # (output cache, K/V caches) per guidance branch (one transformer call each) and cache shapes: branch 0
+        # is every pipeline's, the others exist for pipelines that call the transformer once per branch; the
+        # branches' graphs may differ in cache shapes (a negative prompt of another length)
+        self.cache_sets: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.generations = 0
         self.history: list[Decision] = []  # this generation's decisions, for inspection and tests
+        self.branch_history: list[Decision] = []  # the decisions of the further guidance branches' calls
         self.step_counts: torch.Tensor | None = None  # per token: how many steps computed it
         self.last_step = -1  # the last step this controller ran in the current generation
         self.step_decision: Decision | None = None  # the decision of the current step's first call
@@ -101,6 +103,11 @@ class RASController:
         return bool(self.schedule) and self.last_step >= len(self.schedule) - 1
 
     @property
+    def branch_caches(self) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Every branch's caches, in branch order."""
+        return [self.cache_sets[key] for key in sorted(self.cache_sets, key=lambda k: k[0])]
+
+    @property
     def output_cache(self) -> torch.Tensor | None:
         """Branch 0's output cache (the only one unless the pipeline calls the transformer per guidance branch)."""
         return self.branch_caches[0][0] if self.branch_caches else None
@@ -109,10 +116,17 @@ class RASController:
     def kv_caches(self) -> list[torch.Tensor]:
         return self.branch_caches[0][1] if self.branch_caches else []
 
-    def caches(self, branch: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``(output cache, K/V caches)`` of one guidance branch, allocated on first use."""
-        self.allocate_caches(branch)
-        return self.branch_caches[branch]
+    def caches(self, branch: int = 0, layout: GraphLayout | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(output cache, K/V caches)`` of one guidance branch for a graph of ``layout`` (default: the
+        controller's), allocated on first use."""
+        layout = layout or self.layout
+        key = (branch, layout.output_cache, layout.kv_caches)
+        if key not in self.cache_sets:
+            shape, dtype = layout.output_cache
+            output = torch.empty(shape, dtype=dtype, device=self.device)
+            kv = [torch.empty(s, dtype=d, device=self.device) for s, d in layout.kv_caches]
+            self.cache_sets[key] = (output, kv)
+        return self.cache_sets[key]
 
     def decide(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> Decision:
         """Plan one transformer call. A call that repeats the previous call's latents and timestep is the next
@@ -162,8 +176,11 @@ class RASController:
         self.branch_steps[branch] = info.step
         if first.kind == "ras" and previous != info.step - 1:
             # this branch did not run the previous step (it is new, or it skipped one): its caches are stale
-            return Decision("capture", info.step, self._all_tokens(), branch=branch)
-        return Decision(first.kind, info.step, first.active_idx, branch=branch)
+            decision = Decision("capture", info.step, self._all_tokens(), branch=branch)
+        else:
+            decision = Decision(first.kind, info.step, first.active_idx, branch=branch)
+        self.branch_history.append(decision)
+        return decision
 
     def skip(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> None:
         """Count a call that runs elsewhere (dense, outside RAS, e.g. in grad mode) as a step of the step source,
@@ -175,7 +192,7 @@ class RASController:
         self.schedule = build_schedule(self.config, num_steps, layout.num_tokens)
         self.drop_counts = initial_drop_counts(layout.batch_size, layout.num_tokens, num_steps, self.device)
         self.previous_latents = None
-        self.history = []
+        self.history, self.branch_history = [], []
         self.step_counts = torch.zeros(layout.batch_size, layout.num_tokens, dtype=torch.int32, device=self.device)
         self.generations += 1
         self.last_step = -1
@@ -194,11 +211,8 @@ class RASController:
     def allocate_caches(self, branch: int = 0) -> None:
         """Allocate the output and K/V caches of branches up to ``branch`` once; later generations reuse them
         (a branch's first step in a generation is dense and rewrites them in full)."""
-        while len(self.branch_caches) <= branch:
-            shape, dtype = self.layout.output_cache
-            output = torch.empty(shape, dtype=dtype, device=self.device)
-            kv = [torch.empty(s, dtype=d, device=self.device) for s, d in self.layout.kv_caches]
-            self.branch_caches.append((output, kv))
+        for b in range(branch + 1):
+            self.caches(b)
 
     def _all_tokens(self) -> torch.Tensor:
         n, b = self.layout.num_tokens, self.layout.batch_size

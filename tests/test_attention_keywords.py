@@ -84,6 +84,8 @@ class KeywordPoolingDiT(torch.nn.Module):
     def forward(self, x):
         h = self.block(self.embed(x).flatten(2).transpose(1, 2))
         h = h + self.reduction(h)
+        q, k, v = h.unsqueeze(1), h.unsqueeze(1), h.unsqueeze(1)
+        h = h + F.scaled_dot_product_attention(query=q, key=k, value=v).squeeze(1)
         out = self.proj(h)
         return out.transpose(1, 2).reshape(x.shape[0], 16, x.shape[2] // 2, x.shape[3] // 2)
 

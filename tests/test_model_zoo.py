@@ -130,7 +130,8 @@ def test_subsets_on_unchanged_inputs_reuse_caches(case):
 
 @pytest.mark.parametrize("case", [c for c in RAS_CASES if c.pipeline], ids=lambda c: c.key)
 def test_pipeline_generation_runs_ras(case):
-    n = _rewrite(case)[1].num_tokens
+    ctx = _rewrite(case)[1]
+    n = ctx.num_tokens
     pipe = case.pipeline(case.transformer())
     with torch.no_grad():
         dense = pipe(**case.pipeline_kwargs())[0]
@@ -145,6 +146,8 @@ def test_pipeline_generation_runs_ras(case):
     assert kinds == ["capture", "capture", "ras", "ras", "ras", "capture", "ras", "ras"]
     assert all(d.num_active < n for d in control.history if d.kind == "ras")
     assert len(control.branch_caches) == (2 if case.per_branch else 1)
+    # per-token step counts drawn on the layout's token grid (a heatmap per frame for video)
+    assert control.step_count_grid().shape[1:] == ctx.latent.token_grid
     assert torch.isfinite(got).all()
     assert 0 < (got - dense).abs().max() < dense.abs().max()
 
@@ -247,3 +250,28 @@ def test_data_dependent_sizes_run_dense_instead_of_raising():
             got = compiled(**case.call_kwargs())[0]
     assert any("depend on tensor data" in str(w.message) for w in caught)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_branches_with_prompts_of_different_lengths_share_one_selection():
+    """CogView4 with a negative prompt of another length (GLM pads each to its own multiple of 16): the branches
+    are two Dynamo graphs with K/V caches of different shapes, driven by one controller, so both run RAS on the
+    same tokens (the negative branch used to run dense while the positive one ran RAS)."""
+    import models_image
+
+    case = next(c for c in CASES if c.key == "cogview4")
+    pipe = case.pipeline(case.transformer())
+    pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = pipe(**models_image.cogview4_pipeline_kwargs(negative_text_len=3))[0]
+    assert not [str(w.message) for w in caught if "rascompile" in str(w.message)]
+    (control,) = controllers_of(pipe.transformer)
+    assert [d.kind for d in control.branch_history] == [d.kind for d in control.history]
+    assert all(
+        torch.equal(first.active_idx, second.active_idx)
+        for first, second in zip(control.history, control.branch_history)
+        if first.kind == "ras"
+    )
+    text_lengths = sorted({kv[0].shape[2] for _, kv in control.cache_sets.values()})
+    assert text_lengths == [3 + 64, 6 + 64], "one cache set per branch, each of its own graph's shape"
+    assert torch.isfinite(got).all()
