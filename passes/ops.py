@@ -171,6 +171,15 @@ def fused_kv_update(
     tokens as the model broadcasts it against ``rope_ndim``-d keys with tokens on ``rope_axis``;
     the op reads it at the active positions itself.
     """
+    if not x.is_cuda:
+        # Off CUDA the op has no kernel of its own: its CPU implementation is this plain body, run here directly
+        # rather than through the custom-op dispatcher, where the mutating op crashed long test processes now
+        # and then (a segmentation fault or ``vector::reserve`` inside ``OpOverload.__call__``).
+        from . import portable_ops
+
+        real = None if rope_table is None else torch.view_as_real(rope_table)
+        args = (norm, norm_group, norm_weight, norm_bias, eps, real, rope_axis, rope_ndim)
+        return portable_ops.fused_kv_update(cache, x, weight, bias, idx, axis, head_dim, row_offset, *args)
     cos = sin = None
     if rope_table is not None:
         cos, sin = rope_cos_sin(torch.view_as_real(rope_table), rope_axis, rope_ndim)
