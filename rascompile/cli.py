@@ -19,7 +19,7 @@ from pathlib import Path
 #: name -> (one-line help, module, function adding the options, function running it)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "bench": (
-        "time RAS against dense execution on an SD3-shaped transformer (per step, whole loop, overhead, memory)",
+        "time RAS against dense on a mid-size SD3, Flux or Wan transformer (per step, loop, overhead, memory)",
         "rascompile.bench",
         "add_arguments",
         "main_from_args",

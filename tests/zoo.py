@@ -21,7 +21,7 @@ import models_image as image
 import models_video
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH_RESULTS = ROOT / "docs" / "bench" / "models.json"
+BENCH_DIR = ROOT / "docs" / "bench"
 
 
 @dataclass(frozen=True)
@@ -380,10 +380,14 @@ BY_KEY = {case.key: case for case in CASES}
 
 
 def bench_results() -> dict:
-    """``rascompile bench --model NAME --json`` results kept in docs/bench/models.json, by model name."""
-    if not BENCH_RESULTS.is_file():
-        return {}
-    return json.loads(BENCH_RESULTS.read_text())
+    """Per-step results at ratio 0.25 of ``rascompile bench --model NAME --json docs/bench/NAME.json``, by name."""
+    results = {}
+    for path in sorted(BENCH_DIR.glob("*.json")):
+        run = json.loads(path.read_text())
+        rows = [r for r in run.get("per_step", []) if r.get("ratio") == 0.25 and r.get("fraction_of_ideal")]
+        if rows:
+            results[run["model"]["name"]] = {**rows[0], "machine": run["machine"]}
+    return results
 
 
 def _speedup(case: Case, results: dict) -> str:
