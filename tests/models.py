@@ -446,3 +446,41 @@ def wan_pipeline_kwargs(batch: int = 1, steps: int = 8, seed: int = 0, guidance:
     if guidance:
         kwargs["negative_prompt_embeds"] = torch.randn(batch, WAN_TEXT_LEN, WAN_TEXT_DIM, generator=gen)
     return kwargs
+
+
+def tiny_qwen_image_pipeline(transformer=None):
+    """QwenImagePipeline with the tiny transformer, no VAE (scale factor 8) and no Qwen2.5-VL text encoder."""
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer if transformer is not None else tiny_qwen_image_transformer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwen_image_pipeline_kwargs(batch: int = 1, steps: int = 8, seed: int = 0) -> dict:
+    """128x128 pixels (16x16 latents packed 2x2: N = 64), true CFG (one transformer call per branch), text masks
+    with padding in the prompt (last two tokens) and the negative prompt (three valid tokens)."""
+    gen = torch.Generator().manual_seed(31_000 + seed)
+    mask = torch.ones(batch, FLUX_TEXT_LEN, dtype=torch.int64)
+    mask[:, -2:] = 0
+    negative_mask = torch.zeros(batch, FLUX_TEXT_LEN, dtype=torch.int64)
+    negative_mask[:, :3] = 1
+    return dict(
+        prompt_embeds=torch.randn(batch, FLUX_TEXT_LEN, FLUX_TEXT_DIM, generator=gen),
+        prompt_embeds_mask=mask,
+        negative_prompt_embeds=torch.randn(batch, FLUX_TEXT_LEN, FLUX_TEXT_DIM, generator=gen),
+        negative_prompt_embeds_mask=negative_mask,
+        true_cfg_scale=4.0,
+        height=128,
+        width=128,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        return_dict=False,
+    )

@@ -126,9 +126,11 @@ CASES: list[Case] = [
         lambda batch=2, seed=0: models.qwen_image_call_kwargs(batch=batch, seed=seed),
         ras=True,
         reason="text mask over joint keys; true CFG per branch",
+        pipeline=lambda transformer=None: models.tiny_qwen_image_pipeline(transformer),
+        pipeline_kwargs=lambda: models.qwen_image_pipeline_kwargs(),
+        per_branch=True,
         timestep_scale=1.0,
         layout="packed",
-        zoo_tests=False,
     ),
     Case(
         "wan",
