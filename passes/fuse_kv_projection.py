@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from . import ops, portable_ops
+from . import ops
 from .context import PassContext, module_path
 from .graph_utils import call_node, describe, example_value, is_linear
 
@@ -260,7 +260,8 @@ def _verify(gm, ctx: PassContext, chain: KVChain, write: CacheWrite, op_args: tu
     ops.scatter_rows_(unfused, fresh.float(), idx + write.offset, write.axis)
     values[write.cache] = fused = torch.zeros_like(unfused)
     try:
-        _op_body(*torch.fx.node.map_arg(op_args, lambda node: values[node]))
+        # the plain body, not the custom op: dispatching the mutating op inside Dynamo's compile crashed now and then
+        ops.fused_kv_update_body(*torch.fx.node.map_arg(op_args, lambda node: values[node]))
     except (ValueError, RuntimeError) as exc:
         raise NoMatch(f"the op refuses the chain's tensors: {exc}") from exc
     tolerance = 1e-4 if fresh.dtype == torch.float32 else 3e-2
@@ -277,32 +278,6 @@ def _random(shape: tuple, dtype: torch.dtype, generator: torch.Generator) -> tor
     if dtype == torch.bool:
         return torch.ones(shape, dtype=torch.bool)
     return torch.zeros(shape, dtype=dtype)
-
-
-def _op_body(cache, x, weight, bias, idx, axis, head_dim, row_offset, *rest):
-    """``ops.fused_kv_update`` run as its plain torch body (``portable_ops``), not through the dispatcher: the
-    check runs inside Dynamo's compile, where calling the mutating custom op on real tensors crashed the
-    process now and then (a segmentation fault in the dispatcher). The kernel tests hold the op to this body."""
-    norm, norm_group, norm_weight, norm_bias, eps, rope_table, rope_axis, rope_ndim = rest
-    real = torch.view_as_real(rope_table) if rope_table is not None and rope_table.is_complex() else rope_table
-    return portable_ops.fused_kv_update(
-        cache,
-        x,
-        weight,
-        bias,
-        idx,
-        axis,
-        head_dim,
-        row_offset,
-        norm,
-        norm_group,
-        norm_weight,
-        norm_bias,
-        eps,
-        real,
-        rope_axis,
-        rope_ndim,
-    )
 
 
 def _run(gm: torch.fx.GraphModule, node: torch.fx.Node, values: dict):

@@ -76,9 +76,7 @@ class LatentLayout:
     def describe(self) -> str:
         if self.kind == "packed":
             return "packed latents"
-        axes = "".join("BCFHW"[i] if self.kind == "video" else "BCHW"[i] for i in range(len(self.shape)))
-        if self.kind == "video" and self.channel_axis == 2:
-            axes = "BFCHW"
+        axes = "BCHW" if self.kind == "image" else ("BCFHW" if self.channel_axis == 1 else "BFCHW")
         return f"{axes} latents, patch {'x'.join(map(str, self.patch))}"
 
     def to_grid(self, per_token: torch.Tensor) -> torch.Tensor:

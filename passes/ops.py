@@ -175,11 +175,8 @@ def fused_kv_update(
         # Off CUDA the op has no kernel of its own: its CPU implementation is this plain body, run here directly
         # rather than through the custom-op dispatcher, where the mutating op crashed long test processes now
         # and then (a segmentation fault or ``vector::reserve`` inside ``OpOverload.__call__``).
-        from . import portable_ops
-
-        real = None if rope_table is None else torch.view_as_real(rope_table)
-        args = (norm, norm_group, norm_weight, norm_bias, eps, real, rope_axis, rope_ndim)
-        return portable_ops.fused_kv_update(cache, x, weight, bias, idx, axis, head_dim, row_offset, *args)
+        args = (norm, norm_group, norm_weight, norm_bias, eps, rope_table, rope_axis, rope_ndim)
+        return fused_kv_update_body(cache, x, weight, bias, idx, axis, head_dim, row_offset, *args)
     cos = sin = None
     if rope_table is not None:
         cos, sin = rope_cos_sin(torch.view_as_real(rope_table), rope_axis, rope_ndim)
@@ -202,6 +199,17 @@ def fused_kv_update(
         validate_indices=False,
     )
     return cache
+
+
+def fused_kv_update_body(cache, x, weight, bias, idx, axis, head_dim, row_offset, *rest) -> torch.Tensor:
+    """``fused_kv_update`` as its plain torch body (``portable_ops``), never through the custom-op dispatcher;
+    the RoPE table may be complex (as the graph holds it) or real pairs."""
+    from . import portable_ops
+
+    norm, norm_group, norm_weight, norm_bias, eps, rope_table, rope_axis, rope_ndim = rest
+    real = torch.view_as_real(rope_table) if rope_table is not None and rope_table.is_complex() else rope_table
+    args = (norm, norm_group, norm_weight, norm_bias, eps, real, rope_axis, rope_ndim)
+    return portable_ops.fused_kv_update(cache, x, weight, bias, idx, axis, head_dim, row_offset, *args)
 
 
 def fused_kv_update_shapes(cache, x, weight, bias, idx, axis, head_dim, row_offset, *rest) -> torch.Tensor:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GraphCapture
 from rascompile.passes import RewriteError, build_ras_graph, graph_summary
+from test_passes import _run_ras
 from zoo import CASES, ROOT, supported_models_table
 
 from rascompile.backend import controllers_of
@@ -39,17 +41,12 @@ _CAPTURED: dict = {}
 def _graphs(case):
     """The Dynamo graphs of one call of the tiny model with its pipeline's arguments, and their inputs."""
     if case.key not in _CAPTURED:
-        graphs = []
-
-        def backend(gm, example_inputs, **_):
-            graphs.append((gm, list(example_inputs)))
-            return gm.forward
-
+        capture = GraphCapture()
         torch._dynamo.reset()
         with torch.no_grad():
-            torch.compile(case.transformer(), backend=backend)(**case.call_kwargs())
+            torch.compile(case.transformer(), backend=capture)(**case.call_kwargs())
         torch._dynamo.reset()
-        _CAPTURED[case.key] = graphs
+        _CAPTURED[case.key] = capture.graphs
     return _CAPTURED[case.key]
 
 
@@ -69,13 +66,6 @@ def _rewrite(case):
         assert len(found) == 1, f"{case.key}: {len(found)} graphs rewrite, expected exactly one"
         _CAPTURED[key] = found[0]
     return _CAPTURED[key]
-
-
-def _run(ras, ctx, inputs, idx, output_cache=None, kv=None):
-    output_cache = torch.zeros(ctx.output_cache_shape) if output_cache is None else output_cache
-    kv = [torch.zeros(s.shape, dtype=s.dtype) for s in ctx.kv_slots] if kv is None else kv
-    with torch.no_grad():
-        return ras(*inputs, idx, output_cache, *kv)[0], output_cache, kv
 
 
 def _all(ctx):
@@ -103,7 +93,7 @@ def test_rewrite_or_dense_reason(case):
 @pytest.mark.parametrize("case", RAS_CASES, ids=lambda c: c.key)
 def test_capture_step_equals_dense(case):
     ras, ctx, inputs, dense = _rewrite(case)
-    out, _, _ = _run(ras, ctx, inputs, _all(ctx))
+    out, _, _ = _run_ras(ras, ctx, inputs, _all(ctx))
     torch.testing.assert_close(out, dense, rtol=0, atol=1e-6)
 
 
@@ -112,7 +102,7 @@ def test_permuted_tokens_equal_dense(case):
     ras, ctx, inputs, dense = _rewrite(case)
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(ctx.num_tokens, generator=g) for _ in range(ctx.batch_size)])
-    out, _, _ = _run(ras, ctx, inputs, idx)
+    out, _, _ = _run_ras(ras, ctx, inputs, idx)
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
 
 
@@ -120,11 +110,11 @@ def test_permuted_tokens_equal_dense(case):
 def test_subsets_on_unchanged_inputs_reuse_caches(case):
     ras, ctx, inputs, dense = _rewrite(case)
     n, b = ctx.num_tokens, ctx.batch_size
-    _, output_cache, kv = _run(ras, ctx, inputs, _all(ctx))
+    _, output_cache, kv = _run_ras(ras, ctx, inputs, _all(ctx))
     g = torch.Generator().manual_seed(1)
     for k in (1, n // 4, n - 1):
         idx = torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(b)])
-        out, _, _ = _run(ras, ctx, inputs, idx, output_cache, kv)
+        out, _, _ = _run_ras(ras, ctx, inputs, idx, output_cache, kv)
         torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"k={k}: {m}")
 
 

@@ -28,9 +28,10 @@ def captured(request):
     return request.param, gm, inputs
 
 
-def _run_ras(ras, ctx, inputs, idx):
-    output_cache = torch.zeros(ctx.output_cache_shape)
-    kv = [torch.zeros(s.shape, dtype=s.dtype) for s in ctx.kv_slots]
+def _run_ras(ras, ctx, inputs, idx, output_cache=None, kv=None):
+    """One step of the RAS graph over the tokens ``idx``; fresh zeroed caches unless the caller passes its own."""
+    output_cache = torch.zeros(ctx.output_cache_shape) if output_cache is None else output_cache
+    kv = [torch.zeros(s.shape, dtype=s.dtype) for s in ctx.kv_slots] if kv is None else kv
     with torch.no_grad():
         return ras(*inputs, idx, output_cache, *kv)[0], output_cache, kv
 

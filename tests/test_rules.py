@@ -20,31 +20,11 @@ import torch
 import torch.nn.functional as F
 from rascompile.passes import RewriteError, build_ras_graph
 from rascompile.passes.latent_layout import LatentLayout, choose_video_layout, video_layouts
+from test_passes import _capture, _run_ras
 
 from rascompile.selector import layout_token_metric, token_metric
 
 HEADS, HEAD_DIM, WIDTH, TEXT = 2, 4, 8, 3
-
-
-def _capture(model, *args):
-    graphs = []
-
-    def backend(gm, example_inputs, **_):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend, fullgraph=True)(*args)
-    torch._dynamo.reset()
-    return graphs[0]
-
-
-def _run(ras, ctx, inputs, idx, output_cache=None, kv=None):
-    output_cache = torch.zeros(ctx.output_cache_shape) if output_cache is None else output_cache
-    kv = [torch.zeros(s.shape, dtype=s.dtype) for s in ctx.kv_slots] if kv is None else kv
-    with torch.no_grad():
-        return ras(*inputs, idx, output_cache, *kv)[0], output_cache, kv
 
 
 def assert_invariants(gm, inputs):
@@ -54,15 +34,15 @@ def assert_invariants(gm, inputs):
         dense = gm(*inputs)[0]
     n, b = ctx.num_tokens, ctx.batch_size
     everything = torch.arange(n).expand(b, n).contiguous()
-    out, output_cache, kv = _run(ras, ctx, inputs, everything)
+    out, output_cache, kv = _run_ras(ras, ctx, inputs, everything)
     torch.testing.assert_close(out, dense, rtol=0, atol=1e-6)
     g = torch.Generator().manual_seed(0)
     permuted = torch.stack([torch.randperm(n, generator=g) for _ in range(b)])
-    torch.testing.assert_close(_run(ras, ctx, inputs, permuted)[0], dense, rtol=1e-5, atol=1e-5)
-    _, output_cache, kv = _run(ras, ctx, inputs, everything)
+    torch.testing.assert_close(_run_ras(ras, ctx, inputs, permuted)[0], dense, rtol=1e-5, atol=1e-5)
+    _, output_cache, kv = _run_ras(ras, ctx, inputs, everything)
     for k in (1, n // 3, n - 1):
         subset = torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(b)])
-        out, _, _ = _run(ras, ctx, inputs, subset, output_cache, kv)
+        out, _, _ = _run_ras(ras, ctx, inputs, subset, output_cache, kv)
         torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
     return ras, ctx
 

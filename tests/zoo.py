@@ -31,7 +31,7 @@ class Case:
     transformer_class: str
     pipeline_class: str | None
     transformer: Callable  # (seed) -> tiny transformer
-    call_kwargs: Callable  # (batch, seed) -> the pipeline's transformer kwargs at one step
+    call_kwargs: Callable | None  # (batch, seed) -> the pipeline's transformer kwargs at one step (zoo tests)
     ras: bool  # the passes rewrite it
     reason: str = ""  # dense: words of the reason rascompile gives; RAS: what the table adds
     pipeline: Callable | None = None  # (transformer) -> download-free pipeline
@@ -46,39 +46,6 @@ class Case:
     zoo_tests: bool = True  # False: tests of their own cover it (tests/test_passes.py, test_packed_models.py)
 
 
-def _sd3_kwargs(batch: int = 2, seed: int = 0) -> dict:
-    import torch
-
-    gen = torch.Generator().manual_seed(70_000 + seed)
-    latents = torch.randn(batch // 2 or 1, models.SD3_IN_CHANNELS, 16, 16, generator=gen)
-    return dict(
-        hidden_states=torch.cat([latents] * (2 if batch > 1 else 1))[:batch],
-        timestep=torch.full((batch,), 500.0),
-        encoder_hidden_states=torch.randn(batch, models.SD3_TEXT_LEN, models.SD3_TEXT_DIM, generator=gen),
-        pooled_projections=torch.randn(batch, models.SD3_POOLED_DIM, generator=gen),
-        return_dict=False,
-    )
-
-
-def _flux_kwargs(batch: int = 2, seed: int = 0) -> dict:
-    import torch
-
-    gen = torch.Generator().manual_seed(80_000 + seed)
-    ids = torch.zeros(8, 8, 3)
-    ids[..., 1] = torch.arange(8)[:, None]
-    ids[..., 2] = torch.arange(8)[None, :]
-    return dict(
-        hidden_states=torch.randn(batch, 64, 16, generator=gen),
-        timestep=torch.full((batch,), 0.5),
-        guidance=torch.full((batch,), 3.5),
-        pooled_projections=torch.randn(batch, models.FLUX_POOLED_DIM, generator=gen),
-        encoder_hidden_states=torch.randn(batch, models.FLUX_TEXT_LEN, models.FLUX_TEXT_DIM, generator=gen),
-        txt_ids=torch.zeros(models.FLUX_TEXT_LEN, 3),
-        img_ids=ids.reshape(64, 3),
-        return_dict=False,
-    )
-
-
 CASES: list[Case] = [
     Case(
         "sd3",
@@ -86,7 +53,7 @@ CASES: list[Case] = [
         "SD3Transformer2DModel",
         "StableDiffusion3Pipeline",
         lambda seed=0: models.tiny_sd3_transformer(seed),
-        _sd3_kwargs,
+        None,
         ras=True,
         reason="equals the paper's reference code",
         bench="sd3",
@@ -109,7 +76,7 @@ CASES: list[Case] = [
         "FluxTransformer2DModel",
         "FluxPipeline",
         lambda seed=0: models.tiny_flux_transformer(seed),
-        _flux_kwargs,
+        None,
         ras=True,
         reason="joint RoPE table and joint K/V caches; true CFG per branch",
         timestep_scale=1.0,
