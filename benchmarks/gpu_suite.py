@@ -19,7 +19,7 @@ are skipped there with the reason (the ONNX export and the inductor baseline sti
 rascompile on torch 2.11 (pyproject asks for 2.13), are untested: no GPU was lent where this was written.
 
 Without a GPU, ``--dry-run`` runs the same code paths at tiny sizes on the CPU (into a temporary directory,
-never docs/gpu), skipping what needs CUDA or TensorRT with the reason; ``tests/test_gpu_suite.py`` runs it
+never docs/gpu), skipping what needs CUDA or TensorRT with the reason; ``tests/kernels/test_gpu_suite.py`` runs it
 in CI.
 
 Time budget. A device machine is lent for about 15 minutes in all, start-up included: one prepared run and
@@ -38,9 +38,9 @@ times are cache hits (``env`` records whether the caches existed when the run be
 
 Stages, in order:
 
-1. ``kernel_tests``: ``tests/test_kernels.py`` with real Triton on the GPU. That file sets
+1. ``kernel_tests``: ``tests/kernels/test_kernels.py`` with real Triton on the GPU. That file sets
    ``TRITON_INTERPRET=1`` when it is imported and builds its inputs on the CPU, so a plain
-   ``pytest tests/test_kernels.py`` runs the interpreter whatever the environment says. The suite runs
+   ``pytest tests/kernels/test_kernels.py`` runs the interpreter whatever the environment says. The suite runs
    pytest in a subprocess without ``TRITON_INTERPRET`` that imports the Triton kernel first (so it is
    compiled for the GPU), undoes the file's setting, and moves each kernel call's inputs to the GPU (strides
    kept), comparing against the file's CPU torch references. Each kernel call runs one of the autotuner's
@@ -444,7 +444,7 @@ def _git_commit() -> str | None:
 
 def stage_env(suite: Suite, st: Stage) -> None:
     with st.step("versions, device, driver"):
-        from rascompile.bench import machine_info
+        from rascompile.bench.runner import machine_info
 
         info = machine_info()
         info["versions"] = {
@@ -532,7 +532,7 @@ class _PytestReport:
 
 
 def kernel_tests_child(device: str, report_path: str, autotune: bool) -> int:
-    """Run tests/test_kernels.py with its kernel calls on ``device`` (the subprocess of ``kernel_tests``).
+    """Run tests/kernels/test_kernels.py with its kernel calls on ``device`` (the subprocess of ``kernel_tests``).
 
     By default each kernel call runs one of the autotuner's configs, rotating through them, so that every
     config is run against the references and each call compiles once instead of once per config (cold Triton
@@ -543,12 +543,13 @@ def kernel_tests_child(device: str, report_path: str, autotune: bool) -> int:
     else:
         os.environ["TRITON_INTERPRET"] = "1"  # the dry run: Triton's interpreter on CPU tensors
     import pytest
+
     import rascompile.kernels.triton_linear_scatter as kernel_module
 
     kernel = kernel_module._linear_scatter_kernel
     kernel_fn = getattr(kernel, "fn", kernel)
-    sys.path.insert(0, str(TESTS))
-    import test_kernels  # sets TRITON_INTERPRET=1 at import (for the CPU suite)
+    sys.path.insert(0, str(ROOT))  # the tests package (tests.support, tests.kernels)
+    from tests.kernels import test_kernels  # sets TRITON_INTERPRET=1 at import (for the CPU suite)
 
     if device == "cuda":
         os.environ["TRITON_INTERPRET"] = "0"  # ... undone: Triton (>= 3.4) reads it again at each launch
@@ -593,7 +594,7 @@ def kernel_tests_child(device: str, report_path: str, autotune: bool) -> int:
 
     test_kernels.run_kernel = run_kernel_on_device
     plugin = _PytestReport(report_path, info)
-    args = [str(TESTS / "test_kernels.py"), "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT)]
+    args = [str(TESTS / "kernels" / "test_kernels.py"), "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT)]
     return int(pytest.main(args, plugins=[plugin]))
 
 
@@ -611,8 +612,8 @@ def stage_kernel_tests(suite: Suite, st: Stage) -> None:
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--kernel-tests-child", suite.device, str(report)]
     cmd += ["--kernel-tests-autotune"] if suite.args.kernel_tests_autotune else []
-    st.data.update({"command": "pytest tests/test_kernels.py (kernel calls moved to the device)", "mode": None})
-    with st.step(f"pytest tests/test_kernels.py, kernel calls on {suite.device}"):
+    st.data.update({"command": "pytest tests/kernels/test_kernels.py (kernel calls moved to the device)", "mode": None})
+    with st.step(f"pytest tests/kernels/test_kernels.py, kernel calls on {suite.device}"):
         timeout = max(5.0, st.left())
         try:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -787,7 +788,7 @@ def stage_kernel_speed(suite: Suite, st: Stage) -> None:
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """``rascompile.bench.build_model``'s random weights, drawn on the model's device: matrices ~ N(0, 1/fan_in),
+    """``rascompile.bench.runner.build_model``'s random weights, drawn on the model's device: matrices ~ N(0, 1/fan_in),
     norm scales ~ 1 + N(0, 0.02^2), biases ~ N(0, 0.02^2)."""
     with torch.no_grad():
         for i, (name, param) in enumerate(model.named_parameters()):
@@ -820,8 +821,8 @@ def build_sd3(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0):
 
 
 def sd3_inputs(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0):
-    """``rascompile.bench.make_inputs`` at these sizes, on ``device`` in ``dtype``."""
-    from rascompile.bench import BenchSettings, Inputs, make_inputs
+    """``rascompile.bench.runner.make_inputs`` at these sizes, on ``device`` in ``dtype``."""
+    from rascompile.bench.runner import BenchSettings, Inputs, make_inputs
 
     settings = BenchSettings(
         latent_size=cfg["latent"], latent_channels=cfg["in_channels"], text_tokens=cfg["text_tokens"],
@@ -892,7 +893,7 @@ def _mib(nbytes: float) -> float:
 def active_indices(batch: int, n: int, ratios, device: str, seed: int = 100) -> dict[float, torch.Tensor]:
     """Random sorted active tokens [B, k] per sample ratio (k = N - floor((1 - ratio) N), as RASConfig)."""
     from rascompile import RASConfig
-    from rascompile.bench import _random_active
+    from rascompile.bench.runner import _random_active
 
     return {
         r: _random_active(batch, n, n - RASConfig(sample_ratio=r).static_num_dropped(n), seed + i).to(device)
@@ -949,7 +950,7 @@ class StepBench:
                     "memory": peak_memory(fn, self.device),
                 }  # fmt: skip
                 if self.spec is not None:
-                    from rascompile.flops import ideal_speedup, step_flops
+                    from rascompile.bench.flops import ideal_speedup, step_flops
 
                     row["ideal_speedup"] = ideal_speedup(self.spec, k)
                     row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
@@ -960,9 +961,9 @@ class StepBench:
 
 def stage_sd3(suite: Suite, st: Stage) -> None:
     from rascompile import RASConfig
-    from rascompile.bench import denoise, make_scheduler
-    from rascompile.flops import ModelSpec, loop_ideal_speedup
-    from rascompile.schedule import build_schedule
+    from rascompile.bench.flops import ModelSpec, loop_ideal_speedup
+    from rascompile.bench.runner import denoise, make_scheduler
+    from rascompile.runtime.schedule import build_schedule
 
     dry, device = suite.dry, suite.device
     cfg = SD3_TINY if dry else SD3_MEDIUM
@@ -1241,7 +1242,7 @@ def runner_feeds(runner, inputs: dict, active_idx: torch.Tensor | None) -> dict:
 
 def tensorrt_engine_call(runner, graph: str, feeds: dict) -> Callable:
     """One engine execution on device-resident inputs and outputs (no host copies, unlike ``execute``)."""
-    from rascompile.tensorrt import _torch_dtype
+    from rascompile.deploy.tensorrt import _torch_dtype
 
     engine, context = runner.engines[graph]
     keep = []
@@ -1268,7 +1269,7 @@ def tensorrt_engine_call(runner, graph: str, feeds: dict) -> Callable:
 
 def stage_tensorrt(suite: Suite, st: Stage) -> None:
     from rascompile import RASConfig
-    from rascompile.bench import SMOKE, BenchSettings
+    from rascompile.bench.runner import SMOKE, BenchSettings
 
     settings = BenchSettings(**SMOKE) if suite.dry else BenchSettings()
     config = RASConfig(**TRT_CONFIG)
@@ -1291,7 +1292,7 @@ def stage_tensorrt(suite: Suite, st: Stage) -> None:
 def _tensorrt_body(suite: Suite, st: Stage, settings, config, have: dict, workdir: Path) -> None:
     import rascompile
     from rascompile import OnnxRunner, RASBackend
-    from rascompile.bench import _random_active, build_model, denoise, make_inputs, make_scheduler
+    from rascompile.bench.runner import _random_active, build_model, denoise, make_inputs, make_scheduler
 
     steps = config.num_inference_steps
     repeats = 3 if suite.dry else suite.args.repeats
@@ -1352,7 +1353,7 @@ def _tensorrt_body(suite: Suite, st: Stage, settings, config, have: dict, workdi
         st.skip_part("PyTorch inductor step times on CUDA (the TensorRT baseline)", "no CUDA device")
         return
 
-    from rascompile.tensorrt import k_profile
+    from rascompile.deploy.tensorrt import k_profile
 
     n, batch = manifest["num_tokens"], manifest["batch_size"]
     k_opt = k_profile(manifest, config.sample_ratio)[1]
@@ -1368,7 +1369,7 @@ def _tensorrt_body(suite: Suite, st: Stage, settings, config, have: dict, workdi
             rows.append(row | {"median_ms": 1e3 * m["median_s"]})
 
     if have["tensorrt"]:
-        from rascompile.tensorrt import TensorRTRunner, build_engines
+        from rascompile.deploy.tensorrt import TensorRTRunner, build_engines
 
         with st.step("build TensorRT engines (fp16, opt k = 0.5 N)"):
             start = time.perf_counter()
@@ -1421,7 +1422,7 @@ def _tensorrt_body(suite: Suite, st: Stage, settings, config, have: dict, workdi
     inductor_rows("fp16", torch.float16)  # the baseline of the fp16 TensorRT engines
 
     if have["torch_tensorrt"]:
-        from rascompile.tensorrt import TorchTensorRTRunner, compile_torch_tensorrt
+        from rascompile.deploy.tensorrt import TorchTensorRTRunner, compile_torch_tensorrt
 
         with st.step("torch-tensorrt: compile the dense and RAS step modules"):
             start = time.perf_counter()
@@ -1486,7 +1487,7 @@ On a CUDA machine (about 8 minutes):
 ```
 
 Without a GPU, `python benchmarks/gpu_suite.py --dry-run` runs the same code paths at tiny sizes on the
-CPU into a temporary directory (CI: `tests/test_gpu_suite.py`). `python benchmarks/gpu_suite.py --render
+CPU into a temporary directory (CI: `tests/kernels/test_gpu_suite.py`). `python benchmarks/gpu_suite.py --render
 docs/gpu` re-renders this file from `docs/gpu/results.json`.
 """
 
@@ -1567,7 +1568,7 @@ def _render_kernel_tests(s: dict | None) -> list[str]:
     if not s or not s.get("data"):
         return []
     d = s["data"]
-    out = ["", "## 1. Kernel correctness: tests/test_kernels.py", ""]
+    out = ["", "## 1. Kernel correctness: tests/kernels/test_kernels.py", ""]
     out.append(
         f"Mode: {d.get('mode')}; {d.get('kernel_calls_on_device', 0)} kernel calls on {d.get('device')} "
         f"(kernel object {d.get('kernel_object')}); references: the file's CPU torch computations."
@@ -1642,7 +1643,7 @@ def _render_sd3(s: dict | None) -> list[str]:
         f"{c['latent']}x{c['latent']} latents = {d['num_tokens']} image tokens, {c['text_tokens']} text tokens, "
         f"CFG batch {d['batch']}, random weights, {d['dtype']}, {d['inner_backend']} on {d['device']}; "
         f"medians of {d['repeats']}. Speedups are against the dense step of the same timing round; ideal = "
-        "FLOPs(dense) / FLOPs(k) (rascompile.flops). Memory: peak MiB of the CUDA allocator during one call "
+        "FLOPs(dense) / FLOPs(k) (rascompile.bench.flops). Memory: peak MiB of the CUDA allocator during one call "
         "(in brackets: above what was allocated before it)."
     )
     for key, label in (("fused_on", "fused on"), ("fused_off", "fused off")):

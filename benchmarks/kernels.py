@@ -28,9 +28,10 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
-import rascompile.kernels  # noqa: F401  (registers torch.ops.rascompile.linear_scatter_)
 import torch
 import torch.nn.functional as F
+
+import rascompile.kernels  # noqa: F401  (registers torch.ops.rascompile.linear_scatter_)
 
 IMAGE_TOKENS = 4096  # 1024x1024 image, 2x2 patches of the 128x128 latent
 BATCH = 2  # classifier-free guidance
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(
             "No CUDA device: nothing was measured (the kernel's correctness is tested on the CPU by "
-            "tests/test_kernels.py through Triton's interpreter)."
+            "tests/kernels/test_kernels.py through Triton's interpreter)."
         )
         return 0
     import triton

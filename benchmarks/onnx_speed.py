@@ -20,7 +20,7 @@ import torch
 
 import rascompile
 from rascompile import RASConfig
-from rascompile.bench import SMOKE, BenchSettings, build_model, machine_info, make_inputs
+from rascompile.bench.runner import SMOKE, BenchSettings, build_model, machine_info, make_inputs
 
 
 def main(argv=None) -> int:

@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rascompile.demo import demo_config
-from rascompile.schedule import build_schedule
-from rascompile.shapes.classifier import ShapesClassifier, adherence
-from rascompile.shapes.data import ShapesDataset, render_batch
-from rascompile.shapes.generate import Generator
-from rascompile.shapes.model import ShapesModel
-from rascompile.shapes.quality import fidelity, frechet_distance
+from rascompile.cli.demo import demo_config
+from rascompile.demo.shapes.classifier import ShapesClassifier, adherence
+from rascompile.demo.shapes.data import ShapesDataset, render_batch
+from rascompile.demo.shapes.generate import Generator
+from rascompile.demo.shapes.model import ShapesModel
+from rascompile.demo.shapes.quality import fidelity, frechet_distance
+from rascompile.runtime.schedule import build_schedule
 
 DENSE_STEPS = (3, 5, 8, 12, 20, 28)
 RAS_STEPS = (12, 20, 28)

@@ -4,7 +4,7 @@ A 90-minute training run on the 2-core CPU gives about 7 200 steps of batch 64, 
 compare recipes. This script runs the same training (data stream, rectified-flow loss, schedule, EMA,
 bf16 autocast) on a CUDA GPU, many recipes at once, and scores each recipe's EMA model along the way with
 the shipped classifier, the way ``benchmarks/quality.py`` does: 256 held-out captions (``ShapesDataset``
-seed 10 000), 20 Euler steps, guidance 4. The recipe it found best is ``rascompile.shapes.train``'s default;
+seed 10 000), 20 Euler steps, guidance 4. The recipe it found best is ``rascompile.demo.shapes.train``'s default;
 the CPU run of that recipe made the shipped weights. The model card (docs/shapes_model) reports the results.
 
     python benchmarks/recipe_sweep.py render 486400 /dev/shm/stream      # the scene stream, rendered once
@@ -30,7 +30,7 @@ from multiprocessing import Pool
 import numpy as np
 import torch
 
-from rascompile.shapes.data import ShapesDataset, render, tokenize
+from rascompile.demo.shapes.data import ShapesDataset, render, tokenize
 
 START = float(os.environ.get("SWEEP_START", time.time()))
 DEADLINE = float(os.environ.get("SWEEP_SECONDS", 480))
@@ -99,7 +99,7 @@ def sample(model, captions, device, steps=20, cfg=4.0, seed=0):
     The pipeline's ``FlowMatchEulerDiscreteScheduler`` spaces them from 1 to 0.001 instead; on the first
     shipped weights the two gave the same scores (objects found 0.526 here, 0.527 through the pipeline).
     """
-    from rascompile.shapes.model import to_images
+    from rascompile.demo.shapes.model import to_images
 
     ids = torch.tensor([tokenize(c) for c in captions], device=device)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -114,9 +114,9 @@ def sample(model, captions, device, steps=20, cfg=4.0, seed=0):
 
 
 def train(name: str, data_dir: str) -> None:
-    from rascompile.shapes.classifier import ShapesClassifier, adherence
-    from rascompile.shapes.model import ShapesModel, ShapesModelConfig, initialize_adaln_zero, to_latents
-    from rascompile.shapes.train import shift_sigma
+    from rascompile.demo.shapes.classifier import ShapesClassifier, adherence
+    from rascompile.demo.shapes.model import ShapesModel, ShapesModelConfig, initialize_adaln_zero, to_latents
+    from rascompile.demo.shapes.train import shift_sigma
 
     c = {**BASE, **CONFIGS[name]}
     device = os.environ.get("SWEEP_DEVICE", "cuda")
@@ -198,7 +198,7 @@ def summary(out_dir: str, names: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rascompile.shapes.data import render_batch
+    from rascompile.demo.shapes.data import render_batch
 
     results = [
         json.load(open(f"{RESULTS}/{n}_result.json"))
@@ -222,8 +222,8 @@ def summary(out_dir: str, names: list[str]) -> None:
 
 
 def check() -> None:
-    from rascompile.shapes.classifier import ShapesClassifier, adherence
-    from rascompile.shapes.model import ShapesModel
+    from rascompile.demo.shapes.classifier import ShapesClassifier, adherence
+    from rascompile.demo.shapes.model import ShapesModel
 
     held_out = ShapesDataset(256, seed=10_000)
     captions = [held_out.scene(i).caption for i in range(256)]

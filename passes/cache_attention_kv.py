@@ -23,9 +23,9 @@ import torch.fx
 from . import ops
 from .context import KVCacheSlot, PassContext, module_path
 from .graph_utils import add_placeholder, describe, example_value, insert_call, is_sdpa
-from .kv_sources import cat_arguments, find_kv_source
 from .normalize_attention_args import sdpa_argument
 from .retarget_token_region import retarget_token_region
+from .rules.kv_sources import cat_arguments, find_kv_source
 
 
 def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:

@@ -25,7 +25,14 @@ import torch.fx
 
 from .context import PassContext, RewriteError, module_path
 from .graph_utils import describe, example_value, forward_slice, placeholders
-from .latent_layout import LatentLayout, choose_video_layout, image_layout, packed_layout, patch_evidence, video_layouts
+from .rules.latent_layout import (
+    LatentLayout,
+    choose_video_layout,
+    image_layout,
+    packed_layout,
+    patch_evidence,
+    video_layouts,
+)
 
 
 def is_model_input(node: torch.fx.Node) -> bool:

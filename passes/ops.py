@@ -8,6 +8,7 @@ shape ``[B, k]`` (int64); ``axis`` is the token axis of the tensor being gathere
 from __future__ import annotations
 
 import torch
+
 from rascompile.kernels import linear_scatter_
 
 
@@ -204,7 +205,7 @@ def fused_kv_update(
 def fused_kv_update_body(cache, x, weight, bias, idx, axis, head_dim, row_offset, *rest) -> torch.Tensor:
     """``fused_kv_update`` as its plain torch body (``portable_ops``), never through the custom-op dispatcher;
     the RoPE table may be complex (as the graph holds it) or real pairs."""
-    from . import portable_ops
+    from .export import portable_ops
 
     norm, norm_group, norm_weight, norm_bias, eps, rope_table, rope_axis, rope_ndim = rest
     real = torch.view_as_real(rope_table) if rope_table is not None and rope_table.is_complex() else rope_table

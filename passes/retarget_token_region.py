@@ -24,7 +24,7 @@ import torch.fx
 
 from .context import PassContext, RewriteError
 from .graph_utils import FakeEnv, describe, insert_call, is_elementwise, is_sdpa
-from .position_tables import gather_attention_mask, gather_position_tables
+from .rules.position_tables import gather_attention_mask, gather_position_tables
 
 # Ops that may drop the token axis: they select a part of it (the text part of a joint sequence).
 SLICING_FUNCTIONS = {operator.getitem, torch.narrow, torch.split, torch.chunk, torch.tensor_split}

@@ -11,11 +11,11 @@ from __future__ import annotations
 from torch._dynamo import list_backends, register_backend
 
 from .api import apply
-from .backend import RASBackend, RASGraph, ras_backend
 from .config import RASConfig
-from .controller import RASController
-from .onnx_export import ExportError, export
-from .onnx_runner import OnnxRunner
+from .deploy.onnx_export import ExportError, export
+from .deploy.onnx_runner import OnnxRunner
+from .runtime.backend import RASBackend, RASGraph, ras_backend
+from .runtime.controller import RASController
 
 if "ras" not in list_backends(exclude_tags=()):
     register_backend(name="ras")(ras_backend)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .backend import RASBackend, scheduler_steps
 from .config import RASConfig
+from .runtime.backend import RASBackend, scheduler_steps
 
 
 def apply(

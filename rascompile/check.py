@@ -28,7 +28,6 @@ Tolerances are relative to the scale of each output (its largest finite absolute
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -308,8 +307,8 @@ def check(
     Returns a ``CheckReport``; ``report.passed`` is the verdict. Raises ``CheckError`` when the call fails or
     never calls the transformer. Like ``rascompile.export``, it resets Dynamo's caches when done.
     """
-    from .backend import RASBackend
     from .config import RASConfig
+    from .runtime.backend import RASBackend
 
     if relative_tolerance is not None and not (
         isinstance(relative_tolerance, (int, float)) and math.isfinite(relative_tolerance) and relative_tolerance >= 0
@@ -409,7 +408,7 @@ def _reference(inner_backend: str, gm: torch.fx.GraphModule, inputs: list) -> An
         return gm(*inputs)
     from rascompile.passes import copy_graph_module
 
-    from .backend import compile_inner
+    from .runtime.backend import compile_inner
 
     return compile_inner(inner_backend, copy_graph_module(gm), list(inputs))(*inputs)
 
@@ -421,7 +420,7 @@ class _RASRunner:
     def __init__(self, graph: Any, inputs: list, device: torch.device):
         from rascompile.passes import copy_graph_module
 
-        from .backend import compile_inner
+        from .runtime.backend import compile_inner
 
         self.graph, self.inputs = graph, inputs
         shape, dtype = graph.layout.output_cache
@@ -492,70 +491,6 @@ def _relative_tolerance(output: torch.Tensor | None) -> float:
     if output.dtype == torch.float32 and output.is_cuda and torch.get_float32_matmul_precision() != "highest":
         return TF32_RELATIVE_TOLERANCE
     return RELATIVE_TOLERANCE.get(output.dtype, RELATIVE_TOLERANCE[torch.float32])
-
-
-# ============================================================================================ the command
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .backend import INNER_BACKENDS
-    from .cli import finite_float, int_at_least, positive_int
-    from .export_cli import _side
-
-    parser.add_argument("pipeline", help="local directory of a diffusers pipeline (DiffusionPipeline.from_pretrained)")
-    parser.add_argument("--height", type=_side, default=None, help="image height in pixels (default: the pipeline's)")
-    parser.add_argument("--width", type=_side, default=None, help="image width in pixels (default: the pipeline's)")
-    prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default=None, help="prompt (needs the text encoders; default empty)")
-    prompt.add_argument(
-        "--embeddings",
-        metavar="FILE",
-        default=None,
-        help="safetensors file of prompt embeddings named after the pipeline's call arguments (prompt_embeds, "
-        "pooled_prompt_embeds, negative_prompt_embeds, ...), one row per prompt, as for rascompile export",
-    )
-    parser.add_argument(
-        "--guidance-scale",
-        type=finite_float,
-        default=None,
-        help="classifier-free guidance scale; > 1 doubles the batch (default: the pipeline's)",
-    )
-    parser.add_argument("--num-images-per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
-    parser.add_argument(
-        "--seed", type=int_at_least(0), default=0, help="seed of the latents and the random token orders (default 0)"
-    )
-    parser.add_argument(
-        "--inner-backend",
-        choices=INNER_BACKENDS,
-        default="eager",
-        help="how the RAS graphs run: eager (the default: the rewrite itself), aot_eager, or inductor (as "
-        "backend='ras' runs them; one compile per k)",
-    )
-    parser.add_argument("--require-ras", action="store_true", help="fail when a graph runs dense")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
-
-
-def main_from_args(args: argparse.Namespace) -> int:
-    """Exit status: 0 every check passed, 1 a check failed (or a graph runs dense with --require-ras), 2 bad
-    input or the check could not run (one line ``error: ...`` on stderr)."""
-    from .export_cli import load_pipeline
-
-    try:
-        pipe, call_kwargs = load_pipeline(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        call_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
-        print(f"checking {type(pipe.transformer).__name__} of {type(pipe).__name__} ...", file=sys.stderr)
-        report = check(
-            pipe, call_kwargs, require_ras=args.require_ras, seed=args.seed, inner_backend=args.inner_backend
-        )
-    except ValueError as exc:  # InputError, CheckError
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(report.to_json() if args.json else report.format())
-    return 0 if report.passed else 1
 
 
 # ``rascompile.check(...)`` calls ``check``: ``import rascompile.check`` makes ``rascompile.check`` this module (a

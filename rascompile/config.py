@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = ["RASConfig", "METRICS", "REFERENCE_START_STEP", "REFERENCE_RESET_STEPS", "REFERENCE_NUM_STEPS"]
 
-#: Per-pixel metrics understood by :func:`rascompile.selector.token_metric`.
+#: Per-pixel metrics understood by :func:`rascompile.runtime.selector.token_metric`.
 METRICS = ("std", "l2norm", "random")
 
 #: The reference implementation's step-indexed defaults, for its 28-step generations. When a user leaves

@@ -1,0 +1,74 @@
+"""Plain torch versions of the ops in ``ops.py``, for exporters: no custom ops, no complex numbers.
+
+``lower_for_export`` swaps them in. They write into their cache arguments in place, as the
+originals do; the export wrapper hands them fresh copies of the caches and returns those, so the
+exported graph is a pure function (ScatterElements / ScatterND in ONNX).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rascompile.kernels import normalize_arguments, reference_rows, write_rows
+
+from ..ops import joint_rows, rope_cos_sin, scatter_rows, write_joint_sequence
+
+
+def update_kv_cache(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
+    scatter_rows(cache, fresh, idx, axis)
+    return cache
+
+
+def update_joint_rows_cache(cache, fresh, idx, axis: int, offset: int, num_tokens: int) -> torch.Tensor:
+    scatter_rows(cache, fresh, joint_rows(idx, offset, num_tokens, cache.shape[axis]), axis)
+    return cache
+
+
+def update_joint_kv_cache(cache, parts, idx, axis: int, image_part: int, slots: list[int]) -> torch.Tensor:
+    return write_joint_sequence(cache, parts, idx, axis, image_part, slots, scatter_rows)
+
+
+def merge_output(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    scatter_rows(cache, fresh, idx, 1)
+    return cache.to(fresh.dtype, copy=True)
+
+
+def fused_kv_update(
+    cache: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    idx: torch.Tensor,
+    axis: int,
+    head_dim: int,
+    row_offset: int,
+    norm: str,
+    norm_group: int,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float,
+    rope_table: torch.Tensor | None,
+    rope_axis: int,
+    rope_ndim: int,
+) -> torch.Tensor:
+    """``ops.fused_kv_update`` decomposed: projection, norm, RoPE, row scatter. ``rope_table`` holds
+    real (cos, sin) pairs [..., D/2, 2] instead of complex numbers."""
+    cos = sin = None
+    if rope_table is not None:
+        cos, sin = rope_cos_sin(rope_table, rope_axis, rope_ndim)
+    cache4, head_dim, norm_group, cos, sin = normalize_arguments(
+        cache, x, weight, bias, idx, axis, head_dim, norm, norm_group, norm_weight, norm_bias, cos, sin
+    )
+    rows = reference_rows(x, weight, bias, idx, head_dim, norm, norm_group, norm_weight, norm_bias, eps, cos, sin)
+    write_rows(cache4, rows, idx, row_offset)
+    return cache
+
+
+def rope_real(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``view_as_real(view_as_complex(x) * view_as_complex(table))`` in real arithmetic.
+
+    ``x`` holds (real, imaginary) pairs [..., 2]; ``table`` too, broadcastable to ``x``.
+    """
+    xr, xi = x[..., 0], x[..., 1]
+    tr, ti = table[..., 0], table[..., 1]
+    return torch.stack([xr * tr - xi * ti, xr * ti + xi * tr], dim=-1)

@@ -1,0 +1,160 @@
+"""The latent-layout rule: which latent elements make up each image token.
+
+A ``LatentLayout`` describes the latents tensor a transformer takes and how its patch embedding (or the
+pipeline's packing) groups its elements into the N tokens, in token order. ``find_token_source`` finds it
+from the graph, the controller's token metric reads the tokens' own latent elements through it, and the
+heatmaps draw per-token counts on its token grid. Three layouts are recognised:
+
+- ``image``  ``[B, C, H, W]`` with patches ``(p, p)``: SD3, PixArt, Lumina-Next, HunyuanDiT, DiT, ...
+- ``video``  ``[B, C, F, H, W]`` (Wan, HunyuanVideo) or ``[B, F, C, H, W]`` (CogVideoX) with patches
+  ``(p_t, p, p)``;
+- ``packed`` ``[B, N, C]``: the pipeline packed each token's latent elements into its row (Flux, Qwen-Image,
+  LTX-Video); a token's elements are its row.
+
+Token order is row-major over the token grid (``(F / p_t, H / p, W / p)`` for video), the order in which
+every diffusers patch embedding flattens its output. A new layout needs a ``LatentLayout`` and a rule in
+``layouts_for``; the metric and the heatmaps follow from the description.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from ..graph_utils import example_value
+
+KINDS = ("image", "video", "packed")
+CONVOLUTIONS = {
+    torch.conv2d: 2,
+    torch.conv3d: 3,
+    torch.nn.functional.conv2d: 2,
+    torch.nn.functional.conv3d: 3,
+}
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """How a latents tensor splits into tokens.
+
+    ``channel_axis`` holds a latent element's channels (or, when packed, a token's elements); ``grid_axes``
+    index the tokens, in token order; ``patch`` is the number of latent elements per token along each grid
+    axis (all 1 when packed).
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    channel_axis: int
+    grid_axes: tuple[int, ...]
+    patch: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} is invalid: must be one of {', '.join(map(repr, KINDS))}")
+        if len(self.grid_axes) != len(self.patch):
+            raise ValueError(f"grid_axes {self.grid_axes} and patch {self.patch} must have the same length")
+        for axis, p in zip(self.grid_axes, self.patch):
+            if p < 1 or self.shape[axis] % p:
+                raise ValueError(f"patch {self.patch} does not divide the latent sizes {self.shape}")
+
+    @property
+    def token_grid(self) -> tuple[int, ...]:
+        """Tokens along each grid axis: ``(H / p, W / p)``, ``(F / p_t, H / p, W / p)`` or ``(N,)``."""
+        return tuple(self.shape[a] // p for a, p in zip(self.grid_axes, self.patch))
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.token_grid)
+
+    @property
+    def spatial_patch(self) -> int:
+        """The patch side over height and width (1 when packed): the ``patch_size`` of exports and manifests."""
+        return self.patch[-1] if self.kind != "packed" else 1
+
+    def describe(self) -> str:
+        if self.kind == "packed":
+            return "packed latents"
+        axes = "BCHW" if self.kind == "image" else ("BCFHW" if self.channel_axis == 1 else "BFCHW")
+        return f"{axes} latents, patch {'x'.join(map(str, self.patch))}"
+
+    def to_grid(self, per_token: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` per-token values as ``[B, *token_grid]`` (a heatmap per image, per frame for video)."""
+        return per_token.reshape(per_token.shape[0], *self.token_grid)
+
+
+def image_layout(shape: tuple[int, ...], num_tokens: int) -> LatentLayout | None:
+    """``[B, C, H, W]`` latents with square patches ``p`` such that ``N = (H / p) * (W / p)``."""
+    height, width = shape[2], shape[3]
+    if not num_tokens or (height * width) % num_tokens:
+        return None
+    p = math.isqrt(height * width // num_tokens)
+    if p * p * num_tokens != height * width or height % p or width % p:
+        return None
+    return LatentLayout("image", tuple(shape), 1, (2, 3), (p, p))
+
+
+def packed_layout(shape: tuple[int, ...]) -> LatentLayout:
+    return LatentLayout("packed", tuple(shape), 2, (1,), (1,))
+
+
+def video_layouts(shape: tuple[int, ...], num_tokens: int) -> list[LatentLayout]:
+    """Every ``[B, C, F, H, W]`` / ``[B, F, C, H, W]`` reading with ``(p_t, p, p)`` patches giving N tokens."""
+    found = []
+    height, width = shape[3], shape[4]
+    for channel_axis, frame_axis in ((1, 2), (2, 1)):
+        frames = shape[frame_axis]
+        for pt in _divisors(frames):
+            for p in _divisors(math.gcd(height, width)):
+                if (frames // pt) * (height // p) * (width // p) == num_tokens:
+                    grid = (frame_axis, 3, 4)
+                    found.append(LatentLayout("video", tuple(shape), channel_axis, grid, (pt, p, p)))
+    return found
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def patch_evidence(nodes: list[torch.fx.Node]) -> list[tuple[int, tuple[int, ...], int]]:
+    """``(dims, stride, in_channels)`` of every strided convolution among ``nodes`` whose kernel equals its stride:
+    a patch embedding (``Conv3d`` over ``[B, C, F, H, W]``, or ``Conv2d`` per frame)."""
+    found = []
+    for node in nodes:
+        if node.op != "call_function" or node.target not in CONVOLUTIONS:
+            continue
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
+        value = example_value(weight) if isinstance(weight, torch.fx.Node) else None
+        if not isinstance(value, torch.Tensor):
+            continue
+        dims = CONVOLUTIONS[node.target]
+        stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride,) * dims
+        if tuple(int(s) for s in value.shape[2:]) == stride:
+            found.append((dims, stride, int(value.shape[1])))
+    return found
+
+
+def choose_video_layout(
+    candidates: list[LatentLayout], evidence: list[tuple[int, tuple[int, ...], int]]
+) -> LatentLayout | str:
+    """The one candidate the patch embedding confirms, or the reason none can be chosen."""
+    if not candidates:
+        return "no reading of the latents as (p_t, p, p) patches gives the token count"
+    confirmed = []
+    for layout in candidates:
+        for dims, stride, in_channels in evidence:
+            if layout.shape[layout.channel_axis] != in_channels:
+                continue
+            if dims == 3 and layout.channel_axis == 1 and stride == layout.patch:
+                confirmed.append(layout)
+            elif dims == 2 and stride == layout.patch[1:] and layout.patch[0] == 1:
+                confirmed.append(layout)
+    confirmed = list(dict.fromkeys(confirmed))
+    if len(confirmed) == 1:
+        return confirmed[0]
+    if len(candidates) == 1 and not evidence:
+        return candidates[0]
+    readings = ", ".join(c.describe() for c in candidates)
+    return f"cannot tell which latent elements make up each token (readings: {readings})"

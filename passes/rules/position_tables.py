@@ -1,0 +1,112 @@
+"""The position-table rule: tensors indexed by token position follow the active tokens.
+
+Called by ``retarget_token_region`` for each node of the token region.
+Matches:
+- a tensor that is not computed from the image tokens, combined element-wise (add, mul, ...) with a token
+  tensor, whose size along the token axis is N (an image-only RoPE table or position embedding) or the
+  dense length of a joint [text; image] sequence whose image rows start at a known offset (Flux's RoPE over
+  the concatenated sequence, CogVideoX's sin-cos table over [text; image]);
+- the mask of an attention whose query (or key) carries image tokens, with one row (column) per token.
+Produces: ``gather_position_table`` (image-only: rows ``idx``) or ``gather_joint_table`` (joint: every text
+row, the active image rows at ``offset + idx``) before the consumer, which then reads the gathered table.
+Size-1 (broadcast) axes need nothing. Refuses a joint table or mask whose image rows cannot be located, a
+mask computed from image tokens, and causal attention over image tokens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx
+from torch.fx.node import map_aggregate
+
+from .. import ops
+from ..context import PassContext, RewriteError
+from ..graph_utils import describe, insert_call
+from ..normalize_attention_args import sdpa_argument
+
+if TYPE_CHECKING:
+    from ..retarget_token_region import TokenRegion
+
+
+def gather_attention_mask(gm, node, region: TokenRegion, idx, ctx: PassContext) -> None:
+    query, key = sdpa_argument(node, "query"), sdpa_argument(node, "key")
+    if sdpa_argument(node, "is_causal", False):
+        raise RewriteError(f"{node.name} ({describe(node)}): causal attention over image tokens")
+    mask = sdpa_argument(node, "attn_mask")
+    if not isinstance(mask, torch.fx.Node):
+        return
+    if region.axis(mask) is not None:
+        raise RewriteError(f"{node.name} ({describe(node)}): attention mask computed from image tokens")
+    ndim = len(region.env.shape(query))
+    for arg, mask_axis in ((query, -2), (key, -1)):
+        arg_axis = region.axis(arg)
+        if arg_axis is None:
+            continue
+        if arg_axis != ndim - 2:
+            raise RewriteError(f"{node.name} ({describe(node)}): tokens are not on the sequence axis")
+        dense_len = region.dense_size(arg, arg_axis)
+        mask_shape = region.env.shape(mask)
+        if mask_shape[mask_axis] == 1:
+            continue
+        axis = ndim + mask_axis
+        if dense_len == region.n:
+            gathered = insert_call(gm, node, ops.gather_position_table, (mask, idx, axis, ndim), before=True)
+        else:
+            offset = region.offsets.get(arg)
+            if offset is None or mask_shape[mask_axis] != dense_len:
+                raise RewriteError(f"{node.name} ({describe(node)}): mask over a joint image+text sequence")
+            args = (mask, idx, axis, ndim, offset, region.n, dense_len)
+            gathered = insert_call(gm, node, ops.gather_joint_table, args, before=True)
+        region.env.evaluate(gathered)
+        replace_arg(node, mask, gathered)
+        mask = gathered
+        ctx.note(f"mask: attention mask rows gathered for {describe(node)}")
+
+
+def gather_position_tables(gm, node, inputs, region: TokenRegion, idx, ctx: PassContext) -> None:
+    ref = inputs[0]
+    ref_shape = region.env.shape(ref)
+    ref_axis = region.axis(ref)
+    if ref_axis < 0:
+        return
+    out_ndim = len(node.meta["ras_dense_shape"] or ref_shape)
+    out_axis = ref_axis + out_ndim - len(ref_shape)
+    for arg in node.all_input_nodes:
+        if arg in inputs or not isinstance(region.env.values.get(arg), torch.Tensor):
+            continue
+        shape = region.env.shape(arg)
+        table_axis = out_axis - (out_ndim - len(shape))
+        if table_axis < 0 or shape[table_axis] != region.dense_size(ref, ref_axis) or shape[table_axis] == 1:
+            continue
+        if shape[table_axis] == region.n:
+            args = (arg, idx, out_axis, out_ndim)
+            if args in region.gathered:  # the same table at the same place: one gather serves every layer
+                replace_arg(node, arg, region.gathered[args])
+                continue
+            gathered = insert_call(gm, node, ops.gather_position_table, args, before=True)
+            region.gathered[args] = gathered
+            ctx.note(f"table: position table gathered at active tokens for {describe(node)}")
+        else:
+            offset = region.offsets.get(ref)
+            if offset is None:
+                raise RewriteError(
+                    f"{node.name} ({describe(node)}): position table over a joint sequence whose image rows "
+                    "cannot be located"
+                )
+            args = (arg, idx, out_axis, out_ndim, offset, region.n, shape[table_axis])
+            if args in region.gathered:
+                replace_arg(node, arg, region.gathered[args])
+                continue
+            gathered = insert_call(gm, node, ops.gather_joint_table, args, before=True)
+            region.gathered[args] = gathered
+            ctx.note(f"table: joint position table (image rows from {offset}) gathered for {describe(node)}")
+        region.env.evaluate(gathered)
+        replace_arg(node, arg, gathered)
+
+
+def replace_arg(node: torch.fx.Node, old: torch.fx.Node, new: torch.fx.Node) -> None:
+    swap = lambda a: new if a is old else a  # noqa: E731
+    node.args = map_aggregate(node.args, swap)
+    node.kwargs = map_aggregate(node.kwargs, swap)

@@ -1,0 +1,236 @@
+"""Per-generation RAS state of one compiled graph: schedule, selection, drop counts and caches.
+
+The controller is plain Python over tensors. Each transformer call asks it for a ``Decision``:
+run the original dense graph, run a dense step that also fills the caches (``capture``), or
+run a RAS step over the active tokens it selected. Everything it holds is reset when a new
+generation starts, and the caches are fully rewritten by the first (always dense) step, so no
+state crosses generations.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..config import RASConfig
+from .schedule import StepPlan, build_schedule
+from .selector import initial_drop_counts, layout_token_metric, packed_token_metric, select_active_tokens, token_metric
+
+
+@dataclass(frozen=True)
+class GraphLayout:
+    """What the passes found about a graph that the controller needs to drive it."""
+
+    batch_size: int
+    num_tokens: int
+    patch_size: int
+    output_cache: tuple[tuple[int, ...], torch.dtype]
+    kv_caches: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+    latent_layout: str = "image"  # "image": latents [B, C, H, W]; "packed": [B, N, C], one row per token
+    latent: object = None  # the passes' LatentLayout (any layout, video included); None: ``latent_layout``
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: str  # "dense" | "capture" | "ras"
+    step: int
+    active_idx: torch.Tensor | None = None
+    reason: str | None = None  # why a step the schedule planned as RAS runs dense, for a warning
+    branch: int = 0  # which call of this step (one call per guidance branch): the caches it uses
+
+    @property
+    def num_active(self) -> int | None:
+        return None if self.active_idx is None else int(self.active_idx.shape[1])
+
+
+class RASController:
+    def __init__(self, config: RASConfig, layout: GraphLayout, steps, device: torch.device):
+        self.config = config
+        self.layout = layout
+        self.steps = steps
+        self.device = device
+        self.schedule: tuple[StepPlan, ...] = ()
+        self.drop_counts: torch.Tensor | None = None
+        self.previous_latents: torch.Tensor | None = None
+        # (output cache, K/V caches) per guidance branch (one transformer call each) and cache shapes: branch 0
+        # is every pipeline's, the others exist for pipelines that call the transformer once per branch; the
+        # branches' graphs may differ in cache shapes (a negative prompt of another length)
+        self.cache_sets: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self.generations = 0
+        self.history: list[Decision] = []  # this generation's decisions, for inspection and tests
+        self.branch_history: list[Decision] = []  # the decisions of the further guidance branches' calls
+        self.step_counts: torch.Tensor | None = None  # per token: how many steps computed it
+        self.last_step = -1  # the last step this controller ran in the current generation
+        self.step_decision: Decision | None = None  # the decision of the current step's first call
+        self.branch = 0  # the current call's branch within its step
+        self.branch_steps: dict[int, int] = {}  # per branch: the last step it ran
+        self.owner: int | None = None  # the thread running the current generation
+        self.step_generation = -1  # the step source's generation this controller's schedule belongs to
+        self.busy = threading.Lock()  # held while a call runs: a second thread's call at the same time is refused
+
+    def reset(self) -> None:
+        """Forget the current generation. Calls run dense until the step source reports a new one
+        (with ``backend="ras"`` that is the next call; with ``apply`` the next pipeline call)."""
+        self.schedule = ()
+        self.previous_latents = None
+        self.drop_counts = None
+        self.owner = None
+        self.steps.reset()
+
+    def check_thread(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> None:
+        """Refuse a call from another thread while a generation runs: one controller holds the caches of one
+        generation, and interleaving two would silently mix their images."""
+        me = threading.get_ident()
+        if self.owner is None or self.owner == me or self._finished():
+            return
+        if self.steps.starts_generation(latents, timestep):
+            return  # a new generation replaces the one under way; that thread's next call is refused
+        raise RuntimeError(
+            "rascompile: this compiled transformer is running a generation in another thread; one RAS-compiled "
+            "transformer serves one generation at a time (its controller holds that generation's caches). "
+            "Compile one transformer per thread (torch.compile of a copy, or rascompile.apply on each pipeline)."
+        )
+
+    def _finished(self) -> bool:
+        return bool(self.schedule) and self.last_step >= len(self.schedule) - 1
+
+    @property
+    def branch_caches(self) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Every branch's caches, in branch order."""
+        return [self.cache_sets[key] for key in sorted(self.cache_sets, key=lambda k: k[0])]
+
+    @property
+    def output_cache(self) -> torch.Tensor | None:
+        """Branch 0's output cache (the only one unless the pipeline calls the transformer per guidance branch)."""
+        return self.branch_caches[0][0] if self.branch_caches else None
+
+    @property
+    def kv_caches(self) -> list[torch.Tensor]:
+        return self.branch_caches[0][1] if self.branch_caches else []
+
+    def caches(self, branch: int = 0, layout: GraphLayout | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(output cache, K/V caches)`` of one guidance branch for a graph of ``layout`` (default: the
+        controller's), allocated on first use."""
+        layout = layout or self.layout
+        key = (branch, layout.output_cache, layout.kv_caches)
+        if key not in self.cache_sets:
+            shape, dtype = layout.output_cache
+            output = torch.empty(shape, dtype=dtype, device=self.device)
+            kv = [torch.empty(s, dtype=d, device=self.device) for s, d in layout.kv_caches]
+            self.cache_sets[key] = (output, kv)
+        return self.cache_sets[key]
+
+    def decide(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> Decision:
+        """Plan one transformer call. A call that repeats the previous call's latents and timestep is the next
+        guidance branch of the same step: it runs the step's decision (the same active tokens, as the rows of
+        batched guidance share one selection) on that branch's own caches."""
+        info = self.steps.advance(latents, timestep)
+        if info.repeat:
+            return self._next_branch(info)
+        if info.new_generation:
+            self._begin(info.num_steps)
+            self.step_generation = info.generation
+        elif not self.schedule or len(self.schedule) != info.num_steps or info.generation != self.step_generation:
+            # This graph joined a generation already under way (e.g. Dynamo recompiled mid-generation):
+            # without its earlier steps there is nothing to reuse, so it runs dense until the next one.
+            self.step_decision = None
+            return Decision("dense", info.step)
+        if not 0 <= info.step < len(self.schedule):
+            self.step_decision = None
+            return Decision("dense", info.step, reason=f"a call at step {info.step}, after the last step, runs dense")
+        decision = self._plan(latents, info.step)
+        self.previous_latents = latents.detach().clone()
+        self.last_step = info.step
+        self.step_decision, self.branch = decision, 0
+        self.branch_steps[0] = info.step
+        self._count(decision)
+        self.history.append(decision)
+        return decision
+
+    def _plan(self, latents: torch.Tensor, step: int) -> Decision:
+        plan = self.schedule[step]
+        needs_cache = any(not p.dense for p in self.schedule[step + 1 :])
+        capture = Decision("capture", step, self._all_tokens()) if needs_cache else Decision("dense", step)
+        if plan.dense:
+            return capture
+        if step != self.last_step + 1:
+            # Steps ran elsewhere (another graph of this transformer, e.g. a grad-mode call): the caches and
+            # the previous latents are older than one step, so this step refills them.
+            return capture
+        return Decision("ras", step, self._select(latents, plan))
+
+    def _next_branch(self, info) -> Decision:
+        first = self.step_decision
+        if first is None or first.step != info.step:
+            return Decision("dense", info.step)  # the step's first call ran dense outside a RAS generation
+        self.branch += 1
+        branch, previous = self.branch, self.branch_steps.get(self.branch)
+        self.branch_steps[branch] = info.step
+        if first.kind == "ras" and previous != info.step - 1:
+            # this branch did not run the previous step (it is new, or it skipped one): its caches are stale
+            decision = Decision("capture", info.step, self._all_tokens(), branch=branch)
+        else:
+            decision = Decision(first.kind, info.step, first.active_idx, branch=branch)
+        self.branch_history.append(decision)
+        return decision
+
+    def skip(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> None:
+        """Count a call that runs elsewhere (dense, outside RAS, e.g. in grad mode) as a step of the step source,
+        so graphs sharing it keep the right step; their next step refills the caches."""
+        self.steps.advance(latents, timestep)
+
+    def _begin(self, num_steps: int) -> None:
+        layout = self.layout
+        self.schedule = build_schedule(self.config, num_steps, layout.num_tokens)
+        self.drop_counts = initial_drop_counts(layout.batch_size, layout.num_tokens, num_steps, self.device)
+        self.previous_latents = None
+        self.history, self.branch_history = [], []
+        self.step_counts = torch.zeros(layout.batch_size, layout.num_tokens, dtype=torch.int32, device=self.device)
+        self.generations += 1
+        self.last_step = -1
+        self.step_decision, self.branch, self.branch_steps = None, 0, {}
+        self.owner = threading.get_ident()
+        if any(not p.dense for p in self.schedule):
+            self.allocate_caches()
+
+    def step_count_grid(self) -> torch.Tensor | None:
+        """``step_counts`` on the token grid of the latent layout: ``[B, H/p, W/p]`` for images, ``[B, F/p_t, H/p,
+        W/p]`` for video (one heatmap per frame), ``[B, N]`` when the layout is unknown or packed."""
+        if self.step_counts is None or self.layout.latent is None:
+            return self.step_counts
+        return self.layout.latent.to_grid(self.step_counts)
+
+    def allocate_caches(self, branch: int = 0) -> None:
+        """Allocate the output and K/V caches of branches up to ``branch`` once; later generations reuse them
+        (a branch's first step in a generation is dense and rewrites them in full)."""
+        for b in range(branch + 1):
+            self.caches(b)
+
+    def _all_tokens(self) -> torch.Tensor:
+        n, b = self.layout.num_tokens, self.layout.batch_size
+        return torch.arange(n, device=self.device).expand(b, n).contiguous()
+
+    def _select(self, latents: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        delta = latents.detach().float() - self.previous_latents.float()
+        if self.layout.latent is not None:
+            metric = layout_token_metric(delta, self.layout.latent, self.config.metric)
+        elif self.layout.latent_layout == "packed":
+            metric = packed_token_metric(delta, self.config.metric)
+        else:
+            metric = token_metric(delta, self.layout.patch_size, self.config.metric)
+        idx = select_active_tokens(
+            metric, self.drop_counts, plan.num_dropped, self.config.high_ratio, self.config.starvation_scale
+        )
+        if idx.shape[1] != plan.num_active:
+            raise AssertionError(f"selected {idx.shape[1]} tokens, schedule says {plan.num_active}")
+        return idx
+
+    def _count(self, decision: Decision) -> None:
+        if decision.active_idx is None:
+            self.step_counts += 1
+        else:
+            self.step_counts.scatter_add_(
+                1, decision.active_idx, torch.ones_like(decision.active_idx, dtype=self.step_counts.dtype)
+            )

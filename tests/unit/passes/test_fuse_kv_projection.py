@@ -1,0 +1,201 @@
+"""The fuse_kv_projection pass: every K/V chain feeding a cache becomes one linear_scatter_ op, same results."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import rascompile
+from rascompile import RASBackend, RASConfig
+from rascompile.passes import build_ras_graph, ops
+from rascompile.passes.fuse_kv_projection import WRITES, NoMatch, _verify, fused_op_args, parse_chain
+from tests.support.capture import capture_pipeline_graph
+from tests.support.models import (
+    lumina_call_kwargs,
+    sd3_call_kwargs,
+    tiny_lumina_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd3_transformer,
+)
+
+
+def tiny_sd35_pipeline():
+    return tiny_sd3_pipeline(tiny_sd3_transformer(qk_norm="rms_norm"))
+
+
+MODELS = {
+    "sd3": (tiny_sd3_pipeline, sd3_call_kwargs, {"key": "linear", "value": "linear"}),
+    "sd3.5_rms_norm": (tiny_sd35_pipeline, sd3_call_kwargs, {"key": "linear + rms_norm", "value": "linear"}),
+    "lumina": (tiny_lumina_pipeline, lumina_call_kwargs, {"key": "linear + layer_norm + rope", "value": "linear"}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def captured(request):
+    build, kwargs, chains = MODELS[request.param]
+    gm, inputs = capture_pipeline_graph(build(), kwargs())
+    return gm, inputs, chains
+
+
+def _fused_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.fused_kv_update]
+
+
+def test_op_stands_where_every_chain_was(captured):
+    gm, _, chains = captured
+    plain, _ = build_ras_graph(gm)
+    fused, ctx = build_ras_graph(gm, fuse_kv_projection=True)
+    assert not _fused_nodes(plain)
+    nodes = _fused_nodes(fused)
+    assert len(nodes) == len(ctx.kv_slots) > 0
+    caches = {n.args[0].name for n in nodes}
+    assert caches == {slot.placeholder for slot in ctx.kv_slots}
+    for slot in ctx.kv_slots:
+        line = next(x for x in ctx.log if x.startswith("fuse:") and x.endswith(f"into {slot.placeholder}"))
+        assert line.startswith(f"fuse: {chains[slot.kind]} @ ")
+    # the projections, norms and RoPE products of the image K/V are gone from the graph
+    linears = lambda g: sum(n.op == "call_function" and "linear" in str(n.target) for n in g.graph.nodes)  # noqa: E731
+    assert linears(plain) - linears(fused) == len(ctx.kv_slots)
+
+
+def test_fused_graph_equals_unfused_graph(captured):
+    gm, inputs, _ = captured
+    plain, ctx = build_ras_graph(gm)
+    fused, _ = build_ras_graph(gm, fuse_kv_projection=True)
+    n = ctx.num_tokens
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.stack([torch.randperm(n, generator=gen)[: n // 3] for _ in range(ctx.batch_size)])
+
+    def run(graph):
+        output_cache = torch.zeros(ctx.output_cache_shape)
+        kv = [torch.randn(s.shape, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(ctx.kv_slots)]
+        with torch.no_grad():
+            out = graph(*inputs, idx, output_cache, *kv)[0]
+        return out, output_cache, kv
+
+    out_plain, oc_plain, kv_plain = run(plain)
+    out_fused, oc_fused, kv_fused = run(fused)
+    torch.testing.assert_close(out_fused, out_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(oc_fused, oc_plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(kv_fused, kv_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_whole_generation_matches_unfused(model):
+    build, kwargs_fn, _ = MODELS[model]
+    config = RASConfig(num_inference_steps=6, sample_ratio=0.375, scheduler_start_step=2, error_reset_steps=(4,))
+    results = {}
+    for fuse in (False, True):
+        pipe = build()
+        backend = rascompile.apply(pipe, config, inner_backend="aot_eager", fused_kv_projection=fuse)
+        out = pipe(**kwargs_fn(num_prompts=2, num_images_per_prompt=1, steps=6))[0]
+        graph = backend.graphs[0]
+        assert bool(_fused_nodes(graph.ras_gm)) is fuse
+        results[fuse] = out, graph.controller.history
+    (plain, plain_history), (fused, fused_history) = results[False], results[True]
+    assert [d.kind for d in fused_history].count("ras") == 3
+    for a, b in zip(fused_history, plain_history):
+        assert a.kind == b.kind
+        if a.kind == "ras":
+            assert torch.equal(a.active_idx, b.active_idx)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["lumina", "sd3.5_rms_norm"])
+def test_bfloat16_graph_fuses_and_matches_within_rounding(model):
+    """In bf16 the unfused chain rounds the projection to bf16 before its norm and RoPE; the op keeps
+    fp32 until the cache store. The two RAS steps agree to bf16 rounding, not exactly."""
+    build, kwargs_fn, chains = MODELS[model]
+    pipe = build()
+    pipe.transformer.to(torch.bfloat16)
+    call = {
+        k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs_fn().items()
+    }
+    gm, inputs = capture_pipeline_graph(pipe, call)
+    plain, ctx = build_ras_graph(gm)
+    fused, _ = build_ras_graph(gm, fuse_kv_projection=True)
+    assert len(_fused_nodes(fused)) == len(ctx.kv_slots)
+    idx = torch.stack(
+        [torch.randperm(ctx.num_tokens, generator=torch.Generator().manual_seed(b))[:20] for b in range(ctx.batch_size)]
+    )
+
+    def run(graph):
+        caches = [torch.zeros(ctx.output_cache_shape, dtype=torch.bfloat16)]
+        caches += [torch.zeros(s.shape, dtype=s.dtype) for s in ctx.kv_slots]
+        with torch.no_grad():
+            return graph(*inputs, idx, *caches)[0], caches[1:]
+
+    (out_plain, kv_plain), (out_fused, kv_fused) = run(plain), run(fused)
+    assert out_fused.dtype == torch.bfloat16 and all(c.dtype == torch.bfloat16 for c in kv_fused)
+    torch.testing.assert_close(out_fused, out_plain, rtol=3e-2, atol=3e-2)
+    for a, b in zip(kv_fused, kv_plain):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+
+
+def test_a_misread_chain_is_caught_by_the_numeric_check():
+    """Parsing mistakes (a missed RoPE, a per-head norm for Lumina-Next's norm across heads) do not get through."""
+    gm, _ = capture_pipeline_graph(tiny_lumina_pipeline(), lumina_call_kwargs())
+    ras, ctx = build_ras_graph(gm)
+    node = next(n for n in ras.graph.nodes if n.target is ops.update_kv_cache and n.args[0].name == "ras_kv_cache_0")
+    write, idx = WRITES[node.target](node), node.args[2]
+    chain = parse_chain(write.fresh)
+    assert (chain.norm, chain.norm_group, chain.rope_table is not None) == ("layer_norm", 16, True)
+
+    def check(**changes):
+        misread = dataclasses.replace(chain, **changes)
+        _verify(ras, ctx, misread, write, fused_op_args(misread, write, idx))
+
+    check()  # as parsed: passes
+    with pytest.raises(NoMatch, match="disagree"):
+        check(rope_table=None)
+    with pytest.raises(NoMatch, match="disagree"):
+        check(norm="rms_norm")
+    with pytest.raises(NoMatch, match="refuses .* norm_weight is shape \\[16\\]"):
+        check(norm_group=8)
+
+
+def test_unknown_op_in_chain_is_not_fused():
+    """A chain with an op the kernel does not compute (here a scale on the keys) stays as it was."""
+
+    class ScaledKeys(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Conv2d(4, 8, 2, stride=2)
+            self.to_k = torch.nn.Linear(8, 8)
+            self.to_v = torch.nn.Linear(8, 8)
+            self.to_q = torch.nn.Linear(8, 8)
+            self.proj = torch.nn.Linear(8, 16)
+
+        def forward(self, x):
+            h = self.embed(x).flatten(2).transpose(1, 2)
+            q = self.to_q(h).unflatten(-1, (2, 4)).transpose(1, 2)
+            k = (self.to_k(h) * 0.5).unflatten(-1, (2, 4)).transpose(1, 2)
+            v = self.to_v(h).unflatten(-1, (2, 4)).transpose(1, 2)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            out = self.proj(a)
+            return out.transpose(1, 2).reshape(x.shape[0], 16, x.shape[2] // 2, x.shape[3] // 2)
+
+    captured = []
+
+    def grab(gm, example_inputs, **_):
+        captured.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(ScaledKeys(), backend=grab, fullgraph=True)(torch.randn(2, 4, 8, 8))
+    ras, ctx = build_ras_graph(captured[0], fuse_kv_projection=True)
+    assert len(_fused_nodes(ras)) == 1  # the values
+    assert any(line.startswith("fuse: ras_kv_cache_0 stays unfused: mul") for line in ctx.log), ctx.log
+
+
+def test_default_is_off_on_cpu_and_option_is_validated():
+    config = RASConfig(num_inference_steps=4, error_reset_steps=(), scheduler_start_step=2)
+    backend = RASBackend(config)
+    assert backend.fuses_kv_projection([torch.zeros(1)]) is False
+    assert backend.fuses_kv_projection([torch.zeros(1, device="meta")]) is False
+    with pytest.raises(ValueError, match="fused_kv_projection='yes' is invalid"):
+        RASBackend(config, fused_kv_projection="yes")
+    options = {"num_inference_steps": 4, "error_reset_steps": (), "scheduler_start_step": 2, "fused_kv_projection": 1}
+    with pytest.raises(Exception, match="fused_kv_projection=1 is invalid"):
+        torch.compile(torch.nn.Linear(2, 2), backend="ras", options=options)(torch.zeros(1, 2))
