@@ -2,10 +2,11 @@
 
 ``torch.compile(transformer, backend="ras", options={...})`` calls ``ras_backend`` with the
 Dynamo graph of the whole transformer. The backend builds the RAS step graph with the passes
-in ``rascompile.passes`` and returns a ``RASGraph``: a callable that asks its controller for
-each step's decision and runs the matching compiled graph. Graphs are compiled with the inner
-backend on first use: the original dense graph, and the RAS graph once per distinct active
-token count (the dense steps that fill the caches run it with k = N).
+in ``rascompile.passes`` and returns, from ``build_step_graph``, a ``RASGraph``: a callable that
+asks its controller for each step's decision and runs the matching compiled graph (or a
+``DenseGraph`` when the rewrite does not apply; both in ``rascompile.runtime.graph``). Graphs are
+compiled with the inner backend on first use: the original dense graph, and the RAS graph once
+per distinct active token count (the dense steps that fill the caches run it with k = N).
 """
 
 from __future__ import annotations
@@ -25,35 +26,16 @@ import torch.fx
 from torch._dynamo.convert_frame import compile_lock
 
 from rascompile.passes import RewriteError, build_ras_graph, graph_summary
-from rascompile.passes import copy_graph_module as _copy
+from rascompile.passes.signature import step_signature
 from rascompile.passes.specialize_shapes import has_symbolic_shapes, specialize_shapes
 
 from ..config import RASConfig
 from .controller import GraphLayout, RASController
-from .schedule import build_schedule
+from .graph import DenseGraph, RASGraph, StepGraph, compile_inner
 from .steps import SchedulerSteps, TimestepSteps
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 BACKEND_OPTIONS = ("inner_backend", "dump_graphs", "fused_kv_projection")
-
-
-def compile_inner(name: str, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    """Compile ``gm`` with the inner backend. Holds Dynamo's compile lock: the inner compile traces with
-    process-wide state (AOT autograd, fake modes) that another thread's Dynamo compile also uses."""
-    with compile_lock:
-        return _compile_inner(name, gm, example_inputs)
-
-
-def _compile_inner(name: str, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    if name == "eager":
-        return gm.forward
-    if name == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
-
-        return aot_eager(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs)
 
 
 class RASBackend:
@@ -99,7 +81,7 @@ class RASBackend:
                 )
             steps_factory = lambda: TimestepSteps(self.config.num_inference_steps)  # noqa: E731
         self.steps_factory = steps_factory
-        self.graphs: list[RASGraph] = []
+        self.graphs: list[RASGraph | DenseGraph] = []
         self._warned: set[str] = set()
         # One step source per latents placeholder and shape, shared by every graph of this transformer at that
         # resolution (the grad-mode graph Dynamo compiles beside the inference one counts steps there too).
@@ -160,9 +142,9 @@ class RASBackend:
             return PerShapeGraphs(self, gm)
         return self.new_graph(gm, example_inputs)
 
-    def new_graph(self, gm: torch.fx.GraphModule, example_inputs: list) -> RASGraph:
+    def new_graph(self, gm: torch.fx.GraphModule, example_inputs: list) -> RASGraph | DenseGraph:
         with compile_lock:
-            graph = RASGraph(self, gm, example_inputs)
+            graph = build_step_graph(self, gm, example_inputs)
         with self._lock:
             self.graphs.append(graph)
         return graph
@@ -209,190 +191,29 @@ class PerShapeGraphs:
         return graph(*args)
 
 
-class RASGraph:
-    """The callable handed back to Dynamo for one graph.
-
-    Never raises out of the compile: a graph the passes cannot rewrite, or any failure inside them, runs dense
-    with one warning. Dynamo hands one graph the calls of every instance of a transformer class compiled with
-    the same options (their parameters are graph inputs), so each instance gets its own controller and caches,
-    found by its first parameter. A controller serves one generation at a time: calls from two threads at once,
-    or a call from another thread in the middle of a generation, raise a ``RuntimeError`` instead of mixing
-    caches.
-    """
-
-    def __init__(self, backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list):
-        self.backend = backend
-        self.dense_gm = gm
-        self.example_inputs = list(example_inputs)  # the first call's inputs (parameters included), for export
-        self.dense_fn: Callable | None = None
-        self.variants: dict[int, Callable] = {}
-        self.ras_gm: torch.fx.GraphModule | None = None
-        self.summary = ""
-        self.controller: RASController | None = None
-        self.fallback_reason: str | None = None
-        self.anchor_index: int | None = None
-        self._planned = False
-        if backend.config.sample_ratio >= 1.0:
-            self.fallback_reason = "sample_ratio is 1.0"
-            return
-        try:
-            self._build(gm, example_inputs)
-        except RewriteError as exc:
-            self._fall_back(str(exc))
-        except Exception as exc:  # noqa: BLE001 - a bug in the passes must not fail the user's compile
-            self._fall_back(f"internal error in the RAS passes ({type(exc).__name__}: {exc}); please report it")
-
-    def _fall_back(self, reason: str) -> None:
-        self.ras_gm, self.controller, self.summary = None, None, ""
-        self.fallback_reason = reason
-        self.backend.warn_once(f"this graph runs dense: {reason}")
-        # compiled now, inside Dynamo's call: graphs with data-dependent sizes (``.tolist()`` under
-        # ``capture_scalar_outputs``) need its tracing context, which a first-call compile would not have
-        try:
-            self.dense_fn = compile_inner(self.backend.inner_backend, self.dense_gm, self.example_inputs)
-        except Exception:  # noqa: BLE001 - compiled again at the first call, where the error surfaces as usual
-            self.dense_fn = None
-
-    def _build(self, gm: torch.fx.GraphModule, example_inputs: list) -> None:
-        backend = self.backend
+def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list) -> RASGraph | DenseGraph:
+    """The callable for one Dynamo graph, fully formed: the passes run first, then either a ``RASGraph`` (the
+    rewritten graph, its signature and controller) or, when RAS is off or the rewrite does not apply, a
+    ``DenseGraph``. Never raises out of the compile: a graph the passes cannot rewrite, or any failure inside
+    them, runs dense with one warning."""
+    if backend.config.sample_ratio >= 1.0:
+        return DenseGraph(backend, gm, example_inputs, "sample_ratio is 1.0")
+    try:
         ras_gm, ctx = build_ras_graph(
             gm,
             kv_cache=backend.config.kv_cache,
             fuse_kv_projection=backend.fuses_kv_projection(example_inputs),
             dump_dir=backend.dump_graphs,
         )
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        latents_index = names.index(ctx.latents)
-        timestep_index = names.index(ctx.timestep) if ctx.timestep else None
-        layout = GraphLayout(
-            batch_size=ctx.batch_size,
-            num_tokens=ctx.num_tokens,
-            patch_size=ctx.patch_size,
-            output_cache=(ctx.output_cache_shape, ctx.output_cache_dtype),
-            kv_caches=tuple((s.shape, s.dtype) for s in ctx.kv_slots),
-            latent_layout=ctx.latent_layout,
-            latent=ctx.latent,
-        )
-        self.ras_gm, self.summary = ras_gm, graph_summary(ctx)
-        self.latents_index, self.timestep_index = latents_index, timestep_index
-        self.layout, self.latents_name = layout, ctx.latents
-        self.anchor_index = next((i for i, a in enumerate(example_inputs) if isinstance(a, torch.nn.Parameter)), None)
-        self.controller = self.controller_for(example_inputs)
-
-    def _compile_planned(self, example_inputs: list) -> None:
-        """Compile, at the first call rather than mid-generation, the graphs the first generation's schedule
-        will run: a compile traces with FX, and a trace while another thread enters a module breaks that call."""
-        self._planned = True
-        control = self.controller
-        num_steps = _planned_num_steps(control.steps)
-        if num_steps is None:
-            return
-        try:
-            schedule = build_schedule(self.backend.config, num_steps, self.layout.num_tokens)
-        except ValueError:
-            return  # the first call reports it
-        counts = {p.num_active for p in schedule if not p.dense}
-        if counts:
-            counts.add(self.layout.num_tokens)  # the dense steps that fill the caches
-        last_ras = max((p.step for p in schedule if not p.dense), default=-1)
-        if any(p.dense and p.step > last_ras for p in schedule):
-            self._dense_compiled(example_inputs)
-        output_cache, kv_caches = control.caches(0, self.layout)
-        for k in sorted(counts):
-            index = torch.arange(k, device=control.device).expand(self.layout.batch_size, k).contiguous()
-            self._variant(k, example_inputs, (index, output_cache, *kv_caches))
-
-    def _anchor(self, args) -> torch.Tensor | None:
-        return args[self.anchor_index] if self.anchor_index is not None else None
-
-    def controller_for(self, args) -> RASController:
-        """The controller of the transformer instance whose parameters ``args`` carry."""
-        latents = args[self.latents_index]
-        key = (self.latents_name, tuple(latents.shape))
-        return self.backend.controller(self._anchor(args), key, self.layout, latents.device)
-
-    @property
-    def compile_count(self) -> int:
-        return len(self.variants) + (self.dense_fn is not None)
-
-    def __call__(self, *args):
-        # Dynamo's compile lock is held while a step runs: an inner compile (AOT autograd traces with FX, which
-        # patches torch.nn.Module.__call__ for the whole process) must never overlap another thread's step.
-        with compile_lock:
-            return self._call(args)
-
-    def _call(self, args):
-        if self.controller is None:
-            return self._dense(args)
-        if not self._planned:
-            self._compile_planned(list(args))
-        control = self.controller_for(args)
-        if not control.busy.acquire(blocking=False):
-            raise RuntimeError(
-                "rascompile: this compiled transformer is already running in another thread; one RAS-compiled "
-                "transformer serves one generation at a time. Compile one transformer per thread."
-            )
-        try:
-            return self._step(control, args)
-        finally:
-            control.busy.release()
-
-    def _step(self, control: RASController, args):
-        latents, timestep = args[self.latents_index], self._timestep(args)
-        if torch.is_grad_enabled():
-            self.backend.warn_once("grad mode is on: running dense (RAS is for inference; use torch.no_grad())")
-            control.skip(latents, timestep)
-            return self._dense(args)
-        control.check_thread(latents, timestep)
-        decision = control.decide(latents, timestep)
-        if decision.reason is not None:
-            self.backend.warn_once(decision.reason)
-        if decision.kind == "dense":
-            return self._dense(args)
-        return self._run_active(control, decision.active_idx, args, decision.branch)
-
-    def run_dense(self, *args):
-        """One dense step with the original graph, bypassing the controller (benchmarks, debugging)."""
-        return self._dense(args)
-
-    def run_active(self, active_idx: torch.Tensor, *args):
-        """One step over the tokens ``active_idx`` [B, k] with the controller's caches, bypassing its plan."""
-        if self.controller is None:
-            raise RuntimeError(f"this graph has no RAS variant: {self.fallback_reason}")
-        return self._run_active(self.controller_for(args), active_idx, args)
-
-    def _run_active(self, control: RASController, active_idx: torch.Tensor, args, branch: int = 0):
-        output_cache, kv_caches = control.caches(branch, self.layout)
-        extra = (active_idx, output_cache, *kv_caches)
-        return self._variant(int(active_idx.shape[1]), args, extra)(*args, *extra)
-
-    def _timestep(self, args):
-        return args[self.timestep_index] if self.timestep_index is not None else None
-
-    def _dense(self, args):
-        return self._dense_compiled(args)(*args)
-
-    def _dense_compiled(self, args) -> Callable:
-        if self.dense_fn is None:
-            self.dense_fn = compile_inner(self.backend.inner_backend, self.dense_gm, list(args))
-        return self.dense_fn
-
-    def _variant(self, k: int, args, extra) -> Callable:
-        fn = self.variants.get(k)
-        if fn is None:
-            fn = compile_inner(self.backend.inner_backend, _copy(self.ras_gm), [*args, *extra])
-            self.variants[k] = fn
-        return fn
-
-
-def _planned_num_steps(steps) -> int | None:
-    """T of the coming generation when the step source knows it before the first call."""
-    if isinstance(steps, TimestepSteps):
-        return steps.num_steps
-    if isinstance(steps, SchedulerSteps):
-        timesteps = getattr(steps.scheduler, "timesteps", None)
-        return len(timesteps) if timesteps is not None and len(timesteps) else None
-    return None
+        return RASGraph(backend, gm, example_inputs, ras_gm, step_signature(gm, ctx), graph_summary(ctx))
+    except RewriteError as exc:
+        reason = str(exc)
+    except Exception as exc:  # noqa: BLE001 - a bug in the passes must not fail the user's compile
+        reason = f"internal error in the RAS passes ({type(exc).__name__}: {exc}); please report it"
+    backend.warn_once(f"this graph runs dense: {reason}")
+    graph = DenseGraph(backend, gm, example_inputs, reason)
+    graph.compile_now()
+    return graph
 
 
 class _ByTensor:
@@ -472,3 +293,19 @@ _SHARED_BACKENDS: weakref.WeakValueDictionary[str, RASBackend] = weakref.WeakVal
 
 def scheduler_steps(scheduler, num_inference_steps: int | None = None) -> Callable[[], SchedulerSteps]:
     return lambda: SchedulerSteps(scheduler, num_inference_steps)
+
+
+__all__ = [
+    "BACKEND_OPTIONS",
+    "INNER_BACKENDS",
+    "DenseGraph",
+    "PerShapeGraphs",
+    "RASBackend",
+    "RASGraph",
+    "StepGraph",
+    "build_step_graph",
+    "compile_inner",
+    "controllers_of",
+    "ras_backend",
+    "scheduler_steps",
+]

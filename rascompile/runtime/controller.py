@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,10 +19,14 @@ from ..config import RASConfig
 from .schedule import StepPlan, build_schedule
 from .selector import initial_drop_counts, layout_token_metric, packed_token_metric, select_active_tokens, token_metric
 
+if TYPE_CHECKING:
+    from rascompile.passes.signature import StepSignature
+
 
 @dataclass(frozen=True)
 class GraphLayout:
-    """What the passes found about a graph that the controller needs to drive it."""
+    """What the controller needs to drive a graph (derived from its ``StepSignature``): sizes, cache shapes and
+    dtypes, the latent layout. Graphs whose layouts differ only in cache shapes share one controller."""
 
     batch_size: int
     num_tokens: int
@@ -30,6 +35,19 @@ class GraphLayout:
     kv_caches: tuple[tuple[tuple[int, ...], torch.dtype], ...]
     latent_layout: str = "image"  # "image": latents [B, C, H, W]; "packed": [B, N, C], one row per token
     latent: object = None  # the passes' LatentLayout (any layout, video included); None: ``latent_layout``
+
+    @classmethod
+    def from_signature(cls, signature: StepSignature) -> GraphLayout:
+        """The controller's view of a step graph: the one place a ``StepSignature`` becomes a layout."""
+        return cls(
+            batch_size=signature.batch_size,
+            num_tokens=signature.num_tokens,
+            patch_size=signature.patch_size,
+            output_cache=(signature.output_cache.shape, signature.output_cache.dtype),
+            kv_caches=tuple((c.shape, c.dtype) for c in signature.kv_caches),
+            latent_layout=signature.latent_kind,
+            latent=signature.latent,
+        )
 
 
 @dataclass(frozen=True)
