@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from rascompile._extras import require_extra
 from rascompile.cli.demo import demo_config
 from rascompile.demo.shapes.classifier import ShapesClassifier, adherence
 from rascompile.demo.shapes.data import ShapesDataset, render_batch
@@ -82,6 +82,8 @@ def run(args) -> dict:
     with torch.no_grad():
         real_features = classifier.features(render_batch([real.scene(i) for i in range(len(real))]))
     results, dense_images = [], {}
+    from tqdm import tqdm
+
     for row in tqdm(settings(args.quick), desc="settings", file=sys.stderr):
         call = dict(config=row["config"], steps=row["steps"], guidance_scale=args.guidance_scale)
         generate(batches[0], **call, seed=0)  # warm-up: traces and plans
@@ -199,6 +201,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few settings only (tests)")
     parser.add_argument("--out", default="docs/quality", help="output directory (default docs/quality)")
     args = parser.parse_args(argv)
+    require_extra("demo", feature="benchmarks/quality.py")  # tqdm, torchmetrics, matplotlib, transformers
     start = time.perf_counter()
     results = run(args)
     results["seconds"] = round(time.perf_counter() - start)

@@ -48,8 +48,10 @@ from pathlib import Path
 
 import torch
 
+from .._extras import require_extra
 from ..cli.main import check_output_file, echo, positive_int, ratio, ratio_list
 from ..config import RASConfig
+from ..passes import render_record, rewrite_records
 from ..runtime.backend import INNER_BACKENDS, RASBackend, RASGraph
 from ..runtime.controller import RASController
 from ..runtime.schedule import build_schedule
@@ -636,6 +638,7 @@ def _dense_only(settings: BenchSettings, model, compiled, call: dict, dense_flop
 
 def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark and return its numbers (see :func:`format_report`)."""
+    require_extra("demo", "tqdm", feature="rascompile bench")  # its progress bars
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -681,9 +684,9 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
             results["flops"] = {"source": "measured", "dense_measured": dense_flops}
             results["background_load"] = load.stop()
             return results
-        fuse_lines = [line for line in graph.summary.splitlines() if line.startswith("fuse: ")]
-        results["fused_kv_writes"] = sum("stays unfused" not in line for line in fuse_lines)
-        results["unfused_kv_reasons"] = [line for line in fuse_lines if "stays unfused" in line]
+        records = rewrite_records(graph.ras_gm)
+        results["fused_kv_writes"] = sum(record.kind == "fused" for record in records)
+        results["unfused_kv_reasons"] = [render_record(record) for record in records if record.kind == "unfused"]
         results["kv_writes"] = len(graph.controller.layout.kv_caches)
         args = capture.example_inputs[0]
         if graph.timestep_index is None:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 DEFAULT_CAPTIONS = (
     "a large red circle on a flat background",
@@ -84,7 +83,11 @@ def check_caption(caption: str) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
+    from .._extras import require_extra
+
+    require_extra("demo", feature="rascompile demo")  # tqdm, PIL, matplotlib, torchmetrics, transformers
     from safetensors import SafetensorError
+    from tqdm import tqdm
 
     from ..demo.shapes.classifier import WEIGHTS as CLASSIFIER_WEIGHTS
     from ..demo.shapes.classifier import ShapesClassifier, adherence

@@ -326,7 +326,9 @@ def load_pipeline(args: argparse.Namespace, *, before_loading: Callable[[], None
 
     try:
         pipe = DiffusionPipeline.from_pretrained(str(pipeline), dtype=torch.float32, **_absent_components(index))
-    except (OSError, ValueError, SafetensorError) as exc:  # missing or damaged files, configs that are not JSON
+    # missing or damaged files, configs that are not JSON, a component whose library is not installed (diffusers'
+    # pipelines with text encoders need transformers)
+    except (OSError, ValueError, ImportError, SafetensorError) as exc:
         raise InputError(f"cannot load the pipeline {pipeline}: {_first_line(exc)}") from exc
     if getattr(pipe, "transformer", None) is None:
         raise InputError(f"{pipeline} loads as a {type(pipe).__name__} without a transformer")
@@ -341,6 +343,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
+    from .._extras import require_extra
+
+    # the exporter writes with onnx and onnxscript; the check after it runs the files with onnxruntime
+    modules = ("onnx", "onnxscript") if args.no_check else ("onnx", "onnxscript", "onnxruntime")
+    require_extra("onnx", *modules, feature="rascompile export")
+    if args.tensorrt:  # before the export, not after it
+        require_extra("tensorrt", "tensorrt", feature="rascompile export --tensorrt")
     from ..deploy.onnx_export import ExportError, export
 
     try:

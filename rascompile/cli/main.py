@@ -185,10 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .._extras import MissingExtra
+
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     run = getattr(importlib.import_module(args._module), args._run)
-    return int(run(args) or 0)
+    try:
+        return int(run(args) or 0)
+    except MissingExtra as exc:  # a subcommand used without its optional dependencies: one line, which extra
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .data import BACKGROUNDS, COLOURS, SHAPES, Scene, ShapesDataset, caption_contents, render_batch
 
@@ -98,6 +97,11 @@ def adherence(classifier: ShapesClassifier, images: torch.Tensor, captions: list
 
 
 def train_classifier(steps: int = 3000, batch_size: int = 128, seed: int = 100, progress: bool = True):
+    from ..._extras import require_extra
+
+    require_extra("demo", "tqdm", feature="training the shapes classifier")
+    from tqdm import tqdm
+
     torch.manual_seed(seed)
     model = ShapesClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 
 def fidelity(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """PSNR (dB) and SSIM of ``images`` against ``reference`` (the dense result of the same seed), in [-1, 1]."""
+    from ..._extras import require_extra
+
+    require_extra("demo", "torchmetrics", feature="rascompile.demo.shapes.quality.fidelity")
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
     a, b = (images.float() + 1) / 2, (reference.float() + 1) / 2
     psnr = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm import tqdm
 
 from .data import ShapesDataset, render_batch, tokenize
 from .model import WEIGHTS, ShapesModel, ShapesModelConfig, initialize_adaln_zero, to_latents
@@ -117,6 +116,8 @@ def train(
     log: list[dict] = []
     start = time.perf_counter()
     stream = batches(batch_size, seed)
+    from tqdm import tqdm
+
     bar = tqdm(range(steps), desc="training", disable=not progress, file=sys.stderr)
     smoothed = None
     attention = (lambda: sdpa_kernel(SDPBackend.MATH)) if precision == "bf16" else contextlib.nullcontext
@@ -197,6 +198,9 @@ def write_card_figures(log: list[dict], out_dir: str | Path, model: ShapesModel 
 
 
 def main(argv=None) -> int:
+    from ..._extras import require_extra
+
+    require_extra("demo", "tqdm", "matplotlib", feature="python -m rascompile.demo.shapes.train")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=7200, help="optimizer steps (the cosine schedule's length)")
     parser.add_argument("--minutes", type=float, default=None, help="stop after this long, saving the weights")
