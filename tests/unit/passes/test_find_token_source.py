@@ -1,0 +1,118 @@
+"""find_token_source: the latents input and layout, the timestep and the image tokens; the graph stays as it is."""
+
+import pytest
+import torch
+
+from rascompile.passes import RewriteError
+from rascompile.passes.context import module_path
+from tests.support.passes import (
+    WIDTH,
+    TinyDiT,
+    TinyPackedDiT,
+    capture,
+    fact,
+    graph_signature,
+    node,
+    order,
+    run_until,
+)
+
+PASS = "find_token_source"
+
+
+def _first_block_node(gm):
+    return next(n for n in gm.graph.nodes if n.op != "placeholder" and module_path(n).startswith("blocks."))
+
+
+def test_image_latents_give_the_tokens_after_patch_and_timestep_embedding():
+    gm, inputs = capture(TinyDiT())
+    out, ctx = run_until(gm, PASS)
+    latents, timestep = (n.name for n in out.graph.nodes if n.op == "placeholder" and "self" not in n.name)
+    assert (fact(ctx, "latents"), fact(ctx, "timestep")) == (latents, timestep)
+    assert fact(ctx, "latent_layout") == "image"
+    assert (fact(ctx, "num_tokens"), fact(ctx, "batch_size"), fact(ctx, "patch_size")) == (16, 2, 2)
+    assert tuple(fact(ctx, "latent_hw")) == (8, 8)
+    layout = fact(ctx, "latent")
+    assert (layout.channel_axis, layout.grid_axes, layout.patch) == (1, (2, 3), (2, 2))
+    source = node(out, fact(ctx, "token_source"))
+    # the last [B, N, C] node before the first block: the timestep embedding added to the patch tokens
+    assert source.meta["ras_dense_shape"] == (2, 16, WIDTH)
+    assert source.op == "call_function" and source.target.__name__ == "add"
+    assert order(out)[source] < order(out)[_first_block_node(out)]
+    assert any(module_path(u).startswith("blocks.0") for u in source.users)
+
+
+def test_the_graph_is_not_changed():
+    gm, _ = capture(TinyDiT(call="keyword", mask=True))
+    before, _ = run_until(gm, PASS, before=True)
+    out, _ = run_until(gm, PASS)
+    assert graph_signature(out) == graph_signature(before)
+
+
+def test_video_latents_are_read_through_the_patch_convolution():
+    gm, _ = capture(TinyDiT(latents="video"))
+    out, ctx = run_until(gm, PASS)
+    assert fact(ctx, "latent_layout") == "video"
+    assert (fact(ctx, "num_tokens"), fact(ctx, "patch_size")) == (32, 2)
+    layout = fact(ctx, "latent")
+    assert (layout.channel_axis, layout.grid_axes, layout.patch, layout.token_grid) == (
+        1,
+        (2, 3, 4),
+        (1, 2, 2),
+        (2, 4, 4),
+    )
+    assert node(out, fact(ctx, "token_source")).meta["ras_dense_shape"] == (2, 32, WIDTH)
+
+
+def test_packed_latents_are_the_one_input_with_the_outputs_token_count():
+    gm, _ = capture(TinyPackedDiT())
+    out, ctx = run_until(gm, PASS)
+    latents = node(out, fact(ctx, "latents"))
+    assert latents.op == "placeholder" and "hidden_states" in latents.name and "encoder" not in latents.name
+    assert fact(ctx, "latent_layout") == "packed"
+    assert (fact(ctx, "num_tokens"), fact(ctx, "patch_size"), tuple(fact(ctx, "latent_hw"))) == (16, 1, (16, 1))
+    assert fact(ctx, "timestep") is None
+    source = node(out, fact(ctx, "token_source"))
+    assert source.meta["ras_dense_shape"] == (2, 16, WIDTH)  # after the input projection, not the latents
+    embedder = next(n for n in out.graph.nodes if n.op != "placeholder" and module_path(n) == "x_embedder")
+    assert order(out)[source] > order(out)[embedder]
+
+
+def test_two_inputs_with_the_outputs_token_count_are_refused():
+    gm, _ = capture(TinyPackedDiT(ambiguous=True))
+    with pytest.raises(RewriteError, match="packed latents are ambiguous"):
+        run_until(gm, PASS)
+
+
+class OverlappingPatches(torch.nn.Module):
+    """A patch convolution whose kernel overlaps (3 x 3, stride 2): 9 tokens from 8 x 8 latents, no patch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(4, WIDTH, 3, stride=2)
+        self.block = torch.nn.Linear(WIDTH, WIDTH)
+        self.proj = torch.nn.Linear(WIDTH, 16)
+
+    def forward(self, x):
+        return self.proj(self.block(self.embed(x).flatten(2).transpose(1, 2)))
+
+
+def test_a_token_count_that_no_patch_size_gives_is_refused():
+    gm, _ = capture(OverlappingPatches(), torch.randn(2, 4, 8, 8))
+    with pytest.raises(RewriteError, match=r"no image-token source found .*N = H\*W/p\^2"):
+        run_until(gm, PASS)
+
+
+class FlatInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_a_graph_without_latents_is_refused():
+    gm, _ = capture(FlatInput(), torch.randn(2, 64))
+    with pytest.raises(RewriteError, match="no 4-D or 5-D floating-point model input"):
+        run_until(gm, PASS)
