@@ -606,6 +606,21 @@ def external_data_files(model) -> list[str]:
     return sorted(set(locations))
 
 
+def signature_of(directory: str | Path, manifest: dict):
+    """The ``StepSignature`` of the exported RAS graph, from a manifest ``load_manifest`` checked (a
+    ``ManifestError`` naming the field if it cannot be read)."""
+    from rascompile.passes.signature import SignatureError, StepSignature
+
+    try:
+        return StepSignature.from_manifest(manifest)
+    except SignatureError as exc:
+        raise ManifestError(f"{where(directory)}: {exc}") from None
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def check_onnx_graph(directory: str | Path, manifest: dict, graph: str, model) -> None:
     """The ONNX model ``graph`` ("dense" or "ras") against the manifest: opset, input and output names
     in order, dtypes and static shapes."""
@@ -614,15 +629,19 @@ def check_onnx_graph(directory: str | Path, manifest: dict, graph: str, model) -
     opset = onnx_opset(model)
     if opset != manifest["opset"]:
         raise ManifestError(f"{where(directory)}: field 'opset' is {manifest['opset']}; {name} has opset {opset}")
+    signature = signature_of(directory, manifest)
+    # (name, shape, dtype, the manifest field that says so) of each input and output, in the signature's order
     expected_inputs = [(r["name"], r["shape"], r["dtype"], f"inputs[{i}]") for i, r in enumerate(manifest["inputs"])]
-    cache_records = [("output_cache", manifest["output_cache"])]
-    cache_records += [(f"kv_caches[{i}]", r) for i, r in enumerate(manifest["kv_caches"])]
     outputs = [(o, None, None, f"outputs[{i}]") for i, o in enumerate(manifest["outputs"])]
     if graph == "ras":
-        batch = manifest["batch_size"]
-        expected_inputs.append((ACTIVE_IDX, [batch, None], "int64", "batch_size"))
-        expected_inputs += [(r["name"], r["shape"], r["dtype"], f"{f}") for f, r in cache_records]
-        outputs += [(f"{r['name']}_out", r["shape"], r["dtype"], f) for f, r in cache_records]
+        cache_fields = ["output_cache", *(f"kv_caches[{i}]" for i in range(len(signature.kv_caches)))]
+        caches = [
+            (c.name, list(c.shape), _dtype_name(c.dtype), field) for c, field in zip(signature.caches, cache_fields)
+        ]
+        active_idx = (signature.active_idx, [signature.batch_size, None], "int64", "batch_size")
+        expected_inputs = list(signature.bind(expected_inputs, active_idx, caches[0], caches[1:]))
+        updated = [(name, *rest) for name, (_, *rest) in zip(signature.updated_cache_names, caches)]
+        outputs += updated
     caches = ", 'output_cache' and 'kv_caches'" if graph == "ras" else ""
     actual_inputs, actual_outputs = list(model.graph.input), list(model.graph.output)
     if [i.name for i in actual_inputs] != [e[0] for e in expected_inputs]:

@@ -39,8 +39,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from rascompile.passes import RewriteError, build_ras_graph, copy_graph_module
+from rascompile.passes import RewriteError, build_ras_graph, copy_graph_module, render_record
 from rascompile.passes.export.lowering import ExportError, ExportLowering, lower_for_export
+from rascompile.passes.signature import ModelInput, StepSignature, step_signature
 
 from .manifest import FORMAT, GRAPHS, MANIFEST, onnx_opset, sha256_file, write_manifest
 
@@ -79,6 +80,11 @@ class ExportedModel:
     ras: Path
     manifest: dict
 
+    @property
+    def signature(self) -> StepSignature:
+        """The exported RAS graph's inputs, caches and sizes, as the manifest records them."""
+        return StepSignature.from_manifest(self.manifest)
+
 
 @dataclass
 class StepGraphs:
@@ -94,6 +100,7 @@ class StepGraphs:
     dense_output_names: list[str]
     ras_output_names: list[str]
     manifest: dict
+    signature: StepSignature  # of the exported RAS graph: its inputs, named as in the files
 
 
 def prepare_step_graphs(
@@ -112,64 +119,48 @@ def prepare_step_graphs(
         )
     placeholders = [n.name for n in dense_gm.graph.nodes if n.op == "placeholder"]
     constants, runtime = _split_inputs(placeholders, example_inputs)
-    inputs = [_input_record(name, example_inputs[placeholders.index(name)]) for name in runtime]
     baked = [
         _input_record(name, value) | {"checksum": _checksum(value)}
         for name, value in constants.items()
         if not any(m in name for m in CONSTANT_MARKERS)
     ]
-    names = {record["placeholder"]: record["name"] for record in inputs}
-    if ctx.latents not in names:
+    if ctx.latents not in runtime:
         raise ExportError(f"the latents input {ctx.latents} is not a runtime input of the graph")
     runtime_values = [example_inputs[placeholders.index(name)] for name in runtime]
-    caches = [torch.zeros(ctx.output_cache_shape, dtype=ctx.output_cache_dtype)]
-    caches += [torch.zeros(slot.shape, dtype=slot.dtype) for slot in ctx.kv_slots]
+    # the exported graphs take the runtime inputs only, named as the call's keywords
+    signature = step_signature(dense_gm, ctx).with_inputs(
+        [
+            ModelInput(input_name(name), name, tuple(value.shape), value.dtype)
+            for name, value in zip(runtime, runtime_values)
+        ]
+    )
+    caches = [torch.zeros(c.shape, dtype=c.dtype) for c in signature.caches]
     k = ctx.num_tokens // 2 + 1
     idx = torch.stack([torch.randperm(ctx.num_tokens)[:k] for _ in range(ctx.batch_size)])
     outputs = [f"output_{i}" if i else "sample" for i in range(_num_outputs(dense_gm))]
-    cache_names = [ctx.output_cache, *(slot.placeholder for slot in ctx.kv_slots)]
+    fields = signature.to_manifest()
     manifest = {
         "format": FORMAT,
         "torch": torch.__version__,
-        "inputs": inputs,
+        "inputs": fields.pop("inputs"),
         "baked_inputs": baked,
         "outputs": outputs,
-        "latents": names[ctx.latents],
-        "timestep": names.get(ctx.timestep),
-        "batch_size": ctx.batch_size,
-        "num_tokens": ctx.num_tokens,
-        "patch_size": ctx.patch_size,
-        "latent_hw": list(ctx.latent_hw),
-        "output_cache": {
-            "name": ctx.output_cache,
-            "shape": list(ctx.output_cache_shape),
-            "dtype": _dtype_name(caches[0].dtype),
-        },
-        "kv_caches": [
-            {
-                "name": s.placeholder,
-                "shape": list(s.shape),
-                "dtype": _dtype_name(s.dtype),
-                "attention": s.attention,
-                "kind": s.kind,
-            }
-            for s in ctx.kv_slots
-        ],
-        "rewrite": ctx.log,
+        **fields,
+        "rewrite": [render_record(record) for record in ctx.records],
     }
     dense = lower_for_export(copy_graph_module(dense_gm), ExportLowering(dict(constants)))
     ras = lower_for_export(copy_graph_module(ras_gm), ExportLowering(dict(constants)))
-    input_names = [r["name"] for r in inputs]
     return StepGraphs(
         dense=_StepModule(dense, 0).eval(),
         ras=_StepModule(ras, len(caches)).eval(),
         dense_args=runtime_values,
-        ras_args=[*runtime_values, idx, *caches],
-        dense_input_names=input_names,
-        ras_input_names=[*input_names, "ras_active_idx", *cache_names],
+        ras_args=list(signature.bind(runtime_values, idx, caches[0], caches[1:])),
+        dense_input_names=list(signature.input_names),
+        ras_input_names=list(signature.ras_input_names),
         dense_output_names=outputs,
-        ras_output_names=outputs + [f"{name}_out" for name in cache_names],
+        ras_output_names=outputs + list(signature.updated_cache_names),
         manifest=manifest,
+        signature=signature,
     )
 
 
@@ -212,9 +203,10 @@ def export(
         _export_onnx(
             steps.dense, steps.dense_args, steps.dense_input_names, steps.dense_output_names, None, opset, dense_path
         )
-        k_dim = torch.export.Dim("k", min=1, max=steps.manifest["num_tokens"])
-        ras_dynamic = [None] * (len(steps.ras_args) - len(steps.dense_args) - 1)
-        dynamic = [None] * len(steps.dense_args) + [{1: k_dim}] + ras_dynamic
+        signature = steps.signature
+        k_dim = torch.export.Dim("k", min=1, max=signature.num_tokens)
+        no_dims = [None] * len(signature.kv_caches)
+        dynamic = signature.bind([None] * len(signature.inputs), {1: k_dim}, None, no_dims)  # k is dynamic
         _export_onnx(steps.ras, steps.ras_args, steps.ras_input_names, steps.ras_output_names, dynamic, opset, ras_path)
         manifest = {
             **steps.manifest,
@@ -393,7 +385,8 @@ def _export_onnx(module, args, input_names, output_names, dynamic, opset, path: 
 
 
 def _dense_graph(source, call_kwargs):
-    from ..runtime.backend import RASBackend, RASGraph
+    from ..runtime.backend import RASBackend
+    from ..runtime.graph import StepGraph
 
     if isinstance(source, RASBackend):
         if len(source.graphs) != 1:
@@ -402,7 +395,7 @@ def _dense_graph(source, call_kwargs):
                 "(run the pipeline once, at one resolution, before exporting)"
             )
         source = source.graphs[0]
-    if isinstance(source, RASGraph):
+    if isinstance(source, StepGraph):  # a RASGraph, or a DenseGraph (the passes then say why they refuse it)
         return source.dense_gm, list(source.example_inputs)
     if hasattr(source, "transformer") and hasattr(source, "scheduler"):
         if call_kwargs is None:

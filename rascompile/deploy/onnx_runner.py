@@ -26,7 +26,6 @@ from ..config import RASConfig
 from ..runtime.controller import GraphLayout, RASController
 from ..runtime.steps import SchedulerSteps, TimestepSteps
 from .manifest import (
-    BAKED_DTYPES,
     GRAPHS,
     MANIFEST,
     ManifestError,
@@ -34,6 +33,7 @@ from .manifest import (
     external_data_files,
     load_manifest,
     read_verified,
+    signature_of,
     verify_file,
     where,
 )
@@ -45,11 +45,6 @@ __all__ = ["MANIFEST", "ExportedTransformer", "ManifestError", "OnnxRunner", "St
 # pinned (a later call with another value is refused). Any other keyword the exported graphs do not
 # take is refused, unless it is None (e.g. ``skip_layers=None``).
 CALL_OPTIONS = ("joint_attention_kwargs", "cross_attention_kwargs", "attention_kwargs")
-_DTYPES = {name: getattr(torch, name) for name in BAKED_DTYPES}
-
-
-def _dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
 
 
 class StepRunner:
@@ -57,19 +52,14 @@ class StepRunner:
 
     def __init__(self, directory: str | Path, config: RASConfig | None = None, *, steps=None):
         self.directory = Path(directory)
-        self.manifest = m = load_manifest(directory)
+        self.manifest = load_manifest(directory)
+        self.signature = signature_of(directory, self.manifest)
         self.config = config if config is not None else RASConfig()
         if steps is None and self.config.num_inference_steps is not None:
             steps = TimestepSteps(self.config.num_inference_steps)
-        layout = GraphLayout(
-            batch_size=m["batch_size"],
-            num_tokens=m["num_tokens"],
-            patch_size=m["patch_size"],
-            output_cache=(tuple(m["output_cache"]["shape"]), _dtype(m["output_cache"]["dtype"])),
-            kv_caches=tuple((tuple(c["shape"]), _dtype(c["dtype"])) for c in m["kv_caches"]),
-        )
+        layout = GraphLayout.from_signature(self.signature)
         self.controller = RASController(self.config, layout, steps, torch.device("cpu"))
-        self.input_names = [i["name"] for i in m["inputs"]]
+        self.input_names = list(self.signature.input_names)
         self._baked_checked: set[str] = set()
         self._options: dict[str, dict] = {}
 
@@ -86,8 +76,9 @@ class StepRunner:
                 "or use runner.for_pipeline(pipe), which reads it from the scheduler"
             )
         else:
-            timestep = inputs.get(self.manifest["timestep"]) if self.manifest["timestep"] else None
-            decision = self.controller.decide(inputs[self.manifest["latents"]], timestep)
+            signature = self.signature
+            timestep = inputs.get(signature.timestep_name) if signature.timestep_name else None
+            decision = self.controller.decide(inputs[signature.latents_name], timestep)
             if decision.kind == "dense":
                 outputs = self.run_dense(inputs)
             else:
@@ -154,16 +145,14 @@ class StepRunner:
             )
 
     def run_dense(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        feeds = {name: inputs[name] for name in self.input_names}
-        return self.execute("dense", feeds)[: len(self.manifest["outputs"])]
+        return self.execute("dense", self.signature.feeds(inputs))[: len(self.manifest["outputs"])]
 
     def run_active(
         self, active_idx: torch.Tensor, inputs: dict[str, torch.Tensor], *, branch: int = 0
     ) -> list[torch.Tensor]:
         """One step over the tokens ``active_idx`` [B, k] (k = N fills the caches), with the runner's caches of
         guidance branch ``branch`` (pipelines that call the transformer once per branch keep one set each)."""
-        m = self.manifest
-        n, batch = m["num_tokens"], m["batch_size"]
+        n, batch = self.signature.num_tokens, self.signature.batch_size
         if active_idx.dim() != 2 or active_idx.shape[0] != batch or not 1 <= active_idx.shape[1] <= n:
             raise ValueError(
                 f"active_idx has shape {list(active_idx.shape)}; must be [B, k] with B = {batch} and 1 <= k <= N = {n}"
@@ -171,14 +160,10 @@ class StepRunner:
         if int(active_idx.min()) < 0 or int(active_idx.max()) >= n:
             raise ValueError(f"active_idx holds indices outside [0, {n - 1}] (N = {n} image tokens)")
         output_cache, kv_caches = self.controller.caches(branch)
-        caches = [output_cache, *kv_caches]
-        names = [m["output_cache"]["name"], *(c["name"] for c in m["kv_caches"])]
-        feeds = {name: inputs[name] for name in self.input_names}
-        feeds["ras_active_idx"] = active_idx.to(torch.int64)
-        feeds.update(zip(names, caches))
+        feeds = self.signature.feeds(inputs, active_idx.to(torch.int64), output_cache, kv_caches)
         outputs = self.execute("ras", feeds)
-        count = len(m["outputs"])
-        for cache, fresh in zip(caches, outputs[count:]):
+        count = len(self.manifest["outputs"])
+        for cache, fresh in zip((output_cache, *kv_caches), outputs[count:]):  # the updated caches, in order
             cache.copy_(fresh)
         return outputs[:count]
 
@@ -207,7 +192,7 @@ class ExportedTransformer(torch.nn.Module):
         super().__init__()
         self.runner = runner
         self.config = template.config
-        self.dtype = _dtype(runner.manifest["inputs"][0]["dtype"])
+        self.dtype = runner.signature.inputs[0].dtype
         self.device = torch.device("cpu")
         for name in ("head_dim",):
             if hasattr(template, name):

@@ -34,6 +34,7 @@ from .manifest import (
     ManifestError,
     UntrustedExportError,
     read_verified,
+    signature_of,
     where,
     write_manifest,
 )
@@ -64,13 +65,14 @@ def build_engines(
     the engines are in place."""
     directory = Path(directory)
     manifest = load_manifest(directory)
+    signature = signature_of(directory, manifest)
     load_onnx_graphs(directory, manifest)  # checks the files and their graphs against the manifest
 
     import tensorrt as trt
 
     _require_cuda("building TensorRT engines")
     logger = trt.Logger(trt.Logger.WARNING)
-    batch = manifest["batch_size"]
+    batch = signature.batch_size
     k_min, k_opt, k_max = k_profile(manifest, opt_ratio)
     paths, sums = {}, {}
     for graph in GRAPHS:
@@ -86,7 +88,7 @@ def build_engines(
             config.set_flag(trt.BuilderFlag.FP16)
         if graph == "ras":
             profile = builder.create_optimization_profile()
-            profile.set_shape("ras_active_idx", (batch, k_min), (batch, k_opt), (batch, k_max))
+            profile.set_shape(signature.active_idx, (batch, k_min), (batch, k_opt), (batch, k_max))
             config.add_optimization_profile(profile)
         engine = builder.build_serialized_network(network, config)
         if engine is None:
@@ -141,11 +143,8 @@ class TensorRTRunner(StepRunner):
 
     def _check_engine(self, graph: str, engine) -> None:
         m = self.manifest
-        expected = list(self.input_names)
-        outputs = list(m["outputs"])
-        if graph == "ras":
-            expected += ["ras_active_idx", *self._cache_names()]
-            outputs += [f"{n}_out" for n in self._cache_names()]
+        expected = list(self.signature.ras_input_names if graph == "ras" else self.signature.input_names)
+        outputs = self.output_names(graph)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         if sorted(names) != sorted(expected + outputs):
             raise ManifestError(
@@ -161,9 +160,8 @@ class TensorRTRunner(StepRunner):
             keep.append(tensor)
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
-        names = self.manifest["outputs"] + ([] if graph == "dense" else [f"{n}_out" for n in self._cache_names()])
         outputs = []
-        for name in names:
+        for name in self.output_names(graph):
             shape = tuple(context.get_tensor_shape(name))
             dtype = _torch_dtype(engine.get_tensor_dtype(name))
             out = torch.empty(shape, dtype=dtype, device="cuda")
@@ -175,9 +173,10 @@ class TensorRTRunner(StepRunner):
         stream.synchronize()
         return [o.cpu() for o in outputs]
 
-    def _cache_names(self) -> list[str]:
-        m = self.manifest
-        return [m["output_cache"]["name"], *(c["name"] for c in m["kv_caches"])]
+    def output_names(self, graph: str) -> list[str]:
+        """The outputs of ``graph`` ("dense" or "ras"), in order: the model's, then (ras) the updated caches."""
+        updated = list(self.signature.updated_cache_names) if graph == "ras" else []
+        return [*self.manifest["outputs"], *updated]
 
 
 def _torch_dtype(trt_dtype) -> torch.dtype:
@@ -211,11 +210,12 @@ def compile_torch_tensorrt(
     with staged_directory(target) as stage:
         for graph, module, args in (("dense", steps.dense, steps.dense_args), ("ras", steps.ras, steps.ras_args)):
             inputs = [torch_tensorrt.Input(shape=tuple(a.shape), dtype=a.dtype) for a in args]
-            if graph == "ras":
-                position = len(steps.dense_args)
-                inputs[position] = torch_tensorrt.Input(
+            if graph == "ras":  # the active-token index has the profile over k
+                k_input = torch_tensorrt.Input(
                     min_shape=(batch, k_min), opt_shape=(batch, k_opt), max_shape=(batch, k_max), dtype=torch.int64
                 )
+                names = steps.signature.ras_input_names
+                inputs = [k_input if n == steps.signature.active_idx else i for n, i in zip(names, inputs)]
             cuda_args = [a.cuda() for a in args]
             compiled = torch_tensorrt.compile(module.cuda(), ir="dynamo", inputs=inputs)
             torch_tensorrt.save(compiled, str(stage / f"{graph}.ep"), inputs=cuda_args)
