@@ -105,14 +105,19 @@ class TinyDiT(torch.nn.Module):
     attention blocks -> ``proj`` Linear(8, 16) -> unpatchify to [B, 16, 4, 4] (channel = feature, pixel = token).
 
     ``latents="video"``: [B, 4, 2, 8, 8] through a Conv3d with patch (1, 2, 2) (N = 32), output [B, 16, 2, 4, 4].
-    Switches: ``call`` how attention is called ("positional", "keyword", "mixed"); ``mask`` an additive mask
-    buffer over the N x N image tokens; ``table`` a position table [1, N, WIDTH] added to the tokens in every
-    block; ``rope="complex"`` a complex RoPE table [N, HEAD_DIM / 2] applied to queries and keys; ``text``
-    text keys/values joined at attention (then the model takes ``text`` [B, 3, WIDTH]); ``literal`` head reshapes
-    with the literal token count (``view(b, 16, 2, 4)``) instead of -1; ``write`` an in-place write ("add_",
-    "setitem", "alias"); ``mix`` a mean over tokens ("mean") or a
-    product contracting over them ("gram"); ``causal`` causal attention; ``shared_qk`` the key is
-    the query tensor; ``call="none"`` no attention; ``leak`` also returns the hidden tokens.
+    Switches (``options``):
+
+    - ``call``: how attention is called: "positional", "keyword" (diffusers' dispatcher), "mixed", or "none" (no
+      attention: a piece of a model, such as an output head);
+    - ``mask``: an additive mask buffer over the N x N image tokens; ``causal``: causal attention;
+    - ``table``: a position table [1, N, WIDTH] added to the tokens in every block;
+    - ``rope="complex"``: a complex RoPE table [N, HEAD_DIM / 2] applied to queries and keys (Lumina-Next);
+    - ``text``: text keys and values joined at attention (SD3); the model then takes ``text`` [B, 3, WIDTH];
+    - ``literal``: head reshapes with the literal token count (``view(b, 16, 2, 4)``) instead of -1;
+    - ``write``: an in-place write in the blocks ("add_", "setitem", "alias") or before them ("input", "timestep",
+      "tokens");
+    - ``mix``: a mean over the tokens ("mean") or a product contracting over them ("gram");
+    - ``shared_qk``: the key is the query tensor; ``leak``: also returns the hidden tokens.
     """
 
     def __init__(self, blocks: int = 1, latents: str = "image", **options):
@@ -148,8 +153,16 @@ class TinyDiT(torch.nn.Module):
 
     def forward(self, x, timestep, text=None):
         b = x.shape[0]
+        write = self.options["write"]
+        if write == "input":  # into the latents input itself
+            x.mul_(1.0)
+        if write == "timestep":  # into a tensor the latents never reach
+            timestep = timestep * 1.0
+            timestep.add_(1.0)
         tokens = self.embed(x).flatten(2).transpose(1, 2)  # [B, N, WIDTH]
         tokens = tokens + self.temb(timestep[:, None])[:, None, :]
+        if write == "tokens":  # the in-place op is the last op of the embedding: the token source
+            tokens.mul_(2.0)
         for block in self.blocks:
             tokens = block(tokens, text, self.table, self.mask, self.freqs)
         out = self.proj(tokens)  # [B, N, OUT]
