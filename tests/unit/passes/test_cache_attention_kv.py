@@ -1,0 +1,117 @@
+"""cache_attention_kv: attention reads per-layer K/V caches of all N image tokens, the active rows written fresh."""
+
+import pytest
+import torch
+
+from rascompile.passes import RewriteError, ops
+from rascompile.passes.graph_utils import is_sdpa
+from rascompile.passes.normalize_attention_args import sdpa_argument
+from tests.support.passes import (
+    ACTIVE_IDX,
+    KV_CACHE,
+    OUTPUT_CACHE,
+    TEXT,
+    WIDTH,
+    TinyDiT,
+    added_placeholders,
+    all_tokens,
+    calls,
+    capture,
+    dense,
+    graph_signature,
+    run_graph,
+    run_until,
+    subset,
+    zero_caches,
+)
+
+PASS = "cache_attention_kv"
+
+
+def _feeds(node, target):
+    """Whether ``node`` reaches ``target`` through its users."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.users)
+    return False
+
+
+def test_image_keys_and_values_get_a_cache_each_in_attention_order():
+    gm, _ = capture(TinyDiT(blocks=2))
+    out, _ = run_until(gm, PASS)
+    added = added_placeholders(out)
+    caches = [name for name in added if name.startswith(KV_CACHE)]
+    assert list(added)[:2] == [ACTIVE_IDX, OUTPUT_CACHE] and caches == [f"{KV_CACHE}{i}" for i in range(4)]
+    assert all(added[name] == ((2, 16, WIDTH), torch.float32) for name in caches)
+    updates = calls(out, ops.update_kv_cache)
+    assert [u.args[0].name for u in updates] == caches
+    attention = [n for n in out.graph.nodes if is_sdpa(n)]
+    for update, (block, kind) in zip(updates, [(0, "key"), (0, "value"), (1, "key"), (1, "value")]):
+        cache, fresh, idx, axis = update.args
+        assert (idx.name, axis, fresh.meta["ras_dense_shape"]) == (ACTIVE_IDX, 1, (2, 16, WIDTH))
+        assert update.meta.get("ras_impure")
+        assert _feeds(update, sdpa_argument(attention[block], kind))
+        assert not _feeds(update, sdpa_argument(attention[block], "query"))
+        assert list(fresh.users) == [update]  # the fresh rows reach attention only through the cache
+
+
+def test_a_joint_sequence_concatenated_at_attention_is_cached_whole():
+    gm, _ = capture(TinyDiT(text=True))
+    out, _ = run_until(gm, PASS)
+    added = added_placeholders(out)
+    assert added[f"{KV_CACHE}0"] == added[f"{KV_CACHE}1"] == ((2, 2, 16 + TEXT, 4), torch.float32)
+    (attention,) = [n for n in out.graph.nodes if is_sdpa(n)]
+    for kind, update in zip(("key", "value"), calls(out, ops.update_joint_kv_cache)):
+        cache, parts, idx, axis, image_part, slots = update.args
+        assert sdpa_argument(attention, kind) is update  # attention reads the cache, no concatenation
+        assert (axis, image_part, slots) == (2, 0, [16, TEXT])
+        assert [p.meta["ras_dense_shape"] for p in parts] == [(2, 2, 16, 4), (2, 2, TEXT, 4)]
+    assert not any(is_sdpa(u) for n in calls(out, "cat") for u in n.users)
+
+
+def test_with_the_cache_off_the_graph_is_left_as_it_is():
+    gm, _ = capture(TinyDiT())
+    before, _ = run_until(gm, PASS, before=True, kv_cache=False)
+    out, _ = run_until(gm, PASS, kv_cache=False)
+    assert graph_signature(out) == graph_signature(before)
+    assert not any(name.startswith(KV_CACHE) for name in added_placeholders(out))
+
+
+@pytest.mark.parametrize("options", [{}, {"text": True}, {"blocks": 2, "call": "keyword"}])
+def test_a_step_over_all_tokens_fills_the_caches_and_later_subsets_reproduce_dense(options):
+    model = TinyDiT(**options)
+    gm, inputs = capture(model)
+    out, _ = run_until(gm, PASS)
+    expected = dense(gm, inputs)
+    output_cache, kv = zero_caches(out)
+    torch.testing.assert_close(run_graph(out, inputs, all_tokens(2, 16), output_cache, kv)[0], expected)
+    assert all(c.abs().sum() > 0 for c in kv)
+    for k in (3, 12):  # the inputs did not change: cached keys and values are the dense ones
+        got = run_graph(out, inputs, subset(2, 16, k, seed=k), output_cache, kv)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cached_key_is_the_dense_key_projection():
+    model = TinyDiT()
+    gm, inputs = capture(model)
+    out, _ = run_until(gm, PASS)
+    output_cache, kv = zero_caches(out)
+    run_graph(out, inputs, all_tokens(2, 16), output_cache, kv)
+    x, timestep = model.inputs()
+    with torch.no_grad():
+        tokens = model.embed(x).flatten(2).transpose(1, 2) + model.temb(timestep[:, None])[:, None, :]
+        _, key, value = model.blocks[0].qkv(tokens).chunk(3, dim=-1)
+    torch.testing.assert_close(kv[0], key, rtol=0, atol=0)
+    torch.testing.assert_close(kv[1], value, rtol=0, atol=0)
+
+
+def test_a_key_that_is_the_query_tensor_is_refused():
+    gm, _ = capture(TinyDiT(shared_qk=True))
+    run_until(gm, PASS, before=True)
+    with pytest.raises(RewriteError, match="the query and the key share"):
+        run_until(gm, PASS)
