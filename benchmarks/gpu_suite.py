@@ -862,11 +862,13 @@ def new_ras_graph(gm, args, config, inner_backend: str, fused: bool | None):
 
 
 def fuse_summary(graph) -> dict:
-    lines = [line for line in graph.summary.splitlines() if line.startswith("fuse: ")]
+    from rascompile.passes import render_record, rewrite_records
+
+    records = rewrite_records(graph.ras_gm) if getattr(graph, "ras_gm", None) is not None else ()
     return {
         "kv_writes": len(graph.controller.layout.kv_caches) if graph.controller is not None else 0,
-        "fused_kv_writes": sum("stays unfused" not in line for line in lines),
-        "unfused_reasons": [line for line in lines if "stays unfused" in line][:5],
+        "fused_kv_writes": sum(record.kind == "fused" for record in records),
+        "unfused_reasons": [render_record(record) for record in records if record.kind == "unfused"][:5],
     }
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch.fx
 
 from .cache_attention_kv import cache_attention_kv
-from .context import KVCacheSlot, PassContext, RewriteError
+from .context import KVCacheSlot, PassContext, RewriteError, RewriteRecord
 from .find_token_source import find_token_source
 from .functionalize_inplace_writes import functionalize_inplace_writes
 from .fuse_kv_projection import fuse_kv_projection
@@ -31,7 +31,8 @@ from .manager import PassManager
 from .normalize_attention_args import normalize_attention_args
 from .retarget_token_region import retarget_token_region
 from .scatter_output import scatter_output
-from .snapshot import graph_summary
+from .settings import PassSettings
+from .snapshot import RECORDS_KEY, graph_summary, render_record, rewrite_records
 from .specialize_shapes import has_symbolic_shapes
 from .verify_ras_graph import verify_ras_graph
 
@@ -91,13 +92,16 @@ def build_ras_graph(
     ``fuse_kv_projection`` turns each K/V projection chain that feeds a cache into one
     ``rascompile::linear_scatter_`` op (see ``fuse_kv_projection``).
 
+    The rewritten graph carries the passes' records (``rewrite_records``); ``ctx.records`` holds them too.
     Raises RewriteError, with the reason, when the rewrite cannot be shown to apply.
     """
     _refuse_data_dependent_sizes(gm)
     _refuse_dynamic_shapes(gm)
     record_dense_shapes(gm)
-    ctx = PassContext(kv_cache=kv_cache, fuse_kv_projection=fuse_kv_projection, dump_dir=dump_dir)
+    settings = PassSettings(kv_cache=kv_cache, fuse_kv_projection=fuse_kv_projection, dump_dir=dump_dir)
+    ctx = PassContext(settings=settings)
     ras = RAS_PASSES(copy_graph_module(gm), ctx)
+    ras.meta[RECORDS_KEY] = tuple(ctx.records)
     return ras, ctx
 
 
@@ -105,8 +109,12 @@ __all__ = [
     "KVCacheSlot",
     "PassContext",
     "PassManager",
+    "PassSettings",
     "RAS_PASSES",
     "RewriteError",
+    "RewriteRecord",
     "build_ras_graph",
     "graph_summary",
+    "render_record",
+    "rewrite_records",
 ]

@@ -29,8 +29,8 @@ from .rules.kv_sources import cat_arguments, find_kv_source
 
 
 def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
-    if not ctx.kv_cache:
-        ctx.note("kv: cache disabled, attention sees active tokens only")
+    if not ctx.settings.kv_cache:
+        ctx.record("cache_attention_kv", "kv_disabled")
         return gm
     axes, offsets = _token_axes_of_retargeted_copy(gm, ctx)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -59,7 +59,8 @@ def _add_cache(gm, ctx: PassContext, attention, kind: str, value: torch.Tensor, 
         fake = torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
     cache = add_placeholder(gm, name, fake)
     ctx.kv_slots.append(KVCacheSlot(name, module_path(attention), kind, tuple(value.shape), axis, value.dtype))
-    ctx.note(f"kv: cached {kind} {tuple(value.shape)} axis {axis} for {describe(attention)}")
+    detail = f"{kind} {tuple(value.shape)} axis {axis}"
+    ctx.record("cache_attention_kv", "kv_cached", describe(attention), detail, cache=name)
     return cache
 
 
@@ -85,7 +86,7 @@ def _cache_joint_tensor(gm, ctx: PassContext, attention, kind: str, idx, axes, o
     updated = insert_call(gm, tensor, ops.update_joint_rows_cache, args, like=tensor)
     updated.meta["ras_impure"] = True
     attention.replace_input_with(tensor, updated)
-    ctx.note(f"kv: joint {kind} cached whole (image rows from {offset}) for {describe(attention)}")
+    ctx.record("cache_attention_kv", "kv_joint", describe(attention), kind, cache=cache.name, offset=offset)
 
 
 def _token_axes_of_retargeted_copy(gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[dict, dict]:
@@ -95,7 +96,7 @@ def _token_axes_of_retargeted_copy(gm: torch.fx.GraphModule, ctx: PassContext) -
     out = graph.graph_copy(gm.graph, value_map)
     graph.output(out)
     trial = torch.fx.GraphModule(gm, graph)
-    retarget_token_region(trial, dataclasses.replace(ctx, log=[], kv_slots=[]))
+    retarget_token_region(trial, dataclasses.replace(ctx, records=[], kv_slots=[]))
     axes = {n.name: n.meta["ras_token_axis"] for n in trial.graph.nodes if "ras_token_axis" in n.meta}
     offsets = {n.name: n.meta["ras_image_offset"] for n in trial.graph.nodes if "ras_image_offset" in n.meta}
     return axes, offsets

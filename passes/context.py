@@ -1,4 +1,5 @@
-"""What the RAS passes share: the facts they find about a graph and the decisions they record."""
+"""What the RAS passes share: the settings they run with, the facts they find about a graph, the placeholders
+they add and a structured record of every rewrite."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx
+
+from .settings import PassSettings
 
 
 class RewriteError(Exception):
@@ -24,18 +27,35 @@ class KVCacheSlot:
     dtype: object = None
 
 
+@dataclass(frozen=True)
+class RewriteRecord:
+    """One thing a pass found or rewrote. ``snapshot.render_record`` writes it as one line of the graph summary.
+
+    ``kind`` says what was done (one of ``snapshot.RECORD_FORMATS``: ``"fused"``, ``"unfused"``, ``"kv_cached"``,
+    ...); ``node`` is the node or module it was done at, as ``describe`` writes it (the module path for a fused
+    projection); ``detail`` the rest of the record (what was cached, which literal, why a chain stays unfused);
+    ``cache`` the K/V cache placeholder a cache or fusion record is about; ``offset`` the dense row where the image
+    rows of a joint sequence start, for the records about joint sequences.
+    """
+
+    pass_name: str
+    kind: str
+    node: str = ""
+    detail: str = ""
+    cache: str = ""
+    offset: int | None = None
+
+
 @dataclass
 class PassContext:
     """State threaded through the pass pipeline for one graph.
 
-    Filled in as the passes run: ``find_token_source`` sets the token facts, the others add
-    the placeholders they create and a log of what they rewrote (the graph snapshot).
+    ``settings`` is read-only. The rest is filled in as the passes run: ``find_token_source`` sets the token
+    facts, ``gather_active_tokens`` the probe token count, the rewriting passes the placeholders they create,
+    and every pass adds ``records`` of what it found or rewrote (the graph summary).
     """
 
-    probe_tokens: int | None = None  # k used while rewriting; any k in [1, N] is valid afterwards
-    kv_cache: bool = True
-    fuse_kv_projection: bool = False
-    dump_dir: str | None = None
+    settings: PassSettings = field(default_factory=PassSettings)
 
     # facts found by find_token_source
     latents: str | None = None  # placeholder name of the latents (B, C, H, W), or (B, N, C) when packed
@@ -48,20 +68,23 @@ class PassContext:
     patch_size: int = 0
     latent_hw: tuple[int, int] = (0, 0)
 
+    # chosen by gather_active_tokens: the k the graph is rewritten with (any k in [1, N] is valid afterwards)
+    probe_tokens: int | None = None
+
     # placeholders added by the rewrite (names), in graph order
     active_idx: str | None = None
     active_count: str | None = None
     output_cache: str | None = None
     output_cache_shape: tuple[int, ...] = ()
     output_cache_dtype: object = None
-    final_projection: str | None = None
     kv_slots: list[KVCacheSlot] = field(default_factory=list)
 
-    # human-readable record of every rewrite, for snapshots and debugging
-    log: list[str] = field(default_factory=list)
+    # what every pass found and rewrote, in order (the graph summary renders them)
+    records: list[RewriteRecord] = field(default_factory=list)
 
-    def note(self, line: str) -> None:
-        self.log.append(line)
+    def record(self, pass_name: str, kind: str, node: str = "", detail: str = "", **more: Any) -> None:
+        """Add a ``RewriteRecord`` (``more``: ``cache``, ``offset``)."""
+        self.records.append(RewriteRecord(pass_name, kind, node, detail, **more))
 
 
 def module_path(node: torch.fx.Node) -> str:

@@ -81,7 +81,7 @@ def _record(ctx: PassContext, inputs, latents, source, layout: LatentLayout) -> 
     ctx.latent_hw = (layout.shape[-2], layout.shape[-1]) if layout.kind != "packed" else (layout.shape[1], 1)
     ctx.timestep = _find_timestep(inputs, batch)
     kind = f"patch {layout.patch[-1]}" if layout.kind == "image" else layout.describe()
-    ctx.note(f"tokens: {ctx.num_tokens} image tokens ({kind}) from {describe(source)}")
+    ctx.record("find_token_source", "tokens", describe(source), f"{ctx.num_tokens} image tokens ({kind})")
 
 
 def _packed_latents(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], reasons: list[str]) -> torch.fx.Node | None:

@@ -92,7 +92,7 @@ def functionalize_inplace_writes(gm: torch.fx.GraphModule, ctx: PassContext) -> 
                 f"{node.name} ({describe(node)}): in-place {_write_name(node)} into storage that {reader} reads "
                 "afterwards; it cannot be made out-of-place, and the K/V caches would miss it"
             )
-        ctx.note(f"write: in-place {_write_name(node)} made out-of-place in {describe(node)}")
+        ctx.record("functionalize_inplace_writes", "inplace_write", describe(node), _write_name(node))
         copy = _rewrite(gm, node, target, order)
         if ctx.token_source in (node.name, target.name):  # the tokens are the written tensor
             ctx.token_source = copy.name

@@ -55,7 +55,7 @@ class KVChain:
 
 
 def fuse_kv_projection(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
-    if not ctx.fuse_kv_projection:
+    if not ctx.settings.fuse_kv_projection:
         return gm
     idx = next(n for n in gm.graph.nodes if n.name == ctx.active_idx)
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in WRITES]:
@@ -65,10 +65,10 @@ def fuse_kv_projection(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
             op_args = fused_op_args(chain, write, idx)
             _verify(gm, ctx, chain, write, op_args)
         except NoMatch as exc:
-            ctx.note(f"fuse: {write.cache.name} stays unfused: {exc}")
+            ctx.record("fuse_kv_projection", "unfused", detail=str(exc), cache=write.cache.name)
             continue
         _replace(gm, write, op_args)
-        ctx.note(f"fuse: {chain.describe()} @ {module_path(chain.linear)} -> linear_scatter_ into {write.cache.name}")
+        ctx.record("fuse_kv_projection", "fused", module_path(chain.linear), chain.describe(), cache=write.cache.name)
     return gm
 
 

@@ -22,9 +22,9 @@ def gather_active_tokens(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx
     nodes = {n.name: n for n in gm.graph.nodes}
     source = nodes[ctx.token_source]
     n_tokens = ctx.num_tokens
-    if ctx.probe_tokens is None:
-        ctx.probe_tokens = probe_token_count(n_tokens)
-    k = ctx.probe_tokens
+    k = ctx.settings.probe_tokens
+    if k is None:
+        k = probe_token_count(n_tokens)
     if not 2 <= k < n_tokens:
         raise RewriteError(f"probe token count {k} is outside [2, {n_tokens - 1}]")
     device = example_value(source).device
@@ -42,7 +42,8 @@ def gather_active_tokens(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx
     source.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
     ctx.active_idx = idx.name
     ctx.active_count = count.name
-    ctx.note(f"gather: active tokens taken after {describe(source)}")
+    ctx.probe_tokens = k
+    ctx.record("gather_active_tokens", "gather", describe(source))
     return gm
 
 

@@ -1,6 +1,6 @@
 """A small pass manager: runs ``(gm, ctx) -> gm`` passes in order, optionally dumping graphs.
 
-Like torch-tensorrt's lowering pass manager: a dump directory (``ctx.dump_dir`` or the
+Like torch-tensorrt's lowering pass manager: a dump directory (``ctx.settings.dump_dir`` or the
 ``RASCOMPILE_DUMP_GRAPHS`` environment variable) receives ``NN_<pass>.before.py`` and
 ``NN_<pass>.after.py`` with the graph's code around each pass.
 """
@@ -23,7 +23,7 @@ class PassManager:
         self.passes = list(passes)
 
     def __call__(self, gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
-        dump_dir = ctx.dump_dir or os.environ.get("RASCOMPILE_DUMP_GRAPHS")
+        dump_dir = ctx.settings.dump_dir or os.environ.get("RASCOMPILE_DUMP_GRAPHS")
         for i, fn in enumerate(self.passes):
             name = getattr(fn, "__name__", f"pass{i}")
             if dump_dir:
@@ -32,9 +32,6 @@ class PassManager:
             if dump_dir:
                 _dump(gm, Path(dump_dir) / f"{i:02d}_{name}.after.py")
         return gm
-
-    def names(self) -> list[str]:
-        return [getattr(fn, "__name__", repr(fn)) for fn in self.passes]
 
 
 def _dump(gm: torch.fx.GraphModule, path: Path) -> None:

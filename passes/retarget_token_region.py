@@ -346,7 +346,7 @@ def _retarget_literals(gm, node, inputs, region: TokenRegion, count, ctx: PassCo
         if region.consistent(node):
             if option:
                 literals = ", ".join(str(v) for _, v in option)
-                ctx.note(f"literal: token count {literals} made relative to k in {describe(node)}")
+                ctx.record("retarget_token_region", "literal", describe(node), literals)
             return
     node.args, node.kwargs = packed
     raise RewriteError(f"{node.name} ({describe(node)}): cannot adapt its token-count constants {sorted(sizes)}")

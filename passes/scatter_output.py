@@ -47,6 +47,5 @@ def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph
     ctx.output_cache = cache.name
     ctx.output_cache_shape = tuple(int(s) for s in value.shape)
     ctx.output_cache_dtype = value.dtype
-    ctx.final_projection = projection.name
-    ctx.note(f"scatter: outputs merged with the output cache after {describe(projection)}")
+    ctx.record("scatter_output", "scatter", describe(projection))
     return gm

@@ -2,7 +2,48 @@
 
 from __future__ import annotations
 
-from .context import PassContext
+import torch.fx
+
+from .context import PassContext, RewriteRecord
+
+#: Where ``build_ras_graph`` leaves the records on the graph module it returns (``rewrite_records``).
+RECORDS_KEY = "ras_records"
+
+#: One line per kind of ``RewriteRecord``, filled in from the record's fields.
+RECORD_FORMATS = {
+    # find_token_source
+    "tokens": "tokens: {detail} from {node}",
+    # functionalize_inplace_writes: detail is the write ("setitem", "add_", ...)
+    "inplace_write": "write: in-place {detail} made out-of-place in {node}",
+    # gather_active_tokens, scatter_output
+    "gather": "gather: active tokens taken after {node}",
+    "scatter": "scatter: outputs merged with the output cache after {node}",
+    # cache_attention_kv: detail is "key" or "value", with the cached shape and axis for kv_cached
+    "kv_disabled": "kv: cache disabled, attention sees active tokens only",
+    "kv_cached": "kv: cached {detail} for {node}",
+    "kv_joint": "kv: joint {detail} cached whole (image rows from {offset}) for {node}",
+    # retarget_token_region and its position-table rule: detail lists the literals
+    "literal": "literal: token count {detail} made relative to k in {node}",
+    "mask": "mask: attention mask rows gathered for {node}",
+    "table": "table: position table gathered at active tokens for {node}",
+    "joint_table": "table: joint position table (image rows from {offset}) gathered for {node}",
+    # fuse_kv_projection: node is the projection's module path, detail the chain ("linear + rms_norm") or the
+    # reason it stays unfused
+    "fused": "fuse: {detail} @ {node} -> linear_scatter_ into {cache}",
+    "unfused": "fuse: {cache} stays unfused: {detail}",
+}
+
+
+def render_record(record: RewriteRecord) -> str:
+    """The summary line of one record."""
+    return RECORD_FORMATS[record.kind].format(
+        node=record.node, detail=record.detail, cache=record.cache, offset=record.offset
+    )
+
+
+def rewrite_records(gm: torch.fx.GraphModule) -> tuple[RewriteRecord, ...]:
+    """The records of the rewrite that made ``gm`` (a graph ``build_ras_graph`` returned; empty for others)."""
+    return gm.meta.get(RECORDS_KEY, ())
 
 
 def graph_summary(ctx: PassContext) -> str:
@@ -12,7 +53,7 @@ def graph_summary(ctx: PassContext) -> str:
         f"timestep: {ctx.timestep}",
         f"output cache: {list(ctx.output_cache_shape)}",
         f"kv caches: {len(ctx.kv_slots)}",
-        *ctx.log,
+        *map(render_record, ctx.records),
     ]
     return "\n".join(lines) + "\n"
 

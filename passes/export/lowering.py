@@ -13,7 +13,7 @@ when a complex value is left.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -37,10 +37,9 @@ class ExportError(Exception):
 
 @dataclass
 class ExportLowering:
-    """The constant inputs of one graph, by placeholder name, and a log of what the pass did."""
+    """The constant inputs of one graph, by placeholder name."""
 
     constants: dict[str, torch.Tensor]
-    log: list[str] = field(default_factory=list)
 
 
 def lower_for_export(gm: torch.fx.GraphModule, ctx: ExportLowering) -> torch.fx.GraphModule:

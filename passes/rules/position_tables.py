@@ -62,7 +62,7 @@ def gather_attention_mask(gm, node, region: TokenRegion, idx, ctx: PassContext) 
         region.env.evaluate(gathered)
         replace_arg(node, mask, gathered)
         mask = gathered
-        ctx.note(f"mask: attention mask rows gathered for {describe(node)}")
+        ctx.record("retarget_token_region", "mask", describe(node))
 
 
 def gather_position_tables(gm, node, inputs, region: TokenRegion, idx, ctx: PassContext) -> None:
@@ -87,7 +87,7 @@ def gather_position_tables(gm, node, inputs, region: TokenRegion, idx, ctx: Pass
                 continue
             gathered = insert_call(gm, node, ops.gather_position_table, args, before=True)
             region.gathered[args] = gathered
-            ctx.note(f"table: position table gathered at active tokens for {describe(node)}")
+            ctx.record("retarget_token_region", "table", describe(node))
         else:
             offset = region.offsets.get(ref)
             if offset is None:
@@ -101,7 +101,7 @@ def gather_position_tables(gm, node, inputs, region: TokenRegion, idx, ctx: Pass
                 continue
             gathered = insert_call(gm, node, ops.gather_joint_table, args, before=True)
             region.gathered[args] = gathered
-            ctx.note(f"table: joint position table (image rows from {offset}) gathered for {describe(node)}")
+            ctx.record("retarget_token_region", "joint_table", describe(node), offset=offset)
         region.env.evaluate(gathered)
         replace_arg(node, arg, gathered)
 

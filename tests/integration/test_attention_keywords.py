@@ -19,7 +19,7 @@ def test_keyword_attention_is_rewritten_and_keeps_the_invariants(with_mask):
     ras, ctx = build_ras_graph(gm)
     assert [s.kind for s in ctx.kv_slots] == ["key", "value"]
     if with_mask:
-        assert any(line.startswith("mask:") for line in ctx.log), "the mask rows must follow the active queries"
+        assert any(r.kind == "mask" for r in ctx.records), "the mask rows must follow the active queries"
     with torch.no_grad():
         dense = gm(*inputs)[0]
     n, b = ctx.num_tokens, ctx.batch_size

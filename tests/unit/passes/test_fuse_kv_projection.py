@@ -51,8 +51,8 @@ def test_op_stands_where_every_chain_was(captured):
     caches = {n.args[0].name for n in nodes}
     assert caches == {slot.placeholder for slot in ctx.kv_slots}
     for slot in ctx.kv_slots:
-        line = next(x for x in ctx.log if x.startswith("fuse:") and x.endswith(f"into {slot.placeholder}"))
-        assert line.startswith(f"fuse: {chains[slot.kind]} @ ")
+        record = next(r for r in ctx.records if r.kind == "fused" and r.cache == slot.placeholder)
+        assert record.detail == chains[slot.kind]
     # the projections, norms and RoPE products of the image K/V are gone from the graph
     linears = lambda g: sum(n.op == "call_function" and "linear" in str(n.target) for n in g.graph.nodes)  # noqa: E731
     assert linears(plain) - linears(fused) == len(ctx.kv_slots)
@@ -186,7 +186,8 @@ def test_unknown_op_in_chain_is_not_fused():
         torch.compile(ScaledKeys(), backend=grab, fullgraph=True)(torch.randn(2, 4, 8, 8))
     ras, ctx = build_ras_graph(captured[0], fuse_kv_projection=True)
     assert len(_fused_nodes(ras)) == 1  # the values
-    assert any(line.startswith("fuse: ras_kv_cache_0 stays unfused: mul") for line in ctx.log), ctx.log
+    unfused = [r for r in ctx.records if r.kind == "unfused"]
+    assert [r.cache for r in unfused] == ["ras_kv_cache_0"] and unfused[0].detail.startswith("mul"), ctx.records
 
 
 def test_default_is_off_on_cpu_and_option_is_validated():

@@ -241,7 +241,8 @@ def test_an_unconfirmed_video_reading_runs_dense_with_the_reason():
 def test_rope_written_into_an_empty_like_buffer_is_made_out_of_place():
     gm, inputs = capture_graph(SyntheticDiT(latents="video", rope="inplace"), *_inputs("video"))
     _, ctx = assert_invariants(gm, inputs)
-    assert sum(line.startswith("write: in-place setitem") for line in ctx.log) == 8  # 2 halves x q, k x 2 blocks
+    writes = [r.detail for r in ctx.records if r.kind == "inplace_write"]
+    assert writes.count("setitem") == 8  # 2 halves x q, k x 2 blocks
 
 
 def test_a_write_into_storage_another_view_reads_later_is_refused():
@@ -253,7 +254,7 @@ def test_a_write_into_storage_another_view_reads_later_is_refused():
 def test_an_in_place_method_on_tokens_is_made_out_of_place():
     gm, inputs = capture_graph(SyntheticDiT(write="add"), *_inputs("image"))
     _, ctx = assert_invariants(gm, inputs)
-    assert sum(line.startswith("write: in-place add_") for line in ctx.log) == 2
+    assert [(r.kind, r.detail) for r in ctx.records].count(("inplace_write", "add_")) == 2
 
 
 # ------------------------------------------------------------------------------------------ position-table rule
@@ -271,26 +272,28 @@ def test_a_joint_table_keeps_text_rows_and_gathers_image_rows_at_their_offset(kv
     gm, inputs = capture_graph(SyntheticDiT(kv=kv, rope="joint"), *_inputs("image"))
     _, ctx = assert_invariants(gm, inputs)
     offset = TEXT if kv == "single-stream" else 0
-    assert any(f"joint position table (image rows from {offset})" in line for line in ctx.log)
+    assert any(r.kind == "joint_table" and r.offset == offset for r in ctx.records)
 
 
 # ------------------------------------------------------------------------------------------ K/V-source rule
 
 
 @pytest.mark.parametrize(
-    "kv, cached_rows, note",
+    "kv, cached_rows, record, offset",
     [
-        ("image", 16, "kv: cached key"),
-        ("joint-at-attention", 16 + TEXT, "kv: cached key"),
-        ("single-stream", 16 + TEXT, "kv: joint key cached whole (image rows from 3)"),
-        ("image-first", 16 + TEXT, "kv: joint key cached whole (image rows from 0)"),
+        ("image", 16, "kv_cached", None),
+        ("joint-at-attention", 16 + TEXT, "kv_cached", None),
+        ("single-stream", 16 + TEXT, "kv_joint", 3),
+        ("image-first", 16 + TEXT, "kv_joint", 0),
     ],
 )
-def test_keys_and_values_are_cached_where_attention_reads_them(kv, cached_rows, note):
+def test_keys_and_values_are_cached_where_attention_reads_them(kv, cached_rows, record, offset):
     gm, inputs = capture_graph(SyntheticDiT(kv=kv), *_inputs("image"))
     _, ctx = assert_invariants(gm, inputs)
     assert len(ctx.kv_slots) == 4 and all(s.shape[s.axis] == cached_rows for s in ctx.kv_slots)
-    assert any(line.startswith(note) for line in ctx.log), ctx.log
+    slots = {s.placeholder: s for s in ctx.kv_slots}
+    found = [(r.kind, r.offset) for r in ctx.records if r.cache and slots[r.cache].kind == "key"]
+    assert (record, offset) in found, ctx.records
 
 
 def test_rules_cover_a_video_single_stream_model_with_inplace_rope():
