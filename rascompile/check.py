@@ -23,7 +23,8 @@ In a test suite use ``rascompile.testing.assert_ras_equivalent``, which raises `
 
 Tolerances are relative to the scale of each output (its largest finite absolute value), per output dtype: see
 ``RELATIVE_TOLERANCE``. The graphs capture the one-step pipeline call with a small recording Dynamo backend
-(``capture_graphs``), which, like ``rascompile.export``, resets Dynamo's caches when it is done.
+(``rascompile.capture.capture_pipeline_graphs``), which, like ``rascompile.export``, resets Dynamo's caches when it
+is done.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from typing import Any
 import torch
 import torch.fx
 from torch.utils._pytree import tree_leaves
+
+from .capture import capture_graphs, capture_pipeline_graphs, unwrap
 
 #: The largest ``max |RAS - dense|`` a check accepts, as a fraction of the output's scale (its largest finite
 #: absolute value), by the output's dtype. Why these values: the RAS graph does the dense graph's arithmetic on
@@ -202,67 +205,27 @@ def _json_safe(value: Any) -> Any:
 # ============================================================================================ capturing the graphs
 
 
-def capture_graphs(module: torch.nn.Module, call: Callable[[torch.nn.Module], Any]) -> list[tuple]:
-    """The Dynamo graphs of ``module`` and their inputs, as ``call(compiled_module)`` runs them once.
-
-    A small recording backend (``torch.compile(..., dynamic=False)`` without ``fullgraph``, so graph breaks give
-    several graphs, in compile order). Inputs that are not parameters are copied when the graph is compiled, so
-    later in-place changes by the caller do not reach them. Resets Dynamo's caches when done, as
-    ``rascompile.export`` does, so the recording backend leaves nothing behind."""
-    graphs: list[tuple] = []
-
-    def record(gm: torch.fx.GraphModule, example_inputs: list, **_: Any):
-        graphs.append((gm, [_kept(a) for a in example_inputs]))
-        return gm.forward
-
-    compiled = torch.compile(module, backend=record, dynamic=False)
-    try:
-        with torch.no_grad():
-            call(compiled)
-    finally:
-        torch._dynamo.reset()
-    return graphs
-
-
-def _kept(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-        return value.detach().clone()
-    return value
-
-
-def _unwrap(module: Any) -> Any:
-    """The module under a ``torch.compile`` wrapper (a pipeline whose transformer was compiled already)."""
-    return getattr(module, "_orig_mod", module)
-
-
 def _graphs_of(source: Any, call_kwargs: dict) -> tuple[list[tuple], torch.nn.Module, Any]:
-    """(captured graphs, the transformer, the pipeline or None) for a pipeline or a transformer."""
+    """(captured graphs, the transformer, the pipeline or None) for a pipeline or a transformer. The graphs'
+    inputs are copies, so that later in-place changes by the call do not reach them."""
     if isinstance(source, torch.nn.Module):
-        transformer = _unwrap(source)
+        transformer = unwrap(source)
         try:
-            graphs = capture_graphs(transformer, lambda compiled: compiled(**call_kwargs))
+            graphs = capture_graphs(transformer, lambda compiled: compiled(**call_kwargs), copy_inputs=True)
         except Exception as exc:
             raise CheckError(f"calling {type(transformer).__name__}(**call_kwargs) failed: {_first_line(exc)}") from exc
         return graphs, transformer, None
     original = getattr(source, "transformer", None)
-    if not isinstance(_unwrap(original), torch.nn.Module) or not callable(source):
+    if not isinstance(unwrap(original), torch.nn.Module) or not callable(source):
         raise CheckError(
             f"check() takes a diffusers pipeline with a transformer, or the transformer (a torch.nn.Module); "
             f"got {type(source).__name__}"
         )
-    transformer = _unwrap(original)
-
-    def run(compiled):
-        source.transformer = compiled
-        source(**{**call_kwargs, "num_inference_steps": 1, "output_type": "latent"})
-
     try:
-        graphs = capture_graphs(transformer, run)
+        graphs = capture_pipeline_graphs(source, call_kwargs, copy_inputs=True)
     except Exception as exc:
         raise CheckError(f"the one-step call of {type(source).__name__} failed: {_first_line(exc)}") from exc
-    finally:
-        source.transformer = original
-    return graphs, transformer, source
+    return graphs, unwrap(original), source
 
 
 def _first_line(exc: BaseException) -> str:

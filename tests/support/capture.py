@@ -1,44 +1,21 @@
-"""Capturing Dynamo graphs for the tests, and running one step of a rewritten graph."""
+"""Capturing Dynamo graphs for the tests (thin wrappers of ``rascompile.capture``), and running one step of a
+rewritten graph."""
 
 import torch
 
+from rascompile.capture import GraphCapture, capture_graphs, capture_pipeline_graphs
 
-class GraphCapture:
-    """A Dynamo backend that records the graphs and example inputs it is given and runs them eagerly."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, gm, example_inputs, **_):
-        self.graphs.append((gm, list(example_inputs)))
-        return gm.forward
+__all__ = ["GraphCapture", "capture_graph", "capture_pipeline_graph", "run_ras_step"]
 
 
 def capture_pipeline_graph(pipe, call_kwargs):
-    """The Dynamo graph (and its real inputs) of ``pipe.transformer`` as the pipeline calls it."""
-    capture = GraphCapture()
-    original = pipe.transformer
-    pipe.transformer = torch.compile(original, backend=capture, fullgraph=True)
-    try:
-        with torch.no_grad():
-            pipe(**{**call_kwargs, "num_inference_steps": 1})
-    finally:
-        pipe.transformer = original
-        torch._dynamo.reset()
-    return capture.graphs[0]
+    """The Dynamo graph (and its real inputs) of ``pipe.transformer`` as the pipeline calls it (``fullgraph``)."""
+    return capture_pipeline_graphs(pipe, call_kwargs, output_type=None, fullgraph=True, dynamic=None)[0]
 
 
 def capture_graph(model, *args):
     """The one Dynamo graph of ``model(*args)`` (``fullgraph=True``) and its example inputs."""
-    graphs = []
-
-    def backend(gm, example_inputs, **_):
-        graphs.append((gm, example_inputs))
-        return gm.forward
-
-    with torch.no_grad():
-        torch.compile(model, backend=backend, fullgraph=True)(*args)
-    return graphs[0]
+    return capture_graphs(model, lambda compiled: compiled(*args), fullgraph=True, dynamic=None, reset=False)[0]
 
 
 def run_ras_step(ras, ctx, inputs, idx, output_cache=None, kv=None):
