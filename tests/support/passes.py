@@ -436,3 +436,22 @@ def assert_ras_matches_dense(gm, inputs, ras, ks=(1, 5, 15)):
 def _batch_and_tokens(ras) -> tuple[int, int]:
     shape, _ = added_placeholders(ras)[OUTPUT_CACHE]
     return shape[0], shape[1]
+
+
+# ------------------------------------------------------------------------------------------------------ export
+
+
+def lower(gm: torch.fx.GraphModule, inputs: list) -> tuple[torch.fx.GraphModule, list]:
+    """``lower_for_export`` on a copy of ``gm`` with the parameters, buffers and complex tensors among ``inputs``
+    (the graph's leading placeholders) as constants, as ``rascompile.deploy.onnx_export`` splits them:
+    ``(lowered graph, the runtime inputs it still takes)``."""
+    from rascompile.passes.export.lowering import ExportLowering, lower_for_export
+
+    constants, runtime = {}, []
+    for placeholder, value in zip(placeholders(gm), inputs):
+        if any(m in placeholder.name for m in ("_parameters_", "_buffers_")) or value.is_complex():
+            constants[placeholder.name] = value.detach()
+        else:
+            runtime.append(value)
+    lowered = lower_for_export(copy_graph_module(gm), ExportLowering(constants))
+    return lowered, runtime
