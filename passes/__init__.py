@@ -7,10 +7,11 @@
 3. ``functionalize_inplace_writes`` — in-place writes into token tensors become out-of-place ops
 4. ``gather_active_tokens``   — gather active tokens [B, k, C] right after the token source
 5. ``scatter_output``         — merge fresh and cached token outputs before unpatchify
-6. ``cache_attention_kv``     — per-layer K/V caches of all N image tokens for attention
-7. ``retarget_token_region``  — token-count constants, position tables and masks follow k
-8. ``fuse_kv_projection``     — (optional) K/V projection + norm + RoPE + cache write as one op
-9. ``verify_ras_graph``       — checks the result at three token counts, then cleans up
+6. ``analyze_token_region``   — analysis: token axes and joint-sequence image rows of the token region
+7. ``cache_attention_kv``     — per-layer K/V caches of all N image tokens for attention
+8. ``retarget_token_region``  — token-count constants, position tables and masks follow k
+9. ``fuse_kv_projection``     — (optional) K/V projection + norm + RoPE + cache write as one op
+10. ``verify_ras_graph``      — checks the result at three token counts, then cleans up
 
 The rewritten graph takes the original inputs followed by ``ras_active_idx`` [B, k],
 ``ras_output_cache`` [B, N, C_out] and the K/V caches, and works for any k in [1, N].
@@ -20,8 +21,9 @@ from __future__ import annotations
 
 import torch.fx
 
+from .analyze_token_region import analyze_token_region
 from .cache_attention_kv import cache_attention_kv
-from .context import KVCacheSlot, PassContext, RewriteError, RewriteRecord
+from .context import KVCacheSlot, PassContext, RewriteError, RewriteRecord, TokenRegionFacts
 from .find_token_source import find_token_source
 from .functionalize_inplace_writes import functionalize_inplace_writes
 from .fuse_kv_projection import fuse_kv_projection
@@ -43,6 +45,7 @@ RAS_PASSES = PassManager(
         functionalize_inplace_writes,
         gather_active_tokens,
         scatter_output,
+        analyze_token_region,
         cache_attention_kv,
         retarget_token_region,
         fuse_kv_projection,
@@ -113,6 +116,7 @@ __all__ = [
     "RAS_PASSES",
     "RewriteError",
     "RewriteRecord",
+    "TokenRegionFacts",
     "build_ras_graph",
     "graph_summary",
     "render_record",

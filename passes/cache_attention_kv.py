@@ -10,12 +10,11 @@ for active tokens and the cached keys of every other image token:
   active image rows into the cached joint sequence, so no concatenation runs;
 - a joint tensor built earlier (Flux's RoPE after the concatenation, single-stream blocks):
   ``update_joint_rows_cache`` writes every text row and the active image rows at their dense rows.
-Needs the token axes and the image rows' offset in joint sequences, which it gets by retargeting a copy.
+Reads the token axes and the image rows' offset in joint sequences from ``ctx.token_region``
+(``analyze_token_region``).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import torch.fx
@@ -24,7 +23,6 @@ from . import ops
 from .context import KVCacheSlot, PassContext, module_path
 from .graph_utils import add_placeholder, describe, example_value, insert_call, is_sdpa
 from .normalize_attention_args import sdpa_argument
-from .retarget_token_region import retarget_token_region
 from .rules.kv_sources import cat_arguments, find_kv_source
 
 
@@ -32,7 +30,9 @@ def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
     if not ctx.settings.kv_cache:
         ctx.record("cache_attention_kv", "kv_disabled")
         return gm
-    axes, offsets = _token_axes_of_retargeted_copy(gm, ctx)
+    if ctx.token_region is None:
+        raise RuntimeError("cache_attention_kv reads ctx.token_region: run analyze_token_region before it")
+    axes, offsets = ctx.token_region.axes, ctx.token_region.image_offsets
     nodes = {n.name: n for n in gm.graph.nodes}
     idx = nodes[ctx.active_idx]
     for attention in [n for n in gm.graph.nodes if is_sdpa(n)]:
@@ -87,16 +87,3 @@ def _cache_joint_tensor(gm, ctx: PassContext, attention, kind: str, idx, axes, o
     updated.meta["ras_impure"] = True
     attention.replace_input_with(tensor, updated)
     ctx.record("cache_attention_kv", "kv_joint", describe(attention), kind, cache=cache.name, offset=offset)
-
-
-def _token_axes_of_retargeted_copy(gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[dict, dict]:
-    """Token axes, and where joint sequences keep their image rows, by node name, from a retargeted copy."""
-    graph = torch.fx.Graph()
-    value_map: dict = {}
-    out = graph.graph_copy(gm.graph, value_map)
-    graph.output(out)
-    trial = torch.fx.GraphModule(gm, graph)
-    retarget_token_region(trial, dataclasses.replace(ctx, records=[], kv_slots=[]))
-    axes = {n.name: n.meta["ras_token_axis"] for n in trial.graph.nodes if "ras_token_axis" in n.meta}
-    offsets = {n.name: n.meta["ras_image_offset"] for n in trial.graph.nodes if "ras_image_offset" in n.meta}
-    return axes, offsets

@@ -47,12 +47,22 @@ class RewriteRecord:
 
 
 @dataclass
+class TokenRegionFacts:
+    """What ``analyze_token_region`` finds, by node name, before any K/V cache is added: the token axis of each
+    node that carries the active tokens, and where a joint [text; image] sequence keeps its image rows."""
+
+    axes: dict[str, int] = field(default_factory=dict)
+    image_offsets: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class PassContext:
     """State threaded through the pass pipeline for one graph.
 
     ``settings`` is read-only. The rest is filled in as the passes run: ``find_token_source`` sets the token
-    facts, ``gather_active_tokens`` the probe token count, the rewriting passes the placeholders they create,
-    and every pass adds ``records`` of what it found or rewrote (the graph summary).
+    facts, ``gather_active_tokens`` the probe token count, ``analyze_token_region`` the token region, the
+    rewriting passes the placeholders they create, and every pass adds ``records`` of what it found or rewrote
+    (the graph summary).
     """
 
     settings: PassSettings = field(default_factory=PassSettings)
@@ -70,6 +80,9 @@ class PassContext:
 
     # chosen by gather_active_tokens: the k the graph is rewritten with (any k in [1, N] is valid afterwards)
     probe_tokens: int | None = None
+
+    # found by analyze_token_region (None until it runs, and when the K/V caches are off)
+    token_region: TokenRegionFacts | None = None
 
     # placeholders added by the rewrite (names), in graph order
     active_idx: str | None = None

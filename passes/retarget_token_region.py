@@ -17,6 +17,7 @@ unexpected way, or a token tensor that reaches the graph output without the merg
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -89,8 +90,10 @@ ALWAYS_MIXING = {
 class TokenRegion:
     """Token-axis bookkeeping for the walk: which nodes carry k instead of N tokens."""
 
-    def __init__(self, env: FakeEnv, num_tokens: int, probe: int):
+    def __init__(self, env: FakeEnv, num_tokens: int, probe: int, record: Callable[..., None]):
         self.env = env
+        # ``PassContext.record`` while rewriting; a no-op while ``analyze_token_region`` walks a copy
+        self.record = record
         self.n = num_tokens
         self.delta = num_tokens - probe
         # where the N image rows start along a node's token axis in the dense graph (0 for image-only tensors,
@@ -173,8 +176,16 @@ class TokenRegion:
 
 
 def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    walk_token_region(gm, ctx, ctx.record)
+    return gm
+
+
+def walk_token_region(gm: torch.fx.GraphModule, ctx: PassContext, record: Callable[..., None]) -> None:
+    """The walk itself, over ``gm`` in place: each node's fake value with k tokens, its literals, position tables
+    and masks rewritten, ``ras_token_axis`` / ``ras_image_offset`` on the nodes that carry tokens; ``record``
+    takes the ``RewriteRecord`` fields of each rewrite. ``analyze_token_region`` runs it on a copy."""
     env = FakeEnv(gm)
-    region = TokenRegion(env, ctx.num_tokens, ctx.probe_tokens)
+    region = TokenRegion(env, ctx.num_tokens, ctx.probe_tokens, record)
     nodes = {n.name: n for n in gm.graph.nodes}
     idx, count = nodes[ctx.active_idx], nodes[ctx.active_count]
     attends = False
@@ -193,10 +204,10 @@ def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
         _refuse_token_mixing(node, inputs, region)
         if is_sdpa(node):
             attends = True
-            gather_attention_mask(gm, node, region, idx, ctx)
+            gather_attention_mask(gm, node, region, idx)
         elif is_elementwise(node):
-            gather_position_tables(gm, node, inputs, region, idx, ctx)
-        _retarget_literals(gm, node, inputs, region, count, ctx)
+            gather_position_tables(gm, node, inputs, region, idx)
+        _retarget_literals(gm, node, inputs, region, count)
         region.record_offset(node, inputs)
         axis = region.axis(node)
         if axis is not None and axis >= 0:
@@ -209,7 +220,6 @@ def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
         # a piece of a model between graph breaks (an output head, a text projection): its "tokens" were
         # computed in full by another graph, so skipping rows here would only copy stale outputs
         raise RewriteError("no attention reads the image tokens: this graph is not a whole transformer")
-    return gm
 
 
 def _check_outputs(output: torch.fx.Node, region: TokenRegion) -> None:
@@ -308,7 +318,7 @@ def _set_path(value: Any, path: tuple, new: Any) -> Any:
     return type(value)(items) if not isinstance(value, list) else items
 
 
-def _retarget_literals(gm, node, inputs, region: TokenRegion, count, ctx: PassContext) -> None:
+def _retarget_literals(gm, node, inputs, region: TokenRegion, count) -> None:
     """Evaluate ``node``, rewriting token-count literals where the shapes require it."""
     sizes = {region.n}
     for arg in inputs:
@@ -346,7 +356,7 @@ def _retarget_literals(gm, node, inputs, region: TokenRegion, count, ctx: PassCo
         if region.consistent(node):
             if option:
                 literals = ", ".join(str(v) for _, v in option)
-                ctx.record("retarget_token_region", "literal", describe(node), literals)
+                region.record("retarget_token_region", "literal", describe(node), literals)
             return
     node.args, node.kwargs = packed
     raise RewriteError(f"{node.name} ({describe(node)}): cannot adapt its token-count constants {sorted(sizes)}")

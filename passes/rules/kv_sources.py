@@ -41,8 +41,9 @@ class KVSource:
 def find_kv_source(attention: torch.fx.Node, kind: str, axes: dict, offsets: dict, num_tokens: int) -> KVSource | None:
     """The source of ``attention``'s ``kind`` ("key" or "value"), None when it carries no image tokens.
 
-    ``axes`` and ``offsets`` (by node name) are the token axes and joint-sequence image offsets of a retargeted
-    copy of the graph. Raises RewriteError when the image tokens reach attention some other way.
+    ``axes`` and ``offsets`` (by node name) are the token axes and joint-sequence image offsets that
+    ``analyze_token_region`` found (``ctx.token_region``). Raises RewriteError when the image tokens reach
+    attention some other way.
     """
     tensor = sdpa_argument(attention, kind)
     if isinstance(tensor, torch.fx.Node) and tensor.name in axes and tensor is sdpa_argument(attention, "query"):

@@ -1,6 +1,7 @@
 """The position-table rule: tensors indexed by token position follow the active tokens.
 
-Called by ``retarget_token_region`` for each node of the token region.
+Called by the token-region walk (``retarget_token_region``, and ``analyze_token_region`` on a copy) for each node
+of the token region.
 Matches:
 - a tensor that is not computed from the image tokens, combined element-wise (add, mul, ...) with a token
   tensor, whose size along the token axis is N (an image-only RoPE table or position embedding) or the
@@ -22,7 +23,7 @@ import torch.fx
 from torch.fx.node import map_aggregate
 
 from .. import ops
-from ..context import PassContext, RewriteError
+from ..context import RewriteError
 from ..graph_utils import describe, insert_call
 from ..normalize_attention_args import sdpa_argument
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from ..retarget_token_region import TokenRegion
 
 
-def gather_attention_mask(gm, node, region: TokenRegion, idx, ctx: PassContext) -> None:
+def gather_attention_mask(gm, node, region: TokenRegion, idx) -> None:
     query, key = sdpa_argument(node, "query"), sdpa_argument(node, "key")
     if sdpa_argument(node, "is_causal", False):
         raise RewriteError(f"{node.name} ({describe(node)}): causal attention over image tokens")
@@ -62,10 +63,10 @@ def gather_attention_mask(gm, node, region: TokenRegion, idx, ctx: PassContext) 
         region.env.evaluate(gathered)
         replace_arg(node, mask, gathered)
         mask = gathered
-        ctx.record("retarget_token_region", "mask", describe(node))
+        region.record("retarget_token_region", "mask", describe(node))
 
 
-def gather_position_tables(gm, node, inputs, region: TokenRegion, idx, ctx: PassContext) -> None:
+def gather_position_tables(gm, node, inputs, region: TokenRegion, idx) -> None:
     ref = inputs[0]
     ref_shape = region.env.shape(ref)
     ref_axis = region.axis(ref)
@@ -87,7 +88,7 @@ def gather_position_tables(gm, node, inputs, region: TokenRegion, idx, ctx: Pass
                 continue
             gathered = insert_call(gm, node, ops.gather_position_table, args, before=True)
             region.gathered[args] = gathered
-            ctx.record("retarget_token_region", "table", describe(node))
+            region.record("retarget_token_region", "table", describe(node))
         else:
             offset = region.offsets.get(ref)
             if offset is None:
@@ -101,7 +102,7 @@ def gather_position_tables(gm, node, inputs, region: TokenRegion, idx, ctx: Pass
                 continue
             gathered = insert_call(gm, node, ops.gather_joint_table, args, before=True)
             region.gathered[args] = gathered
-            ctx.record("retarget_token_region", "joint_table", describe(node), offset=offset)
+            region.record("retarget_token_region", "joint_table", describe(node), offset=offset)
         region.env.evaluate(gathered)
         replace_arg(node, arg, gathered)
 
