@@ -116,3 +116,47 @@ def test_a_graph_without_latents_is_refused():
     gm, _ = capture(FlatInput(), torch.randn(2, 64))
     with pytest.raises(RewriteError, match="no 4-D or 5-D floating-point model input"):
         run_until(gm, PASS)
+
+
+class ScaledLatents(TinyDiT):
+    """TinyDiT whose latents are first multiplied by a one-element buffer, and whose timestep input is called ``t``."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("sigma_scale", torch.ones(1))
+
+    def forward(self, x, t):
+        return super().forward(x * self.sigma_scale, t)
+
+
+class OffsetLatents(TinyDiT):
+    """TinyDiT that adds a [1, 4, 8, 8] buffer to the latents before the patch embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("offset", torch.zeros(1, 4, 8, 8))
+
+    def forward(self, x, timestep):
+        return super().forward(self.offset + x, timestep)
+
+
+# Dynamo (torch 2.13) leaves no ``grapharg`` on the placeholders the backend sees, so ``is_model_input`` falls back
+# to "not a Parameter" and every buffer counts as a model input: a buffer read before the real input is found first.
+BUFFER_AS_INPUT = "find_token_source.is_model_input counts buffers as model inputs (no grapharg in node.meta)"
+
+
+@pytest.mark.xfail(strict=True, reason=BUFFER_AS_INPUT)
+def test_a_one_element_buffer_is_not_taken_for_the_timestep():
+    gm, _ = capture(ScaledLatents())
+    out, ctx = run_until(gm, PASS)
+    (timestep,) = [n.name for n in out.graph.nodes if n.op == "placeholder" and n.name.startswith("l_t")]
+    assert fact(ctx, "timestep") == timestep
+
+
+@pytest.mark.xfail(strict=True, reason=BUFFER_AS_INPUT)
+def test_a_latent_shaped_buffer_is_not_taken_for_the_latents_at_batch_one():
+    model = OffsetLatents()
+    gm, _ = capture(model, *model.inputs(batch=1))
+    out, ctx = run_until(gm, PASS)
+    (latents,) = [n.name for n in out.graph.nodes if n.op == "placeholder" and n.name == "l_x_"]
+    assert fact(ctx, "latents") == latents
