@@ -1231,15 +1231,10 @@ def compare_generations(got, history, expected, expected_history, tol: float) ->
 
 def runner_feeds(runner, inputs: dict, active_idx: torch.Tensor | None) -> dict:
     """The feeds ``StepRunner.run_dense`` / ``run_active`` hand ``execute`` (caches: the runner's own)."""
-    m = runner.manifest
-    feeds = {name: inputs[name] for name in runner.input_names}
     if active_idx is None:
-        return feeds
+        return runner.signature.feeds(inputs)
     output_cache, kv_caches = runner.controller.caches()
-    feeds["ras_active_idx"] = active_idx.to(torch.int64)
-    names = [m["output_cache"]["name"], *(c["name"] for c in m["kv_caches"])]
-    feeds.update(zip(names, [output_cache, *kv_caches]))
-    return feeds
+    return runner.signature.feeds(inputs, active_idx.to(torch.int64), output_cache, kv_caches)
 
 
 def tensorrt_engine_call(runner, graph: str, feeds: dict) -> Callable:
@@ -1253,8 +1248,7 @@ def tensorrt_engine_call(runner, graph: str, feeds: dict) -> Callable:
         keep.append(tensor)
         context.set_input_shape(name, tuple(tensor.shape))
         context.set_tensor_address(name, tensor.data_ptr())
-    names = runner.manifest["outputs"] + ([] if graph == "dense" else [f"{n}_out" for n in runner._cache_names()])
-    for name in names:
+    for name in runner.output_names(graph):
         out = torch.empty(tuple(context.get_tensor_shape(name)), dtype=_torch_dtype(engine.get_tensor_dtype(name)),
                           device="cuda")  # fmt: skip
         keep.append(out)
@@ -1360,8 +1354,7 @@ def _tensorrt_body(suite: Suite, st: Stage, settings, config, have: dict, workdi
     n, batch = manifest["num_tokens"], manifest["batch_size"]
     k_opt = k_profile(manifest, config.sample_ratio)[1]
     idx = _random_active(batch, n, k_opt, 11)
-    placeholders = [node.name for node in graph.dense_gm.graph.nodes if node.op == "placeholder"]
-    step_inputs = {r["name"]: graph.example_inputs[placeholders.index(r["placeholder"])] for r in manifest["inputs"]}
+    step_inputs = exported.signature.placeholder_values(graph.signature.input_names, graph.example_inputs)
     rows = st.data["per_step"]
 
     def add_rows(runtime: str, precision: str, timed: dict, note: str) -> None:

@@ -48,15 +48,14 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         exported = rascompile.export(backend, directory)
         export_s = time.perf_counter() - start
-        m = exported.manifest
+        signature = exported.signature
         graph = backend.graphs[0]
-        placeholders = [n.name for n in graph.dense_gm.graph.nodes if n.op == "placeholder"]
-        feeds = {r["name"]: graph.example_inputs[placeholders.index(r["placeholder"])].numpy() for r in m["inputs"]}
+        values = signature.placeholder_values(graph.signature.input_names, graph.example_inputs)
+        feeds = {name: value.numpy() for name, value in signature.feeds(values).items()}
         providers = args.providers.split(",")
         dense = ort.InferenceSession(str(exported.dense), providers=providers)
         ras = ort.InferenceSession(str(exported.ras), providers=providers)
-        caches = {m["output_cache"]["name"]: np.zeros(m["output_cache"]["shape"], np.float32)}
-        caches |= {c["name"]: np.zeros(c["shape"], np.float32) for c in m["kv_caches"]}
+        caches = {c.name: np.zeros(c.shape, np.float32) for c in signature.caches}
 
         def timed(session, extra) -> float:
             session.run(None, feeds | extra)  # warm-up
@@ -67,7 +66,7 @@ def main(argv=None) -> int:
                 times.append(time.perf_counter() - start)
             return statistics.median(times)
 
-        n, batch = m["num_tokens"], m["batch_size"]
+        n, batch = signature.num_tokens, signature.batch_size
         rows = [{"variant": "dense.onnx", "k": n, "ms": 1e3 * timed(dense, {})}]
         for ratio in (float(r) for r in args.ratios.split(",")):
             k = n - RASConfig(sample_ratio=ratio).static_num_dropped(n)
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
                 {
                     "variant": f"ras.onnx ratio {ratio:g}",
                     "k": k,
-                    "ms": 1e3 * timed(ras, caches | {"ras_active_idx": idx}),
+                    "ms": 1e3 * timed(ras, caches | {signature.active_idx: idx}),
                 }
             )
     for row in rows:

@@ -65,8 +65,8 @@ def build_engines(
     the engines are in place."""
     directory = Path(directory)
     manifest = load_manifest(directory)
-    signature = signature_of(directory, manifest)
     load_onnx_graphs(directory, manifest)  # checks the files and their graphs against the manifest
+    signature = signature_of(directory, manifest)
 
     import tensorrt as trt
 

@@ -125,8 +125,7 @@ def test_any_token_count_equals_pytorch(exported, k):
         [runner.controller.output_cache, *runner.controller.kv_caches], [control.output_cache, *control.kv_caches]
     ):
         ours.copy_(theirs)
-    placeholders = [n.name for n in graph.dense_gm.graph.nodes if n.op == "placeholder"]
-    inputs = {r["name"]: graph.example_inputs[placeholders.index(r["placeholder"])] for r in result.manifest["inputs"]}
+    inputs = result.signature.placeholder_values(graph.signature.input_names, graph.example_inputs)
     idx = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(b))[:k] for b in range(2)])
     got = runner.run_active(idx, inputs)[0]
     with torch.no_grad():

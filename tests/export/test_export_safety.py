@@ -447,11 +447,7 @@ def test_the_manifest_records_the_opset_the_files_have(fast_export, tmp_path):
 
 def _inputs(exported):
     graph = exported.backend.graphs[0]
-    placeholders = [n.name for n in graph.dense_gm.graph.nodes if n.op == "placeholder"]
-    return {
-        r["name"]: graph.example_inputs[placeholders.index(r["placeholder"])]
-        for r in exported.result.manifest["inputs"]
-    }
+    return exported.result.signature.placeholder_values(graph.signature.input_names, graph.example_inputs)
 
 
 def test_unknown_keyword_arguments_are_refused(exported):

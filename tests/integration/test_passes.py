@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rascompile.passes import RAS_PASSES, RewriteError, build_ras_graph, graph_summary
+from rascompile.passes.signature import step_signature
 from tests.support.capture import capture_graph, capture_pipeline_graph, run_ras_step
 from tests.support.models import lumina_call_kwargs, sd3_call_kwargs, tiny_lumina_pipeline, tiny_sd3_pipeline
 from tests.support.synthetic import TokenPoolingDiT
@@ -87,7 +88,7 @@ def test_subset_on_unchanged_inputs_reuses_cache(captured):
     g = torch.Generator().manual_seed(1)
     idx = torch.stack([torch.randperm(n, generator=g)[: n // 3].sort().values for _ in range(b)])
     with torch.no_grad():
-        out = ras(*inputs, idx, output_cache, *kv)[0]
+        out = ras(*step_signature(ras, ctx).bind(inputs, idx, output_cache, kv))[0]
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
 
 
