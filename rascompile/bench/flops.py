@@ -138,3 +138,77 @@ def measured_loop_ideal_speedup(
     dense step's)."""
     dense = flops_at[num_tokens] * len(active_per_step)
     return dense / sum(flops_at[k] for k in active_per_step)
+
+
+# ============================================================================================ the benchmark's FLOPs
+
+
+def dense_step_flops(model, call: dict) -> int:
+    """Measured FLOPs of one dense step: the eager ``model(**call)`` under ``FlopCounterMode``."""
+    import torch
+
+    with torch.no_grad():
+        return count_flops(lambda: model(**call))
+
+
+def ras_step_flops(graph, args: list, active_idx) -> int:
+    """Measured FLOPs of one RAS step over the tokens ``active_idx`` [B, k]: the rewritten graph (what the inner
+    backend compiles) of the ``RASGraph`` ``graph`` run eagerly under ``FlopCounterMode`` with the controller's
+    caches (which it writes)."""
+    import torch
+
+    output_cache, kv_caches = graph.controller.caches(0)
+    with torch.no_grad():
+        return count_flops(graph.ras_gm, *args, active_idx, output_cache, *kv_caches)
+
+
+@dataclass
+class StepFlops:
+    """The FLOPs of each variant of the per-step table (dense first, then the capture step, then the RAS steps):
+    measured for all, and from the analytic model where ``spec`` is given (SD3), which then sets the ideal
+    speedups."""
+
+    dense_measured: int  # a dense step, measured on the eager model
+    ks: list[int]  # active tokens per variant
+    measured: list[int]  # per variant
+    spec: ModelSpec | None = None
+
+    def row(self, i: int) -> dict:
+        """The FLOP columns of variant ``i``'s per-step row."""
+        k, measured = self.ks[i], self.measured[i]
+        row = {"measured_flops": measured, "measured_ideal_speedup": self.dense_measured / measured}
+        if self.spec is not None:
+            row["ideal_speedup"] = ideal_speedup(self.spec, k)
+            row["flops"] = step_flops(self.spec, k)
+        else:
+            row["ideal_speedup"] = row["measured_ideal_speedup"]
+            row["flops"] = measured
+        return row
+
+    def summary(self) -> dict:
+        """The report's ``flops`` entry: the source of the ideal speedups and how far the measurement is from the
+        analytic model, over the per-step rows."""
+        info: dict = {"dense_measured": self.dense_measured}
+        if self.spec is not None:
+            info["source"] = "analytic"
+            info["measured_vs_analytic_max_relative_difference"] = max(
+                abs(m / step_flops(self.spec, k) - 1) for k, m in zip(self.ks, self.measured)
+            )
+        else:
+            info["source"] = "measured"
+        return info
+
+    def loop_ideal_speedup(self, num_tokens: int, active_per_step: Sequence[int]) -> float:
+        """The ideal speedup of a loop computing ``active_per_step[i]`` tokens at step i: from the analytic model,
+        or from the measured FLOPs of the RAS variants (the third on) and of a dense step."""
+        if self.spec is not None:
+            return loop_ideal_speedup(self.spec, active_per_step)
+        flops_at = dict(zip(self.ks[2:], self.measured[2:])) | {num_tokens: self.dense_measured}
+        return measured_loop_ideal_speedup(flops_at, num_tokens, active_per_step)
+
+
+def count_step_flops(spec: ModelSpec | None, graph, args: list, variants: Sequence, dense_measured: int) -> StepFlops:
+    """:class:`StepFlops` of ``variants`` (``rascompile.bench.workload.StepVariant``): the dense step's are
+    ``dense_measured``, a RAS step's the rewritten graph run eagerly at its k (:func:`ras_step_flops`)."""
+    measured = [dense_measured if v.idx is None else ras_step_flops(graph, args, v.idx) for v in variants]
+    return StepFlops(dense_measured, [v.k for v in variants], measured, spec)

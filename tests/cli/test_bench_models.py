@@ -12,6 +12,7 @@ import torch
 import rascompile.bench.runner as bench
 import rascompile.runtime.backend
 from rascompile.bench.models import bench_model, flux_image_ids, flux_pack_latents, flux_rope_axes, flux_shift
+from rascompile.capture import GraphCapture
 from rascompile.cli.main import build_parser
 from rascompile.passes import RewriteError
 
@@ -169,7 +170,7 @@ def _one_graph(s):
     model = bench.build_model(s)
     inputs = bench.make_inputs(s)
     backend = rascompile.runtime.backend.RASBackend(s.loop_config(), inner_backend="eager")
-    captured = bench._Capture(backend)
+    captured = GraphCapture(backend)
     scheduler = family.make_scheduler(s)
     family.set_timesteps(s, scheduler, s.steps)
     call = family.call_kwargs(s, inputs, inputs.latents, scheduler.timesteps[0], 0)

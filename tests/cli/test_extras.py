@@ -33,6 +33,19 @@ def test_import_loads_no_optional_dependency():
     assert result.stdout.strip() == "[]"
 
 
+def test_command_line_loads_no_optional_dependency():
+    # the rascompile command builds every subcommand's parser, so `rascompile check` must not need an extra
+    result = python(
+        "import sys, torch\n"
+        "before = set(sys.modules)\n"
+        "from rascompile.cli.main import build_parser\n"
+        "build_parser()\n"
+        f"print(sorted(m for m in {OPTIONAL!r} if m in set(sys.modules) - before))\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_ras_backend_runs_without_the_extras():
     # every optional module made unimportable before rascompile is imported
     blocked = "".join(f"sys.modules[{m!r}] = None\n" for m in OPTIONAL)

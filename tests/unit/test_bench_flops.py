@@ -2,6 +2,7 @@
 
 import pytest
 
+from rascompile.bench.flops import StepFlops, measured_loop_ideal_speedup
 from rascompile.bench.runner import ModelSpec, ideal_speedup, loop_ideal_speedup, step_flops
 from rascompile.config import RASConfig
 from rascompile.runtime.schedule import build_schedule
@@ -70,3 +71,27 @@ def test_bench_numbers():
     assert 3.0 < per_step < 3.6
     loop = loop_ideal_speedup(BENCH, ks)
     assert loop == pytest.approx(28 / (6 + 22 / per_step))
+
+
+def test_step_flops_rows_analytic():
+    # dense, capture (k = N), two RAS steps; the measured FLOPs are off the analytic ones by 1 %
+    ks = [TINY.num_tokens, TINY.num_tokens, 32, 16]
+    measured = [round(step_flops(TINY, k) * 1.01) for k in ks]
+    flops = StepFlops(measured[0], ks, measured, TINY)
+    row = flops.row(2)
+    assert list(row) == ["measured_flops", "measured_ideal_speedup", "ideal_speedup", "flops"]  # the JSON's order
+    assert row["ideal_speedup"] == ideal_speedup(TINY, 32) and row["flops"] == step_flops(TINY, 32)
+    assert row["measured_ideal_speedup"] == measured[0] / measured[2]
+    summary = flops.summary()
+    assert list(summary) == ["dense_measured", "source", "measured_vs_analytic_max_relative_difference"]
+    assert summary["source"] == "analytic"
+    assert summary["measured_vs_analytic_max_relative_difference"] == pytest.approx(0.01, abs=1e-6)
+    assert flops.loop_ideal_speedup(TINY.num_tokens, [64, 32, 16]) == loop_ideal_speedup(TINY, [64, 32, 16])
+
+
+def test_step_flops_rows_measured():
+    flops = StepFlops(1000, [64, 64, 32, 16], [1000, 1000, 600, 400])
+    assert flops.row(3) == {"measured_flops": 400, "measured_ideal_speedup": 2.5, "ideal_speedup": 2.5, "flops": 400}
+    assert flops.summary() == {"dense_measured": 1000, "source": "measured"}
+    expected = measured_loop_ideal_speedup({64: 1000, 32: 600, 16: 400}, 64, [64, 32, 16, 16])
+    assert flops.loop_ideal_speedup(64, [64, 32, 16, 16]) == expected == 4000 / 2400
