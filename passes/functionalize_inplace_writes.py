@@ -13,68 +13,18 @@ in place, a K/V cache filled before it would miss it.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
 
 from . import ops
 from .context import PassContext, RewriteError
 from .graph_utils import describe, forward_slice
+from .op_sets import INPLACE_METHODS, INPLACE_METHODS_WITH_TWIN, SETITEM, VIEWS, matches
 
-#: Ops whose result may share storage with their first argument.
-VIEW_METHODS = {
-    "view",
-    "view_as",
-    "reshape",
-    "reshape_as",
-    "transpose",
-    "permute",
-    "flatten",
-    "unflatten",
-    "unsqueeze",
-    "squeeze",
-    "expand",
-    "expand_as",
-    "narrow",
-    "select",
-    "split",
-    "chunk",
-    "unbind",
-    "tensor_split",
-    "t",
-    "movedim",
-    "contiguous",
-    "to",
-    "type_as",
-    "float",
-    "half",
-    "bfloat16",
-    "detach",
-    "__getitem__",
-    "real",
-    "imag",
-}
-VIEW_FUNCTIONS = {
-    operator.getitem,
-    torch.transpose,
-    torch.permute,
-    torch.flatten,
-    torch.unflatten,
-    torch.unsqueeze,
-    torch.squeeze,
-    torch.reshape,
-    torch.narrow,
-    torch.select,
-    torch.split,
-    torch.chunk,
-    torch.unbind,
-    torch.tensor_split,
-    torch.movedim,
-    torch.view_as_real,
-    torch.view_as_complex,
-    torch.detach,
-}
+#: The writes this pass rewrites: ``t[index] = value`` and in-place methods with an out-of-place twin.
+REWRITABLE_WRITES = SETITEM | INPLACE_METHODS_WITH_TWIN
+#: Ops whose result may share storage with their first argument: views, and in-place methods (they return it).
+ALIASING = VIEWS | INPLACE_METHODS
 
 
 def functionalize_inplace_writes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
@@ -100,14 +50,7 @@ def functionalize_inplace_writes(gm: torch.fx.GraphModule, ctx: PassContext) -> 
 
 
 def _is_write(node: torch.fx.Node) -> bool:
-    if node.op == "call_function" and node.target is operator.setitem:
-        return True
-    return (
-        node.op == "call_method"
-        and node.target.endswith("_")
-        and not node.target.startswith("_")
-        and hasattr(torch.Tensor, node.target[:-1])
-    )
+    return matches(node, REWRITABLE_WRITES)
 
 
 def _write_name(node: torch.fx.Node) -> str:
@@ -122,11 +65,7 @@ def _base(node: torch.fx.Node) -> torch.fx.Node:
 
 
 def _is_view(node: torch.fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in VIEW_METHODS or (node.target.endswith("_") and not node.target.startswith("_"))
-    if node.op == "call_function":
-        return node.target in VIEW_FUNCTIONS
-    return False
+    return matches(node, ALIASING)
 
 
 def _aliases(base: torch.fx.Node) -> set[torch.fx.Node]:

@@ -14,7 +14,6 @@ reason goes to the log) instead of running wrong.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +22,21 @@ import torch.fx
 from . import ops
 from .context import PassContext, module_path
 from .graph_utils import call_node, describe, example_value, is_linear
+from .op_sets import (
+    ADD_OPERATOR,
+    CASTS,
+    HEAD_LAYOUT,
+    LAYER_NORM,
+    MEAN_METHOD,
+    MUL,
+    POSITION_TABLE_GATHER,
+    POW_METHOD,
+    RSQRT,
+    VIEW_AS_COMPLEX,
+    VIEW_AS_REAL,
+    matches,
+)
 
-LAYOUT_METHODS = {"view", "reshape", "transpose", "permute", "flatten", "unflatten", "contiguous"}
-CAST_METHODS = {"to", "type_as", "float", "half", "bfloat16"}
-LAYOUT_FUNCTIONS = {torch.transpose, torch.permute, torch.flatten, torch.unflatten, torch.reshape}
-MUL = ({operator.mul, torch.mul}, {"mul", "__mul__"})
 VERIFY_TOKENS = 3
 
 
@@ -110,7 +119,7 @@ def parse_chain(fresh: torch.fx.Node) -> KVChain:
             node = source
         elif chain.norm == "none" and (source := _match_layer_norm(node, chain) or _match_rms_norm(node, chain)):
             node = source
-        elif _is_layout(node) or _is_cast(node):
+        elif matches(node, HEAD_LAYOUT) or matches(node, CASTS):
             node = node.args[0]
         else:
             raise NoMatch(f"{describe(node)} is not a projection, q/k norm, RoPE or layout op")
@@ -120,46 +129,28 @@ def parse_chain(fresh: torch.fx.Node) -> KVChain:
     return chain
 
 
-def _is_layout(node: torch.fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in LAYOUT_METHODS
-    return node.op == "call_function" and node.target in LAYOUT_FUNCTIONS
-
-
-def _is_cast(node) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in CAST_METHODS
-
-
-def _is(node, functions: set, methods: set) -> bool:
-    if not isinstance(node, torch.fx.Node):
-        return False
-    if node.op == "call_function":
-        return node.target in functions
-    return node.op == "call_method" and node.target in methods
-
-
 def _skip_casts(node):
-    while _is_cast(node):
+    while matches(node, CASTS):
         node = node.args[0]
     return node
 
 
 def _match_complex_rope(node: torch.fx.Node, chain: KVChain):
     """``view_as_real(view_as_complex(t) * gather_position_table(table, idx, axis, ndim))`` -> t."""
-    if not _is(node, {torch.view_as_real}, set()):
+    if not matches(node, VIEW_AS_REAL):
         return None
     product = node.args[0]
-    if not _is(product, *MUL) or len(product.args) != 2:
+    if not matches(product, MUL) or len(product.args) != 2:
         return None
     for rotated, table in (product.args, reversed(product.args)):
-        if _is(rotated, {torch.view_as_complex}, set()) and _is(table, {ops.gather_position_table}, set()):
+        if matches(rotated, VIEW_AS_COMPLEX) and matches(table, POSITION_TABLE_GATHER):
             chain.rope_table, _, chain.rope_axis, chain.rope_ndim = table.args
             return rotated.args[0]
     raise NoMatch(f"{describe(node)}: a complex product that is not RoPE with a per-token table")
 
 
 def _match_layer_norm(node: torch.fx.Node, chain: KVChain):
-    if not _is(node, {torch.nn.functional.layer_norm}, set()):
+    if not matches(node, LAYER_NORM):
         return None
     bound = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args)) | dict(node.kwargs)
     shape = bound["normalized_shape"]
@@ -174,28 +165,28 @@ def _match_layer_norm(node: torch.fx.Node, chain: KVChain):
 def _match_rms_norm(node: torch.fx.Node, chain: KVChain):
     """diffusers' RMSNorm: ``x * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)`` [``.to(dtype)``] [``* w``]."""
     weight = None
-    if _is(node, *MUL) and len(node.args) == 2:
+    if matches(node, MUL) and len(node.args) == 2:
         for h, w in (node.args, reversed(node.args)):
             value = example_value(w) if isinstance(w, torch.fx.Node) else None
-            if isinstance(value, torch.Tensor) and value.dim() == 1 and not _is(w, *MUL):
+            if isinstance(value, torch.Tensor) and value.dim() == 1 and not matches(w, MUL):
                 weight, node = w, _skip_casts(h)
                 break
-    if not (_is(node, *MUL) and len(node.args) == 2):
+    if not (matches(node, MUL) and len(node.args) == 2):
         return None
     x, scale = node.args
-    if not _is(scale, {torch.rsqrt}, {"rsqrt"}):
+    if not matches(scale, RSQRT):
         x, scale = scale, x
-    if not _is(scale, {torch.rsqrt}, {"rsqrt"}):
+    if not matches(scale, RSQRT):
         return None
     shifted = scale.args[0]
-    if not (_is(shifted, {operator.add}, set()) and isinstance(shifted.args[1], float)):
+    if not (matches(shifted, ADD_OPERATOR) and isinstance(shifted.args[1], float)):
         return None
     mean = shifted.args[0]
     last_dim = tuple(mean.args[1:]) in ((-1,), ([-1],)) and mean.kwargs == {"keepdim": True}
-    if not (_is(mean, set(), {"mean"}) and last_dim):
+    if not (matches(mean, MEAN_METHOD) and last_dim):
         return None
     square = mean.args[0]
-    if not (_is(square, set(), {"pow"}) and square.args[1] == 2 and _skip_casts(square.args[0]) is _skip_casts(x)):
+    if not (matches(square, POW_METHOD) and square.args[1] == 2 and _skip_casts(square.args[0]) is _skip_casts(x)):
         return None
     group = example_value(x).shape[-1]
     if weight is not None and example_value(weight).shape[0] != group:

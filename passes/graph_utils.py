@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -13,6 +12,7 @@ from torch.fx.node import map_aggregate
 
 from . import ops
 from .context import RewriteError, module_path
+from .op_sets import ELEMENTWISE, LINEAR, SDPA, WRITES, matches
 
 
 def example_value(node: torch.fx.Node) -> Any:
@@ -160,47 +160,15 @@ def describe(node: torch.fx.Node) -> str:
 
 
 def is_sdpa(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target in (
-        torch.nn.functional.scaled_dot_product_attention,
-        torch._C._nn.scaled_dot_product_attention,
-    )
+    return matches(node, SDPA)
 
 
 def is_linear(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target in (torch.nn.functional.linear, torch._C._nn.linear)
-
-
-ELEMENTWISE_FUNCTIONS = {
-    operator.add,
-    operator.sub,
-    operator.mul,
-    operator.truediv,
-    torch.add,
-    torch.sub,
-    torch.mul,
-    torch.div,
-    torch.where,
-    torch.lerp,
-    torch.addcmul,
-}
-ELEMENTWISE_METHODS = {
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "where",
-    "lerp",
-    "addcmul",
-    "__add__",
-    "__mul__",
-    "__sub__",
-}
+    return matches(node, LINEAR)
 
 
 def is_elementwise(node: torch.fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in ELEMENTWISE_FUNCTIONS
-    return node.op == "call_method" and node.target in ELEMENTWISE_METHODS
+    return matches(node, ELEMENTWISE)
 
 
 def forward_slice(roots: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
@@ -220,9 +188,7 @@ def mutates(node: torch.fx.Node) -> bool:
     """Writes into one of its inputs: ``t[i] = v``, ``t.add_(...)``, the cache updates the passes insert."""
     if node.meta.get("ras_impure", False) or node.is_impure():
         return True
-    if node.op == "call_function":
-        return node.target is operator.setitem
-    return node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
+    return matches(node, WRITES)
 
 
 def clean_up(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -25,66 +25,8 @@ import torch.fx
 
 from .context import PassContext, RewriteError
 from .graph_utils import FakeEnv, describe, insert_call, is_elementwise, is_sdpa
+from .op_sets import ALWAYS_MIXING, CAT, MATMUL, MIXING, SLICING, matches
 from .rules.position_tables import gather_attention_mask, gather_position_tables
-
-# Ops that may drop the token axis: they select a part of it (the text part of a joint sequence).
-SLICING_FUNCTIONS = {operator.getitem, torch.narrow, torch.split, torch.chunk, torch.tensor_split}
-SLICING_METHODS = {"narrow", "split", "chunk", "tensor_split", "__getitem__"}
-# Ops that combine values across the axis they are given.
-MIXING_FUNCTIONS = {
-    torch.sum,
-    torch.mean,
-    torch.std,
-    torch.var,
-    torch.amax,
-    torch.amin,
-    torch.max,
-    torch.min,
-    torch.softmax,
-    torch.log_softmax,
-    torch.nn.functional.softmax,
-    torch.nn.functional.log_softmax,
-    torch.cumsum,
-    torch.cumprod,
-    torch.sort,
-    torch.argsort,
-    torch.topk,
-    torch.norm,
-    torch.logsumexp,
-    torch.nn.functional.normalize,
-    torch.flip,
-    torch.roll,
-}
-MIXING_METHODS = {
-    "sum",
-    "mean",
-    "std",
-    "var",
-    "amax",
-    "amin",
-    "max",
-    "min",
-    "softmax",
-    "log_softmax",
-    "cumsum",
-    "cumprod",
-    "sort",
-    "argsort",
-    "topk",
-    "norm",
-    "logsumexp",
-    "flip",
-    "roll",
-}
-MATMUL_FUNCTIONS = {torch.matmul, torch.bmm, operator.matmul}
-MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
-ALWAYS_MIXING = {
-    torch.einsum,
-    torch.nn.functional.conv1d,
-    torch.nn.functional.conv2d,
-    torch.nn.functional.avg_pool1d,
-    torch.nn.functional.interpolate,
-}
 
 
 class TokenRegion:
@@ -116,7 +58,7 @@ class TokenRegion:
         self.offsets[node] = self._joint_offset(node, axis, size, inputs)
 
     def _joint_offset(self, node: torch.fx.Node, axis: int, size: int, inputs: list[torch.fx.Node]) -> int | None:
-        if node.op == "call_function" and node.target is torch.cat:
+        if matches(node, CAT):
             parts = node.args[0] if node.args else node.kwargs.get("tensors")
             image = [i for i, p in enumerate(parts) if isinstance(p, torch.fx.Node) and p in inputs]
             if len(image) != 1 or self.offsets.get(parts[image[0]]) is None:
@@ -228,20 +170,14 @@ def _check_outputs(output: torch.fx.Node, region: TokenRegion) -> None:
             raise RewriteError(f"graph output {arg.name} ({describe(arg)}) carries active tokens only")
 
 
-def _target_in(node: torch.fx.Node, functions: set, methods: set) -> bool:
-    if node.op == "call_function":
-        return node.target in functions
-    return node.op == "call_method" and node.target in methods
-
-
 def _may_drop_token_axis(node: torch.fx.Node) -> bool:
-    return is_sdpa(node) or _target_in(node, SLICING_FUNCTIONS, SLICING_METHODS)
+    return is_sdpa(node) or matches(node, SLICING)
 
 
 def _refuse_token_mixing(node: torch.fx.Node, inputs: list[torch.fx.Node], region: TokenRegion) -> None:
-    if node.op == "call_function" and node.target in ALWAYS_MIXING:
+    if matches(node, ALWAYS_MIXING):
         raise RewriteError(f"{node.name} ({describe(node)}) mixes image tokens")
-    if _target_in(node, MIXING_FUNCTIONS, MIXING_METHODS):
+    if matches(node, MIXING):
         first, dims = _reduction_operands(node)
         if first in inputs:
             axis = region.axis(first)
@@ -251,7 +187,7 @@ def _refuse_token_mixing(node: torch.fx.Node, inputs: list[torch.fx.Node], regio
                 raise RewriteError(f"{node.name} ({describe(node)}) reduces or reorders along the token axis")
         elif first is None and inputs:
             raise RewriteError(f"{node.name} ({describe(node)}): cannot tell which tensor it reduces")
-    if _target_in(node, MATMUL_FUNCTIONS, MATMUL_METHODS):
+    if matches(node, MATMUL):
         a, b = _matmul_operands(node)
         if a in inputs and region.axis(a) == len(region.env.shape(a)) - 1:
             raise RewriteError(f"{node.name} ({describe(node)}) contracts over the token axis")

@@ -20,6 +20,7 @@ import torch.fx
 
 from .. import ops
 from ..graph_utils import call_node, describe
+from ..op_sets import COMPLEX_VIEWS, POSITION_TABLE_GATHER, VIEW_AS_COMPLEX, VIEW_AS_REAL, matches
 from . import portable_ops
 
 PORTABLE = {
@@ -56,7 +57,7 @@ def lower_for_export(gm: torch.fx.GraphModule, ctx: ExportLowering) -> torch.fx.
     graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.meta.get("ras_impure", False))
     for node in graph.nodes:
         value = values.get(node)
-        if node.op == "call_function" and node.target in (torch.view_as_complex, torch.view_as_real):
+        if matches(node, COMPLEX_VIEWS):
             raise ExportError(f"{describe(node)} is complex arithmetic other than RoPE; ONNX cannot express it")
         if value is not None and value.is_complex() and node.users:
             raise ExportError(f"complex constant {node.name} is used by {', '.join(map(describe, node.users))}")
@@ -128,7 +129,7 @@ def _real_table(gm: torch.fx.GraphModule, table, values: dict):
     """The real-pair form of a RoPE table operand: a complex constant, or such a constant gathered per token."""
     if isinstance(table, torch.fx.Node) and table.op == "get_attr" and _is_complex(gm, table):
         return _real_constant(gm, table, values)
-    if isinstance(table, torch.fx.Node) and table.op == "call_function" and table.target is ops.gather_position_table:
+    if matches(table, POSITION_TABLE_GATHER):
         source, idx, axis, ndim = table.args
         if isinstance(source, torch.fx.Node) and source.op == "get_attr" and _is_complex(gm, source):
             real = _real_constant(gm, source, values)
@@ -144,13 +145,13 @@ def _real_rope(gm: torch.fx.GraphModule, values: dict) -> None:
             if real is None:
                 raise ExportError(f"{describe(node)}: its RoPE table is not a constant")
             node.update_arg(13, real)
-        if not (node.op == "call_function" and node.target is torch.view_as_real):
+        if not matches(node, VIEW_AS_REAL):
             continue
         product = node.args[0]
         if not (isinstance(product, torch.fx.Node) and product.op == "call_function" and len(product.args) == 2):
             continue
         for rotated, table in (product.args, tuple(reversed(product.args))):
-            if isinstance(rotated, torch.fx.Node) and rotated.target is torch.view_as_complex:
+            if matches(rotated, VIEW_AS_COMPLEX):
                 real = _real_table(gm, table, values)
                 if real is not None:
                     with gm.graph.inserting_before(node):

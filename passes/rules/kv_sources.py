@@ -25,6 +25,7 @@ import torch.fx
 from ..context import RewriteError
 from ..graph_utils import describe
 from ..normalize_attention_args import sdpa_argument
+from ..op_sets import CAT, KV_LAYOUT, matches
 
 
 @dataclass
@@ -65,7 +66,7 @@ def find_kv_source(attention: torch.fx.Node, kind: str, axes: dict, offsets: dic
 
 def _joint_concat(node, axes, num_tokens):
     """For ``cat([..., image keys, ...], dim=token axis)`` fed straight to attention: (cat, image part index)."""
-    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.cat):
+    if not matches(node, CAT):
         return None
     parts, dim = cat_arguments(node)
     if node.name not in axes or not isinstance(parts, (list, tuple)):
@@ -84,44 +85,6 @@ def cat_arguments(node: torch.fx.Node) -> tuple:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
     return tensors, dim
-
-
-LAYOUT_METHODS = {
-    "view",
-    "reshape",
-    "transpose",
-    "permute",
-    "flatten",
-    "unflatten",
-    "unsqueeze",
-    "squeeze",
-    "repeat",
-    "expand",
-    "repeat_interleave",
-    "contiguous",
-    "to",
-    "type_as",
-    "float",
-    "half",
-    "bfloat16",
-}
-LAYOUT_FUNCTIONS = {
-    torch.transpose,
-    torch.permute,
-    torch.flatten,
-    torch.unflatten,
-    torch.unsqueeze,
-    torch.squeeze,
-    torch.reshape,
-    torch.repeat_interleave,
-}
-
-
-def _is_layout(node: torch.fx.Node) -> bool:
-    """Ops that only move, repeat or cast elements: running them on the cache gives the same keys."""
-    if node.op == "call_method":
-        return node.target in LAYOUT_METHODS
-    return node.op == "call_function" and node.target in LAYOUT_FUNCTIONS
 
 
 def _numel(node: torch.fx.Node) -> int:
@@ -147,7 +110,7 @@ def _image_only_producer(attention, kind, axes, num_tokens):
         axis = axes[node.name]
         if node.meta["ras_dense_shape"][axis] == num_tokens:
             break
-        if node.op == "call_function" and node.target is torch.cat:
+        if matches(node, CAT):
             # a joint sequence is built here, before the projections and norms on the way to attention: the
             # image tokens' inputs are no image-only keys; the joint tensor attention reads is cached instead
             raise RewriteError(f"{describe(attention)}: the {kind} is a joint sequence")
@@ -157,7 +120,7 @@ def _image_only_producer(attention, kind, axes, num_tokens):
         path.append(node)
         consumer, node = node, parents[0]
     best, best_path = (node, consumer), list(path)
-    while _is_layout(node):
+    while matches(node, KV_LAYOUT):  # ops that only move, repeat or cast elements
         parents = [a for a in node.all_input_nodes if a.name in axes]
         if len(parents) != 1 or parents[0].meta["ras_dense_shape"][axes[parents[0].name]] != num_tokens:
             break

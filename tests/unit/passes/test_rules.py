@@ -357,3 +357,21 @@ def test_the_graph_that_holds_the_token_region_is_rewritten_and_the_others_run_d
     assert len(dense_reasons) == 1 and "no image-token source" in dense_reasons[0], dense_reasons
     (control,) = controllers_of(compiled)
     assert [d.kind for d in control.history] == ["capture", "ras", "ras", "ras"]
+
+
+# ------------------------------------------------------------------------------------------ op sets
+
+
+def test_op_sets_match_functions_methods_and_method_rules():
+    from rascompile.passes.op_sets import HEAD_LAYOUT, INPLACE_METHODS, KV_LAYOUT, WRITES, matches
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    repeat = graph.call_method("repeat", (x, 2))
+    transpose = graph.call_function(torch.transpose, (x, 0, 1))
+    add_ = graph.call_method("add_", (x, 1))
+    dunder = graph.call_method("__iadd__", (x, 1))
+    assert matches(transpose, HEAD_LAYOUT) and matches(transpose, KV_LAYOUT)
+    assert matches(repeat, KV_LAYOUT) and not matches(repeat, HEAD_LAYOUT)  # the fused op writes one row per row
+    assert matches(add_, INPLACE_METHODS) and matches(add_, WRITES) and not matches(dunder, WRITES)
+    assert not matches(x, KV_LAYOUT) and not matches(3, KV_LAYOUT)
