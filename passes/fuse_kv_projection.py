@@ -5,7 +5,8 @@ part of ``update_joint_kv_cache``) whose fresh rows come from ``linear(x)`` over
 through, in this order, an optional q/k norm (``layer_norm``, or diffusers' ``RMSNorm`` ops), an
 optional complex RoPE (``view_as_real(view_as_complex(t) * table)`` with the table gathered at the
 active tokens) and ops that only split heads, transpose or cast.
-Produces: ``ops.fused_kv_update(cache, x, weight, bias, idx, ...)``, which projects the active
+Produces: ``ops.fused_kv_update(cache=, x=, weight=, bias=, idx=, ...)`` (every argument by name: the
+tensors and an ``ops.KVEpilogue``'s settings), which projects the active
 tokens and writes each row straight into its cache slot; the unfused chain becomes dead code.
 Before a chain is replaced, the graph's own chain and the op are run on random inputs at a few
 tokens and their caches compared, so a layout or epilogue the parser misread stays unfused (the
@@ -71,12 +72,12 @@ def fuse_kv_projection(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
         write = WRITES[node.target](node)
         try:
             chain = parse_chain(write.fresh)
-            op_args = fused_op_args(chain, write, idx)
-            _verify(gm, ctx, chain, write, op_args)
+            op_kwargs = fused_op_kwargs(chain, write, idx)
+            _verify(gm, ctx, chain, write, op_kwargs)
         except NoMatch as exc:
             ctx.record("fuse_kv_projection", "unfused", detail=str(exc), cache=write.cache.name)
             continue
-        _replace(gm, write, op_args)
+        _replace(gm, write, op_kwargs)
         ctx.record("fuse_kv_projection", "fused", module_path(chain.linear), chain.describe(), cache=write.cache.name)
     return gm
 
@@ -198,10 +199,10 @@ def _match_rms_norm(node: torch.fx.Node, chain: KVChain):
 # ---------------------------------------------------------------- checking and rewriting
 
 
-def fused_op_args(chain: KVChain, write: CacheWrite, idx: torch.fx.Node) -> tuple:
-    """The arguments of ``ops.fused_kv_update`` (graph nodes and constants) for ``chain`` writing ``write``."""
-    weight = chain.linear.args[1]
-    bias = chain.linear.args[2] if len(chain.linear.args) > 2 else None
+def fused_op_kwargs(chain: KVChain, write: CacheWrite, idx: torch.fx.Node) -> dict:
+    """The keyword arguments of ``ops.fused_kv_update`` (graph nodes and constants, by name: the tensors and the
+    ``KVEpilogue``'s settings) for ``chain`` writing ``write``."""
+    linear = chain.linear
     cache_shape = example_value(write.cache).shape
     if len(cache_shape) == 4:
         head_dim = int(cache_shape[-1])
@@ -209,29 +210,32 @@ def fused_op_args(chain: KVChain, write: CacheWrite, idx: torch.fx.Node) -> tupl
         head_dim = 2 * int(example_value(chain.rope_table).shape[-1])
     else:
         head_dim = -1
-    return (
-        write.cache,
-        chain.linear.args[0],
-        weight,
-        bias,
-        idx,
-        write.axis,
-        head_dim,
-        write.offset,
-        chain.norm,
-        chain.norm_group,
-        chain.norm_weight,
-        chain.norm_bias,
-        chain.eps,
-        chain.rope_table,
-        chain.rope_axis,
-        chain.rope_ndim,
+    epilogue = ops.KVEpilogue(
+        axis=write.axis,
+        head_dim=head_dim,
+        row_offset=write.offset,
+        norm=chain.norm,
+        norm_group=chain.norm_group,
+        eps=chain.eps,
+        rope_axis=chain.rope_axis,
+        rope_ndim=chain.rope_ndim,
     )
+    tensors = {
+        "cache": write.cache,
+        "x": linear.args[0],
+        "weight": linear.args[1],
+        "bias": linear.args[2] if len(linear.args) > 2 else None,
+        "idx": idx,
+        "norm_weight": chain.norm_weight,
+        "norm_bias": chain.norm_bias,
+        "rope_table": chain.rope_table,
+    }
+    return tensors | epilogue.kwargs()
 
 
-def _verify(gm, ctx: PassContext, chain: KVChain, write: CacheWrite, op_args: tuple) -> None:
+def _verify(gm, ctx: PassContext, chain: KVChain, write: CacheWrite, op_kwargs: dict) -> None:
     """Run the graph's chain and the op on the same random inputs (on the CPU); their caches must agree."""
-    x_node, idx_node = chain.linear.args[0], op_args[4]
+    x_node, idx_node = op_kwargs["x"], op_kwargs["idx"]
     needed = _ancestors(write.fresh, stop=x_node)
     generator = torch.Generator().manual_seed(0)
     batch, n = ctx.batch_size, ctx.num_tokens
@@ -252,7 +256,7 @@ def _verify(gm, ctx: PassContext, chain: KVChain, write: CacheWrite, op_args: tu
     values[write.cache] = fused = torch.zeros_like(unfused)
     try:
         # the plain body, not the custom op: dispatching the mutating op inside Dynamo's compile crashed now and then
-        ops.fused_kv_update_body(*torch.fx.node.map_arg(op_args, lambda node: values[node]))
+        ops.fused_kv_update_body(**torch.fx.node.map_arg(op_kwargs, lambda node: values[node]))
     except (ValueError, RuntimeError) as exc:
         raise NoMatch(f"the op refuses the chain's tensors: {exc}") from exc
     tolerance = 1e-4 if fresh.dtype == torch.float32 else 3e-2
@@ -295,9 +299,9 @@ def _ancestors(node: torch.fx.Node, stop: torch.fx.Node) -> set[torch.fx.Node]:
     return seen
 
 
-def _replace(gm: torch.fx.GraphModule, write: CacheWrite, op_args: tuple) -> None:
+def _replace(gm: torch.fx.GraphModule, write: CacheWrite, op_kwargs: dict) -> None:
     with gm.graph.inserting_before(write.node):
-        fused = gm.graph.call_function(ops.fused_kv_update, op_args)
+        fused = gm.graph.call_function(ops.fused_kv_update, (), op_kwargs)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "ras_dense_shape"):
         if key in write.node.meta:
             fused.meta[key] = write.node.meta[key]

@@ -7,6 +7,9 @@ shape ``[B, k]`` (int64); ``axis`` is the token axis of the tensor being gathere
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 from rascompile.kernels import linear_scatter_
@@ -147,37 +150,74 @@ def merge_output(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor) ->
     return cache.to(fresh.dtype, copy=True)
 
 
+@dataclass(frozen=True)
+class KVEpilogue:
+    """What ``fused_kv_update`` does after the projection, and where it writes: its settings (not tensors).
+
+    ``axis``: the cache's token axis; ``head_dim``: columns per head (-1: the cache's own, or all columns of a
+    3-d cache); ``row_offset``: the cache row of image token 0 (a joint sequence's text rows come first);
+    ``norm``: ``"none"``, ``"layer_norm"`` or ``"rms_norm"`` over groups of ``norm_group`` columns with ``eps``;
+    ``rope_axis``/``rope_ndim``: how the RoPE table broadcasts against the keys (tokens on ``rope_axis`` of
+    ``rope_ndim``-d keys). On a graph node these are keyword arguments of the call (``kwargs()``), next to the
+    tensors ``cache``, ``x``, ``weight``, ``bias``, ``idx``, ``norm_weight``, ``norm_bias`` and ``rope_table``.
+    """
+
+    axis: int
+    head_dim: int = -1
+    row_offset: int = 0
+    norm: str = "none"
+    norm_group: int = -1
+    eps: float = 1e-6
+    rope_axis: int = 1
+    rope_ndim: int = 4
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, kwargs: dict) -> KVEpilogue:
+        """The epilogue of a call's (or a node's) keyword arguments."""
+        return cls(**{f.name: kwargs[f.name] for f in dataclasses.fields(cls) if f.name in kwargs})
+
+
+#: The tensor arguments of ``fused_kv_update`` (all by name on a graph node; the last three may be None).
+FUSED_KV_TENSORS = ("cache", "x", "weight", "bias", "idx", "norm_weight", "norm_bias", "rope_table")
+
+
 def fused_kv_update(
     cache: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     idx: torch.Tensor,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    rope_table: torch.Tensor | None = None,
     axis: int,
-    head_dim: int,
-    row_offset: int,
-    norm: str,
-    norm_group: int,
-    norm_weight: torch.Tensor | None,
-    norm_bias: torch.Tensor | None,
-    eps: float,
-    rope_table: torch.Tensor | None,
-    rope_axis: int,
-    rope_ndim: int,
+    head_dim: int = -1,
+    row_offset: int = 0,
+    norm: str = "none",
+    norm_group: int = -1,
+    eps: float = 1e-6,
+    rope_axis: int = 1,
+    rope_ndim: int = 4,
 ) -> torch.Tensor:
     """Project the active tokens ``x`` [B, k, C] and write their keys (or values) into ``cache``; return it.
 
     The fused form of linear -> optional norm -> optional RoPE -> ``update_kv_cache``, through the
-    custom op ``rascompile::linear_scatter_``. ``rope_table`` is the complex RoPE table over all N
-    tokens as the model broadcasts it against ``rope_ndim``-d keys with tokens on ``rope_axis``;
-    the op reads it at the active positions itself.
+    custom op ``rascompile::linear_scatter_``; the settings after ``rope_table`` are a ``KVEpilogue``'s.
+    ``rope_table`` is the complex RoPE table over all N tokens as the model broadcasts it against
+    ``rope_ndim``-d keys with tokens on ``rope_axis``; the op reads it at the active positions itself.
     """
+    tensors = dict(norm_weight=norm_weight, norm_bias=norm_bias, rope_table=rope_table)
+    epilogue = dict(axis=axis, head_dim=head_dim, row_offset=row_offset, norm=norm, norm_group=norm_group, eps=eps)
+    rope = dict(rope_axis=rope_axis, rope_ndim=rope_ndim)
     if not x.is_cuda:
         # Off CUDA the op has no kernel of its own: its CPU implementation is this plain body, run here directly
         # rather than through the custom-op dispatcher, where the mutating op crashed long test processes now
         # and then (a segmentation fault or ``vector::reserve`` inside ``OpOverload.__call__``).
-        args = (norm, norm_group, norm_weight, norm_bias, eps, rope_table, rope_axis, rope_ndim)
-        return fused_kv_update_body(cache, x, weight, bias, idx, axis, head_dim, row_offset, *args)
+        return fused_kv_update_body(cache, x, weight, bias, idx, **tensors, **epilogue, **rope)
     cos = sin = None
     if rope_table is not None:
         cos, sin = rope_cos_sin(torch.view_as_real(rope_table), rope_axis, rope_ndim)
@@ -187,43 +227,71 @@ def fused_kv_update(
         weight,
         bias,
         idx,
-        axis,
-        head_dim,
-        row_offset,
-        norm,
-        norm_group,
-        norm_weight,
-        norm_bias,
-        eps,
-        cos,
-        sin,
+        token_axis=axis,
+        head_dim=head_dim,
+        row_offset=row_offset,
+        norm=norm,
+        norm_group=norm_group,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        eps=eps,
+        rope_cos=cos,
+        rope_sin=sin,
         validate_indices=False,
     )
     return cache
 
 
-def fused_kv_update_body(cache, x, weight, bias, idx, axis, head_dim, row_offset, *rest) -> torch.Tensor:
+def fused_kv_update_body(cache, x, weight, bias, idx, *, rope_table=None, **rest) -> torch.Tensor:
     """``fused_kv_update`` as its plain torch body (``portable_ops``), never through the custom-op dispatcher;
     the RoPE table may be complex (as the graph holds it) or real pairs."""
     from .export import portable_ops
 
-    norm, norm_group, norm_weight, norm_bias, eps, rope_table, rope_axis, rope_ndim = rest
     real = torch.view_as_real(rope_table) if rope_table is not None and rope_table.is_complex() else rope_table
-    args = (norm, norm_group, norm_weight, norm_bias, eps, real, rope_axis, rope_ndim)
-    return portable_ops.fused_kv_update(cache, x, weight, bias, idx, axis, head_dim, row_offset, *args)
+    return portable_ops.fused_kv_update(cache, x, weight, bias, idx, rope_table=real, **rest)
 
 
-def fused_kv_update_shapes(cache, x, weight, bias, idx, axis, head_dim, row_offset, *rest) -> torch.Tensor:
+def fused_kv_update_shapes(
+    cache,
+    x,
+    weight,
+    bias,
+    idx,
+    *,
+    norm_weight=None,
+    norm_bias=None,
+    rope_table=None,
+    axis: int,
+    head_dim: int = -1,
+    norm: str = "none",
+    norm_group: int = -1,
+    rope_axis: int = 1,
+    rope_ndim: int = 4,
+    **_,
+) -> torch.Tensor:
     """``fused_kv_update`` for shape propagation: the op's argument checks, and the cache it returns, without
     calling the mutating custom op (the passes propagate fake tensors through graphs inside Dynamo's compile,
     where dispatching it now and then failed inside the dispatcher)."""
     from rascompile.kernels import normalize_arguments
 
-    norm, norm_group, norm_weight, norm_bias, eps, rope_table, rope_axis, rope_ndim = rest
     cos = sin = None
     if rope_table is not None:
         cos, sin = rope_cos_sin(torch.view_as_real(rope_table), rope_axis, rope_ndim)
-    normalize_arguments(cache, x, weight, bias, idx, axis, head_dim, norm, norm_group, norm_weight, norm_bias, cos, sin)
+    normalize_arguments(
+        cache,
+        x,
+        weight,
+        bias,
+        idx,
+        token_axis=axis,
+        head_dim=head_dim,
+        norm=norm,
+        norm_group=norm_group,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        rope_cos=cos,
+        rope_sin=sin,
+    )
     return cache
 
 

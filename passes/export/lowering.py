@@ -20,7 +20,7 @@ import torch.fx
 
 from .. import ops
 from ..graph_utils import call_node, describe
-from ..op_sets import COMPLEX_VIEWS, POSITION_TABLE_GATHER, VIEW_AS_COMPLEX, VIEW_AS_REAL, matches
+from ..op_sets import COMPLEX_VIEWS, POSITION_TABLE_GATHER, VIEW_AS_COMPLEX, VIEW_AS_REAL, matches, op_set
 from . import portable_ops
 
 PORTABLE = {
@@ -30,6 +30,9 @@ PORTABLE = {
     ops.merge_output: portable_ops.merge_output,
     ops.fused_kv_update: portable_ops.fused_kv_update,
 }
+
+
+PORTABLE_FUSED_KV = op_set({portable_ops.fused_kv_update})
 
 
 class ExportError(Exception):
@@ -140,11 +143,11 @@ def _real_table(gm: torch.fx.GraphModule, table, values: dict):
 
 def _real_rope(gm: torch.fx.GraphModule, values: dict) -> None:
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is portable_ops.fused_kv_update and node.args[13] is not None:
-            real = _real_table(gm, node.args[13], values)
+        if matches(node, PORTABLE_FUSED_KV) and node.kwargs.get("rope_table") is not None:
+            real = _real_table(gm, node.kwargs["rope_table"], values)
             if real is None:
                 raise ExportError(f"{describe(node)}: its RoPE table is not a constant")
-            node.update_arg(13, real)
+            node.update_kwarg("rope_table", real)
         if not matches(node, VIEW_AS_REAL):
             continue
         product = node.args[0]

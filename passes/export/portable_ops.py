@@ -39,27 +39,42 @@ def fused_kv_update(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     idx: torch.Tensor,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    rope_table: torch.Tensor | None = None,
     axis: int,
-    head_dim: int,
-    row_offset: int,
-    norm: str,
-    norm_group: int,
-    norm_weight: torch.Tensor | None,
-    norm_bias: torch.Tensor | None,
-    eps: float,
-    rope_table: torch.Tensor | None,
-    rope_axis: int,
-    rope_ndim: int,
+    head_dim: int = -1,
+    row_offset: int = 0,
+    norm: str = "none",
+    norm_group: int = -1,
+    eps: float = 1e-6,
+    rope_axis: int = 1,
+    rope_ndim: int = 4,
 ) -> torch.Tensor:
     """``ops.fused_kv_update`` decomposed: projection, norm, RoPE, row scatter. ``rope_table`` holds
     real (cos, sin) pairs [..., D/2, 2] instead of complex numbers."""
     cos = sin = None
     if rope_table is not None:
         cos, sin = rope_cos_sin(rope_table, rope_axis, rope_ndim)
+    tables = dict(norm_weight=norm_weight, norm_bias=norm_bias, rope_cos=cos, rope_sin=sin)
     cache4, head_dim, norm_group, cos, sin = normalize_arguments(
-        cache, x, weight, bias, idx, axis, head_dim, norm, norm_group, norm_weight, norm_bias, cos, sin
+        cache, x, weight, bias, idx, token_axis=axis, head_dim=head_dim, norm=norm, norm_group=norm_group, **tables
     )
-    rows = reference_rows(x, weight, bias, idx, head_dim, norm, norm_group, norm_weight, norm_bias, eps, cos, sin)
+    rows = reference_rows(
+        x,
+        weight,
+        bias,
+        idx,
+        head_dim=head_dim,
+        norm=norm,
+        norm_group=norm_group,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        eps=eps,
+        rope_cos=cos,
+        rope_sin=sin,
+    )
     write_rows(cache4, rows, idx, row_offset)
     return cache
 

@@ -8,7 +8,7 @@ import torch
 import rascompile
 from rascompile import RASBackend, RASConfig
 from rascompile.passes import build_ras_graph, ops
-from rascompile.passes.fuse_kv_projection import WRITES, NoMatch, _verify, fused_op_args, parse_chain
+from rascompile.passes.fuse_kv_projection import WRITES, NoMatch, _verify, fused_op_kwargs, parse_chain
 from tests.support.capture import capture_pipeline_graph
 from tests.support.models import (
     lumina_call_kwargs,
@@ -48,7 +48,11 @@ def test_op_stands_where_every_chain_was(captured):
     assert not _fused_nodes(plain)
     nodes = _fused_nodes(fused)
     assert len(nodes) == len(ctx.kv_slots) > 0
-    caches = {n.args[0].name for n in nodes}
+    assert all(not n.args and set(n.kwargs) >= {"cache", "x", "weight", "idx", "axis", "norm"} for n in nodes)
+    caches = {n.kwargs["cache"].name for n in nodes}
+    epilogues = {ops.KVEpilogue.of(n.kwargs) for n in nodes}  # the settings, read back by name
+    assert all(ops.KVEpilogue.of(n.kwargs).kwargs().items() <= n.kwargs.items() for n in nodes)
+    assert {e.norm for e in epilogues} == {"none" if c == "linear" else c.split(" + ")[1] for c in chains.values()}
     assert caches == {slot.placeholder for slot in ctx.kv_slots}
     for slot in ctx.kv_slots:
         record = next(r for r in ctx.records if r.kind == "fused" and r.cache == slot.placeholder)
@@ -144,7 +148,7 @@ def test_a_misread_chain_is_caught_by_the_numeric_check():
 
     def check(**changes):
         misread = dataclasses.replace(chain, **changes)
-        _verify(ras, ctx, misread, write, fused_op_args(misread, write, idx))
+        _verify(ras, ctx, misread, write, fused_op_kwargs(misread, write, idx))
 
     check()  # as parsed: passes
     with pytest.raises(NoMatch, match="disagree"):
