@@ -43,6 +43,7 @@ from rascompile.passes import RewriteError, build_ras_graph, copy_graph_module, 
 from rascompile.passes.export.lowering import ExportError, ExportLowering, lower_for_export
 from rascompile.passes.signature import ModelInput, StepSignature, step_signature
 
+from .._extras import require_extra
 from .manifest import FORMAT, GRAPHS, MANIFEST, onnx_opset, sha256_file, write_manifest
 
 DEFAULT_OPSET = 18
@@ -194,6 +195,7 @@ def export(
             ``directory`` is a file or a non-empty directory that is not an earlier rascompile export
             (it is not replaced then; an earlier export is replaced whole).
     """
+    require_extra("onnx", "onnx", "onnxscript", *(("onnxruntime",) if check else ()), feature="rascompile.export")
     opset = check_opset(opset)
     target = output_path(directory)
     check_output_path(target)  # before the expensive tracing
@@ -405,22 +407,12 @@ def _dense_graph(source, call_kwargs):
 
 
 def _trace_pipeline(pipe, call_kwargs):
-    graphs = []
+    from ..capture import capture_pipeline_graphs
 
-    def capture(gm, example_inputs, **_):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
-    original = pipe.transformer
-    pipe.transformer = torch.compile(original, backend=capture, fullgraph=True, dynamic=False)
     try:
-        with torch.no_grad():
-            pipe(**{**call_kwargs, "num_inference_steps": 1, "output_type": "latent"})
+        graphs = capture_pipeline_graphs(pipe, call_kwargs, fullgraph=True)  # dynamic=False, output_type="latent"
     except torch._dynamo.exc.Unsupported as exc:
         raise ExportError(f"the transformer does not trace into one graph: {str(exc).splitlines()[0]}") from exc
-    finally:
-        pipe.transformer = original
-        torch._dynamo.reset()
     return graphs[0]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._extras import require_extra
 from ..config import RASConfig
 from ..runtime.controller import GraphLayout, RASController
 from ..runtime.steps import SchedulerSteps, TimestepSteps
@@ -209,6 +210,7 @@ class OnnxRunner(StepRunner):
     the graphs' inputs and outputs against the manifest (``load_onnx_graphs``)."""
 
     def __init__(self, directory, config: RASConfig | None = None, *, providers=None, steps=None):
+        require_extra("onnx", "onnx", "onnxruntime", feature="rascompile.OnnxRunner")
         super().__init__(directory, config, steps=steps)
         import onnxruntime as ort
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .._extras import require_extra
 from ..config import RASConfig
 from .manifest import (
     FORMAT,
@@ -63,6 +64,7 @@ def build_engines(
     The ONNX files are checked first (manifest, SHA-256, graph inputs; see ``rascompile.deploy.manifest``).
     The engines' names and SHA-256 are added to the manifest, which is rewritten atomically after
     the engines are in place."""
+    require_extra("tensorrt", "tensorrt", feature="TensorRT engines")
     directory = Path(directory)
     manifest = load_manifest(directory)
     load_onnx_graphs(directory, manifest)  # checks the files and their graphs against the manifest
@@ -118,6 +120,7 @@ class TensorRTRunner(StepRunner):
     only from directories you trust."""
 
     def __init__(self, directory, config: RASConfig | None = None, *, steps=None):
+        require_extra("tensorrt", "tensorrt", feature="TensorRT engines")
         super().__init__(directory, config, steps=steps)
         m = self.manifest
         if m.get("runtime", "onnx") != "onnx" or "engines" not in m:
@@ -199,6 +202,7 @@ def compile_torch_tensorrt(
 
     Like ``rascompile.export``, the files are written into a fresh directory next to ``directory``
     and moved into place at the end; ``directory`` must be missing, empty or an earlier export."""
+    require_extra("tensorrt", "torch_tensorrt", feature="torch-tensorrt")
     import torch_tensorrt
 
     _require_cuda("torch-tensorrt")
@@ -249,6 +253,7 @@ class TorchTensorRTRunner(StepRunner):
     """
 
     def __init__(self, directory, config: RASConfig | None = None, *, steps=None, trust: bool = False):
+        require_extra("tensorrt", "torch_tensorrt", feature="torch-tensorrt")
         if trust is not True:
             raise UntrustedExportError(
                 f"TorchTensorRTRunner would load the .ep files in {directory} with torch.export.load, which "
