@@ -50,7 +50,12 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["C_IN", "C_OUT", "SEG", "NORM", "HAS_ROPE", "BLOCK_P"])
+#: The autotuner's key. ``K_BUCKET``, the active-row count rounded up to a power of two, keeps the tile chosen at
+#: one k (the capture step's k = N, the first launch) from serving every later step at a much smaller k.
+AUTOTUNE_KEY = ["C_IN", "C_OUT", "SEG", "NORM", "HAS_ROPE", "BLOCK_P", "K_BUCKET"]
+
+
+@triton.autotune(configs=_configs(), key=AUTOTUNE_KEY)
 @triton.jit
 def _linear_scatter_kernel(
     x_ptr,
@@ -63,6 +68,7 @@ def _linear_scatter_kernel(
     cos_ptr,
     sin_ptr,
     K_ROWS,
+    K_BUCKET,  # triton.next_power_of_2(K_ROWS): read by the autotuner's key only
     C_IN,
     C_OUT,
     SEG,
@@ -190,6 +196,11 @@ def _linear_scatter_kernel(
     tl.store(ptr_o, acc_o.to(out_ty), mask=mask_m[:, None] & mask_o[None, :])
 
 
+def k_bucket(rows: int) -> int:
+    """The autotuner's bucket of an active-row count: the next power of two (k = N and k = N / 4 tune apart)."""
+    return triton.next_power_of_2(max(int(rows), 1))
+
+
 def _pair_block(seg: int, has_norm: bool) -> int:
     """Pairs per program: a whole norm group when there is a norm, else a fixed tile (>= 16 for tl.dot)."""
     if has_norm:
@@ -242,6 +253,7 @@ def launch(
         cos,
         sin,
         rows,
+        k_bucket(rows),
         c_in,
         c_out,
         seg,
