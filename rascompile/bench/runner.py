@@ -45,6 +45,7 @@ import torch
 
 from .._extras import require_extra
 from ..cli.main import check_output_file
+from ..passes import render_record, rewrite_records
 from ..runtime.backend import RASGraph
 from ..runtime.schedule import build_schedule
 from .flops import (
@@ -193,10 +194,10 @@ def describe_model(settings: BenchSettings, family: BenchModel, spec: ModelSpec 
 
 def kv_writes(graph: RASGraph) -> dict:
     """How many of the graph's K/V cache writes the fused projection took, and why the others stay unfused."""
-    fuse_lines = [line for line in graph.summary.splitlines() if line.startswith("fuse: ")]
+    records = rewrite_records(graph.ras_gm)
     return {
-        "fused_kv_writes": sum("stays unfused" not in line for line in fuse_lines),
-        "unfused_kv_reasons": [line for line in fuse_lines if "stays unfused" in line],
+        "fused_kv_writes": sum(record.kind == "fused" for record in records),
+        "unfused_kv_reasons": [render_record(record) for record in records if record.kind == "unfused"],
         "kv_writes": len(graph.controller.layout.kv_caches),
     }
 
