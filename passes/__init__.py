@@ -19,6 +19,8 @@ The rewritten graph takes the original inputs followed by ``ras_active_idx`` [B,
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch.fx
 
 from .analyze_token_region import analyze_token_region
@@ -34,6 +36,7 @@ from .normalize_attention_args import normalize_attention_args
 from .retarget_token_region import retarget_token_region
 from .scatter_output import scatter_output
 from .settings import PassSettings
+from .signature import StepSignature, step_signature
 from .snapshot import RECORDS_KEY, graph_summary, render_record, rewrite_records
 from .specialize_shapes import has_symbolic_shapes
 from .verify_ras_graph import verify_ras_graph
@@ -83,17 +86,28 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
+class RASRewrite(NamedTuple):
+    """What ``build_ras_graph`` returns."""
+
+    graph: torch.fx.GraphModule  # the RAS step graph
+    signature: StepSignature  # its inputs in order, caches, sizes, latent layout: the contract with the runtime
+    context: PassContext  # the facts the passes found and the records of what they rewrote
+
+
 def build_ras_graph(
     gm: torch.fx.GraphModule,
     *,
     kv_cache: bool = True,
     fuse_kv_projection: bool = False,
     dump_dir: str | None = None,
-) -> tuple[torch.fx.GraphModule, PassContext]:
+) -> RASRewrite:
     """Rewrite a copy of the dense Dynamo graph ``gm`` into the RAS step graph.
 
     ``fuse_kv_projection`` turns each K/V projection chain that feeds a cache into one
     ``rascompile::linear_scatter_`` op (see ``fuse_kv_projection``).
+
+    Returns ``(graph, signature, context)``: the rewritten graph, its ``StepSignature`` (the inputs it takes, in
+    order, and the caches; what the runtime and the export bind to) and the pass context (facts and records).
 
     The rewritten graph carries the passes' records (``rewrite_records``); ``ctx.records`` holds them too.
     Raises RewriteError, with the reason, when the rewrite cannot be shown to apply.
@@ -105,7 +119,7 @@ def build_ras_graph(
     ctx = PassContext(settings=settings)
     ras = RAS_PASSES(copy_graph_module(gm), ctx)
     ras.meta[RECORDS_KEY] = tuple(ctx.records)
-    return ras, ctx
+    return RASRewrite(ras, step_signature(gm, ctx), ctx)
 
 
 __all__ = [
@@ -114,6 +128,8 @@ __all__ = [
     "PassManager",
     "PassSettings",
     "RAS_PASSES",
+    "RASRewrite",
+    "StepSignature",
     "RewriteError",
     "RewriteRecord",
     "TokenRegionFacts",

@@ -36,11 +36,28 @@ from .rules.latent_layout import (
 
 
 def is_model_input(node: torch.fx.Node) -> bool:
-    """True for placeholders the caller passes (latents, timestep, ...), not parameters or buffers."""
+    """True for placeholders the caller passes (latents, timestep, ...), not parameters or buffers.
+
+    Dynamo records where each placeholder came from (``node._dynamo_source``; ``meta["grapharg"]`` in older
+    releases): a parameter or buffer has a ``ParamBufferSource`` in its chain. Without a source, the names
+    Dynamo gives module state (``..._parameters_...``, ``..._buffers_...``) tell."""
     grapharg = node.meta.get("grapharg")
-    if grapharg is not None and getattr(grapharg, "source", None) is not None:
-        return not grapharg.source.name.startswith("L['self']")
-    return not isinstance(example_value(node), torch.nn.Parameter)
+    source = getattr(node, "_dynamo_source", None) or getattr(grapharg, "source", None)
+    if source is not None:
+        return not _is_module_state(source)
+    if isinstance(example_value(node), torch.nn.Parameter):
+        return False
+    return not any(marker in node.name for marker in ("_parameters_", "_buffers_"))
+
+
+def _is_module_state(source) -> bool:
+    from torch._dynamo.source import ParamBufferSource, UnspecializedParamBufferSource
+
+    while source is not None:
+        if isinstance(source, (ParamBufferSource, UnspecializedParamBufferSource)):
+            return True
+        source = getattr(source, "base", None)
+    return False
 
 
 def find_token_source(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:

@@ -392,7 +392,7 @@ class _RASRunner:
         self._variants: dict[int, Callable] = {}
 
     def run(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        args = [*self.inputs, idx, *self.caches]
+        args = list(self.graph.signature.bind(self.inputs, idx, self.caches[0], self.caches[1:]))
         k = int(idx.shape[1])
         if k not in self._variants:
             self._variants[k] = self._compile(args)

@@ -159,7 +159,7 @@ def ras_step_flops(graph, args: list, active_idx) -> int:
 
     output_cache, kv_caches = graph.controller.caches(0)
     with torch.no_grad():
-        return count_flops(graph.ras_gm, *args, active_idx, output_cache, *kv_caches)
+        return count_flops(graph.ras_gm, *graph.signature.bind(args, active_idx, output_cache, kv_caches))
 
 
 @dataclass

@@ -41,7 +41,7 @@ import torch.fx
 
 from rascompile.passes import RewriteError, build_ras_graph, copy_graph_module, render_record
 from rascompile.passes.export.lowering import ExportError, ExportLowering, lower_for_export
-from rascompile.passes.signature import ModelInput, StepSignature, step_signature
+from rascompile.passes.signature import ModelInput, StepSignature
 
 from .._extras import require_extra
 from .manifest import FORMAT, GRAPHS, MANIFEST, onnx_opset, sha256_file, write_manifest
@@ -110,7 +110,7 @@ def prepare_step_graphs(
     """Trace (if needed), rewrite and lower ``source``'s transformer graph: see ``export`` for ``source``."""
     dense_gm, example_inputs = _dense_graph(source, call_kwargs)
     try:
-        ras_gm, ctx = build_ras_graph(dense_gm, fuse_kv_projection=fused_kv_projection)
+        ras_gm, dense_signature, ctx = build_ras_graph(dense_gm, fuse_kv_projection=fused_kv_projection)
     except RewriteError as exc:
         raise ExportError(f"cannot export a RAS step graph: the passes cannot rewrite this model: {exc}") from exc
     if ctx.latent_layout != "image":
@@ -129,7 +129,7 @@ def prepare_step_graphs(
         raise ExportError(f"the latents input {ctx.latents} is not a runtime input of the graph")
     runtime_values = [example_inputs[placeholders.index(name)] for name in runtime]
     # the exported graphs take the runtime inputs only, named as the call's keywords
-    signature = step_signature(dense_gm, ctx).with_inputs(
+    signature = dense_signature.with_inputs(
         [
             ModelInput(input_name(name), name, tuple(value.shape), value.dtype)
             for name, value in zip(runtime, runtime_values)

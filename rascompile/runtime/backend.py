@@ -26,7 +26,6 @@ import torch.fx
 from torch._dynamo.convert_frame import compile_lock
 
 from rascompile.passes import RewriteError, build_ras_graph, graph_summary
-from rascompile.passes.signature import step_signature
 from rascompile.passes.specialize_shapes import has_symbolic_shapes, specialize_shapes
 
 from ..config import RASConfig
@@ -199,13 +198,13 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
     if backend.config.sample_ratio >= 1.0:
         return DenseGraph(backend, gm, example_inputs, "sample_ratio is 1.0")
     try:
-        ras_gm, ctx = build_ras_graph(
+        ras_gm, signature, ctx = build_ras_graph(
             gm,
             kv_cache=backend.config.kv_cache,
             fuse_kv_projection=backend.fuses_kv_projection(example_inputs),
             dump_dir=backend.dump_graphs,
         )
-        return RASGraph(backend, gm, example_inputs, ras_gm, step_signature(gm, ctx), graph_summary(ctx))
+        return RASGraph(backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
     except RewriteError as exc:
         reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - a bug in the passes must not fail the user's compile

@@ -56,7 +56,7 @@ def _rewrite(case):
         found = []
         for gm, inputs in _graphs(case):
             try:
-                ras, ctx = build_ras_graph(gm)
+                ras, _, ctx = build_ras_graph(gm)
             except RewriteError:
                 continue
             with torch.no_grad():
@@ -77,7 +77,7 @@ def test_rewrite_or_dense_reason(case):
     rewritten = []
     for gm, _ in _graphs(case):
         try:
-            _, ctx = build_ras_graph(gm)
+            _, _, ctx = build_ras_graph(gm)
             rewritten.append(ctx)
         except RewriteError as exc:
             reasons.append(str(exc))

@@ -49,7 +49,7 @@ CAPTURES = {
 @pytest.fixture(scope="module", params=sorted(CAPTURES))
 def rewritten(request):
     gm, inputs = CAPTURES[request.param]()
-    ras, ctx = build_ras_graph(gm)
+    ras, _, ctx = build_ras_graph(gm)
     with torch.no_grad():
         dense = gm(*inputs)[0]
     return ras, ctx, inputs, dense
@@ -62,7 +62,7 @@ def flux_rewritten():
 
 
 def test_flux_graph_is_rewritten_with_packed_latents_and_joint_caches(flux_rewritten):
-    _, ctx = flux_rewritten
+    _, _, ctx = flux_rewritten
     assert ctx.latent_layout == "packed" and ctx.num_tokens == 64 and ctx.batch_size == 2
     kinds = [r.kind for r in ctx.records]
     assert "joint_table" in kinds, "RoPE over [text; image] follows the active tokens"
@@ -99,8 +99,7 @@ def test_subset_on_unchanged_inputs_reuses_caches(rewritten, k):
     _, output_cache, kv = run_ras_step(ras, ctx, inputs, torch.arange(n).expand(b, n).contiguous())
     g = torch.Generator().manual_seed(k)
     idx = torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(b)])
-    with torch.no_grad():
-        out = ras(*inputs, idx, output_cache, *kv)[0]
+    out = run_ras_step(ras, ctx, inputs, idx, output_cache, kv)[0]
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
 
 

@@ -32,7 +32,7 @@ def test_graph_snapshot(captured):
     Regenerate with RASCOMPILE_UPDATE_SNAPSHOTS=1 after reading the diff.
     """
     name, gm, _ = captured
-    _, ctx = build_ras_graph(gm)
+    _, _, ctx = build_ras_graph(gm)
     summary = graph_summary(ctx)
     path = SNAPSHOTS / f"{name}.txt"
     if os.environ.get("RASCOMPILE_UPDATE_SNAPSHOTS"):
@@ -42,7 +42,7 @@ def test_graph_snapshot(captured):
 
 def test_every_attention_over_image_keys_is_cached(captured):
     name, gm, _ = captured
-    _, ctx = build_ras_graph(gm)
+    _, _, ctx = build_ras_graph(gm)
     attentions = {s.attention for s in ctx.kv_slots}
     # SD3: one joint attention per block; Lumina-Next: self-attention (attn1) per block, attn2 sees text only.
     expected = {
@@ -56,7 +56,7 @@ def test_every_attention_over_image_keys_is_cached(captured):
 def _rewritten(captured):
     """(RAS graph, its context, the graph inputs, the dense graph's output)."""
     _, gm, inputs = captured
-    ras, ctx = build_ras_graph(gm)
+    ras, _, ctx = build_ras_graph(gm)
     with torch.no_grad():
         dense = gm(*inputs)[0]
     return ras, ctx, inputs, dense

@@ -4,6 +4,7 @@ rewritten graph."""
 import torch
 
 from rascompile.capture import GraphCapture, capture_graphs, capture_pipeline_graphs
+from rascompile.passes.signature import StepSignature, step_signature
 
 __all__ = ["GraphCapture", "capture_graph", "capture_pipeline_graph", "run_ras_step"]
 
@@ -19,8 +20,11 @@ def capture_graph(model, *args):
 
 
 def run_ras_step(ras, ctx, inputs, idx, output_cache=None, kv=None):
-    """One step of the RAS graph over the tokens ``idx``; fresh zeroed caches unless the caller passes its own."""
-    output_cache = torch.zeros(ctx.output_cache_shape) if output_cache is None else output_cache
-    kv = [torch.zeros(s.shape, dtype=s.dtype) for s in ctx.kv_slots] if kv is None else kv
+    """One step of the RAS graph ``ras`` over the tokens ``idx``, its inputs bound by its ``StepSignature`` (or
+    the one of the pass context ``ctx``); fresh zeroed caches unless the caller passes its own."""
+    signature = ctx if isinstance(ctx, StepSignature) else step_signature(ras, ctx)
+    if output_cache is None:
+        output_cache = torch.zeros(signature.output_cache.shape, dtype=signature.output_cache.dtype)
+    kv = [torch.zeros(c.shape, dtype=c.dtype) for c in signature.kv_caches] if kv is None else kv
     with torch.no_grad():
-        return ras(*inputs, idx, output_cache, *kv)[0], output_cache, kv
+        return ras(*signature.bind(inputs, idx, output_cache, kv))[0], output_cache, kv

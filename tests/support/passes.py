@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from rascompile.passes import RAS_PASSES, copy_graph_module, graph_utils
 from rascompile.passes import context as context_module
-from tests.support.capture import capture_graph, run_ras_step
+from tests.support.capture import capture_graph
 
 WIDTH, HEADS, HEAD_DIM, OUT, TEXT = 8, 2, 4, 16, 3
 ACTIVE_IDX, OUTPUT_CACHE, KV_CACHE = "ras_active_idx", "ras_output_cache", "ras_kv_cache_"
@@ -393,12 +393,12 @@ def run_graph(gm, inputs, idx=None, output_cache=None, kv=None):
 
 
 def run_step(ras, inputs, idx, output_cache=None, kv=None):
-    """One step of a finished RAS graph (``run_ras_step``) with caches from the graph's placeholders unless given:
+    """One step of a finished RAS graph with caches from the graph's placeholders unless given:
     ``(output, output_cache, kv)``."""
     zero_output, zero_kv = zero_caches(ras)
-    return run_ras_step(
-        ras, None, inputs, idx, zero_output if output_cache is None else output_cache, zero_kv if kv is None else kv
-    )
+    output_cache = zero_output if output_cache is None else output_cache
+    kv = zero_kv if kv is None else kv
+    return run_graph(ras, inputs, idx, output_cache, kv)[0], output_cache, kv
 
 
 def dense(gm, inputs) -> torch.Tensor:

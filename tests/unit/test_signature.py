@@ -152,7 +152,7 @@ def test_only_image_signatures_go_into_a_manifest():
 def test_built_from_the_pass_context_it_drives_the_ras_graph():
     model = TinyDiT()
     gm, inputs = capture_graph(model, *model.inputs())
-    ras_gm, ctx = build_ras_graph(gm)
+    ras_gm, _, ctx = build_ras_graph(gm)
     signature = step_signature(gm, ctx)
     # from the dense graph, from its placeholder names or from the RAS graph: one signature
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

@@ -140,12 +140,9 @@ class OffsetLatents(TinyDiT):
         return super().forward(self.offset + x, timestep)
 
 
-# Dynamo (torch 2.13) leaves no ``grapharg`` on the placeholders the backend sees, so ``is_model_input`` falls back
-# to "not a Parameter" and every buffer counts as a model input: a buffer read before the real input is found first.
-BUFFER_AS_INPUT = "find_token_source.is_model_input counts buffers as model inputs (no grapharg in node.meta)"
+# Buffers are module state, never the caller's inputs, even when Dynamo places them before the real ones.
 
 
-@pytest.mark.xfail(strict=True, reason=BUFFER_AS_INPUT)
 def test_a_one_element_buffer_is_not_taken_for_the_timestep():
     gm, _ = capture(ScaledLatents())
     out, ctx = run_until(gm, PASS)
@@ -153,7 +150,6 @@ def test_a_one_element_buffer_is_not_taken_for_the_timestep():
     assert fact(ctx, "timestep") == timestep
 
 
-@pytest.mark.xfail(strict=True, reason=BUFFER_AS_INPUT)
 def test_a_latent_shaped_buffer_is_not_taken_for_the_latents_at_batch_one():
     model = OffsetLatents()
     gm, _ = capture(model, *model.inputs(batch=1))

@@ -43,8 +43,8 @@ def _fused_nodes(gm):
 
 def test_op_stands_where_every_chain_was(captured):
     gm, _, chains = captured
-    plain, _ = build_ras_graph(gm)
-    fused, ctx = build_ras_graph(gm, fuse_kv_projection=True)
+    plain, _, _ = build_ras_graph(gm)
+    fused, _, ctx = build_ras_graph(gm, fuse_kv_projection=True)
     assert not _fused_nodes(plain)
     nodes = _fused_nodes(fused)
     assert len(nodes) == len(ctx.kv_slots) > 0
@@ -64,8 +64,8 @@ def test_op_stands_where_every_chain_was(captured):
 
 def test_fused_graph_equals_unfused_graph(captured):
     gm, inputs, _ = captured
-    plain, ctx = build_ras_graph(gm)
-    fused, _ = build_ras_graph(gm, fuse_kv_projection=True)
+    plain, signature, ctx = build_ras_graph(gm)
+    fused, _, _ = build_ras_graph(gm, fuse_kv_projection=True)
     n = ctx.num_tokens
     gen = torch.Generator().manual_seed(1)
     idx = torch.stack([torch.randperm(n, generator=gen)[: n // 3] for _ in range(ctx.batch_size)])
@@ -74,7 +74,7 @@ def test_fused_graph_equals_unfused_graph(captured):
         output_cache = torch.zeros(ctx.output_cache_shape)
         kv = [torch.randn(s.shape, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(ctx.kv_slots)]
         with torch.no_grad():
-            out = graph(*inputs, idx, output_cache, *kv)[0]
+            out = graph(*signature.bind(inputs, idx, output_cache, kv))[0]
         return out, output_cache, kv
 
     out_plain, oc_plain, kv_plain = run(plain)
@@ -117,8 +117,8 @@ def test_bfloat16_graph_fuses_and_matches_within_rounding(model):
         k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs_fn().items()
     }
     gm, inputs = capture_pipeline_graph(pipe, call)
-    plain, ctx = build_ras_graph(gm)
-    fused, _ = build_ras_graph(gm, fuse_kv_projection=True)
+    plain, signature, ctx = build_ras_graph(gm)
+    fused, _, _ = build_ras_graph(gm, fuse_kv_projection=True)
     assert len(_fused_nodes(fused)) == len(ctx.kv_slots)
     idx = torch.stack(
         [torch.randperm(ctx.num_tokens, generator=torch.Generator().manual_seed(b))[:20] for b in range(ctx.batch_size)]
@@ -128,7 +128,7 @@ def test_bfloat16_graph_fuses_and_matches_within_rounding(model):
         caches = [torch.zeros(ctx.output_cache_shape, dtype=torch.bfloat16)]
         caches += [torch.zeros(s.shape, dtype=s.dtype) for s in ctx.kv_slots]
         with torch.no_grad():
-            return graph(*inputs, idx, *caches)[0], caches[1:]
+            return graph(*signature.bind(inputs, idx, caches[0], caches[1:]))[0], caches[1:]
 
     (out_plain, kv_plain), (out_fused, kv_fused) = run(plain), run(fused)
     assert out_fused.dtype == torch.bfloat16 and all(c.dtype == torch.bfloat16 for c in kv_fused)
@@ -140,7 +140,7 @@ def test_bfloat16_graph_fuses_and_matches_within_rounding(model):
 def test_a_misread_chain_is_caught_by_the_numeric_check():
     """Parsing mistakes (a missed RoPE, a per-head norm for Lumina-Next's norm across heads) do not get through."""
     gm, _ = capture_pipeline_graph(tiny_lumina_pipeline(), lumina_call_kwargs())
-    ras, ctx = build_ras_graph(gm)
+    ras, _, ctx = build_ras_graph(gm)
     node = next(n for n in ras.graph.nodes if n.target is ops.update_kv_cache and n.args[0].name == "ras_kv_cache_0")
     write, idx = WRITES[node.target](node), node.args[2]
     chain = parse_chain(write.fresh)
@@ -188,7 +188,7 @@ def test_unknown_op_in_chain_is_not_fused():
 
     with torch.no_grad():
         torch.compile(ScaledKeys(), backend=grab, fullgraph=True)(torch.randn(2, 4, 8, 8))
-    ras, ctx = build_ras_graph(captured[0], fuse_kv_projection=True)
+    ras, _, ctx = build_ras_graph(captured[0], fuse_kv_projection=True)
     assert len(_fused_nodes(ras)) == 1  # the values
     unfused = [r for r in ctx.records if r.kind == "unfused"]
     assert [r.cache for r in unfused] == ["ras_kv_cache_0"] and unfused[0].detail.startswith("mul"), ctx.records

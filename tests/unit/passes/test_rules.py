@@ -29,7 +29,7 @@ HEADS, HEAD_DIM, WIDTH, TEXT = 2, 4, 8, 3
 
 def assert_invariants(gm, inputs):
     """Rewrite ``gm`` and check (a) capture = dense, (b) permutation = dense, (c) cached subsets = dense."""
-    ras, ctx = build_ras_graph(gm)
+    ras, _, ctx = build_ras_graph(gm)
     with torch.no_grad():
         dense = gm(*inputs)[0]
     n, b = ctx.num_tokens, ctx.batch_size
