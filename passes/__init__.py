@@ -19,6 +19,12 @@ The rewritten graph takes the original inputs followed by ``ras_active_idx`` [B,
 
 from __future__ import annotations
 
+if __name__ != "rascompile.passes":
+    # The repository's passes/ directory is importable as a top-level ``passes`` when the repository root is on
+    # sys.path; running it under that name would define the custom ops of passes/ops.py a second time, and
+    # torch.library would destroy the definitions rascompile.passes uses (see kernels/__init__.py).
+    raise ImportError(f"import rascompile.passes, not {__name__!r}: this directory is installed as rascompile.passes")
+
 from typing import NamedTuple
 
 import torch.fx
