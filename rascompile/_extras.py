@@ -16,6 +16,7 @@ naming the extra: ``rascompile export needs the "onnx" extra: pip install "rasco
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 #: extra -> the modules it provides (import names), as ``pyproject.toml`` lists their distributions
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -38,6 +39,8 @@ def missing_modules(*modules: str) -> list[str]:
     ``sys.modules[name] = None``, which makes ``import name`` fail, counts as missing)."""
     missing = []
     for name in modules:
+        if sys.modules.get(name) is not None:  # imported already (or put there by the caller)
+            continue
         try:
             found = importlib.util.find_spec(name) is not None
         except (ImportError, ValueError):  # a parent package missing, or a module without a spec

@@ -64,12 +64,12 @@ def build_engines(
     The ONNX files are checked first (manifest, SHA-256, graph inputs; see ``rascompile.deploy.manifest``).
     The engines' names and SHA-256 are added to the manifest, which is rewritten atomically after
     the engines are in place."""
-    require_extra("tensorrt", "tensorrt", feature="TensorRT engines")
     directory = Path(directory)
     manifest = load_manifest(directory)
     load_onnx_graphs(directory, manifest)  # checks the files and their graphs against the manifest
     signature = signature_of(directory, manifest)
 
+    require_extra("tensorrt", "tensorrt", feature="TensorRT engines")
     import tensorrt as trt
 
     _require_cuda("building TensorRT engines")
@@ -120,7 +120,6 @@ class TensorRTRunner(StepRunner):
     only from directories you trust."""
 
     def __init__(self, directory, config: RASConfig | None = None, *, steps=None):
-        require_extra("tensorrt", "tensorrt", feature="TensorRT engines")
         super().__init__(directory, config, steps=steps)
         m = self.manifest
         if m.get("runtime", "onnx") != "onnx" or "engines" not in m:
@@ -130,6 +129,7 @@ class TensorRTRunner(StepRunner):
             )
         data = {g: read_verified(self.directory, m, m["engines"][g], f"engines.{g}") for g in GRAPHS}
 
+        require_extra("tensorrt", "tensorrt", feature="TensorRT engines")
         import tensorrt as trt
 
         _require_cuda("TensorRTRunner")
@@ -253,7 +253,6 @@ class TorchTensorRTRunner(StepRunner):
     """
 
     def __init__(self, directory, config: RASConfig | None = None, *, steps=None, trust: bool = False):
-        require_extra("tensorrt", "torch_tensorrt", feature="torch-tensorrt")
         if trust is not True:
             raise UntrustedExportError(
                 f"TorchTensorRTRunner would load the .ep files in {directory} with torch.export.load, which "
@@ -270,6 +269,7 @@ class TorchTensorRTRunner(StepRunner):
             )
         data = {g: read_verified(self.directory, m, m[g], g) for g in GRAPHS}
         _require_cuda("TorchTensorRTRunner")
+        require_extra("tensorrt", "torch_tensorrt", feature="torch-tensorrt")
         import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops the saved programs call)
 
         self.modules = {g: torch.export.load(io.BytesIO(data[g])).module() for g in GRAPHS}
