@@ -834,17 +834,10 @@ def sd3_inputs(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0):
 
 def capture_graph(model: torch.nn.Module, call: dict) -> tuple[torch.fx.GraphModule, list]:
     """The Dynamo graph of one call of ``model`` and its real inputs (parameters included); the call runs eagerly."""
-    graphs = []
-
-    def backend(gm, example_inputs, **_):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
+    from rascompile.capture import capture_graphs
 
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        compiled(**call)
-    torch._dynamo.reset()
+    graphs = capture_graphs(model, lambda compiled: compiled(**call), fullgraph=True, dynamic=False)
     if len(graphs) != 1:
         raise RuntimeError(f"expected one Dynamo graph of the transformer, got {len(graphs)}")
     return graphs[0]
