@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from .._extras import require_extra
-from ..cli.main import check_output_file
+from ..cli.main import check_output_file, quiet_third_party
 from ..passes import render_record, rewrite_records
 from ..runtime.backend import RASGraph
 from ..runtime.schedule import build_schedule
@@ -244,6 +244,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"rascompile bench: error: {exc}", file=sys.stderr)
         return 2
+    quiet_third_party()
     results = run_bench(settings)
     print(format_report(results), flush=True)
     if settings.json_path:

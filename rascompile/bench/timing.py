@@ -5,6 +5,7 @@ warm-up; variants are interleaved, so that drift affects every variant alike."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import statistics
@@ -51,13 +52,28 @@ def _progress(settings: BenchSettings, total: int, desc: str):
     return tqdm(total=total, desc=desc, disable=not settings.progress, leave=False, file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send the process's file descriptor 2 to /dev/null for a while: the profiler's native library (kineto) prints
+    ``profiler_start`` / ``profiler_stop`` lines there that say nothing about the run."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _step_peak_bytes(fn: Callable) -> int | None:
     """Peak bytes of torch CPU allocations live during ``fn()`` beyond those live before it, from the profiler's
     memory events (every allocation and free of the CPU allocator, in time order). ``None`` if unavailable."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         events = prof.profiler.kineto_results.events()
         changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")

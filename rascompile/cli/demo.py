@@ -84,8 +84,10 @@ def check_caption(caption: str) -> None:
 
 def main_from_args(args: argparse.Namespace) -> int:
     from .._extras import require_extra
+    from .main import quiet_third_party
 
     require_extra("demo", feature="rascompile demo")  # tqdm, PIL, matplotlib, torchmetrics, transformers
+    quiet_third_party()
     from safetensors import SafetensorError
     from tqdm import tqdm
 

@@ -168,6 +168,14 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+def quiet_third_party() -> None:
+    """For commands that run rascompile's own models (demo, bench): transformers' warnings (that torchvision is
+    missing for image processors the pipelines never use) say nothing about the run. An explicit
+    ``TRANSFORMERS_VERBOSITY`` wins; ``rascompile check`` and ``export`` keep transformers' warnings, which may
+    concern the user's pipeline."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rascompile",
