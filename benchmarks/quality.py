@@ -17,7 +17,8 @@ Settings: dense sampling at 3 to 28 steps; RAS at sample ratios 0.75, 0.5, 0.25,
 default uses a dynamic sampling ratio (fewer tokens as the generation settles); the ablations are a static
 ratio, random dropping, no error reset, no K/V cache, and the sign of the starvation term. Every row also
 reports the share of token-steps the transformer computed. It writes ``results.json``, ``table2.md``,
-``table3.md`` and ``pareto.png`` to ``--out``.
+``table3.md`` and ``pareto.png`` to ``--out``, and the tables of ``--out``'s README.md (between
+the ``TABLE_MARKERS``); ``--render-only`` rewrites the tables from the results.json there without a run.
 """
 
 from __future__ import annotations
@@ -149,6 +150,40 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Where docs/quality/README.md holds each table; ``write_docs`` rewrites what lies between the markers.
+TABLE_MARKERS = {
+    table: (f"<!-- table{table}: written by benchmarks/quality.py from results.json -->", f"<!-- table{table} end -->")
+    for table in ("2", "3")
+}
+
+
+def table_rows(results: dict, table: str) -> list[dict]:
+    return [r for r in results["rows"] if r["table"] == table]
+
+
+def render_readme(text: str, results: dict) -> str:
+    """``text`` (docs/quality/README.md) with each table between its markers rendered from ``results``."""
+    for table, (start, end) in TABLE_MARKERS.items():
+        i, j = text.find(start), text.find(end)
+        if i < 0 or j < i:
+            raise ValueError(f"the README has no table {table} between {start!r} and {end!r}")
+        text = text[: i + len(start)] + "\n" + markdown(table_rows(results, table)) + text[j:]
+    return text
+
+
+def write_docs(out: Path, results: dict) -> list[str]:
+    """Write table2.md, table3.md and, where ``out`` holds a README.md, its tables, from ``results``; the names."""
+    written = []
+    for table in TABLE_MARKERS:
+        (out / f"table{table}.md").write_text(markdown(table_rows(results, table)))
+        written.append(f"table{table}.md")
+    readme = out / "README.md"
+    if readme.exists():
+        readme.write_text(render_readme(readme.read_text(), results))
+        written.append("README.md")
+    return written
+
+
 def pareto_plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -200,21 +235,26 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true", help="a few settings only (tests)")
     parser.add_argument("--out", default="docs/quality", help="output directory (default docs/quality)")
+    parser.add_argument(
+        "--render-only", action="store_true", help="only rewrite the tables in --out from its results.json (no run)"
+    )
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.render_only:
+        written = write_docs(out, json.loads((out / "results.json").read_text()))
+        print(f"wrote {', '.join(written)} in {out} from results.json")
+        return 0
     require_extra("demo", feature="benchmarks/quality.py")  # tqdm, torchmetrics, matplotlib, transformers
     start = time.perf_counter()
     results = run(args)
     results["seconds"] = round(time.perf_counter() - start)
     results["command"] = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    table2 = [r for r in results["rows"] if r["table"] == "2"]
-    (out / "table2.md").write_text(markdown(table2))
-    (out / "table3.md").write_text(markdown([r for r in results["rows"] if r["table"] == "3"]))
-    pareto_plot(table2, out / "pareto.png")
+    written = write_docs(out, results)
+    pareto_plot(table_rows(results, "2"), out / "pareto.png")
     print(markdown(results["rows"]))
-    print(f"wrote {out}/results.json, table2.md, table3.md, pareto.png in {results['seconds']} s")
+    print(f"wrote results.json, {', '.join(written)}, pareto.png in {out} in {results['seconds']} s")
     return 0
 
 
