@@ -255,7 +255,7 @@ def _verify(gm, ctx: PassContext, chain: KVChain, write: CacheWrite, op_kwargs: 
     ops.scatter_rows_(unfused, fresh.float(), idx + write.offset, write.axis)
     values[write.cache] = fused = torch.zeros_like(unfused)
     try:
-        # the plain body, not the custom op: dispatching the mutating op inside Dynamo's compile crashed now and then
+        # the plain body: the check runs on CPU tensors whatever device the graph is for
         ops.fused_kv_update_body(**torch.fx.node.map_arg(op_kwargs, lambda node: values[node]))
     except (ValueError, RuntimeError) as exc:
         raise NoMatch(f"the op refuses the chain's tensors: {exc}") from exc

@@ -10,7 +10,6 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.node import map_aggregate
 
-from . import ops
 from .context import RewriteError, module_path
 from .op_sets import ELEMENTWISE, LINEAR, SDPA, WRITES, matches
 
@@ -129,10 +128,7 @@ class FakeEnv:
             args, kwargs = self.load(node.args), self.load(node.kwargs)
             try:
                 with self.mode:
-                    if node.op == "call_function" and node.target is ops.fused_kv_update:
-                        value = ops.fused_kv_update_shapes(*args, **kwargs)
-                    else:
-                        value = call_node(self.gm, node, args, kwargs)
+                    value = call_node(self.gm, node, args, kwargs)
             except Exception as exc:  # noqa: BLE001 - any failure means the rewrite does not apply
                 raise RewriteError(f"node {node.name} ({describe(node)}) fails on the rewritten shapes: {exc}") from exc
         self.values[node] = value

@@ -250,50 +250,6 @@ def fused_kv_update_body(cache, x, weight, bias, idx, *, rope_table=None, **rest
     return portable_ops.fused_kv_update(cache, x, weight, bias, idx, rope_table=real, **rest)
 
 
-def fused_kv_update_shapes(
-    cache,
-    x,
-    weight,
-    bias,
-    idx,
-    *,
-    norm_weight=None,
-    norm_bias=None,
-    rope_table=None,
-    axis: int,
-    head_dim: int = -1,
-    norm: str = "none",
-    norm_group: int = -1,
-    rope_axis: int = 1,
-    rope_ndim: int = 4,
-    **_,
-) -> torch.Tensor:
-    """``fused_kv_update`` for shape propagation: the op's argument checks, and the cache it returns, without
-    calling the mutating custom op (the passes propagate fake tensors through graphs inside Dynamo's compile,
-    where dispatching it now and then failed inside the dispatcher)."""
-    from rascompile.kernels import normalize_arguments
-
-    cos = sin = None
-    if rope_table is not None:
-        cos, sin = rope_cos_sin(torch.view_as_real(rope_table), rope_axis, rope_ndim)
-    normalize_arguments(
-        cache,
-        x,
-        weight,
-        bias,
-        idx,
-        token_axis=axis,
-        head_dim=head_dim,
-        norm=norm,
-        norm_group=norm_group,
-        norm_weight=norm_weight,
-        norm_bias=norm_bias,
-        rope_cos=cos,
-        rope_sin=sin,
-    )
-    return cache
-
-
 def rope_cos_sin(table: torch.Tensor, axis: int, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [Bt, N, D/2] of a RoPE table given as real pairs [..., N, ..., D/2, 2].
 
