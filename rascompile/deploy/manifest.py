@@ -28,6 +28,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from rascompile.passes.signature import DTYPES as SIGNATURE_DTYPES
+from rascompile.passes.signature import SignatureError, StepSignature
+
 MANIFEST = "rascompile_export.json"
 FORMAT = 2  # format 1 (rascompile before checksums) is refused: export again
 RUNTIMES = ("onnx", "torch-tensorrt")
@@ -53,7 +56,7 @@ ONNX_OPSETS = (7, 99)  # a manifest's opset must be in this range and equal to t
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 RUNTIME_DTYPES = (*FLOAT_DTYPES, "int64", "int32", "int16", "int8", "uint8", "bool")
-BAKED_DTYPES = (*RUNTIME_DTYPES, "complex64", "complex128")
+BAKED_DTYPES = SIGNATURE_DTYPES  # every dtype a step signature may name: the runtime ones and complex
 ONNX_ELEM_TYPES = {  # onnx.TensorProto data types
     "float32": 1,
     "uint8": 2,
@@ -609,8 +612,6 @@ def external_data_files(model) -> list[str]:
 def signature_of(directory: str | Path, manifest: dict):
     """The ``StepSignature`` of the exported RAS graph, from a manifest ``load_manifest`` checked (a
     ``ManifestError`` naming the field if it cannot be read)."""
-    from rascompile.passes.signature import SignatureError, StepSignature
-
     try:
         return StepSignature.from_manifest(manifest)
     except SignatureError as exc:

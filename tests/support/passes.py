@@ -24,6 +24,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from rascompile.capture import capture_graphs
 from rascompile.passes import RAS_PASSES, copy_graph_module, graph_utils
 from rascompile.passes import context as context_module
 from tests.support.capture import capture_graph
@@ -221,16 +222,8 @@ def capture(model: torch.nn.Module, *inputs) -> tuple[torch.fx.GraphModule, list
 
 def capture_dynamic(model: torch.nn.Module, *inputs) -> tuple[torch.fx.GraphModule, list]:
     """The Dynamo graph of ``model`` traced with symbolic sizes (``dynamic=True``) and its example inputs."""
-    graphs = []
-
-    def backend(gm, example_inputs, **_):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
     torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend, fullgraph=True, dynamic=True)(*inputs)
-    return graphs[0]
+    return capture_graphs(model, lambda compiled: compiled(*inputs), fullgraph=True, dynamic=True, reset=False)[0]
 
 
 # ------------------------------------------------------------------------------------------------- running passes
