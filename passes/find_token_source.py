@@ -34,6 +34,9 @@ from .rules.latent_layout import (
     video_layouts,
 )
 
+#: What Dynamo puts in the placeholder names of parameters and buffers (module state, not the caller's inputs).
+MODULE_STATE_MARKERS = ("_parameters_", "_buffers_")
+
 
 def is_model_input(node: torch.fx.Node) -> bool:
     """True for placeholders the caller passes (latents, timestep, ...), not parameters or buffers.
@@ -47,7 +50,7 @@ def is_model_input(node: torch.fx.Node) -> bool:
         return not _is_module_state(source)
     if isinstance(example_value(node), torch.nn.Parameter):
         return False
-    return not any(marker in node.name for marker in ("_parameters_", "_buffers_"))
+    return not any(marker in node.name for marker in MODULE_STATE_MARKERS)
 
 
 def _is_module_state(source) -> bool:

@@ -41,13 +41,14 @@ import torch.fx
 
 from rascompile.passes import RewriteError, build_ras_graph, copy_graph_module, render_record
 from rascompile.passes.export.lowering import ExportError, ExportLowering, lower_for_export
+from rascompile.passes.find_token_source import MODULE_STATE_MARKERS
 from rascompile.passes.signature import ModelInput, StepSignature
 
 from .._extras import require_extra
 from .manifest import FORMAT, GRAPHS, MANIFEST, onnx_opset, sha256_file, write_manifest
 
 DEFAULT_OPSET = 18
-CONSTANT_MARKERS = ("_parameters_", "_buffers_")
+CONSTANT_MARKERS = MODULE_STATE_MARKERS  # parameters and buffers become constants of the exported graph
 # Files an earlier export may hold besides those its manifest names (engines and programs written by
 # rascompile.deploy.tensorrt); a directory holding anything else is not replaced.
 EXPORT_FILES = (MANIFEST, *(f"{g}.{ext}" for g in GRAPHS for ext in ("onnx", "engine", "ep")))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from rascompile.capture import capture_graphs
 from rascompile.passes import RAS_PASSES, copy_graph_module, graph_utils
 from rascompile.passes import context as context_module
+from rascompile.passes.find_token_source import MODULE_STATE_MARKERS
 from tests.support.capture import capture_graph
 
 WIDTH, HEADS, HEAD_DIM, OUT, TEXT = 8, 2, 4, 16, 3
@@ -442,7 +443,7 @@ def lower(gm: torch.fx.GraphModule, inputs: list) -> tuple[torch.fx.GraphModule,
 
     constants, runtime = {}, []
     for placeholder, value in zip(placeholders(gm), inputs):
-        if any(m in placeholder.name for m in ("_parameters_", "_buffers_")) or value.is_complex():
+        if any(m in placeholder.name for m in MODULE_STATE_MARKERS) or value.is_complex():
             constants[placeholder.name] = value.detach()
         else:
             runtime.append(value)
