@@ -973,7 +973,7 @@ def stage_sd3(suite: Suite, st: Stage) -> None:
         patch=cfg["patch"], in_channels=cfg["in_channels"], out_channels=cfg["in_channels"],
         joint_dim=cfg["joint_dim"], pooled_dim=cfg["pooled_dim"],
     )  # fmt: skip
-    config = RASConfig(**SD3_LOOP)
+    config = RASConfig.reference_defaults(**SD3_LOOP)  # the paper's setting: k = N - D, as the per-step ratios
     schedule = build_schedule(config, config.num_inference_steps, n)
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     st.data.update(
@@ -1172,7 +1172,7 @@ def stage_flux(suite: Suite, st: Stage) -> None:
     with st.step("trace with Dynamo (one eager call)"):
         gm, args = capture_graph(model, call)
     with st.step("what rascompile does with it (RASBackend)"):
-        graph, caught = new_ras_graph(gm, args, RASConfig(**SD3_LOOP), inner, fused=None)
+        graph, caught = new_ras_graph(gm, args, RASConfig.reference_defaults(**SD3_LOOP), inner, fused=None)
         st.data["ras_applies"] = graph.controller is not None
         st.data["fallback_reason"] = graph.fallback_reason
         st.data["warnings"] = caught

@@ -32,14 +32,19 @@ from pathlib import Path
 import torch
 
 from rascompile._extras import require_extra
+from rascompile.bench.workload import machine_info
 from rascompile.cli.demo import demo_config
+from rascompile.cli.main import quiet_third_party
+from rascompile.config import RASConfig
 from rascompile.demo.shapes.classifier import ShapesClassifier, adherence
 from rascompile.demo.shapes.data import ShapesDataset, render_batch
 from rascompile.demo.shapes.generate import Generator
 from rascompile.demo.shapes.model import ShapesModel
 from rascompile.demo.shapes.quality import fidelity, frechet_distance
+from rascompile.demo.shapes.regions import computation_by_region, object_tokens, outline_objects
 from rascompile.runtime.schedule import build_schedule
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "quality"
 DENSE_STEPS = (3, 5, 8, 12, 20, 28)
 RAS_STEPS = (12, 20, 28)
 RATIOS = (0.75, 0.5, 0.25, 0.125)
@@ -50,26 +55,50 @@ DYNAMIC = {"sample_ratio": 0.21875, "skip_num_step": 4, "skip_num_step_length": 
 ABLATIONS = {
     "default (dynamic ratio)": {},
     "static sampling ratio": {"sample_ratio": ABLATION_RATIO, "skip_num_step": 0, "skip_num_step_length": 0},
+    "reference defaults (high_ratio 1)": {"high_ratio": 1.0},
     "random dropping": {"metric": "random"},
     "no error reset": {"error_reset_steps": ()},
     "no K/V cache": {"kv_cache": False},
     "starvation_scale -0.1": {"starvation_scale": -0.1},
-    "starvation_scale 1, high_ratio 0.3": {"starvation_scale": 1.0, "high_ratio": 0.3},
+    # The reference's example scripts pass --starvation_scale 1 --high_ratio 0.3, but its
+    # ras_manager.set_parameters never reads starvation_scale: they run with the constructor's 0.1.
+    "reference example scripts (as they run: starvation_scale 0.1, high_ratio 0.3)": {
+        "starvation_scale": 0.1,
+        "high_ratio": 0.3,
+    },
 }
+# Table 4: how the selection's two knobs interact, at the static ratio 0.25 and 20 steps.
+SWEEP_HIGH_RATIOS = (1.0, 0.5, 0.3, 0.1)
+SWEEP_STARVATION_SCALES = (0.1, 0.0, -0.1)
+TABLES = ("2", "3", "4")
 
 
-def settings(quick: bool) -> list[dict]:
+def settings(quick: bool, tables: tuple[str, ...] = TABLES) -> list[dict]:
+    """The rows of ``tables``. Without table 2, the dense row at the ablations' step count still runs (as
+    ``"table": None``, not reported), since PSNR and SSIM compare with it."""
     dense_steps, ras_steps, ratios = (DENSE_STEPS, RAS_STEPS, RATIOS) if not quick else ((3, 8), (8,), (0.5,))
-    rows = [{"name": f"dense {s}", "table": "2", "steps": s, "config": None} for s in dense_steps]
-    for steps in ras_steps:
-        for ratio in ratios:
-            rows.append(
-                {"name": f"RAS {ratio:g} @ {steps}", "table": "2", "steps": steps, "config": demo_config(steps, ratio)}
-            )
     ablation_steps = ABLATION_STEPS if not quick else 8
-    base = demo_config(ablation_steps, ABLATION_RATIO).replace(**DYNAMIC)
-    for name, change in ABLATIONS.items():
-        rows.append({"name": name, "table": "3", "steps": ablation_steps, "config": base.replace(**change)})
+    rows = []
+    if "2" in tables:
+        rows += [{"name": f"dense {s}", "table": "2", "steps": s, "config": None} for s in dense_steps]
+        for steps in ras_steps:
+            for ratio in ratios:
+                config = demo_config(steps, ratio)
+                rows.append({"name": f"RAS {ratio:g} @ {steps}", "table": "2", "steps": steps, "config": config})
+    else:
+        rows.append({"name": f"dense {ablation_steps}", "table": None, "steps": ablation_steps, "config": None})
+    if "3" in tables:
+        base = demo_config(ablation_steps, ABLATION_RATIO).replace(**DYNAMIC)
+        for name, change in ABLATIONS.items():
+            rows.append({"name": name, "table": "3", "steps": ablation_steps, "config": base.replace(**change)})
+    if "4" in tables:
+        static = demo_config(ablation_steps, ABLATION_RATIO)
+        high_ratios = SWEEP_HIGH_RATIOS if not quick else SWEEP_HIGH_RATIOS[:2]
+        for high in high_ratios:
+            for scale in SWEEP_STARVATION_SCALES:
+                config = static.replace(high_ratio=high, starvation_scale=scale)
+                name = f"high_ratio {high:g}, starvation_scale {scale:g}"
+                rows.append({"name": name, "table": "4", "steps": ablation_steps, "config": config})
     return rows
 
 
@@ -79,13 +108,15 @@ def run(args) -> dict:
     scenes = [ShapesDataset(args.samples, seed=50_000).scene(i) for i in range(args.samples)]
     captions = [s.caption for s in scenes]
     batches = [captions[i : i + args.batch] for i in range(0, len(captions), args.batch)]
-    real = ShapesDataset(args.real, seed=60_000)
+    real_scenes = [ShapesDataset(args.real, seed=60_000).scene(i) for i in range(args.real)]
     with torch.no_grad():
-        real_features = classifier.features(render_batch([real.scene(i) for i in range(len(real))]))
+        real_images = render_batch(real_scenes)
+        real_features = classifier.features(real_images)
+        real_scores = adherence(classifier, real_images, [s.caption for s in real_scenes])
     results, dense_images = [], {}
     from tqdm import tqdm
 
-    for row in tqdm(settings(args.quick), desc="settings", file=sys.stderr):
+    for row in tqdm(settings(args.quick, args.tables), desc="settings", file=sys.stderr):
         call = dict(config=row["config"], steps=row["steps"], guidance_scale=args.guidance_scale)
         generate(batches[0], **call, seed=0)  # warm-up: traces and plans
         images, seconds, counts = [], 0.0, []
@@ -105,83 +136,380 @@ def run(args) -> dict:
             "table": row["table"],
             "steps": row["steps"],
             "sample_ratio": None if row["config"] is None else row["config"].sample_ratio,
+            "high_ratio": None if row["config"] is None else row["config"].high_ratio,
+            "starvation_scale": None if row["config"] is None else row["config"].starvation_scale,
             "images_per_s": len(images) / seconds,
-            **computation(row, torch.cat(counts) if counts else None, model.config.num_tokens),
+            **computation(row, torch.cat(counts) if counts else None, model.config.num_tokens, images),
             **adherence(classifier, images, captions),
             "frechet_distance": frechet_distance(features, real_features),
         }
         reference = dense_images.get(row["steps"])
         if row["config"] is not None and reference is not None:
             record |= fidelity(images, reference)
-        results.append(record)
-    return {"samples": args.samples, "real_samples": args.real, "guidance_scale": args.guidance_scale, "rows": results}
+        if row["table"] is not None:
+            results.append(record)
+    return {
+        "samples": args.samples,
+        "real_samples": args.real,
+        "guidance_scale": args.guidance_scale,
+        "machine": machine(),
+        "real": {k: real_scores[k] for k in ("object_recall", "exact_objects")},
+        "rows": results,
+    }
 
 
-def computation(row: dict, step_counts: torch.Tensor | None, num_tokens: int) -> dict:
-    """The share of token-steps computed, and how sticky the selection was: the share of tokens that the RAS
-    steps computed every time or never (1.0 means the same tokens on every RAS step)."""
+def machine() -> str:
+    info = machine_info()
+    return f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} threads"
+
+
+def computation(row: dict, step_counts: torch.Tensor | None, num_tokens: int, images: torch.Tensor) -> dict:
+    """The share of token-steps computed; how sticky the selection was: the share of tokens that the RAS
+    steps computed every time or never (1.0 means the same tokens on every RAS step); and how often the RAS
+    steps computed the tokens of each image's objects and of its background."""
     if step_counts is None:
         return {"tokens_computed": 1.0}
     schedule = build_schedule(row["config"], row["steps"], num_tokens)
     ras_steps = sum(not plan.dense for plan in schedule)
-    on_ras_steps = step_counts - (row["steps"] - ras_steps)
+    dense_steps = row["steps"] - ras_steps
+    on_ras_steps = step_counts - dense_steps
     sticky = (on_ras_steps == 0) | (on_ras_steps == ras_steps)
+    objects = object_tokens(images).flatten(1)
     return {
         "tokens_computed": step_counts.float().mean().item() / row["steps"],
         "always_or_never": sticky.float().mean().item(),
+        **computation_by_region(step_counts, objects, dense_steps, ras_steps),
     }
 
 
 def markdown(rows: list[dict]) -> str:
     head = (
-        "| setting | steps | tokens computed | always or never | images/s | PSNR dB | SSIM | objects found "
-        "| exact objects | Fréchet distance |"
+        "| setting | steps | tokens computed | always or never | objects / background computed | images/s "
+        "| PSNR dB | SSIM | objects found | exact objects | Fréchet distance |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         psnr = f"{r['psnr']:.1f}" if "psnr" in r else "-"
         ssim = f"{r['ssim']:.3f}" if "ssim" in r else "-"
         sticky = f"{r['always_or_never']:.2f}" if "always_or_never" in r else "-"
+        regions = f"{r['objects_computed']:.2f} / {r['background_computed']:.2f}" if "objects_computed" in r else "-"
         lines.append(
-            f"| {r['name']} | {r['steps']} | {r['tokens_computed']:.2f} | {sticky} | "
+            f"| {r['name']} | {r['steps']} | {r['tokens_computed']:.2f} | {sticky} | {regions} | "
             f"{r['images_per_s']:.1f} | {psnr} | {ssim} | "
             f"{r['object_recall']:.3f} | {r['exact_objects']:.3f} | {r['frechet_distance']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-#: Where docs/quality/README.md holds each table; ``write_docs`` rewrites what lies between the markers.
-TABLE_MARKERS = {
-    table: (f"<!-- table{table}: written by benchmarks/quality.py from results.json -->", f"<!-- table{table} end -->")
-    for table in ("2", "3")
-}
-
-
 def table_rows(results: dict, table: str) -> list[dict]:
     return [r for r in results["rows"] if r["table"] == table]
 
 
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}: written by benchmarks/quality.py from results.json -->", f"<!-- {name} end -->"
+
+
+def _between(text: str, name: str, body: str, where: str) -> str:
+    start, end = _markers(name)
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"{where} has no {name} between {start!r} and {end!r}")
+    return text[: i + len(start)] + "\n" + body + text[j:]
+
+
 def render_readme(text: str, results: dict) -> str:
-    """``text`` (docs/quality/README.md) with each table between its markers rendered from ``results``."""
-    for table, (start, end) in TABLE_MARKERS.items():
-        i, j = text.find(start), text.find(end)
-        if i < 0 or j < i:
-            raise ValueError(f"the README has no table {table} between {start!r} and {end!r}")
-        text = text[: i + len(start)] + "\n" + markdown(table_rows(results, table)) + text[j:]
-    return text
+    """``text`` (docs/quality/README.md) with its tables, how it was made and its findings rendered from
+    ``results`` between their markers."""
+    for table in TABLES:
+        text = _between(text, f"table{table}", markdown(table_rows(results, table)), "the README")
+    text = _between(text, "provenance", provenance(results), "the README")
+    return _between(text, "findings", findings(results), "the README")
+
+
+def render_project_readme(text: str, results: dict) -> str:
+    """``text`` (the project's README.md) with its summary of the harness and the rows behind its default
+    selection rendered from ``results``."""
+    text = _between(text, "quality summary", project_summary(results), "README.md")
+    return _between(text, "selection defaults", markdown(selection_rows(results)), "README.md")
+
+
+#: The Table 4 rows the project README's configuration section shows: the reference's argparse default, what
+#: its example scripts run, and rascompile's default.
+SELECTION_ROWS = (
+    "high_ratio 1, starvation_scale 0.1",
+    "high_ratio 0.3, starvation_scale 0.1",
+    "high_ratio 0.1, starvation_scale 0.1",
+)
+
+
+def selection_rows(results: dict) -> list[dict]:
+    labels = ("reference default", "reference example scripts, as run", "rascompile default")
+    return [_row(results, name) | {"name": f"{label}: {name}"} for label, name in zip(labels, SELECTION_ROWS)]
+
+
+# ----------------------------------------------------------------------------------- text from the data
+
+
+def _row(results: dict, name: str) -> dict:
+    for r in results["rows"]:
+        if r["name"] == name:
+            return r
+    raise KeyError(f"results.json has no row {name!r}")
+
+
+def _speedups(results: dict, steps: int) -> list[float]:
+    dense = _row(results, f"dense {steps}")["images_per_s"]
+    return [_row(results, f"RAS {ratio:g} @ {steps}")["images_per_s"] / dense for ratio in RATIOS]
+
+
+def _x(values) -> str:
+    return ", ".join(f"{v:.2f}x" for v in values)
+
+
+def _quality(r: dict) -> str:
+    return (
+        f"{r['psnr']:.1f} dB / SSIM {r['ssim']:.3f}, objects found {r['object_recall']:.3f}, "
+        f"exact {r['exact_objects']:.3f}"
+    )
+
+
+def _regions(r: dict) -> str:
+    objects, background = r["objects_computed"], r["background_computed"]
+    return f"objects' tokens on {objects:.0%} of the RAS steps and the background's on {background:.0%}"
+
+
+def _more_or_less(a: float, b: float, margin: float) -> str:
+    return "about as often as" if abs(a - b) <= margin else ("more often than" if a > b else "less often than")
+
+
+def equal_throughput_pairs(results: dict) -> list[tuple[dict, dict]]:
+    """Each RAS row of Table 2 with the dense row of the most steps that is at least as fast (none: left out)."""
+    dense = sorted((r for r in table_rows(results, "2") if r["sample_ratio"] is None), key=lambda r: -r["steps"])
+    pairs = []
+    for r in table_rows(results, "2"):
+        if r["sample_ratio"] is not None:
+            faster = [d for d in dense if d["images_per_s"] >= r["images_per_s"]]
+            if faster:
+                pairs.append((r, faster[0]))
+    return pairs
+
+
+def provenance(results: dict) -> str:
+    runs = results.get("runs") or [{"command": results["command"], "seconds": results["seconds"]}]
+    made = "; ".join(
+        f"`{run['command']}` in {run['seconds']} s"
+        + (f" (tables {', '.join(run['tables'])})" if "tables" in run else "")
+        for run in runs
+    )
+    lines = [f"Made by {made}."]
+    if "machine" in results:
+        lines.append(
+            f"- Machine: {results['machine']}, eager inner backend, settings one after another in one process."
+        )
+    lines.append(
+        f"- Samples: {results['samples']} captions of held-out procedural scenes per setting, the same captions and "
+        f"seeds in every setting; guidance {results['guidance_scale']:g}; the Fréchet distance against "
+        f"{results['real_samples']} real images."
+    )
+    if "real" in results:
+        real = results["real"]
+        lines.append(
+            f"- Real images score {real['object_recall']:.3f} (objects found) and {real['exact_objects']:.3f} "
+            "(exact objects)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def findings(results: dict) -> str:
+    """The README's "What the numbers say", its figures computed from ``results``."""
+    out = []
+    d20 = _row(results, "dense 20")
+    real = results.get("real")
+    real_text = f" (real images: {real['object_recall']:.3f} and {real['exact_objects']:.3f})" if real else ""
+    out.append(
+        f"- **The model.** Dense sampling at 20 steps finds {d20['object_recall']:.3f} of the captioned objects and "
+        f"the exact set in {d20['exact_objects']:.3f} of the images{real_text}."
+    )
+    ratios = ", ".join(f"{r:g}" for r in RATIOS)
+    speed = "; ".join(f"at {s} steps {_x(_speedups(results, s))}" for s in RAS_STEPS)
+    out.append(f"- **Throughput against dense at the same steps,** at ratios {ratios}: {speed}.")
+    same = [
+        _row(results, "RAS 0.25 @ 20"),
+        _row(results, "static sampling ratio"),
+        _row(results, f"high_ratio {RASConfig().high_ratio:g}, starvation_scale {RASConfig().starvation_scale:g}"),
+    ]
+    rates = [r["images_per_s"] for r in same]
+    out.append(
+        "- **Throughput noise.** `RAS 0.25 @ 20` (Table 2), the static-ratio row of Table 3 and the defaults' row of "
+        f"Table 4 are one setting; they measured {', '.join(f'{v:.1f}' for v in rates)} images/s "
+        f"({(max(rates) - min(rates)) / min(rates):.0%} apart). Read single throughput figures with that in mind."
+    )
+    at20 = [_row(results, f"RAS {ratio:g} @ 20") for ratio in RATIOS]
+    out.append(
+        f"- **Fidelity to the dense image of the same seed** at 20 steps, from ratio {RATIOS[0]:g} to "
+        f"{RATIOS[-1]:g}: PSNR {' / '.join(format(r['psnr'], '.1f') for r in at20)} dB, SSIM "
+        f"{' / '.join(format(r['ssim'], '.3f') for r in at20)}."
+    )
+    pairs = equal_throughput_pairs(results)
+    wins = [(r, d) for r, d in pairs if d["object_recall"] > r["object_recall"]]
+    listed = "".join(
+        f"\n  - {d['name']} ({d['images_per_s']:.1f} images/s, {d['object_recall']:.3f}) against {r['name']} "
+        f"({r['images_per_s']:.1f} images/s, {r['object_recall']:.3f})"
+        for r, d in pairs
+    )
+    out.append(
+        f"- **Equal throughput.** For {len(pairs)} of the {len(table_rows(results, '2')) - len(DENSE_STEPS)} RAS "
+        f"settings a dense setting with fewer steps is at least as fast; it finds more of the captioned objects in "
+        f"{len(wins)} of them (objects found; sampling error about ±0.03):{listed}"
+    )
+    default, static = _row(results, "default (dynamic ratio)"), _row(results, "static sampling ratio")
+    no_reset, no_cache = _row(results, "no error reset"), _row(results, "no K/V cache")
+    random = _row(results, "random dropping")
+    out.append(
+        f"- **Ablations (Table 3).** The default with the dynamic ratio: {_quality(default)}. Without the error "
+        f"reset: {_quality(no_reset)}. Without the K/V cache: {_quality(no_cache)}. Static ratio: "
+        f"{_quality(static)}. Random dropping: {_quality(random)}."
+    )
+    chosen = RASConfig()
+    best = _row(results, f"high_ratio {chosen.high_ratio:g}, starvation_scale {chosen.starvation_scale:g}")
+    reference = _row(results, "high_ratio 1, starvation_scale 0.1")
+    sweep = table_rows(results, "4")
+    top_psnr = max(sweep, key=lambda r: r["psnr"])
+    top_objects = max(sweep, key=lambda r: r["object_recall"])
+    out.append(
+        f"- **The selection (Table 4).** The reference's defaults (high_ratio 1, starvation_scale 0.1) compute the "
+        f"same tokens on every RAS step or on none for {reference['always_or_never']:.0%} of the tokens: "
+        f"{_quality(reference)}. rascompile's defaults (high_ratio {chosen.high_ratio:g}, starvation_scale "
+        f"{chosen.starvation_scale:g}): {best['always_or_never']:.0%} always or never, {_quality(best)}. Highest PSNR "
+        f"in the sweep: {top_psnr['name']} ({top_psnr['psnr']:.1f} dB); most objects found: {top_objects['name']} "
+        f"({top_objects['object_recall']:.3f})."
+    )
+    out.append(
+        f"- **Where RAS computes.** With rascompile's defaults (ratio 0.25, 20 steps) the RAS steps computed the "
+        f"{_regions(best)}: the objects {_more_or_less(best['objects_computed'], best['background_computed'], 0.02)} "
+        f"the background ({best['objects_computed'] / best['background_computed']:.2f} times as often). With the "
+        f"reference's defaults: {_regions(reference)}."
+    )
+    dense = [r for r in table_rows(results, "2") if r["sample_ratio"] is None]
+    out.append(
+        "- **Fréchet distance by dense steps:** "
+        + ", ".join(f"{r['steps']}: {r['frechet_distance']:.0f}" for r in dense)
+        + ". It is reported because the harness computes it; see below for why it is not used as evidence."
+    )
+    return "\n".join(out) + "\n"
+
+
+def project_summary(results: dict) -> str:
+    """The project README's bullets on the quality harness."""
+    speedups = [v for s in RAS_STEPS for v in _speedups(results, s)]
+    pairs = equal_throughput_pairs(results)
+    wins = sum(d["object_recall"] > r["object_recall"] for r, d in pairs)
+    dense = {r["steps"]: r["object_recall"] for r in table_rows(results, "2") if r["sample_ratio"] is None}
+    chosen = RASConfig()
+    best = _row(results, f"high_ratio {chosen.high_ratio:g}, starvation_scale {chosen.starvation_scale:g}")
+    reference = _row(results, "high_ratio 1, starvation_scale 0.1")
+    default, no_reset, no_cache = (
+        _row(results, n) for n in ("default (dynamic ratio)", "no error reset", "no K/V cache")
+    )
+    return (
+        f"- on this model RAS speeds sampling up {min(speedups):.2f}x to {max(speedups):.2f}x (sample ratios "
+        f"{RATIOS[0]:g} to {RATIOS[-1]:g}, {RAS_STEPS[0]} to {RAS_STEPS[-1]} steps);\n"
+        f"- at equal throughput, fewer dense steps find more of the captioned objects than RAS in {wins} of "
+        f"{len(pairs)} comparisons (dense sampling finds {dense[8]:.3f} of the objects at 8 steps and "
+        f"{dense[max(dense)]:.3f} at {max(dense)}: this model saturates early);\n"
+        f"- error reset and the K/V cache matter: without them SSIM falls from {default['ssim']:.2f} to "
+        f"{no_reset['ssim']:.2f} and {no_cache['ssim']:.2f};\n"
+        f"- `high_ratio={chosen.high_ratio:g}` (rascompile's default) against the reference's `1.0`, at ratio 0.25: "
+        f"{best['psnr']:.1f} against {reference['psnr']:.1f} dB PSNR, objects found {best['object_recall']:.3f} "
+        f"against {reference['object_recall']:.3f}, and {best['always_or_never']:.0%} against "
+        f"{reference['always_or_never']:.0%} of the tokens computed on every RAS step or on none.\n"
+    )
 
 
 def write_docs(out: Path, results: dict) -> list[str]:
     """Write table2.md, table3.md and, where ``out`` holds a README.md, its tables, from ``results``; the names."""
     written = []
-    for table in TABLE_MARKERS:
+    for table in TABLES:
         (out / f"table{table}.md").write_text(markdown(table_rows(results, table)))
         written.append(f"table{table}.md")
     readme = out / "README.md"
     if readme.exists():
         readme.write_text(render_readme(readme.read_text(), results))
         written.append("README.md")
+    project = out.resolve().parents[1] / "README.md"
+    if out.resolve() == DOCS.resolve() and project.exists():
+        project.write_text(render_project_readme(project.read_text(), results))
+        written.append(str(project))
     return written
+
+
+def table_list(text: str) -> tuple[str, ...]:
+    tables = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in tables if t not in TABLES]
+    if not tables or unknown:
+        raise argparse.ArgumentTypeError(f"--tables {text!r}: each must be one of {', '.join(TABLES)}")
+    return tables
+
+
+def merged(path: Path, results: dict, tables: tuple[str, ...]) -> dict:
+    """``results`` (a run of ``tables``) with the other tables' rows kept from the results.json at ``path``;
+    ``runs`` records the command, seconds and tables of each run whose rows are still there."""
+    if not path.exists():
+        return results
+    previous = json.loads(path.read_text())
+    if (previous["samples"], previous["real_samples"], previous["guidance_scale"]) != (
+        results["samples"],
+        results["real_samples"],
+        results["guidance_scale"],
+    ):
+        raise SystemExit(f"error: {path} was made with other --samples/--real/--guidance-scale; rerun every table")
+    rows = {t: table_rows(results if t in tables else previous, t) for t in TABLES}
+    runs = previous.get("runs", [{"command": previous["command"], "seconds": previous["seconds"], "tables": TABLES}])
+    kept = [run | {"tables": [t for t in run.get("tables", TABLES) if t not in tables]} for run in runs]
+    this = {"command": results["command"], "seconds": results["seconds"], "tables": list(tables)}
+    return results | {"rows": [r for t in TABLES for r in rows[t]], "runs": [r for r in kept if r["tables"]] + [this]}
+
+
+def regions_figure(path: Path, count: int = 8, steps: int = ABLATION_STEPS, ratio: float = ABLATION_RATIO) -> None:
+    """``count`` held-out captions at ``ratio`` and ``steps``: each image, its object tokens, and how many steps
+    computed each token with rascompile's default selection and with the reference's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    generate = Generator(ShapesModel.load())
+    captions = [ShapesDataset(count, seed=50_000).scene(i).caption for i in range(count)]
+    config = demo_config(steps, ratio)
+    ours = generate(captions, config=config, steps=steps)
+    reference = generate(captions, config=config.replace(high_ratio=1.0), steps=steps)
+    objects = object_tokens(ours.images)
+    rows = [
+        ("image (defaults)", None),
+        ("object tokens", objects),
+        (f"steps computed,\nhigh_ratio {config.high_ratio:g}", ours.step_counts),
+        ("steps computed,\nhigh_ratio 1 (reference)", reference.step_counts),
+    ]
+    fig, axes = plt.subplots(
+        len(rows), count, figsize=(1.6 * count + 1.2, 1.7 * len(rows)), squeeze=False, layout="constrained"
+    )
+    for i, (label, grid) in enumerate(rows):
+        for j in range(count):
+            ax = axes[i, j]
+            if grid is None:
+                ax.imshow(((ours.images[j].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+            elif grid.dtype == torch.bool:
+                ax.imshow(grid[j].float().numpy(), cmap="gray", vmin=0, vmax=1)
+            else:
+                shown = ax.imshow(grid[j].numpy(), cmap="magma", vmin=0, vmax=steps)
+                outline_objects(ax, objects[j])
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i, 0].set_ylabel(label, fontsize=8)
+    fig.colorbar(shown, ax=list(axes.flatten()), shrink=0.5, label="steps computed")
+    fig.suptitle(f"Where RAS computes: ratio {ratio:g}, {steps} steps (cyan: object tokens)", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def pareto_plot(rows: list[dict], path: Path) -> None:
@@ -234,10 +562,17 @@ def main(argv=None) -> int:
     parser.add_argument("--real", type=int, default=2048, help="real images for the Fréchet distance")
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true", help="a few settings only (tests)")
+    parser.add_argument(
+        "--tables",
+        type=table_list,
+        default=",".join(TABLES),
+        help="comma-separated tables to run (default 2,3,4); the others' rows are kept from --out's results.json",
+    )
     parser.add_argument("--out", default="docs/quality", help="output directory (default docs/quality)")
     parser.add_argument(
         "--render-only", action="store_true", help="only rewrite the tables in --out from its results.json (no run)"
     )
+    parser.add_argument("--regions-only", action="store_true", help="only draw --out/regions.png (a few seconds)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.render_only:
@@ -245,16 +580,25 @@ def main(argv=None) -> int:
         print(f"wrote {', '.join(written)} in {out} from results.json")
         return 0
     require_extra("demo", feature="benchmarks/quality.py")  # tqdm, torchmetrics, matplotlib, transformers
+    quiet_third_party()
+    if args.regions_only:
+        out.mkdir(parents=True, exist_ok=True)
+        regions_figure(out / "regions.png")
+        print(f"wrote {out / 'regions.png'}")
+        return 0
     start = time.perf_counter()
     results = run(args)
-    results["seconds"] = round(time.perf_counter() - start)
+    seconds = results["seconds"] = round(time.perf_counter() - start)
     results["command"] = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out.mkdir(parents=True, exist_ok=True)
+    if set(args.tables) != set(TABLES):
+        results = merged(out / "results.json", results, args.tables)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     written = write_docs(out, results)
     pareto_plot(table_rows(results, "2"), out / "pareto.png")
+    regions_figure(out / "regions.png")
     print(markdown(results["rows"]))
-    print(f"wrote results.json, {', '.join(written)}, pareto.png in {out} in {results['seconds']} s")
+    print(f"wrote results.json, {', '.join(written)}, pareto.png, regions.png in {out} in {seconds} s")
     return 0
 
 

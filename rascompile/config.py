@@ -1,6 +1,8 @@
 """User-facing configuration of Region-Adaptive Sampling (RAS).
 
-The parameter names and defaults follow the paper's public reference implementation (microsoft/RAS).
+The parameter names and semantics follow the paper's public reference implementation (microsoft/RAS), and so
+do the defaults but one: ``high_ratio`` defaults to 0.1 where the reference's argparse has 1.0, chosen by
+measurement (``docs/quality/README.md``, Table 4). :meth:`RASConfig.reference_defaults` gives the reference's.
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RASConfig", "METRICS", "REFERENCE_START_STEP", "REFERENCE_RESET_STEPS", "REFERENCE_NUM_STEPS"]
+__all__ = [
+    "RASConfig",
+    "METRICS",
+    "REFERENCE_START_STEP",
+    "REFERENCE_RESET_STEPS",
+    "REFERENCE_NUM_STEPS",
+    "REFERENCE_SELECTION",
+]
 
 #: Per-pixel metrics understood by :func:`rascompile.runtime.selector.token_metric`.
 METRICS = ("std", "l2norm", "random")
@@ -23,6 +32,11 @@ METRICS = ("std", "l2norm", "random")
 REFERENCE_NUM_STEPS = 28
 REFERENCE_START_STEP = 4
 REFERENCE_RESET_STEPS = (12, 22)
+
+#: The reference implementation's defaults for the selection fields where rascompile's differ. Its example
+#: scripts pass ``--starvation_scale 1 --high_ratio 0.3``, but its ``ras_manager.set_parameters`` never reads
+#: ``starvation_scale``, so they run with 0.1 and 0.3.
+REFERENCE_SELECTION = {"starvation_scale": 0.1, "high_ratio": 1.0}
 
 
 def _fail(field: str, value: Any, allowed: str) -> ValueError:
@@ -98,10 +112,12 @@ class RASConfig:
             dropped token, so it rotates computation onto tokens dropped from the low end of the ranking
             but keeps tokens dropped from the high end dropped: with `high_ratio=1.0` it makes the selection
             stickier (see `docs/quality/README.md`).
-        high_ratio (`float`, defaults to `1.0`):
+        high_ratio (`float`, defaults to `0.1`):
             Split of the dropped tokens, in `[0, 1]`: the `floor(D * high_ratio)` highest-scoring and the
             `floor(D * (1 - high_ratio))` lowest-scoring tokens are dropped. When the two floors sum to less
-            than `D`, fewer than `D` tokens are dropped.
+            than `D`, fewer than `D` tokens are dropped. The reference implementation's default is `1.0`
+            ([`~RASConfig.reference_defaults`]); `0.1` measured best on the shipped shapes model, where with
+            `1.0` the same tokens are computed on every RAS step (Table 4 of `docs/quality/README.md`).
         skip_num_step (`int`, defaults to `0`):
             Dynamic mode when non-zero: step `s` in group `i = s // skip_num_step_length` drops
             `D = avg + skip_num_step * (i - ((T + scheduler_start_step) // skip_num_step_length) // 2)`
@@ -128,7 +144,7 @@ class RASConfig:
     error_reset_steps: tuple[int, ...] | None = None
     metric: str = "std"
     starvation_scale: float = 0.1
-    high_ratio: float = 1.0
+    high_ratio: float = 0.1
     skip_num_step: int = 0
     skip_num_step_length: int = 0
     dynamic_round_to: int = 64
@@ -230,6 +246,12 @@ class RASConfig:
     def field_names(cls) -> tuple[str, ...]:
         """The names of the configuration fields, i.e. the keys accepted by [`~RASConfig.from_options`]."""
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def reference_defaults(cls, **changes: Any) -> RASConfig:
+        """The reference implementation's argparse defaults (``REFERENCE_SELECTION``: ``high_ratio=1.0``), with
+        ``changes`` applied. Its example scripts' setting, as they run, is ``reference_defaults(high_ratio=0.3)``."""
+        return cls(**{**REFERENCE_SELECTION, **changes})
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> RASConfig:

@@ -79,7 +79,9 @@ class BenchSettings:
         )
 
     def loop_config(self) -> RASConfig:
-        return RASConfig(
+        # The reference's selection (high_ratio 1.0) drops exactly D tokens, so the loop's RAS steps run the
+        # per-step figures' k = N - D (rascompile's default high_ratio rounds one token more in for some N).
+        return RASConfig.reference_defaults(
             sample_ratio=self.loop_ratio,
             scheduler_start_step=self.start_step,
             error_reset_steps=self.reset_steps,

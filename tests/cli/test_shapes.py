@@ -210,9 +210,12 @@ def test_frechet_distance():
 def test_demo_command(tmp_path, capsys):
     from rascompile.cli.main import main
 
-    assert main(["demo", "--steps", "8", "--ratios", "0.5", "--no-progress", "--out", str(tmp_path)]) == 0
+    argv = ["demo", "--steps", "8", "--ratios", "0.5", "--images-per-caption", "2", "--no-progress"]
+    assert main(argv + ["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "dense" in out and "RAS 0.5" in out and "PSNR" in out
+    assert "4 caption(s) x 2 image(s) in one call (batch 8, 16 with guidance)" in out
+    assert "dense" in out and "RAS 0.5" in out and "PSNR" in out and "transformer s" in out
+    assert "RAS steps computed the objects' tokens" in out and "outside the transformer" in out
     assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "heatmaps.png").stat().st_size > 0
     assert main(["demo", "--caption", "a large dog", "--no-progress", "--out", str(tmp_path)]) == 2
     assert "the vocabulary is" in capsys.readouterr().err
@@ -230,11 +233,47 @@ def test_quality_harness_quick(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["name"] for r in rows][:3] == ["dense 3", "dense 8", "RAS 0.5 @ 8"]
     assert "psnr" in rows[2] and all(r["images_per_s"] > 0 for r in rows)
-    assert (tmp_path / "pareto.png").exists() and (tmp_path / "table3.md").read_text().count("\n") == 2 + 7
-    # RAS 0.5 at 8 steps (start 1, reset at 5): 6 RAS steps of 32 of 64 tokens, 2 dense steps
-    assert rows[0]["tokens_computed"] == 1.0 and rows[2]["tokens_computed"] == pytest.approx((2 + 6 * 0.5) / 8)
+    assert (tmp_path / "pareto.png").exists() and (tmp_path / "regions.png").exists()
+    assert (tmp_path / "table3.md").read_text().count("\n") == 2 + 8
+    assert (tmp_path / "table4.md").read_text().count("\n") == 2 + 6
+    # RAS 0.5 at 8 steps (start 1, reset at 5): 6 RAS steps, 2 dense steps. D = 32 and high_ratio 0.1 drops
+    # floor(32 * 0.9) + floor(32 * 0.1) = 31 tokens: 33 of 64 are computed.
+    assert rows[0]["tokens_computed"] == 1.0 and rows[2]["tokens_computed"] == pytest.approx((2 + 6 * 33 / 64) / 8)
     ablations = {r["name"]: r for r in rows if r["table"] == "3"}
-    assert ablations["static sampling ratio"]["tokens_computed"] == pytest.approx((2 + 6 * 0.25) / 8)
-    # the dynamic default computes 18 tokens on steps 1-3 and 14 on 4, 6, 7 (reset at 5)
-    assert ablations["default (dynamic ratio)"]["tokens_computed"] == pytest.approx((2 + 3 * 18 / 64 + 3 * 14 / 64) / 8)
+    assert ablations["static sampling ratio"]["tokens_computed"] == pytest.approx((2 + 6 * 17 / 64) / 8)
+    assert ablations["reference defaults (high_ratio 1)"]["tokens_computed"] == pytest.approx(
+        (2 + 3 * 18 / 64 + 3 * 14 / 64) / 8
+    )
+    # the dynamic default drops D = 46 on steps 1-3 (19 computed: 41 + 4 dropped) and 50 on 4, 6, 7 (14)
+    assert ablations["default (dynamic ratio)"]["tokens_computed"] == pytest.approx((2 + 3 * 19 / 64 + 3 * 14 / 64) / 8)
     assert all(0.0 <= r["always_or_never"] <= 1.0 for r in ablations.values())
+    assert all(0.0 <= r["objects_computed"] <= 1.0 for r in ablations.values())
+
+
+def test_object_tokens_from_colours_match_the_scene_geometry():
+    """The colour rule that finds objects in generated images agrees with where real scenes put them."""
+    from rascompile.demo.shapes.regions import object_tokens, scene_object_tokens
+
+    scenes = [ShapesDataset(200, seed=90_000).scene(i) for i in range(200)]
+    found = object_tokens(render_batch(scenes))
+    truth = torch.stack([scene_object_tokens(s) for s in scenes])
+    assert truth.float().mean() > 0.15  # objects cover a good share of the tokens, so agreement is informative
+    assert (found == truth).float().mean() > 0.97
+    assert (found & ~truth).float().mean() < 0.005  # backgrounds are never taken for objects
+    empty = [type(s)((), s.background, s.background_seed) for s in scenes[:50]]
+    assert not object_tokens(render_batch(empty)).any()
+
+
+def test_computation_by_region_counts_ras_steps_only():
+    from rascompile.demo.shapes.regions import computation_by_region
+
+    objects = torch.zeros(2, 8, 8, dtype=torch.bool)
+    objects[:, :2] = True
+    counts = torch.full((2, 8, 8), 3)  # 3 dense steps compute everything
+    counts[:, :2] += 4  # object tokens: 4 of the 8 RAS steps
+    counts[:, 2:] += torch.tensor([2, 0])[:, None, None]  # background: 2 of 8 in image 0, none in image 1
+    shares = computation_by_region(counts, objects, dense_steps=3, ras_steps=8)
+    assert shares == {"objects_computed": 0.5, "background_computed": 0.125}
+    assert computation_by_region(counts, torch.zeros_like(objects), 3, 8)["objects_computed"] != 0.5  # nan
+    with pytest.raises(ValueError, match="ras_steps=0"):
+        computation_by_region(counts, objects, 3, 0)

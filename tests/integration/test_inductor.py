@@ -27,7 +27,9 @@ def test_inductor_ras_equals_oracle(model):
     with oracle.install(pipe), torch.no_grad():
         expected = pipe(**kwargs_fn(num_prompts=1, num_images_per_prompt=2, steps=STEPS))[0]
     pipe = build()
-    backend = rascompile.apply(pipe, RASConfig(**SETTINGS), inner_backend="inductor", fused_kv_projection=fused)
+    backend = rascompile.apply(
+        pipe, RASConfig.reference_defaults(**SETTINGS), inner_backend="inductor", fused_kv_projection=fused
+    )
     got = pipe(**kwargs_fn(num_prompts=1, num_images_per_prompt=2, steps=STEPS))[0]
     assert backend.graphs[0].fallback_reason is None
     assert any(r.kind == "fused" for r in rewrite_records(backend.graphs[0].ras_gm)) is fused

@@ -9,6 +9,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
+from rascompile.config import RASConfig
 from tests.support.models import (
     LUMINA_TEXT_LEN,
     PATCH_SIZE,
@@ -188,6 +189,8 @@ def test_schedule_defaults():
     assert oracle.sample_ratio == 0.5 and oracle.scheduler_start_step == 4
     assert oracle.scheduler_end_step == 28 and oracle.error_reset_steps == (12, 22)
     assert oracle.metric == "std" and oracle.starvation_scale == 0.1 and oracle.high_ratio == 1.0
+    reference = RASConfig.reference_defaults()
+    assert (reference.starvation_scale, reference.high_ratio) == (oracle.starvation_scale, oracle.high_ratio)
     assert oracle.skip_num_step == 0 and oracle.skip_num_step_length == 0
     ras = [s for s in range(28) if oracle.is_ras_step(s)]
     assert ras == [s for s in range(4, 28) if s not in (12, 22)]

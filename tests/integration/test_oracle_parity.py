@@ -38,7 +38,7 @@ def test_compiled_ras_equals_oracle(model, case):
         expected = pipe(**call)[0]
 
     pipe = build()
-    backend = rascompile.apply(pipe, RASConfig(**settings), inner_backend="aot_eager")
+    backend = rascompile.apply(pipe, RASConfig.reference_defaults(**settings), inner_backend="aot_eager")
     call = kwargs_fn(num_prompts=2, num_images_per_prompt=2, steps=STEPS, **size)
     got = pipe(**call)[0]
 
@@ -76,7 +76,7 @@ def test_bfloat16_ras_step_equals_oracle(model):
     with oracle.install(pipe), torch.no_grad():
         expected = pipe(**call())[0]
     pipe = bf16_pipeline()
-    backend = rascompile.apply(pipe, RASConfig(**settings), inner_backend="aot_eager")
+    backend = rascompile.apply(pipe, RASConfig.reference_defaults(**settings), inner_backend="aot_eager")
     got = pipe(**call())[0]
     assert got.dtype == torch.bfloat16
     assert [d.kind for d in backend.graphs[0].controller.history].count("ras") == 1

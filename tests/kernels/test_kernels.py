@@ -237,4 +237,3 @@ def test_the_directory_imported_as_top_level_kernels_leaves_the_op_alone():
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-

@@ -63,7 +63,9 @@ def test_out_of_range():
 def test_bench_numbers():
     # The paper's SD3 loop at ratio 0.25 on the benchmark model: 6 dense steps (0-3, 12, 20), 22 RAS steps.
     schedule = build_schedule(
-        RASConfig(sample_ratio=0.25, error_reset_steps=(12, 20), num_inference_steps=28), 28, BENCH.num_tokens
+        RASConfig.reference_defaults(sample_ratio=0.25, error_reset_steps=(12, 20), num_inference_steps=28),
+        28,
+        BENCH.num_tokens,
     )
     ks = [p.num_active for p in schedule]
     assert ks.count(BENCH.num_tokens) == 6 and ks.count(256) == 22

@@ -6,8 +6,17 @@ import pytest
 from rascompile.config import RASConfig
 
 
-def test_defaults_match_reference_implementation():
-    config = RASConfig()
+def test_defaults_match_reference_implementation_but_high_ratio():
+    """The reference's argparse defaults, except high_ratio (0.1, chosen by measurement; docs/quality Table 4),
+    which reference_defaults() restores."""
+    assert RASConfig().high_ratio == 0.1
+    assert RASConfig.reference_defaults() == RASConfig().replace(high_ratio=1.0)
+    assert RASConfig.reference_defaults(high_ratio=0.3, sample_ratio=0.25) == RASConfig(
+        high_ratio=0.3, sample_ratio=0.25
+    )
+    with pytest.raises(ValueError, match=r"RASConfig\.high_ratio=2"):
+        RASConfig.reference_defaults(high_ratio=2)
+    config = RASConfig.reference_defaults()
     assert config.sample_ratio == 0.5
     assert config.scheduler_start_step is None and config.resolved_start_step(28) == 4
     assert config.scheduler_end_step is None

@@ -16,9 +16,9 @@ def dropped(schedule):
     return [plan.num_dropped for plan in schedule]
 
 
-def test_defaults_t28():
+def test_reference_defaults_t28():
     n = 4096  # 1024x1024 image, 128x128 latent, patch 2
-    schedule = build_schedule(RASConfig(), 28, n)
+    schedule = build_schedule(RASConfig.reference_defaults(), 28, n)
     assert len(schedule) == 28
     assert [plan.step for plan in schedule] == list(range(28))
     dense_steps = {plan.step for plan in schedule if plan.dense}
@@ -31,9 +31,16 @@ def test_defaults_t28():
     assert active_token_counts(schedule) == [2048]
 
 
+def test_default_high_ratio_splits_the_dropped_tokens_with_floors():
+    # D = 2048; high_ratio 0.1 drops floor(2048 * 0.9) = 1843 low and floor(2048 * 0.1) = 204 high tokens,
+    # so k = 4096 - 2047 (num_dropped keeps the scheduled D).
+    schedule = build_schedule(RASConfig(), 28, 4096)
+    assert {(p.num_dropped, p.num_active) for p in schedule if not p.dense} == {(2048, 2049)}
+
+
 def test_odd_token_count_rounds_dropped_down():
     # N = 15: D = floor(0.5 * 15) = 7, k = 8.
-    schedule = build_schedule(RASConfig(scheduler_start_step=4, error_reset_steps=()), 6, 15)
+    schedule = build_schedule(RASConfig.reference_defaults(scheduler_start_step=4, error_reset_steps=()), 6, 15)
     assert [(p.dense, p.num_dropped, p.num_active) for p in schedule] == [(True, 0, 15)] * 4 + [(False, 7, 8)] * 2
 
 
@@ -64,7 +71,7 @@ def test_dynamic_mode_hand_computed():
     #   D(group i) = 512 + 64 * (i - 4), already multiples of 64:
     #   i=1 (steps 4-7): 320, i=2 (8-11): 384, i=3 (12-15): 448, i=4 (16-19): 512,
     #   i=5 (20-23): 576, i=6 (24-27): 640. Steps 0-3 (i=0 -> 256), 12 and 22 are dense: 0.
-    config = RASConfig(skip_num_step=64, skip_num_step_length=4)
+    config = RASConfig.reference_defaults(skip_num_step=64, skip_num_step_length=4)
     schedule = build_schedule(config, 28, 1024)
     expected = [0, 0, 0, 0] + [320] * 4 + [384] * 4 + [0, 448, 448, 448] + [512] * 4 + [576, 576, 0, 576] + [640] * 4
     assert dropped(schedule) == expected
