@@ -16,7 +16,42 @@ from .model import ShapesModel, call_kwargs, make_pipeline, to_images
 class Generation:
     images: torch.Tensor  # [B, 3, 32, 32] in [-1, 1]
     seconds: float  # wall time of the pipeline call (compilation excluded after the first call)
+    call_seconds: list[float]  # wall time of each of the transformer's calls (one per step)
     step_counts: torch.Tensor | None  # [B, 8, 8]: how many steps computed each token (RAS only)
+
+    @property
+    def transformer_seconds(self) -> float:
+        """The part of ``seconds`` spent in the transformer."""
+        return sum(self.call_seconds)
+
+    def select(self, indices: list[int]) -> Generation:
+        """The images (and their step counts) at ``indices``; the timings stay those of the whole call."""
+        counts = self.step_counts[indices] if self.step_counts is not None else None
+        return Generation(self.images[indices], self.seconds, self.call_seconds, counts)
+
+
+class _TimedTransformer(torch.nn.Module):
+    """``pipe.transformer`` behind a clock: each call's wall time goes to ``call_seconds``. It wraps the compiled
+    module from outside, so the clock is plain Python and never traced; attributes the pipeline reads
+    (``config``, ``dtype``) come from the wrapped transformer."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.call_seconds: list[float] = []
+
+    def forward(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.transformer(*args, **kwargs)
+        finally:
+            self.call_seconds.append(time.perf_counter() - start)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.transformer, name)
 
 
 class Generator:
@@ -48,8 +83,11 @@ class Generator:
                 torch._dynamo.reset()
                 self.pipes = {k: v for k, v in self.pipes.items() if v[1] is None}
                 backend = apply(pipe, config.replace(num_inference_steps=steps), inner_backend=self.inner_backend)
+            # set directly: the pipeline's registered component stays the (compiled) transformer
+            object.__setattr__(pipe, "transformer", _TimedTransformer(pipe.transformer))
             entry = self.pipes[key] = (pipe, backend)
         pipe, backend = entry
+        pipe.transformer.call_seconds = []
         kwargs = call_kwargs(self.model, captions, steps=steps, guidance_scale=guidance_scale, seed=seed)
         start = time.perf_counter()
         with torch.no_grad():
@@ -60,4 +98,4 @@ class Generator:
             controller = backend.graphs[0].controller
             # CFG rows of one image share a selection: keep the conditional half
             counts = controller.step_count_grid()[-len(captions) :].clone()
-        return Generation(to_images(latents), seconds, counts)
+        return Generation(to_images(latents), seconds, pipe.transformer.call_seconds, counts)
