@@ -298,7 +298,7 @@ def provenance(results: dict) -> str:
     runs = results.get("runs") or [{"command": results["command"], "seconds": results["seconds"]}]
     made = "; ".join(
         f"`{run['command']}` in {run['seconds']} s"
-        + (f" (tables {', '.join(run['tables'])})" if "tables" in run else "")
+        + (f" (Table{'s' if len(run['tables']) > 1 else ''} {', '.join(run['tables'])})" if "tables" in run else "")
         for run in runs
     )
     lines = [f"Made by {made}."]
@@ -411,7 +411,11 @@ def project_summary(results: dict) -> str:
     default, no_reset, no_cache = (
         _row(results, n) for n in ("default (dynamic ratio)", "no error reset", "no K/V cache")
     )
+    real = results.get("real")
+    real_text = f" (real images: {real['object_recall']:.0%})" if real else ""
     return (
+        f"- dense sampling at 20 steps draws {dense[20]:.0%} of the captioned objects that the shipped classifier "
+        f"looks for{real_text};\n"
         f"- on this model RAS speeds sampling up {min(speedups):.2f}x to {max(speedups):.2f}x (sample ratios "
         f"{RATIOS[0]:g} to {RATIOS[-1]:g}, {RAS_STEPS[0]} to {RAS_STEPS[-1]} steps);\n"
         f"- at equal throughput, fewer dense steps find more of the captioned objects than RAS in {wins} of "
