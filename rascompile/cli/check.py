@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main_from_args(args: argparse.Namespace) -> int:
     """Exit status: 0 every check passed, 1 a check failed (or a graph runs dense with --require-ras), 2 bad
     input or the check could not run (one line ``error: ...`` on stderr)."""
+    from .main import quiet_third_party
+
+    quiet_third_party()
     try:
         pipe, call_kwargs = load_pipeline(args)
     except ValueError as exc:

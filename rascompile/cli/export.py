@@ -344,7 +344,9 @@ def _first_line(exc: BaseException) -> str:
 
 def main_from_args(args: argparse.Namespace) -> int:
     from .._extras import require_extra
+    from .main import quiet_third_party
 
+    quiet_third_party()
     # the exporter writes with onnx and onnxscript; the check after it runs the files with onnxruntime
     modules = ("onnx", "onnxscript") if args.no_check else ("onnx", "onnxscript", "onnxruntime")
     require_extra("onnx", *modules, feature="rascompile export")

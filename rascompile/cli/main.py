@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import math
 import os
 import sys
@@ -168,12 +169,26 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+class _TorchvisionFallbackNotice(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to its PIL backend without torchvision:
+    importing diffusers' pipelines loads those processors whatever the pipeline, and the fallback computes
+    the same thing, so the notice says nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def quiet_third_party() -> None:
-    """For commands that run rascompile's own models (demo, bench): transformers' warnings (that torchvision is
-    missing for image processors the pipelines never use) say nothing about the run. An explicit
-    ``TRANSFORMERS_VERBOSITY`` wins; ``rascompile check`` and ``export`` keep transformers' warnings, which may
-    concern the user's pipeline."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    """Silence third-party output that does not concern the run (every command calls it before importing
+    diffusers' pipelines): transformers' torchvision fallback notices. Every other transformers warning, such
+    as one about the weights of the user's text encoder, still shows."""
+    logger = logging.getLogger(TRANSFORMERS_IMPORT_LOGGER)
+    if not any(isinstance(f, _TorchvisionFallbackNotice) for f in logger.filters):
+        logger.addFilter(_TorchvisionFallbackNotice())
+
+
+#: The logger transformers' lazy imports write their notices to (``transformers.utils.import_utils``).
+TRANSFORMERS_IMPORT_LOGGER = "transformers.utils.import_utils"
 
 
 def build_parser() -> argparse.ArgumentParser:

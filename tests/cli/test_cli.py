@@ -1,5 +1,6 @@
 """The ``rascompile`` command line and a smoke run of ``rascompile bench``."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -106,3 +107,30 @@ def test_speed_script_runs_bench():
     )
     assert result.returncode == 0, result.stderr
     assert "usage: rascompile bench" in result.stdout
+
+
+QUIET_PROBE = """
+import sys
+if sys.argv[1] == "quiet":
+    from rascompile.cli.main import quiet_third_party
+    quiet_third_party()
+from diffusers import StableDiffusion3Pipeline  # imports transformers' image processors
+import transformers
+transformers.logging.get_logger("transformers.models.clip").warning("about the user's text encoder")
+"""
+
+
+def test_commands_drop_the_torchvision_notices_and_keep_other_transformers_warnings():
+    """Every command calls quiet_third_party before importing diffusers' pipelines."""
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("with torchvision installed transformers has no fallback to announce")
+
+    def stderr(mode: str) -> str:
+        result = subprocess.run([sys.executable, "-c", QUIET_PROBE, mode], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stderr
+
+    assert "requires torchvision (not installed)" in stderr("plain")  # the notice the filter is for exists
+    quiet = stderr("quiet")
+    assert "requires torchvision" not in quiet and "about the user's text encoder" in quiet, quiet
