@@ -66,7 +66,11 @@ def test_onnxruntime_generation_equals_pytorch(exported):
     for ours, theirs in zip(decisions, history):
         if ours.kind == "ras":
             assert torch.equal(ours.active_idx, theirs.active_idx)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # onnxruntime and PyTorch sum in other orders, so fp32 rounding differs, by amounts that scale with the
+    # magnitude of the tensors flowing through the model rather than with each element. After 8 steps with
+    # guidance the largest difference measured 1.5e-5 to 2.3e-5 of the latents' largest magnitude (about 8),
+    # whatever high_ratio (1, 0.3, 0.1); a wrong token or cache row differs by 1e-2 or more.
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5 * expected.abs().max().item())
 
 
 def test_dense_when_sample_ratio_is_one(exported):
