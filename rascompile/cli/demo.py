@@ -241,7 +241,9 @@ def write_heatmaps(path: Path, results: dict, steps: int) -> None:
         return
     cols = ras[0][1].images.shape[0]
     objects = [object_tokens(result.images) for _, result in ras]
-    fig, axes = plt.subplots(2 * len(ras), cols, figsize=(2.2 * cols, 4.4 * len(ras)), squeeze=False)
+    fig, axes = plt.subplots(
+        2 * len(ras), cols, figsize=(2.2 * cols + 1, 4.4 * len(ras)), squeeze=False, layout="constrained"
+    )
     for i, (name, result) in enumerate(ras):
         for j in range(cols):
             axes[2 * i, j].imshow(((result.images[j].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
@@ -251,7 +253,7 @@ def write_heatmaps(path: Path, results: dict, steps: int) -> None:
             for ax in (axes[2 * i, j], axes[2 * i + 1, j]):
                 ax.set_xticks([])
                 ax.set_yticks([])
-        fig.colorbar(shown, ax=list(axes[2 * i + 1]), shrink=0.8, label="steps computed")
+        fig.colorbar(shown, ax=list(axes[2 * i : 2 * i + 2].flatten()), shrink=0.6, label="steps computed")
     fig.suptitle(f"How many of the {steps} steps computed each region (cyan: the objects in the image)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
