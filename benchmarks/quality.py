@@ -93,9 +93,10 @@ def settings(quick: bool, tables: tuple[str, ...] = TABLES) -> list[dict]:
             rows.append({"name": name, "table": "3", "steps": ablation_steps, "config": base.replace(**change)})
     if "4" in tables:
         static = demo_config(ablation_steps, ABLATION_RATIO)
-        high_ratios = SWEEP_HIGH_RATIOS if not quick else SWEEP_HIGH_RATIOS[:2]
+        high_ratios = SWEEP_HIGH_RATIOS if not quick else (SWEEP_HIGH_RATIOS[0], SWEEP_HIGH_RATIOS[-1])
+        scales = SWEEP_STARVATION_SCALES if not quick else SWEEP_STARVATION_SCALES[:1]
         for high in high_ratios:
-            for scale in SWEEP_STARVATION_SCALES:
+            for scale in scales:
                 config = static.replace(high_ratio=high, starvation_scale=scale)
                 name = f"high_ratio {high:g}, starvation_scale {scale:g}"
                 rows.append({"name": name, "table": "4", "steps": ablation_steps, "config": config})
@@ -600,7 +601,7 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     written = write_docs(out, results)
     pareto_plot(table_rows(results, "2"), out / "pareto.png")
-    regions_figure(out / "regions.png")
+    regions_figure(out / "regions.png", steps=ABLATION_STEPS if not args.quick else 8)
     print(markdown(results["rows"]))
     print(f"wrote results.json, {', '.join(written)}, pareto.png, regions.png in {out} in {seconds} s")
     return 0

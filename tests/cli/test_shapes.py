@@ -235,7 +235,7 @@ def test_quality_harness_quick(tmp_path):
     assert "psnr" in rows[2] and all(r["images_per_s"] > 0 for r in rows)
     assert (tmp_path / "pareto.png").exists() and (tmp_path / "regions.png").exists()
     assert (tmp_path / "table3.md").read_text().count("\n") == 2 + 8
-    assert (tmp_path / "table4.md").read_text().count("\n") == 2 + 6
+    assert (tmp_path / "table4.md").read_text().count("\n") == 2 + 2
     # RAS 0.5 at 8 steps (start 1, reset at 5): 6 RAS steps, 2 dense steps. D = 32 and high_ratio 0.1 drops
     # floor(32 * 0.9) + floor(32 * 0.1) = 31 tokens: 33 of 64 are computed.
     assert rows[0]["tokens_computed"] == 1.0 and rows[2]["tokens_computed"] == pytest.approx((2 + 6 * 33 / 64) / 8)
