@@ -73,6 +73,20 @@ SWEEP_STARVATION_SCALES = (0.1, 0.0, -0.1)
 TABLES = ("2", "3", "4")
 
 
+def sweep_name(config: RASConfig) -> str:
+    """The name of the Table 4 row with ``config``'s two selection fields."""
+    return f"high_ratio {config.high_ratio:g}, starvation_scale {config.starvation_scale:g}"
+
+
+#: The Table 4 rows the project README's configuration section shows: the reference's argparse default, what
+#: its example scripts run, and rascompile's default.
+SELECTION_SETTINGS = (
+    ("reference default", RASConfig.reference_defaults()),
+    ("reference example scripts, as run", RASConfig.reference_defaults(high_ratio=0.3)),
+    ("rascompile default", RASConfig()),
+)
+
+
 def settings(quick: bool, tables: tuple[str, ...] = TABLES) -> list[dict]:
     """The rows of ``tables``. Without table 2, the dense row at the ablations' step count still runs (as
     ``"table": None``, not reported), since PSNR and SSIM compare with it."""
@@ -98,8 +112,7 @@ def settings(quick: bool, tables: tuple[str, ...] = TABLES) -> list[dict]:
         for high in high_ratios:
             for scale in scales:
                 config = static.replace(high_ratio=high, starvation_scale=scale)
-                name = f"high_ratio {high:g}, starvation_scale {scale:g}"
-                rows.append({"name": name, "table": "4", "steps": ablation_steps, "config": config})
+                rows.append({"name": sweep_name(config), "table": "4", "steps": ablation_steps, "config": config})
     return rows
 
 
@@ -234,18 +247,9 @@ def render_project_readme(text: str, results: dict) -> str:
     return _between(text, "selection defaults", markdown(selection_rows(results)), "README.md")
 
 
-#: The Table 4 rows the project README's configuration section shows: the reference's argparse default, what
-#: its example scripts run, and rascompile's default.
-SELECTION_ROWS = (
-    "high_ratio 1, starvation_scale 0.1",
-    "high_ratio 0.3, starvation_scale 0.1",
-    "high_ratio 0.1, starvation_scale 0.1",
-)
-
-
 def selection_rows(results: dict) -> list[dict]:
-    labels = ("reference default", "reference example scripts, as run", "rascompile default")
-    return [_row(results, name) | {"name": f"{label}: {name}"} for label, name in zip(labels, SELECTION_ROWS)]
+    rows = ((label, sweep_name(config)) for label, config in SELECTION_SETTINGS)
+    return [_row(results, name) | {"name": f"{label}: {name}"} for label, name in rows]
 
 
 # ----------------------------------------------------------------------------------- text from the data
@@ -337,7 +341,7 @@ def findings(results: dict) -> str:
     same = [
         _row(results, "RAS 0.25 @ 20"),
         _row(results, "static sampling ratio"),
-        _row(results, f"high_ratio {RASConfig().high_ratio:g}, starvation_scale {RASConfig().starvation_scale:g}"),
+        _row(results, sweep_name(RASConfig())),
     ]
     rates = [r["images_per_s"] for r in same]
     out.append(
@@ -371,17 +375,16 @@ def findings(results: dict) -> str:
         f"reset: {_quality(no_reset)}. Without the K/V cache: {_quality(no_cache)}. Static ratio: "
         f"{_quality(static)}. Random dropping: {_quality(random)}."
     )
-    chosen = RASConfig()
-    best = _row(results, f"high_ratio {chosen.high_ratio:g}, starvation_scale {chosen.starvation_scale:g}")
-    reference = _row(results, "high_ratio 1, starvation_scale 0.1")
+    chosen, reference_config = RASConfig(), RASConfig.reference_defaults()
+    best, reference = _row(results, sweep_name(chosen)), _row(results, sweep_name(reference_config))
     sweep = table_rows(results, "4")
     top_psnr = max(sweep, key=lambda r: r["psnr"])
     top_objects = max(sweep, key=lambda r: r["object_recall"])
     out.append(
-        f"- **The selection (Table 4).** The reference's defaults (high_ratio 1, starvation_scale 0.1) compute the "
+        f"- **The selection (Table 4).** The reference's defaults ({sweep_name(reference_config)}) compute the "
         f"same tokens on every RAS step or on none for {reference['always_or_never']:.0%} of the tokens: "
-        f"{_quality(reference)}. rascompile's defaults (high_ratio {chosen.high_ratio:g}, starvation_scale "
-        f"{chosen.starvation_scale:g}): {best['always_or_never']:.0%} always or never, {_quality(best)}. Highest PSNR "
+        f"{_quality(reference)}. rascompile's defaults ({sweep_name(chosen)}): "
+        f"{best['always_or_never']:.0%} always or never, {_quality(best)}. Highest PSNR "
         f"in the sweep: {top_psnr['name']} ({top_psnr['psnr']:.1f} dB); most objects found: {top_objects['name']} "
         f"({top_objects['object_recall']:.3f})."
     )
@@ -406,9 +409,8 @@ def project_summary(results: dict) -> str:
     pairs = equal_throughput_pairs(results)
     wins = sum(d["object_recall"] > r["object_recall"] for r, d in pairs)
     dense = {r["steps"]: r["object_recall"] for r in table_rows(results, "2") if r["sample_ratio"] is None}
-    chosen = RASConfig()
-    best = _row(results, f"high_ratio {chosen.high_ratio:g}, starvation_scale {chosen.starvation_scale:g}")
-    reference = _row(results, "high_ratio 1, starvation_scale 0.1")
+    chosen, reference_config = RASConfig(), RASConfig.reference_defaults()
+    best, reference = _row(results, sweep_name(chosen)), _row(results, sweep_name(reference_config))
     default, no_reset, no_cache = (
         _row(results, n) for n in ("default (dynamic ratio)", "no error reset", "no K/V cache")
     )
@@ -424,7 +426,8 @@ def project_summary(results: dict) -> str:
         f"{dense[max(dense)]:.3f} at {max(dense)}: this model saturates early);\n"
         f"- error reset and the K/V cache matter: without them SSIM falls from {default['ssim']:.2f} to "
         f"{no_reset['ssim']:.2f} and {no_cache['ssim']:.2f};\n"
-        f"- `high_ratio={chosen.high_ratio:g}` (rascompile's default) against the reference's `1.0`, at ratio 0.25: "
+        f"- `high_ratio={chosen.high_ratio:g}` (rascompile's default) against the reference's "
+        f"`{reference_config.high_ratio:.1f}`, at ratio 0.25: "
         f"{best['psnr']:.1f} against {reference['psnr']:.1f} dB PSNR, objects found {best['object_recall']:.3f} "
         f"against {reference['object_recall']:.3f}, and {best['always_or_never']:.0%} against "
         f"{reference['always_or_never']:.0%} of the tokens computed on every RAS step or on none.\n"
@@ -432,7 +435,8 @@ def project_summary(results: dict) -> str:
 
 
 def write_docs(out: Path, results: dict) -> list[str]:
-    """Write table2.md, table3.md and, where ``out`` holds a README.md, its tables, from ``results``; the names."""
+    """Write each table's tableN.md and, where ``out`` holds a README.md, its generated text, from ``results``; for
+    docs/quality itself, the project README's generated text too. Returns the names written."""
     written = []
     for table in TABLES:
         (out / f"table{table}.md").write_text(markdown(table_rows(results, table)))

@@ -169,6 +169,10 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+#: The logger transformers' lazy imports write their notices to (``transformers.utils.import_utils``).
+TRANSFORMERS_IMPORT_LOGGER = "transformers.utils.import_utils"
+
+
 class _TorchvisionFallbackNotice(logging.Filter):
     """Drops transformers' notice that an image processor falls back to its PIL backend without torchvision:
     importing diffusers' pipelines loads those processors whatever the pipeline, and the fallback computes
@@ -185,10 +189,6 @@ def quiet_third_party() -> None:
     logger = logging.getLogger(TRANSFORMERS_IMPORT_LOGGER)
     if not any(isinstance(f, _TorchvisionFallbackNotice) for f in logger.filters):
         logger.addFilter(_TorchvisionFallbackNotice())
-
-
-#: The logger transformers' lazy imports write their notices to (``transformers.utils.import_utils``).
-TRANSFORMERS_IMPORT_LOGGER = "transformers.utils.import_utils"
 
 
 def build_parser() -> argparse.ArgumentParser:
