@@ -749,7 +749,7 @@ def measure_kernel(kb, name: str, s, ratio: float, dtype: torch.dtype, n: int, d
 
 
 def stage_kernel_speed(suite: Suite, st: Stage) -> None:
-    import rascompile.kernels  # noqa: F401  (registers torch.ops.rascompile.linear_scatter_)
+    import rascompile.kernels.linear_scatter  # noqa: F401  (registers torch.ops.rascompile.linear_scatter_)
 
     kb = load_kernel_benchmark()
     shapes, n = kernel_shapes(kb, suite.dry)
@@ -855,7 +855,7 @@ def new_ras_graph(gm, args, config, inner_backend: str, fused: bool | None):
 
 
 def fuse_summary(graph) -> dict:
-    from rascompile.passes import render_record, rewrite_records
+    from rascompile.passes.snapshot import render_record, rewrite_records
 
     records = rewrite_records(graph.ras_gm) if getattr(graph, "ras_gm", None) is not None else ()
     return {

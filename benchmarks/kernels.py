@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-import rascompile.kernels  # noqa: F401  (registers torch.ops.rascompile.linear_scatter_)
+import rascompile.kernels.linear_scatter  # noqa: F401  (registers torch.ops.rascompile.linear_scatter_)
 
 IMAGE_TOKENS = 4096  # 1024x1024 image, 2x2 patches of the 128x128 latent
 BATCH = 2  # classifier-free guidance

@@ -21,6 +21,13 @@ fp16, bf16 and fp32 inputs; the result is cast to the cache's dtype.
 
 from __future__ import annotations
 
+if __name__ != "rascompile.kernels.linear_scatter":
+    # Run under a second name (say top-level ``kernels.linear_scatter`` from a checkout) this module would define
+    # rascompile::linear_scatter_ again, and torch.library would destroy the definition every caller already holds.
+    raise ImportError(
+        f"import rascompile.kernels.linear_scatter, not {__name__!r}: it defines the op rascompile::linear_scatter_"
+    )
+
 import warnings
 
 import torch

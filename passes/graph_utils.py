@@ -193,3 +193,10 @@ def clean_up(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph (node metadata shared shallowly)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)

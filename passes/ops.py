@@ -7,12 +7,19 @@ shape ``[B, k]`` (int64); ``axis`` is the token axis of the tensor being gathere
 
 from __future__ import annotations
 
+if __name__ != "rascompile.passes.ops":
+    # Run under a second name (say top-level ``passes.ops`` from a checkout) this module would define
+    # rascompile::scatter_rows_ again, and torch.library would destroy the definition every caller already holds.
+    raise ImportError(
+        f"import rascompile.passes.ops, not {__name__!r}: this module defines the custom op rascompile::scatter_rows_"
+    )
+
 import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from rascompile.kernels import linear_scatter_
+from rascompile.kernels.linear_scatter import linear_scatter_
 
 
 def _row_index(idx: torch.Tensor, like_shape: list[int], axis: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.fx
 from torch.fx.node import map_arg
 
 from .context import RewriteError
-from .graph_utils import FakeEnv
+from .graph_utils import FakeEnv, copy_graph_module
 
 
 def has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
@@ -32,8 +32,6 @@ def has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
 
 
 def specialize_shapes(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
-    from . import copy_graph_module
-
     gm = copy_graph_module(gm)
     env = FakeEnv(gm)
     nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]

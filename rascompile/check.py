@@ -109,7 +109,7 @@ class GraphReport:
     output_scale: float | None  # largest finite |dense output|
     k_values: list[int] = field(default_factory=list)  # active-token counts checked, in check order
     checks: list[CheckResult] = field(default_factory=list)
-    summary: str = ""  # rascompile.passes.graph_summary of the rewritten graph (what the passes found and did)
+    summary: str = ""  # rascompile.passes.snapshot.graph_summary of the rewritten graph (what the passes found and did)
     passed: bool = True  # every check passed (a dense graph passes unless RAS is required)
 
 
@@ -369,7 +369,7 @@ def _reference(inner_backend: str, gm: torch.fx.GraphModule, inputs: list) -> An
     dense graph compiled by it, so that the checks measure RAS and not the compiler's rounding against eager."""
     if inner_backend == "eager":
         return gm(*inputs)
-    from rascompile.passes import copy_graph_module
+    from rascompile.passes.graph_utils import copy_graph_module
 
     from .runtime.backend import compile_inner
 
@@ -381,7 +381,7 @@ class _RASRunner:
     to write poisons the output instead of passing on leftover values."""
 
     def __init__(self, graph: Any, inputs: list, device: torch.device):
-        from rascompile.passes import copy_graph_module
+        from rascompile.passes.graph_utils import copy_graph_module
 
         from .runtime.backend import compile_inner
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from rascompile.kernels import normalize_arguments, reference_rows, write_rows
+from rascompile.kernels.linear_scatter import normalize_arguments, reference_rows, write_rows
 
 from ..ops import joint_rows, rope_cos_sin, scatter_rows, write_joint_sequence
 

@@ -112,7 +112,7 @@ def _extra_formulas() -> dict:
     if cpu_flash is not None:
         formulas[cpu_flash] = _sdpa_flops
     try:
-        import rascompile.kernels  # noqa: F401 - registers rascompile::linear_scatter_
+        import rascompile.kernels.linear_scatter  # noqa: F401 - registers rascompile::linear_scatter_
 
         formulas[torch.ops.rascompile.linear_scatter_] = _linear_scatter_flops
     except (ImportError, AttributeError):  # pragma: no cover - the op ships with the package

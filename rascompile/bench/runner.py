@@ -45,7 +45,7 @@ import torch
 
 from .._extras import require_extra
 from ..cli.main import check_output_file, quiet_third_party
-from ..passes import render_record, rewrite_records
+from ..passes.snapshot import render_record, rewrite_records
 from ..runtime.backend import RASGraph
 from ..runtime.schedule import build_schedule
 from .flops import (

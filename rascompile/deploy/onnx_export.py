@@ -39,10 +39,13 @@ from typing import Any
 import torch
 import torch.fx
 
-from rascompile.passes import RewriteError, build_ras_graph, copy_graph_module, render_record
+from rascompile.passes.context import RewriteError
 from rascompile.passes.export.lowering import ExportError, ExportLowering, lower_for_export
 from rascompile.passes.find_token_source import MODULE_STATE_MARKERS
+from rascompile.passes.graph_utils import copy_graph_module
+from rascompile.passes.pipeline import build_ras_graph
 from rascompile.passes.signature import ModelInput, StepSignature
+from rascompile.passes.snapshot import render_record
 
 from .._extras import require_extra
 from .manifest import FORMAT, GRAPHS, MANIFEST, onnx_opset, sha256_file, write_manifest

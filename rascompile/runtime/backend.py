@@ -25,7 +25,9 @@ import torch
 import torch.fx
 from torch._dynamo.convert_frame import compile_lock
 
-from rascompile.passes import RewriteError, build_ras_graph, graph_summary
+from rascompile.passes.context import RewriteError
+from rascompile.passes.pipeline import build_ras_graph
+from rascompile.passes.snapshot import graph_summary
 from rascompile.passes.specialize_shapes import has_symbolic_shapes, specialize_shapes
 
 from ..config import RASConfig

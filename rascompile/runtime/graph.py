@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch._dynamo.convert_frame import compile_lock
 
-from rascompile.passes import copy_graph_module as _copy
+from rascompile.passes.graph_utils import copy_graph_module as _copy
 from rascompile.passes.signature import StepSignature
 
 from .controller import GraphLayout, RASController

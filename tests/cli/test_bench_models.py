@@ -14,7 +14,7 @@ import rascompile.runtime.backend
 from rascompile.bench.models import bench_model, flux_image_ids, flux_pack_latents, flux_rope_axes, flux_shift
 from rascompile.capture import GraphCapture
 from rascompile.cli.main import build_parser
-from rascompile.passes import RewriteError
+from rascompile.passes.context import RewriteError
 
 
 def _settings(model: str, **changes) -> bench.BenchSettings:

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rascompile.passes import RewriteError, build_ras_graph
+from rascompile.passes.context import RewriteError
+from rascompile.passes.pipeline import build_ras_graph
 from tests.support.capture import capture_graph, run_ras_step
 from tests.support.synthetic import KeywordAttentionDiT
 

@@ -11,11 +11,12 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 import rascompile
-import rascompile.passes
+import rascompile.passes.ops
+import rascompile.passes.pipeline
 import rascompile.runtime.backend
 from rascompile.check import CheckError, check
 from rascompile.cli.main import main
-from rascompile.passes import PassManager
+from rascompile.passes.manager import PassManager
 from rascompile.testing import assert_ras_equivalent
 from tests.support.models import (
     SD3_IN_CHANNELS,
@@ -92,7 +93,9 @@ def _offset_output(gm, ctx):
 
 def test_a_wrong_output_fails_every_check(monkeypatch):
     monkeypatch.setattr(
-        rascompile.passes, "RAS_PASSES", PassManager([*rascompile.passes.RAS_PASSES.passes, _offset_output])
+        rascompile.passes.pipeline,
+        "RAS_PASSES",
+        PassManager([*rascompile.passes.pipeline.RAS_PASSES.passes, _offset_output]),
     )
     pipe, kwargs = _sd3()
     report = check(pipe, kwargs)
@@ -232,7 +235,9 @@ def test_command_table_and_failure(saved, capsys, monkeypatch):
     assert "graph 0: RAS, N=64 image tokens, B=4" in out and out.splitlines()[-1].startswith("PASS")
     assert "inner backend aot_eager; seed 3" in out
     monkeypatch.setattr(
-        rascompile.passes, "RAS_PASSES", PassManager([*rascompile.passes.RAS_PASSES.passes, _offset_output])
+        rascompile.passes.pipeline,
+        "RAS_PASSES",
+        PassManager([*rascompile.passes.pipeline.RAS_PASSES.passes, _offset_output]),
     )
     assert main(_argv(saved)) == 1
     out = capsys.readouterr().out

@@ -6,7 +6,7 @@ from torch._inductor.utils import run_and_get_code
 
 import rascompile
 from rascompile import RASConfig
-from rascompile.passes import rewrite_records
+from rascompile.passes.snapshot import rewrite_records
 from tests.support.models import lumina_call_kwargs, sd3_call_kwargs, tiny_lumina_pipeline, tiny_sd3_pipeline
 from tests.support.oracle import RASOracle
 
@@ -39,7 +39,7 @@ def test_inductor_ras_equals_oracle(model):
 
 @pytest.mark.inductor
 def test_inductor_keeps_linear_scatter_as_one_opaque_node():
-    from rascompile.kernels import linear_scatter_
+    from rascompile.kernels.linear_scatter import linear_scatter_
     from tests.support.kernel_cases import make_case, run_op
 
     case = make_case(norm="layer_norm", rope=True, bias=True, layout="bhtd", row_offset=2)

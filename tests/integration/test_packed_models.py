@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from rascompile.passes import build_ras_graph
+from rascompile.passes.pipeline import build_ras_graph
 from rascompile.runtime.backend import controllers_of
 from tests.support.capture import capture_pipeline_graph, run_ras_step
 from tests.support.models import (
@@ -142,7 +142,7 @@ def test_graph_snapshot(rewritten, request):
     import os
     from pathlib import Path
 
-    from rascompile.passes import graph_summary
+    from rascompile.passes.snapshot import graph_summary
 
     _, ctx, _, _ = rewritten
     name = request.node.callspec.params["rewritten"]

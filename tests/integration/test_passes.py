@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rascompile.passes import RAS_PASSES, RewriteError, build_ras_graph, graph_summary
+from rascompile.passes.context import RewriteError
+from rascompile.passes.pipeline import RAS_PASSES, build_ras_graph
 from rascompile.passes.signature import step_signature
+from rascompile.passes.snapshot import graph_summary
 from tests.support.capture import capture_graph, capture_pipeline_graph, run_ras_step
 from tests.support.models import lumina_call_kwargs, sd3_call_kwargs, tiny_lumina_pipeline, tiny_sd3_pipeline
 from tests.support.synthetic import TokenPoolingDiT

@@ -288,7 +288,7 @@ def test_reaching_dynamos_recompile_limit_warns():
 
 
 def test_an_internal_error_in_a_pass_runs_dense_with_one_warning(monkeypatch):
-    from rascompile.passes import RAS_PASSES
+    from rascompile.passes.pipeline import RAS_PASSES
 
     def broken_pass(gm, ctx):
         raise ZeroDivisionError("injected")

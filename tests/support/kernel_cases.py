@@ -2,7 +2,7 @@
 
 import torch
 
-from rascompile.kernels import linear_scatter_
+from rascompile.kernels.linear_scatter import linear_scatter_
 
 
 def make_case(

@@ -25,9 +25,11 @@ import torch.fx
 import torch.nn.functional as F
 
 from rascompile.capture import capture_graphs
-from rascompile.passes import RAS_PASSES, copy_graph_module, graph_utils
 from rascompile.passes import context as context_module
+from rascompile.passes import graph_utils
 from rascompile.passes.find_token_source import MODULE_STATE_MARKERS
+from rascompile.passes.graph_utils import copy_graph_module
+from rascompile.passes.pipeline import RAS_PASSES
 from tests.support.capture import capture_graph
 
 WIDTH, HEADS, HEAD_DIM, OUT, TEXT = 8, 2, 4, 16, 3

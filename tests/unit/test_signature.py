@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from rascompile.passes import build_ras_graph
+from rascompile.passes.pipeline import build_ras_graph
 from rascompile.passes.rules.latent_layout import LatentLayout
 from rascompile.passes.signature import (
     ACTIVE_IDX,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rascompile.passes import RewriteError
+from rascompile.passes.context import RewriteError
 from rascompile.passes.graph_utils import is_sdpa
 from tests.support.passes import TEXT, TinyDiT, capture, run_until
 

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from rascompile.passes import RewriteError
-from rascompile.passes.context import module_path
+from rascompile.passes.context import RewriteError, module_path
 from tests.support.passes import (
     WIDTH,
     TinyDiT,

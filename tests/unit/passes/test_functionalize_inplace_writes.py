@@ -5,7 +5,8 @@ import operator
 import pytest
 import torch
 
-from rascompile.passes import RewriteError, ops
+from rascompile.passes import ops
+from rascompile.passes.context import RewriteError
 from tests.support.passes import TinyDiT, calls, capture, dense, fact, node, order, run_graph, run_until
 
 PASS = "functionalize_inplace_writes"

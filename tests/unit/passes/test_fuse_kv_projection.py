@@ -7,8 +7,9 @@ import torch
 
 import rascompile
 from rascompile import RASBackend, RASConfig
-from rascompile.passes import build_ras_graph, ops
+from rascompile.passes import ops
 from rascompile.passes.fuse_kv_projection import WRITES, NoMatch, _verify, fused_op_kwargs, parse_chain
+from rascompile.passes.pipeline import build_ras_graph
 from tests.support.capture import capture_pipeline_graph
 from tests.support.models import (
     lumina_call_kwargs,

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from rascompile.passes import RewriteError, ops
+from rascompile.passes import ops
+from rascompile.passes.context import RewriteError
 from tests.support.passes import (
     ACTIVE_IDX,
     WIDTH,

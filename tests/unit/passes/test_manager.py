@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from rascompile.passes import RAS_PASSES, PassContext, PassManager, PassSettings
+from rascompile.passes.context import PassContext
+from rascompile.passes.manager import PassManager
+from rascompile.passes.pipeline import RAS_PASSES
+from rascompile.passes.settings import PassSettings
 
 
 def _recorder(name, seen):

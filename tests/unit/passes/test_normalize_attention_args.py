@@ -5,7 +5,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from rascompile.passes import RewriteError
+from rascompile.passes.context import RewriteError
 from rascompile.passes.graph_utils import is_sdpa
 from tests.support.passes import TinyDiT, capture, graph_signature, run_graph, run_until
 

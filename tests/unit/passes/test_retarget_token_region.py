@@ -2,7 +2,8 @@
 
 import pytest
 
-from rascompile.passes import RewriteError, ops
+from rascompile.passes import ops
+from rascompile.passes.context import RewriteError
 from rascompile.passes.graph_utils import is_sdpa
 from rascompile.passes.normalize_attention_args import sdpa_argument
 from tests.support.passes import (

@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rascompile.passes import RewriteError, build_ras_graph
+from rascompile.passes.context import RewriteError
+from rascompile.passes.pipeline import build_ras_graph
 from rascompile.passes.rules.latent_layout import LatentLayout, choose_video_layout, video_layouts
 from rascompile.runtime.selector import layout_token_metric, token_metric
 from tests.support.capture import capture_graph, run_ras_step

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rascompile.passes import RewriteError, ops
-from rascompile.passes.context import module_path
+from rascompile.passes import ops
+from rascompile.passes.context import RewriteError, module_path
 from tests.support.passes import (
     ACTIVE_IDX,
     OUTPUT_CACHE,

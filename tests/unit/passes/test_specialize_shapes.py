@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rascompile.passes import RewriteError
+from rascompile.passes.context import RewriteError
 from rascompile.passes.graph_utils import example_value
 from rascompile.passes.specialize_shapes import has_symbolic_shapes, specialize_shapes
 from tests.support.passes import (

@@ -4,7 +4,8 @@ import operator
 
 import pytest
 
-from rascompile.passes import RewriteError, ops
+from rascompile.passes import ops
+from rascompile.passes.context import RewriteError
 from tests.support.passes import (
     ACTIVE_IDX,
     TinyDiT,

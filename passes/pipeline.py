@@ -1,4 +1,4 @@
-"""Graph passes that turn a diffusion transformer's Dynamo graph into its RAS step graph.
+"""The RAS pass pipeline: turns a diffusion transformer's Dynamo graph into its RAS step graph.
 
 ``build_ras_graph`` runs the pipeline on a copy of the dense graph:
 
@@ -19,31 +19,25 @@ The rewritten graph takes the original inputs followed by ``ras_active_idx`` [B,
 
 from __future__ import annotations
 
-if __name__ != "rascompile.passes":
-    # The repository's passes/ directory is importable as a top-level ``passes`` when the repository root is on
-    # sys.path; running it under that name would define the custom ops of passes/ops.py a second time, and
-    # torch.library would destroy the definitions rascompile.passes uses (see kernels/__init__.py).
-    raise ImportError(f"import rascompile.passes, not {__name__!r}: this directory is installed as rascompile.passes")
-
 from typing import NamedTuple
 
 import torch.fx
 
 from .analyze_token_region import analyze_token_region
 from .cache_attention_kv import cache_attention_kv
-from .context import KVCacheSlot, PassContext, RewriteError, RewriteRecord, TokenRegionFacts
+from .context import PassContext, RewriteError
 from .find_token_source import find_token_source
 from .functionalize_inplace_writes import functionalize_inplace_writes
 from .fuse_kv_projection import fuse_kv_projection
 from .gather_active_tokens import gather_active_tokens
-from .graph_utils import record_dense_shapes
+from .graph_utils import copy_graph_module, record_dense_shapes
 from .manager import PassManager
 from .normalize_attention_args import normalize_attention_args
 from .retarget_token_region import retarget_token_region
 from .scatter_output import scatter_output
 from .settings import PassSettings
 from .signature import StepSignature, step_signature
-from .snapshot import RECORDS_KEY, graph_summary, render_record, rewrite_records
+from .snapshot import RECORDS_KEY
 from .specialize_shapes import has_symbolic_shapes
 from .verify_ras_graph import verify_ras_graph
 
@@ -85,13 +79,6 @@ def _refuse_data_dependent_sizes(gm: torch.fx.GraphModule) -> None:
             )
 
 
-def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A new GraphModule over a copy of ``gm``'s graph (node metadata shared shallowly)."""
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return torch.fx.GraphModule(gm, graph)
-
-
 class RASRewrite(NamedTuple):
     """What ``build_ras_graph`` returns."""
 
@@ -128,19 +115,4 @@ def build_ras_graph(
     return RASRewrite(ras, step_signature(gm, ctx), ctx)
 
 
-__all__ = [
-    "KVCacheSlot",
-    "PassContext",
-    "PassManager",
-    "PassSettings",
-    "RAS_PASSES",
-    "RASRewrite",
-    "StepSignature",
-    "RewriteError",
-    "RewriteRecord",
-    "TokenRegionFacts",
-    "build_ras_graph",
-    "graph_summary",
-    "render_record",
-    "rewrite_records",
-]
+__all__ = ["RAS_PASSES", "RASRewrite", "build_ras_graph", "copy_graph_module"]
