@@ -47,7 +47,7 @@ Stages, in order:
    configs, rotating through them, so every config meets the references and a cold run compiles once per
    call, not once per config (``--kernel-tests-autotune``: the autotuner's own pick). Counts are recorded.
 2. ``kernel_speed``: ``linear_scatter_`` against ``F.linear`` + ``index_put_`` and against the model's
-   norm/RoPE run separately (``benchmarks/kernels.py``'s functions) for the K/V projections of
+   norm/RoPE run separately (``benchmarks/kernel_speed.py``'s functions) for the K/V projections of
    SD3-medium, SD3.5-medium and Flux-dev at 1024x1024, ratios 0.5 and 0.25, bf16 and fp16; TFLOP/s and
    GB/s against the device's datasheet peaks.
 3. ``sd3``: SD3-medium's architecture (24 layers, 24 heads x 64, random weights, bf16) at 1024x1024 with a
@@ -650,11 +650,11 @@ def stage_kernel_tests(suite: Suite, st: Stage) -> None:
 
 
 def load_kernel_benchmark():
-    """benchmarks/kernels.py as a module (it is a script, not part of the package)."""
+    """benchmarks/kernel_speed.py as a module (it is a script, not part of the package)."""
     name = "rascompile_kernel_benchmark"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "kernels.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "kernel_speed.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
@@ -683,7 +683,7 @@ def kernel_shapes(kb, dry: bool) -> tuple[dict, int]:
 
 @contextlib.contextmanager
 def _image_tokens(kb, n: int) -> Iterator[None]:
-    """benchmarks/kernels.py's N (a module constant its helpers read), set for the dry run's tiny shapes."""
+    """benchmarks/kernel_speed.py's N (a module constant its helpers read), set for the dry run's tiny shapes."""
     saved = kb.IMAGE_TOKENS
     kb.IMAGE_TOKENS = n
     try:
@@ -703,7 +703,7 @@ def _cpu_median_ms(fn: Callable, repeats: int = 5) -> float:
 
 
 def measure_kernel(kb, name: str, s, ratio: float, dtype: torch.dtype, n: int, device: str, peaks: dict) -> dict:
-    """benchmarks/kernels.py's ``measure`` on ``device`` (CUDA: do_bench medians; CPU: perf_counter medians),
+    """benchmarks/kernel_speed.py's ``measure`` on ``device`` (CUDA: do_bench medians; CPU: perf_counter medians),
     plus GB/s and the shares of the device's peaks. The correctness check's error is kept, not raised."""
     if device == "cuda":
         from triton.testing import do_bench

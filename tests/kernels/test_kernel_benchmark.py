@@ -1,4 +1,4 @@
-"""``benchmarks/kernels.py``: its run without CUDA, its FLOP and byte counts, and its unfused baseline."""
+"""``benchmarks/kernel_speed.py``: its run without CUDA, its FLOP and byte counts, and its unfused baseline."""
 
 import importlib.util
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_speed.py"
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,27 @@ def test_the_root_folders_never_shadow_installed_packages(tmp_path):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+#: names that the dependencies import and an installed distribution owns (Hugging Face's kernels, for one)
+SHADOW_PRONE = {"kernels", "passes"}
+
+
+def _installed_top_level_names() -> set[str]:
+    import importlib.metadata
+
+    return {name for name, dists in importlib.metadata.packages_distributions().items() if "rascompile" not in dists}
+
+
+def test_no_script_folder_module_is_named_like_an_installed_package():
+    """``python benchmarks/<script>.py`` puts benchmarks/ first on sys.path: a module there named like an installed
+    package (benchmarks/kernels.py was) answers that package's imports for the whole run."""
+    taken = SHADOW_PRONE | _installed_top_level_names()
+    for folder in ("benchmarks",):
+        clashes = sorted(p.name for p in (ROOT / folder).iterdir() if p.stem in taken and p.suffix in ("", ".py"))
+        assert not clashes, f"{folder}/ shadows installed packages: {clashes}"
+    top = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")} - TOP_LEVEL_PACKAGES
+    assert not {name for name in top if (ROOT / name / "__init__.py").exists()} & taken
+
+
 def test_only_rascompile_and_tests_are_top_level_packages():
     """Every other top-level folder is at most a namespace portion, which a regular package elsewhere outranks."""
     regular = {p.parent.name for p in ROOT.glob("*/__init__.py") if not p.parent.name.startswith(".")}

@@ -16,7 +16,7 @@ tolerance for the dtype); a mismatch stops the run with an error. Times are medi
 entries at the active positions (fp32 cos and sin) and the indices read once, the cache rows written
 once; the unfused ops add one y-sized intermediate written and read back per separate step.
 
-    python benchmarks/kernels.py [--dtype bfloat16 float16 float32] [--ratios 0.5 0.25] [--json PATH]
+    python benchmarks/kernel_speed.py [--dtype bfloat16 float16 float32] [--ratios 0.5 0.25] [--json PATH]
 
 Needs a CUDA device; without one it prints a line saying so and exits with status 0.
 """
