@@ -15,6 +15,7 @@ def apply(
     inner_backend: str = "inductor",
     dump_graphs=None,
     fused_kv_projection: bool | None = None,
+    mode: str | None = None,
 ) -> RASBackend:
     """Compile ``pipe.transformer`` with the RAS backend, reading the step count from each pipeline call.
 
@@ -23,7 +24,8 @@ def apply(
     compile it themselves. Each call reads T from
     ``pipe.scheduler.timesteps`` and the step from ``pipe.scheduler.step_index``.
 
-    ``inner_backend``, ``dump_graphs`` and ``fused_kv_projection`` are as for ``RASBackend``.
+    ``inner_backend``, ``dump_graphs``, ``fused_kv_projection`` and ``mode`` (inductor's, as for
+    ``torch.compile(mode=...)``) are as for ``RASBackend``.
 
     Returns the backend, whose ``compile_count`` and ``graphs`` (with their controllers)
     can be inspected.
@@ -41,6 +43,7 @@ def apply(
         steps_factory=scheduler_steps(scheduler, config.num_inference_steps),
         dump_graphs=dump_graphs,
         fused_kv_projection=fused_kv_projection,
+        mode=mode,
     )
     pipe.transformer = torch.compile(transformer, backend=backend, dynamic=False)
     return backend

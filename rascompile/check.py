@@ -383,12 +383,10 @@ class _RASRunner:
     def __init__(self, graph: Any, inputs: list, device: torch.device):
         from rascompile.passes.graph_utils import copy_graph_module
 
-        from .runtime.backend import compile_inner
-
         self.graph, self.inputs = graph, inputs
         shape, dtype = graph.layout.output_cache
         self.caches = [_poisoned(shape, dtype, device)] + [_poisoned(s, d, device) for s, d in graph.layout.kv_caches]
-        self._compile = lambda args: compile_inner(graph.backend.inner_backend, copy_graph_module(graph.ras_gm), args)
+        self._compile = lambda args: graph.backend.compile_graph(copy_graph_module(graph.ras_gm), args)
         self._variants: dict[int, Callable] = {}
 
     def run(self, idx: torch.Tensor) -> list[torch.Tensor]:

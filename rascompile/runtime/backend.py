@@ -36,7 +36,7 @@ from .graph import DenseGraph, RASGraph, StepGraph, compile_inner
 from .steps import SchedulerSteps, TimestepSteps
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
-BACKEND_OPTIONS = ("inner_backend", "dump_graphs", "fused_kv_projection")
+BACKEND_OPTIONS = ("inner_backend", "mode", "dump_graphs", "fused_kv_projection")
 
 
 class RASBackend:
@@ -59,6 +59,7 @@ class RASBackend:
         steps_factory: Callable[[], Any] | None = None,
         dump_graphs: str | None = None,
         fused_kv_projection: bool | None = None,
+        mode: str | None = None,
     ):
         if config is not None and not isinstance(config, RASConfig):
             hint = " (for a dict of options use RASBackend.from_options(...))" if isinstance(config, Mapping) else ""
@@ -70,6 +71,7 @@ class RASBackend:
                 f"fused_kv_projection={fused_kv_projection!r} is invalid: "
                 "must be None (on for CUDA graphs), True or False"
             )
+        self.mode = _checked_mode(mode, inner_backend)
         self.fused_kv_projection = fused_kv_projection
         self.config = config if config is not None else RASConfig()
         self.inner_backend = inner_backend
@@ -115,6 +117,10 @@ class RASBackend:
         tables = [table for key, table in self._per_transformer.items() if key in params]
         return [c for table in tables for key, c in table.items() if key[0] == "controller"]
 
+    def compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        """``gm`` compiled with this backend's inner backend and mode."""
+        return compile_inner(self.inner_backend, gm, example_inputs, self.mode)
+
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> RASBackend:
         options = dict(options or {})
@@ -131,6 +137,40 @@ class RASBackend:
             return self.fused_kv_projection
         on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in example_inputs)
         return on_cuda and importlib.util.find_spec("triton") is not None
+
+    def split_reason(self, graph: RASGraph) -> str | None:
+        """Why ``graph`` must run dense because calls of its transformer also run through graphs the passes could not
+        rewrite (a hook, offloading or a break splits the model): the controller sees only its own graph's calls,
+        so it could neither count those steps nor keep its caches current. None when no such graph exists."""
+        with self._lock:
+            siblings = [
+                g
+                for g in self.graphs
+                if isinstance(g, DenseGraph) and g.counts_as_split and g.parameter_ids & graph.parameter_ids
+            ]
+        if not siblings:
+            return None
+        hooks = list(dict.fromkeys(h for g in (graph, *siblings) for h in g.hooks))
+        cause = (
+            f"{' and '.join(hooks)} splits its calls over several graphs"
+            if hooks
+            else "some of its calls run through another graph (a graph break, a hook, a recompile)"
+        )
+        return (
+            f"RAS is off for this transformer: {cause}, one of which RAS cannot rewrite "
+            f"({siblings[0].fallback_reason}), and RAS must see every call of a generation to count its steps and "
+            "keep its caches; it runs dense. Remove the hook or offloading to keep RAS "
+            "(transformer.disable_cache(), or move the model with .to())"
+        )
+
+    def warn_per_generation(self, controller: RASController, message: str) -> None:
+        """Warn once per generation of ``controller``'s step source: a user sees, for every image, why it ran
+        dense, not only for the first one in the process."""
+        generation = controller.steps.generation
+        key = f"{id(controller)}:{generation}:{message}"
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"rascompile: {message} (generation {generation})", stacklevel=4)
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -198,7 +238,7 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
     ``DenseGraph``. Never raises out of the compile: a graph the passes cannot rewrite, or any failure inside
     them, runs dense with one warning."""
     if backend.config.sample_ratio >= 1.0:
-        return DenseGraph(backend, gm, example_inputs, "sample_ratio is 1.0")
+        return DenseGraph(backend, gm, example_inputs, "sample_ratio is 1.0", split=False)
     try:
         ras_gm, signature, ctx = build_ras_graph(
             gm,
@@ -211,8 +251,10 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
         reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - a bug in the passes must not fail the user's compile
         reason = f"internal error in the RAS passes ({type(exc).__name__}: {exc}); please report it"
-    backend.warn_once(f"this graph runs dense: {reason}")
     graph = DenseGraph(backend, gm, example_inputs, reason)
+    if graph.hooks:
+        reason = f"{' and '.join(graph.hooks)} shaped this graph, which RAS cannot rewrite ({reason})"
+    backend.warn_once(f"this graph runs dense: {reason}")
     graph.compile_now()
     return graph
 
@@ -243,6 +285,23 @@ class _ByTensor:
         return [(key, value) for key, (ref, value) in list(self._entries.items()) if ref() is not None]
 
 
+def _checked_mode(mode: Any, inner_backend: str) -> str | None:
+    """``mode`` as ``torch.compile`` takes it for inductor: None, or one of ``torch._inductor.list_mode_options()``."""
+    if mode is None:
+        return None
+    from torch._inductor import list_mode_options
+
+    modes = sorted(list_mode_options())
+    if not isinstance(mode, str) or mode not in modes:
+        raise ValueError(f"mode={mode!r} is invalid: must be None or one of {', '.join(modes)}")
+    if inner_backend != "inductor" and mode != "default":
+        raise ValueError(
+            f"mode={mode!r} is invalid with inner_backend={inner_backend!r}: modes are inductor settings; "
+            "use inner_backend='inductor' or leave mode unset"
+        )
+    return mode
+
+
 def _checked_dump_dir(dump_graphs: Any) -> str | None:
     """``dump_graphs`` as a directory path that exists and is writable, checked when the backend is made."""
     if dump_graphs is None:
@@ -271,8 +330,13 @@ def ras_backend(
     options as one backend (it hands one graph the calls of every instance compiled with them). Those graphs
     share one ``RASBackend``, so the graphs of one transformer count its denoising steps together.
     """
-    if mode not in (None, "default"):
-        raise ValueError(f"mode={mode!r} is not supported by backend='ras'; pass settings through options instead")
+    if mode is not None:
+        # torch.compile refuses mode= together with options=, and backend="ras" needs options (the step count)
+        raise ValueError(
+            f"torch.compile(..., backend='ras', mode={mode!r}): give the inner backend's mode in options instead, "
+            f"options={{'mode': {mode!r}, 'num_inference_steps': ...}} (torch.compile refuses mode= together with "
+            "options=), or rascompile.apply(pipe, mode=...)"
+        )
     key = repr(sorted((str(k), repr(v)) for k, v in (options or {}).items()))
     backend = _SHARED_BACKENDS.get(key)
     if backend is None:

@@ -145,6 +145,9 @@ class RASController:
         guidance branch of the same step: it runs the step's decision (the same active tokens, as the rows of
         batched guidance share one selection) on that branch's own caches."""
         info = self.steps.advance(latents, timestep)
+        if info.dense_reason is not None:
+            self.step_decision = None
+            return Decision("dense", info.step, reason=info.dense_reason)
         if info.repeat:
             return self._next_branch(info)
         if info.new_generation:

@@ -21,29 +21,32 @@ from rascompile.passes.signature import StepSignature
 
 from .controller import GraphLayout, RASController
 from .schedule import build_schedule
+from .stacks import stacked_hooks
 from .steps import SchedulerSteps, TimestepSteps
 
 if TYPE_CHECKING:
     from .backend import RASBackend
 
 
-def compile_inner(name: str, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    """Compile ``gm`` with the inner backend. Holds Dynamo's compile lock: the inner compile traces with
-    process-wide state (AOT autograd, fake modes) that another thread's Dynamo compile also uses."""
+def compile_inner(name: str, gm: torch.fx.GraphModule, example_inputs: list, mode: str | None = None) -> Callable:
+    """Compile ``gm`` with the inner backend (inductor with ``mode``'s settings, as ``torch.compile(mode=...)``
+    gives them). Holds Dynamo's compile lock: the inner compile traces with process-wide state (AOT autograd, fake
+    modes) that another thread's Dynamo compile also uses."""
     with compile_lock:
-        return _compile_inner(name, gm, example_inputs)
+        return _compile_inner(name, gm, example_inputs, mode)
 
 
-def _compile_inner(name: str, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+def _compile_inner(name: str, gm: torch.fx.GraphModule, example_inputs: list, mode: str | None) -> Callable:
     if name == "eager":
         return gm.forward
     if name == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
 
         return aot_eager(gm, example_inputs)
+    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
 
 
 class StepGraph:
@@ -64,6 +67,9 @@ class StepGraph:
         self.example_inputs = list(example_inputs)  # the first call's inputs (parameters included), for export
         self.dense_fn: Callable | None = None
         self.variants: dict[int, Callable] = {}
+        # the parameters it reads, to tell which graphs belong to one transformer; the hooks its code ran through
+        self.parameter_ids = frozenset(id(a) for a in example_inputs if isinstance(a, torch.nn.Parameter))
+        self.hooks = stacked_hooks(gm)
 
     @property
     def compile_count(self) -> int:
@@ -85,23 +91,42 @@ class StepGraph:
 
     def _dense_compiled(self, args) -> Callable:
         if self.dense_fn is None:
-            self.dense_fn = compile_inner(self.backend.inner_backend, self.dense_gm, list(args))
+            self.dense_fn = self._compile_or_eager(self.dense_gm, list(args))
         return self.dense_fn
+
+    def _compile_or_eager(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        """``gm`` compiled with the inner backend or, when that compile fails (outside Dynamo's tracing context a
+        graph that reads a tensor's value, ``.item()`` on a LoRA scale say, cannot be traced again), ``gm`` itself,
+        run eagerly, with a warning: the user's call still gets the model's output."""
+        try:
+            return self.backend.compile_graph(gm, example_inputs)
+        except Exception as exc:  # noqa: BLE001 - a failed inner compile must not fail the user's call
+            self.backend.warn_once(
+                f"the inner backend {self.backend.inner_backend!r} failed to compile a graph "
+                f"({type(exc).__name__}: {_first_line(exc)}); it runs uncompiled"
+            )
+            return gm.forward
 
 
 class DenseGraph(StepGraph):
-    """A graph that runs dense: the passes cannot rewrite it (``fallback_reason`` says why), or RAS is off."""
+    """A graph that runs dense: the passes cannot rewrite it (``fallback_reason`` says why), or RAS is off.
 
-    def __init__(self, backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list, reason: str):
+    ``counts_as_split``: the passes refused it, so when it shares parameters with a ``RASGraph`` the transformer's
+    calls are split over graphs and that ``RASGraph`` runs dense too (``RASBackend.split_reason``)."""
+
+    def __init__(
+        self, backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list, reason: str, split: bool = True
+    ):
         super().__init__(backend, gm, example_inputs)
         self.fallback_reason = reason
+        self.counts_as_split = split
 
     def compile_now(self) -> None:
         """Compile the dense graph now, inside Dynamo's call: graphs with data-dependent sizes (``.tolist()``
         under ``capture_scalar_outputs``) need its tracing context, which a first-call compile would not have."""
         try:
-            self.dense_fn = compile_inner(self.backend.inner_backend, self.dense_gm, self.example_inputs)
-        except Exception:  # noqa: BLE001 - compiled again at the first call, where the error surfaces as usual
+            self.dense_fn = self.backend.compile_graph(self.dense_gm, self.example_inputs)
+        except Exception:  # noqa: BLE001 - tried again at the first call, which falls back to eager with a warning
             self.dense_fn = None
 
     def run_active(self, active_idx: torch.Tensor, *args):
@@ -184,6 +209,12 @@ class RASGraph(StepGraph):
 
     def _step(self, control: RASController, args):
         latents, timestep = args[self.latents_index], self._timestep(args)
+        split = self.backend.split_reason(self)
+        if split is not None:
+            # some calls of this transformer run elsewhere, where the controller cannot count or cache them
+            control.skip(latents, timestep)
+            self.backend.warn_per_generation(control, split)
+            return self._dense(args)
         if torch.is_grad_enabled():
             self.backend.warn_once("grad mode is on: running dense (RAS is for inference; use torch.no_grad())")
             control.skip(latents, timestep)
@@ -212,7 +243,7 @@ class RASGraph(StepGraph):
         """The RAS graph compiled for ``k`` active tokens, with ``bound`` (``signature.bind``) as example inputs."""
         fn = self.variants.get(k)
         if fn is None:
-            fn = compile_inner(self.backend.inner_backend, _copy(self.ras_gm), list(bound))
+            fn = self._compile_or_eager(_copy(self.ras_gm), list(bound))
             self.variants[k] = fn
         return fn
 
@@ -225,3 +256,8 @@ def _planned_num_steps(steps: Any) -> int | None:
         timesteps = getattr(steps.scheduler, "timesteps", None)
         return len(timesteps) if timesteps is not None and len(timesteps) else None
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -14,6 +14,12 @@ Both mark a call that repeats the previous call's latents and timestep as ``repe
 for the same step, as pipelines that run one transformer call per guidance branch make (Wan,
 Lumina2, CogView4, Chroma; true CFG in Flux and Qwen-Image). Such a call neither starts a
 generation nor advances the step.
+
+A call at the previous call's timestep with other latents is a second-order scheduler's second model
+evaluation (FlowMatchHeunDiscreteScheduler: timesteps t0, t1, t1, t2, t2, ...).
+``TimestepSteps`` cannot map those calls onto the RAS schedule's steps (``rascompile.apply`` refuses such
+schedulers up front), so from that call on the generation runs dense (``StepInfo.dense_reason``), and the
+generations after it too, until one shows one call per timestep again.
 """
 
 from __future__ import annotations
@@ -31,6 +37,14 @@ class StepInfo:
     new_generation: bool
     repeat: bool = False  # same latents and timestep as the previous call: another call for the same step
     generation: int = 0  # the step source's count of generations begun, so a graph can tell one it missed
+    dense_reason: str | None = None  # set when this call must run dense whatever the schedule says, and why
+
+
+SECOND_ORDER = (
+    "the pipeline calls the transformer twice per timestep with different latents, as second-order schedulers "
+    "such as FlowMatchHeunDiscreteScheduler do: RAS plans one transformer call per step, so this generation runs "
+    "dense. Use a first-order scheduler (FlowMatchEulerDiscreteScheduler) to keep RAS"
+)
 
 
 class _LastCall:
@@ -110,11 +124,15 @@ class TimestepSteps:
         self.num_steps = num_inference_steps
         self.last = _LastCall()
         self.generation = 0
+        self.second_order = False  # the current generation evaluates the model twice per timestep: dense
+        self.expect_second_order = False  # the last generation did: the next one runs dense from its first call
+        self.saw_second_evaluation = False  # a second evaluation seen in the current generation
         self.reset()
 
     def reset(self) -> None:
         """The next call starts a new generation."""
         self.step, self.timesteps = -1, []
+        self.second_order = False  # a second-order generation under way is forgotten; expect_second_order stays
         self.last.forget()
 
     def starts_generation(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> bool:
@@ -133,8 +151,12 @@ class TimestepSteps:
     def advance(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> StepInfo:
         t = _timestep_value(timestep)
         if self.last.repeats(latents, t):
-            return StepInfo(max(self.step, 0), self.num_steps, False, True, self.generation)
+            return StepInfo(max(self.step, 0), self.num_steps, False, True, self.generation, self._dense_reason())
         self.last.remember(latents, t)
+        if not self.second_order and self._second_evaluation(t):
+            self.second_order = self.expect_second_order = True
+        if self.second_order:
+            return self._advance_second_order(t)
         if self._would_restart(t):
             if 0 <= self.step < self.num_steps - 1:
                 warnings.warn(
@@ -142,8 +164,10 @@ class TimestepSteps:
                     "fine if it was interrupted, otherwise set num_inference_steps to the pipeline's step count",
                     stacklevel=3,
                 )
-            self.step, self.timesteps = 0, [t]
-            self.generation += 1
+            self._start_generation(t)
+            if self.expect_second_order:
+                self.second_order = True  # until this generation shows one call per timestep
+                return StepInfo(0, self.num_steps, True, generation=self.generation, dense_reason=SECOND_ORDER)
             return StepInfo(0, self.num_steps, True, generation=self.generation)
         if self.step + 1 >= self.num_steps:
             raise ValueError(
@@ -153,6 +177,43 @@ class TimestepSteps:
         self.step += 1
         self.timesteps.append(t)
         return StepInfo(self.step, self.num_steps, False, generation=self.generation)
+
+    def _start_generation(self, t: float | None) -> None:
+        self.step, self.timesteps = 0, [t]
+        self.generation += 1
+        self.saw_second_evaluation = False
+
+    def _dense_reason(self) -> str | None:
+        return SECOND_ORDER if self.second_order else None
+
+    def _second_evaluation(self, t: float | None) -> bool:
+        """A call (not a repeat) at the previous call's timestep in the middle of a generation. Not after step 0:
+        second-order schedulers evaluate the first timestep once, and a call at step 0's timestep with other
+        latents is the next generation's first step (the last one was interrupted)."""
+        return 1 <= self.step < self.num_steps - 1 and t is not None and t == self.timesteps[-1]
+
+    def _advance_second_order(self, t: float | None) -> StepInfo:
+        """A call of a generation that runs dense because it evaluates the model twice per timestep. A timestep
+        that moves against the generation's direction starts the next generation, which runs dense too if this
+        one made a second evaluation."""
+        distinct = [x for i, x in enumerate(self.timesteps) if i == 0 or x != self.timesteps[i - 1]]
+        if t is not None and len(distinct) >= 2 and (t - distinct[-1]) * (distinct[-1] - distinct[-2]) < 0:
+            self.expect_second_order = self.saw_second_evaluation
+            self._start_generation(t)
+            self.second_order = self.expect_second_order
+            return StepInfo(0, self.num_steps, True, generation=self.generation, dense_reason=self._dense_reason())
+        if t is not None and t == self.timesteps[-1]:
+            self.saw_second_evaluation = True
+        else:
+            self.step += 1
+        self.timesteps.append(t)
+        return StepInfo(
+            min(self.step, self.num_steps - 1),
+            self.num_steps,
+            False,
+            generation=self.generation,
+            dense_reason=SECOND_ORDER,
+        )
 
     def _restarts(self, t: float) -> bool:
         previous = self.timesteps[-1]

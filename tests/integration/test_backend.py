@@ -157,7 +157,7 @@ def test_invalid_options_name_the_field():
         rascompile.RASBackend(RASConfig(**SHORT), inner_backend="tvm")
     with pytest.raises(ValueError, match="num_inference_steps=None"):
         rascompile.RASBackend(RASConfig())
-    with pytest.raises(Exception, match="mode='max-autotune' is not supported"):
+    with pytest.raises(Exception, match="mode='max-autotune'\\): give the inner backend's mode in options"):
         torch.compile(model, backend="ras", mode="max-autotune")(torch.randn(2, 4, 8, 8))
 
 

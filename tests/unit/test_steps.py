@@ -69,3 +69,44 @@ def test_reset_starts_a_new_generation_at_the_next_call():
     _run(steps, [4.0, 3.0])
     steps.reset()
     assert _run(steps, [2.0, 1.0]) == [(0, True), (1, False)]  # would continue the old one without reset
+
+
+def _heun_timesteps(n):
+    """FlowMatchHeunDiscreteScheduler's calls for n steps: t0, t1, t1, ..., t(n-1), t(n-1)."""
+    ts = [1000.0 - 100.0 * i for i in range(n)]
+    return ts[:1] + [t for t in ts[1:] for _ in range(2)]
+
+
+def _advance_all(steps, timesteps, start=0.0):
+    infos = []
+    for i, t in enumerate(timesteps):  # every call brings new latents, as a second evaluation does
+        infos.append(steps.advance(torch.full((1,), start + i), torch.tensor([t])))
+    return infos
+
+
+def test_a_second_evaluation_at_the_same_timestep_turns_the_generation_dense():
+    """Second-order schedulers: never the restart pattern (every repeated timestep a new generation); from the
+    second evaluation on the generation runs dense, and the next second-order generation from its first call."""
+    steps = TimestepSteps(6)
+    first = _advance_all(steps, _heun_timesteps(6))
+    assert [i.new_generation for i in first] == [True] + [False] * 10
+    assert [i.dense_reason is not None for i in first] == [False, False] + [True] * 9
+    assert "second-order schedulers" in first[2].dense_reason
+    second = _advance_all(steps, _heun_timesteps(6), start=100.0)
+    assert [i.new_generation for i in second] == [True] + [False] * 10
+    assert all(i.dense_reason is not None for i in second)
+    assert steps.generation == 2
+
+
+def test_a_first_order_generation_after_a_second_order_one_gets_ras_back():
+    steps = TimestepSteps(4)
+    _advance_all(steps, _heun_timesteps(4))
+    dense_again = _advance_all(steps, [1000.0, 900.0, 800.0, 700.0], start=50.0)  # expected second order: dense
+    assert dense_again[0].new_generation and all(i.dense_reason for i in dense_again)
+    back = _advance_all(steps, [1000.0, 900.0, 800.0, 700.0], start=80.0)
+    assert [(i.step, i.new_generation, i.dense_reason) for i in back] == [
+        (0, True, None),
+        (1, False, None),
+        (2, False, None),
+        (3, False, None),
+    ]
