@@ -3,6 +3,7 @@ they add and a structured record of every rewrite."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,9 @@ class PassContext:
         self.records.append(RewriteRecord(pass_name, kind, node, detail, **more))
 
 
+_DYNAMO_ROOT = re.compile(r"^L\['[A-Za-z_][A-Za-z0-9_]*'\]")
+
+
 def module_path(node: torch.fx.Node) -> str:
     """Dotted module path of the innermost module that produced ``node`` ('' at top level)."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -110,8 +114,11 @@ def module_path(node: torch.fx.Node) -> str:
 
 
 def _clean_path(path: str) -> str:
-    # Dynamo records paths like "L['self'].__dict__['_modules']['transformer_blocks'].0.attn".
-    for junk in ("L['self'].", "__dict__['_modules']", "['", "']", "_modules"):
+    # Dynamo records paths like "L['self'].__dict__['_modules']['transformer_blocks'].0.attn", rooted at the local
+    # that holds the transformer: "self" in its own forward, "module" when a hook wrapped that forward (accelerate's
+    # offloading hooks call ``module._old_forward``).
+    path = _DYNAMO_ROOT.sub("", path)
+    for junk in ("__dict__['_modules']", "['", "']", "_modules"):
         path = path.replace(junk, ".")
     parts = [p for p in path.split(".") if p and p != "self"]
     return ".".join(parts)

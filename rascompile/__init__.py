@@ -20,7 +20,7 @@ from torch._dynamo import list_backends, register_backend
 
 from .api import apply
 from .config import RASConfig
-from .runtime.backend import RASBackend, ras_backend
+from .runtime.backend import RASBackend, ras_backend, status
 
 if TYPE_CHECKING:  # imported lazily by __getattr__
     from .deploy.onnx_export import ExportError, export
@@ -63,5 +63,6 @@ __all__ = [
     "apply",
     "check",
     "export",
+    "status",
     "__version__",
 ]

@@ -33,6 +33,7 @@ from rascompile.passes.specialize_shapes import has_symbolic_shapes, specialize_
 from ..config import RASConfig
 from .controller import GraphLayout, RASController
 from .graph import DenseGraph, RASGraph, StepGraph, compile_inner
+from .stacks import advice_for, hooks_on
 from .steps import SchedulerSteps, TimestepSteps
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -117,6 +118,35 @@ class RASBackend:
         tables = [table for key, table in self._per_transformer.items() if key in params]
         return [c for table in tables for key, c in table.items() if key[0] == "controller"]
 
+    def status(self, module: torch.nn.Module | None = None) -> str:
+        """Where RAS stands, one line per graph this backend compiled (those of ``module`` only, when given) and
+        one per controller: whether the graph runs RAS or dense and why, in the user's words, and how the last
+        generation ran. The warnings say the same as it happens; this says it whenever asked."""
+        params = None
+        if module is not None:
+            params = {id(p) for p in getattr(module, "_orig_mod", module).parameters()}
+        with self._lock:
+            graphs = [g for g in self.graphs if params is None or g.parameter_ids & params]
+        lines = []
+        installed = hooks_on(module) if module is not None else ()
+        if installed:
+            lines.append(f"hooks on this transformer: {', '.join(installed)} (to keep RAS: {advice_for(installed)})")
+        for i, graph in enumerate(graphs):
+            lines.append(f"graph {i}: {_graph_status(self, graph)}")
+        controllers = self.controllers_of(module) if module is not None else self._all_controllers()
+        for control in controllers:
+            kinds = [d.kind for d in control.history]
+            counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("ras", "capture", "dense"))
+            lines.append(
+                f"controller ({control.layout.batch_size} x {control.layout.num_tokens} tokens): "
+                f"{control.generations} generation(s) with a RAS schedule; the last ran {counts} steps"
+            )
+        return "\n".join(lines) if lines else "no graph compiled yet"
+
+    def _all_controllers(self) -> list[RASController]:
+        tables = [table for _, table in self._per_transformer.items()] + [self._unanchored]
+        return [c for table in tables for key, c in table.items() if key[0] == "controller"]
+
     def compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         """``gm`` compiled with this backend's inner backend and mode."""
         return compile_inner(self.inner_backend, gm, example_inputs, self.mode)
@@ -159,8 +189,7 @@ class RASBackend:
         return (
             f"RAS is off for this transformer: {cause}, one of which RAS cannot rewrite "
             f"({siblings[0].fallback_reason}), and RAS must see every call of a generation to count its steps and "
-            "keep its caches; it runs dense. Remove the hook or offloading to keep RAS "
-            "(transformer.disable_cache(), or move the model with .to())"
+            f"keep its caches; it runs dense. To keep RAS: {advice_for(hooks)}"
         )
 
     def warn_per_generation(self, controller: RASController, message: str) -> None:
@@ -253,7 +282,10 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
         reason = f"internal error in the RAS passes ({type(exc).__name__}: {exc}); please report it"
     graph = DenseGraph(backend, gm, example_inputs, reason)
     if graph.hooks:
-        reason = f"{' and '.join(graph.hooks)} shaped this graph, which RAS cannot rewrite ({reason})"
+        reason = (
+            f"{' and '.join(graph.hooks)} shaped this graph, which RAS cannot rewrite ({reason}). "
+            f"To keep RAS: {advice_for(graph.hooks)}"
+        )
     backend.warn_once(f"this graph runs dense: {reason}")
     graph.compile_now()
     return graph
@@ -345,6 +377,23 @@ def ras_backend(
     return backend(gm, example_inputs)
 
 
+def _graph_status(backend: RASBackend, graph: StepGraph) -> str:
+    hooks = f" [through {', '.join(graph.hooks)}]" if graph.hooks else ""
+    if isinstance(graph, RASGraph):
+        split = backend.split_reason(graph)
+        layout = graph.layout
+        head = f"RAS over {layout.num_tokens} image tokens, batch {layout.batch_size}"
+        return f"{head}, off: {split}{hooks}" if split else f"{head}{hooks}"
+    return f"dense: {graph.fallback_reason}{hooks}"
+
+
+def status(module: torch.nn.Module) -> str:
+    """``RASBackend.status`` for ``module`` over every ``backend="ras"`` compile that saw it."""
+    reports = [b.status(module) for b in list(_SHARED_BACKENDS.values())]
+    reports = [r for r in reports if r != "no graph compiled yet"]
+    return "\n".join(reports) if reports else "no graph of this module compiled by backend='ras' yet"
+
+
 def controllers_of(module: torch.nn.Module) -> list[RASController]:
     """The controllers that ran ``module`` through ``torch.compile(..., backend="ras")`` (see
     ``RASBackend.controllers_of``; for ``rascompile.apply`` ask the backend it returns)."""
@@ -373,4 +422,5 @@ __all__ = [
     "controllers_of",
     "ras_backend",
     "scheduler_steps",
+    "status",
 ]

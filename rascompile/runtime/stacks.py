@@ -26,22 +26,75 @@ DIFFUSERS_HOOKS = {
 }
 ACCELERATE_HOOKS = "accelerate's offloading hooks (enable_model_cpu_offload, enable_sequential_cpu_offload)"
 
+STEP_CACHES = (
+    "pyramid_attention_broadcast",
+    "first_block_cache",
+    "taylorseer_cache",
+    "mag_cache",
+    "faster_cache",
+    "sea_cache",
+)
+#: what to do instead, by hook
+ADVICE = {
+    **dict.fromkeys(
+        (DIFFUSERS_HOOKS[m] for m in STEP_CACHES),
+        "step caches and RAS both skip work and do not combine: call transformer.disable_cache() to run RAS",
+    ),
+    DIFFUSERS_HOOKS["group_offloading"]: "pipe.enable_model_cpu_offload() keeps RAS; so does keeping the transformer "
+    "on the accelerator",
+    ACCELERATE_HOOKS: "pipe.enable_model_cpu_offload() keeps RAS; enable_sequential_cpu_offload() does not",
+}
+GENERIC_ADVICE = "remove the hook to keep RAS"
+
+
+def advice_for(hooks: tuple[str, ...] | list[str]) -> str:
+    """What the user can do instead of the hooks that kept RAS off."""
+    said = list(dict.fromkeys(ADVICE.get(h, GENERIC_ADVICE) for h in hooks))
+    return "; ".join(said) if said else GENERIC_ADVICE
+
+
 _DIFFUSERS_HOOK = re.compile(r"diffusers[/\\]hooks[/\\](\w+)\.py")
 _ACCELERATE_HOOK = re.compile(r"accelerate[/\\]hooks\.py")
+
+
+#: diffusers' hook machinery itself (the registry that calls every hook), named only when no hook file shows
+DIFFUSERS_HOOK_MACHINERY = ("hooks", "_helpers", "_common", "utils")
+ANY_DIFFUSERS_HOOK = "a diffusers hook (a step cache such as FirstBlockCache, or group offloading)"
 
 
 def stacked_hooks(gm: torch.fx.GraphModule) -> tuple[str, ...]:
     """The hooks ``gm``'s code ran through, in the user's words, first seen first."""
     found: list[str] = []
+    machinery = False
     for node in gm.graph.nodes:
         trace = node.meta.get("stack_trace")
         if not trace:
             continue
-        names = [
-            DIFFUSERS_HOOKS.get(m, f"the diffusers hook in diffusers/hooks/{m}.py")
-            for m in _DIFFUSERS_HOOK.findall(trace)
-        ]
+        names = []
+        for module in _DIFFUSERS_HOOK.findall(trace):
+            if module in DIFFUSERS_HOOK_MACHINERY:
+                machinery = True
+            else:
+                names.append(DIFFUSERS_HOOKS.get(module, f"the diffusers hook in diffusers/hooks/{module}.py"))
         if _ACCELERATE_HOOK.search(trace):
             names.append(ACCELERATE_HOOKS)
         found.extend(n for n in names if n not in found)
+    if machinery and not any(n != ACCELERATE_HOOKS for n in found):
+        found.append(ANY_DIFFUSERS_HOOK)
     return tuple(found)
+
+
+def hooks_on(module: torch.nn.Module) -> tuple[str, ...]:
+    """The hooks installed on ``module`` or its submodules, in the user's words: diffusers' hook registries
+    (``_diffusers_hook``) and accelerate's hooks (``_hf_hook``)."""
+    found: list[str] = []
+    for sub in getattr(module, "_orig_mod", module).modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        for hook in getattr(registry, "hooks", {}).values():
+            name = type(hook).__module__.rsplit(".", 1)[-1]
+            if name not in DIFFUSERS_HOOK_MACHINERY:
+                label = DIFFUSERS_HOOKS.get(name, f"the diffusers hook in diffusers/hooks/{name}.py")
+                found.append(label)
+        if getattr(sub, "_hf_hook", None) is not None:
+            found.append(ACCELERATE_HOOKS)
+    return tuple(dict.fromkeys(found))

@@ -102,3 +102,82 @@ def test_a_new_lora_weight_after_compile_never_raises():
         pipe.transformer.set_adapters(["style"], weights=[0.5])
         out = _generate(pipe)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def _ras_generate(pipe, options, seed=0):
+    pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _generate(pipe, seed=seed)
+    return out, [str(w.message) for w in caught if "rascompile" in str(w.message)]
+
+
+def test_model_cpu_offload_keeps_ras():
+    """``enable_model_cpu_offload`` wraps the transformer's forward in accelerate's hook, so Dynamo roots the module
+    paths at the hook's ``module`` instead of ``self``. RAS stays on, and its images equal RAS without offloading
+    (CPU to CPU here: the offload moves nothing, the hook is what changes the graph)."""
+    plain, plain_warnings = _ras_generate(tiny_flux_pipeline(), OPTIONS)
+    pipe = tiny_flux_pipeline()
+    pipe.enable_model_cpu_offload(device="cpu")
+    offloaded, offload_warnings = _ras_generate(pipe, OPTIONS)
+    assert not plain_warnings and not offload_warnings, offload_warnings
+    [control] = backend_module.controllers_of(pipe.transformer)
+    assert [d.kind for d in control.history].count("ras") >= 4
+    torch.testing.assert_close(offloaded, plain, rtol=1e-5, atol=1e-5)
+
+
+def _enable_group_offload(pipe):
+    cpu = torch.device("cpu")
+    pipe.transformer.enable_group_offload(
+        onload_device=cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1
+    )
+
+
+def _enable_first_block_cache(pipe):
+    from diffusers import FirstBlockCacheConfig
+
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+
+
+@pytest.mark.parametrize(
+    "stack, names, advice",
+    [
+        (_enable_group_offload, "group offloading (enable_group_offload)", "pipe.enable_model_cpu_offload() keeps RAS"),
+        (_enable_first_block_cache, "FirstBlockCache (transformer.enable_cache)", "transformer.disable_cache()"),
+    ],
+    ids=["group_offload_block_level", "first_block_cache"],
+)
+def test_stacks_that_split_the_graph_run_dense_exactly_and_say_what_to_do(stack, names, advice):
+    """Group offloading and FirstBlockCache split the transformer into pieces RAS cannot rewrite (keeping RAS
+    across such pieces is the graph-break work): every generation equals the stack without rascompile, and the
+    warnings and ``rascompile.status`` name the hook and what keeps RAS."""
+    import rascompile
+
+    reference = tiny_flux_pipeline()
+    stack(reference)
+    expected = _generate(reference)
+    pipe = tiny_flux_pipeline()
+    stack(pipe)
+    pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [_generate(pipe) for _ in range(2)]
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
+    assert any(names in m and advice in m for m in messages), messages
+    report = rascompile.status(pipe.transformer)
+    assert names in report and "dense:" in report, report
+
+
+def test_status_reports_ras_and_the_last_generation():
+    import rascompile
+
+    pipe = tiny_flux_pipeline()
+    pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
+    _generate(pipe)
+    report = rascompile.status(pipe.transformer)
+    [control] = backend_module.controllers_of(pipe.transformer)
+    ras_steps = [d.kind for d in control.history].count("ras")
+    assert "graph 0: RAS over 64 image tokens, batch 1" in report, report
+    assert f"1 generation(s) with a RAS schedule; the last ran {ras_steps} ras," in report, report
