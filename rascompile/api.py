@@ -21,8 +21,9 @@ def apply(
 
     The pipeline is not modified otherwise: its transformer attribute becomes the
     ``torch.compile``-d transformer (``dynamic=False``: one graph per resolution), as when users
-    compile it themselves. Each call reads T from
-    ``pipe.scheduler.timesteps`` and the step from ``pipe.scheduler.step_index``.
+    compile it themselves; with ``enable_model_cpu_offload`` on, the transformer is compiled in place
+    (``transformer.compile``), since the pipeline re-installs its offloading hooks after every call.
+    Each call reads T from ``pipe.scheduler.timesteps`` and the step from ``pipe.scheduler.step_index``.
 
     ``inner_backend``, ``dump_graphs``, ``fused_kv_projection`` and ``mode`` (inductor's, as for
     ``torch.compile(mode=...)``) are as for ``RASBackend``.
@@ -45,5 +46,11 @@ def apply(
         fused_kv_projection=fused_kv_projection,
         mode=mode,
     )
-    pipe.transformer = torch.compile(transformer, backend=backend, dynamic=False)
+    if getattr(pipe, "_all_hooks", None):
+        # enable_model_cpu_offload re-installs its hooks on every component after each call; a torch.compile wrapper
+        # would then sit outside the hooked forward and drop out of the call path. Compiled in place, the module's
+        # own call is compiled, hooks included.
+        transformer.compile(backend=backend, dynamic=False)
+    else:
+        pipe.transformer = torch.compile(transformer, backend=backend, dynamic=False)
     return backend

@@ -128,6 +128,14 @@ class RASBackend:
         with self._lock:
             graphs = [g for g in self.graphs if params is None or g.parameter_ids & params]
         lines = []
+        if module is not None and isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+            if getattr(module, "_hf_hook", None) is not None:
+                lines.append(
+                    "accelerate's offloading hooks wrap this torch.compile wrapper (the pipeline re-installs them "
+                    "after each call with enable_model_cpu_offload): later calls run uncompiled, without RAS. "
+                    "Compile in place instead: pipe.transformer.compile(backend='ras', options=...), or use "
+                    "rascompile.apply(pipe)"
+                )
         installed = hooks_on(module) if module is not None else ()
         if installed:
             lines.append(f"hooks on this transformer: {', '.join(installed)} (to keep RAS: {advice_for(installed)})")
@@ -286,7 +294,9 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
             f"{' and '.join(graph.hooks)} shaped this graph, which RAS cannot rewrite ({reason}). "
             f"To keep RAS: {advice_for(graph.hooks)}"
         )
-    backend.warn_once(f"this graph runs dense: {reason}")
+    # every new graph says why (a second pipeline with the same options gets its own warning); Python's warning
+    # filter still shows one text once per place by default
+    warnings.warn(f"rascompile: this graph runs dense: {reason}", stacklevel=2)
     graph.compile_now()
     return graph
 

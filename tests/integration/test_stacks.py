@@ -1,6 +1,7 @@
 """RAS under what users stack on the transformer: never silently wrong, and when off, said in the user's words."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from diffusers import PyramidAttentionBroadcastConfig
 import rascompile.runtime.backend as backend_module
 from rascompile.runtime.graph import DenseGraph, RASGraph
 from tests.support.models import flux_call_kwargs, tiny_flux_pipeline
+from tests.support.stacks import STACKS, stacks_table
 
 STEPS = 8
 OPTIONS = {"sample_ratio": 0.5, "num_inference_steps": STEPS, "inner_backend": "aot_eager"}
@@ -105,7 +107,7 @@ def test_a_new_lora_weight_after_compile_never_raises():
 
 
 def _ras_generate(pipe, options, seed=0):
-    pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=options)
+    pipe.transformer.compile(backend="ras", options=options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = _generate(pipe, seed=seed)
@@ -114,8 +116,8 @@ def _ras_generate(pipe, options, seed=0):
 
 def test_model_cpu_offload_keeps_ras():
     """``enable_model_cpu_offload`` wraps the transformer's forward in accelerate's hook, so Dynamo roots the module
-    paths at the hook's ``module`` instead of ``self``. RAS stays on, and its images equal RAS without offloading
-    (CPU to CPU here: the offload moves nothing, the hook is what changes the graph)."""
+    paths at the hook's ``module`` instead of ``self``. Compiled in place, RAS stays on, and its images equal RAS
+    without offloading (CPU to CPU here: the offload moves nothing, the hook is what changes the graph)."""
     plain, plain_warnings = _ras_generate(tiny_flux_pipeline(), OPTIONS)
     pipe = tiny_flux_pipeline()
     pipe.enable_model_cpu_offload(device="cpu")
@@ -126,48 +128,63 @@ def test_model_cpu_offload_keeps_ras():
     torch.testing.assert_close(offloaded, plain, rtol=1e-5, atol=1e-5)
 
 
-def _enable_group_offload(pipe):
-    cpu = torch.device("cpu")
-    pipe.transformer.enable_group_offload(
-        onload_device=cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1
-    )
-
-
-def _enable_first_block_cache(pipe):
-    from diffusers import FirstBlockCacheConfig
-
-    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
-
-
-@pytest.mark.parametrize(
-    "stack, names, advice",
-    [
-        (_enable_group_offload, "group offloading (enable_group_offload)", "pipe.enable_model_cpu_offload() keeps RAS"),
-        (_enable_first_block_cache, "FirstBlockCache (transformer.enable_cache)", "transformer.disable_cache()"),
-    ],
-    ids=["group_offload_block_level", "first_block_cache"],
-)
-def test_stacks_that_split_the_graph_run_dense_exactly_and_say_what_to_do(stack, names, advice):
-    """Group offloading and FirstBlockCache split the transformer into pieces RAS cannot rewrite (keeping RAS
-    across such pieces is the graph-break work): every generation equals the stack without rascompile, and the
-    warnings and ``rascompile.status`` name the hook and what keeps RAS."""
-    import rascompile
-
+@pytest.mark.parametrize("stack", STACKS, ids=lambda s: s.key)
+def test_every_stack_keeps_ras_or_runs_dense_exactly_and_says_why(stack):
+    """Each row of the README's table of stacks: RAS runs (RAS steps happen, no fallback warning), or every
+    generation runs dense, equals the stack without rascompile, and a warning names the stack in the user's words.
+    Identical calls give identical results either way, and nothing raises."""
+    if stack.needs:
+        pytest.importorskip(stack.needs)
     reference = tiny_flux_pipeline()
-    stack(reference)
+    stack.apply(reference)
     expected = _generate(reference)
     pipe = tiny_flux_pipeline()
-    stack(pipe)
+    stack.apply(pipe)
+    if stack.in_place:
+        pipe.transformer.compile(backend="ras", options=OPTIONS)
+    else:
+        pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [_generate(pipe) for _ in range(3)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+    messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
+    ras_steps = sum(d.kind == "ras" for c in backend_module.controllers_of(pipe.transformer) for d in c.history)
+    if stack.ras:
+        assert ras_steps > 0 and not messages, messages
+        generations = sum(c.generations for c in backend_module.controllers_of(pipe.transformer))
+        assert generations == 3, "every generation must run through the RAS graph"
+    else:
+        assert ras_steps == 0
+        torch.testing.assert_close(outs[0], expected, rtol=1e-5, atol=1e-5)
+        assert any(stack.says in m for m in messages), messages
+
+
+def test_readme_table_of_stacks_is_generated_from_the_tests():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start, end = "<!-- supported-stacks:start -->\n", "<!-- supported-stacks:end -->"
+    assert start in readme and end in readme, "README lacks the supported-stacks markers"
+    table = readme.split(start, 1)[1].split(end, 1)[0]
+    assert table == stacks_table(), "README's table of stacks is stale: run python -m tests.support.stacks"
+
+
+def test_dense_fallbacks_say_what_keeps_ras():
+    """A hook-shaped dense graph's warning ends with the way out, and ``rascompile.status`` lists the hooks."""
+    import rascompile
+    from tests.support.stacks import _group_offload
+
+    pipe = tiny_flux_pipeline()
+    _group_offload(pipe)
     pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        outs = [_generate(pipe) for _ in range(2)]
-    for out in outs:
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
-    assert any(names in m and advice in m for m in messages), messages
+        _generate(pipe)
+    messages = [str(w.message) for w in caught if "group offloading" in str(w.message)]
+    assert any("To keep RAS: pipe.enable_model_cpu_offload() keeps RAS" in m for m in messages), messages
     report = rascompile.status(pipe.transformer)
-    assert names in report and "dense:" in report, report
+    assert "hooks on this transformer: group offloading (enable_group_offload)" in report, report
+    assert "dense:" in report, report
 
 
 def test_status_reports_ras_and_the_last_generation():
@@ -181,3 +198,26 @@ def test_status_reports_ras_and_the_last_generation():
     ras_steps = [d.kind for d in control.history].count("ras")
     assert "graph 0: RAS over 64 image tokens, batch 1" in report, report
     assert f"1 generation(s) with a RAS schedule; the last ran {ras_steps} ras," in report, report
+
+
+def test_status_says_when_offloading_hooks_bypass_a_compile_wrapper():
+    """``pipe.transformer = torch.compile(...)`` after ``enable_model_cpu_offload``: the pipeline re-installs its
+    hooks on the wrapper after the first call, and later calls run uncompiled. ``rascompile.status`` says so and
+    says what to do; ``rascompile.apply`` compiles in place and keeps RAS for every generation."""
+    import rascompile
+    from rascompile import RASConfig
+
+    pipe = tiny_flux_pipeline()
+    pipe.enable_model_cpu_offload(device="cpu")
+    pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
+    _generate(pipe)
+    assert "Compile in place instead: pipe.transformer.compile(backend='ras'" in rascompile.status(pipe.transformer)
+
+    pipe = tiny_flux_pipeline()
+    pipe.enable_model_cpu_offload(device="cpu")
+    backend = rascompile.apply(pipe, RASConfig(sample_ratio=0.5), inner_backend="aot_eager")
+    outs = [_generate(pipe) for _ in range(3)]
+    [control] = backend.controllers_of(pipe.transformer)
+    assert control.generations == 3 and any(d.kind == "ras" for d in control.history)
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)

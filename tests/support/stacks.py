@@ -1,0 +1,174 @@
+"""What users stack on a transformer, each applied to the tiny Flux pipeline, and whether RAS stays on.
+
+``tests/integration/test_stacks.py`` checks every row (RAS runs, or every generation runs dense, equals the stack
+without rascompile and is warned about in the stack's own words); the README's table of stacks is generated from
+``STACKS`` (``python -m tests.support.stacks``) and a test keeps it in step.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Stack:
+    key: str
+    name: str  # what the user does, in diffusers' words
+    apply: Callable  # (pipe) -> None, before compiling
+    ras: bool  # RAS stays on
+    note: str  # why, and what keeps RAS when it is off
+    says: str = ""  # for a dense stack: what a warning must name
+    needs: str | None = None  # a module the stack imports (skip the row without it)
+    in_place: bool = False  # compiled with pipe.transformer.compile(...) rather than torch.compile(pipe.transformer)
+
+
+def _lora(pipe) -> None:
+    from peft import LoraConfig
+
+    gen = torch.Generator().manual_seed(7)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    pipe.transformer.add_adapter(config, adapter_name="style")
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+
+
+def _native_attention(pipe) -> None:
+    pipe.transformer.set_attention_backend("native")
+
+
+def _model_cpu_offload(pipe) -> None:
+    pipe.enable_model_cpu_offload(device="cpu")
+
+
+def _group_offload(pipe) -> None:
+    cpu = torch.device("cpu")
+    pipe.transformer.enable_group_offload(
+        onload_device=cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1
+    )
+
+
+def _pyramid_attention_broadcast(pipe) -> None:
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    pipe.transformer.enable_cache(
+        PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=lambda: pipe.current_timestep,
+        )
+    )
+
+
+def _first_block_cache(pipe) -> None:
+    from diffusers import FirstBlockCacheConfig
+
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+
+
+def _taylorseer(pipe) -> None:
+    from diffusers import TaylorSeerCacheConfig
+
+    pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=2))
+
+
+def _faster_cache(pipe) -> None:
+    from diffusers import FasterCacheConfig
+
+    pipe.transformer.enable_cache(
+        FasterCacheConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(-1, 681),
+            current_timestep_callback=lambda: pipe.current_timestep,
+            is_guidance_distilled=True,
+        )
+    )
+
+
+STEP_CACHE_NOTE = "step caches and RAS both skip work; they do not combine yet: `transformer.disable_cache()` keeps RAS"
+
+STACKS = [
+    Stack(
+        "lora",
+        "peft LoRA adapter (`add_adapter`)",
+        _lora,
+        True,
+        "the adapter's weights are graph inputs like the model's",
+        needs="peft",
+    ),
+    Stack(
+        "native_attention",
+        '`set_attention_backend("native")`',
+        _native_attention,
+        True,
+        "the same SDPA the rewrite reads",
+    ),
+    Stack(
+        "model_cpu_offload",
+        "`enable_model_cpu_offload()`",
+        _model_cpu_offload,
+        True,
+        'compiled in place, `pipe.transformer.compile(backend="ras", options=...)` (what `rascompile.apply` does '
+        "here): the pipeline re-installs its hooks after every call, and a `torch.compile` wrapper would drop out of "
+        "the call path",
+        needs="accelerate",
+        in_place=True,
+    ),
+    Stack(
+        "group_offload",
+        '`enable_group_offload(offload_type="block_level")`',
+        _group_offload,
+        False,
+        "its hooks split the transformer into one graph per block; `enable_model_cpu_offload()` keeps RAS",
+        says="group offloading (enable_group_offload)",
+    ),
+    Stack(
+        "pyramid_attention_broadcast",
+        "PyramidAttentionBroadcast (`enable_cache`)",
+        _pyramid_attention_broadcast,
+        False,
+        f"its hooks route some steps through other graphs; {STEP_CACHE_NOTE}",
+        says="PyramidAttentionBroadcast (transformer.enable_cache)",
+    ),
+    Stack(
+        "first_block_cache",
+        "FirstBlockCache (`enable_cache`)",
+        _first_block_cache,
+        False,
+        STEP_CACHE_NOTE,
+        says="FirstBlockCache (transformer.enable_cache)",
+    ),
+    Stack(
+        "taylorseer",
+        "TaylorSeer cache (`enable_cache`)",
+        _taylorseer,
+        False,
+        STEP_CACHE_NOTE,
+        says="TaylorSeer cache (transformer.enable_cache)",
+    ),
+    Stack(
+        "faster_cache",
+        "FasterCache (`enable_cache`)",
+        _faster_cache,
+        False,
+        STEP_CACHE_NOTE,
+        says="FasterCache (transformer.enable_cache)",
+    ),
+]
+
+
+def stacks_table() -> str:
+    """The README's table of stacks, from ``STACKS``."""
+    lines = ["| Stack | RAS | Why |", "|---|---|---|"]
+    for stack in STACKS:
+        lines.append(f"| {stack.name} | {'RAS' if stack.ras else 'dense'} | {stack.note} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(stacks_table())
