@@ -161,7 +161,16 @@ def walk_token_region(gm: torch.fx.GraphModule, ctx: PassContext, record: Callab
     if not attends:
         # a piece of a model between graph breaks (an output head, a text projection): its "tokens" were
         # computed in full by another graph, so skipping rows here would only copy stale outputs
+        if any(_is_flex_attention(n) for n in gm.graph.nodes):
+            raise RewriteError(
+                'attention runs through flex_attention (set_attention_backend("flex")), which RAS does not rewrite: '
+                'set_attention_backend("native") keeps RAS'
+            )
         raise RewriteError("no attention reads the image tokens: this graph is not a whole transformer")
+
+
+def _is_flex_attention(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and "flex_attention" in getattr(node.target, "__name__", str(node.target))
 
 
 def _check_outputs(output: torch.fx.Node, region: TokenRegion) -> None:

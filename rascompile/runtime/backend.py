@@ -217,7 +217,7 @@ class RASBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **_: Any) -> Callable:
         self._warn_at_recompile_limit()
         if has_symbolic_shapes(gm):
-            return PerShapeGraphs(self, gm)
+            return PerShapeGraphs(self, gm, example_inputs)
         return self.new_graph(gm, example_inputs)
 
     def new_graph(self, gm: torch.fx.GraphModule, example_inputs: list) -> RASGraph | DenseGraph:
@@ -245,28 +245,74 @@ class PerShapeGraphs:
     """For a graph Dynamo traced with symbolic sizes: one static RASGraph per input shape.
 
     RAS needs the token count to plan and cache, so each resolution gets its own specialised
-    graph, controller and caches, as it would with ``torch.compile(..., dynamic=False)``.
+    graph, controller and caches, as it would with ``torch.compile(..., dynamic=False)``. When the graph cannot be
+    specialised (it reads a tensor's value into a size, say), the symbolic graph itself runs dense for every shape,
+    compiled by the inner backend now, inside Dynamo's call, where a graph with data-dependent values compiles.
     """
 
-    def __init__(self, backend: RASBackend, gm: torch.fx.GraphModule):
+    def __init__(self, backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list):
         self.backend = backend
         self.dynamic_gm = gm
         self.by_shape: dict[tuple, Callable] = {}
+        self.dense_fn: Callable | None = None
+        self.dynamic_gm_inputs = list(example_inputs)
+        try:
+            with compile_lock:
+                static = specialize_shapes(gm, list(example_inputs))
+        except Exception as exc:  # noqa: BLE001 - RewriteError, or a failure inside the pass: run dense
+            self.backend.warn_once(
+                "this graph runs dense: Dynamo traced it with symbolic sizes (torch.compile(..., dynamic=True), or "
+                f"automatic dynamic shapes after a resolution change), which RAS could not specialise ({exc}). "
+                "Compile with dynamic=False: RAS compiles one graph per resolution either way (rascompile.apply "
+                "does so)"
+            )
+            self._compile_dense()
+            return
+        first = backend.new_graph(static, list(example_inputs))
+        if isinstance(first, DenseGraph):
+            self._compile_dense()  # the passes refuse it at one shape: every shape runs the symbolic graph, compiled
+        else:
+            self.by_shape[_shape_key(example_inputs)] = first
+
+    def _compile_dense(self) -> None:
+        """The symbolic graph compiled now, inside Dynamo's call (a graph that builds masks with vmap or reads
+        tensor values compiles only there), for every shape."""
+        try:
+            self.dense_fn = self.backend.compile_graph(self.dynamic_gm, self.dynamic_gm_inputs)
+        except torch._dynamo.exc.RestartAnalysis:
+            raise  # Dynamo's own control flow: it traces the frame again
+        except Exception as exc:  # noqa: BLE001 - the symbolic graph then runs uncompiled
+            self.backend.warn_once(
+                f"the inner backend {self.backend.inner_backend!r} failed to compile a graph "
+                f"({type(exc).__name__}: {exc}); it runs uncompiled"
+            )
+            self.dense_fn = self.dynamic_gm.forward
 
     def __call__(self, *args):
-        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        if self.dense_fn is not None:
+            return self.dense_fn(*args)
+        key = _shape_key(args)
         graph = self.by_shape.get(key)
         if graph is None:
             try:
                 with compile_lock:
                     static = specialize_shapes(self.dynamic_gm, list(args))
-            except Exception as exc:  # noqa: BLE001 - RewriteError, or a failure inside the pass: run dense
-                self.backend.warn_once(f"this graph runs dense: cannot specialise its dynamic shapes: {exc}")
+            except Exception as exc:  # noqa: BLE001 - this shape only; the symbolic graph runs it uncompiled
+                self.backend.warn_once(f"this graph runs dense at one resolution: cannot specialise it: {exc}")
                 graph = self.dynamic_gm.forward
             else:
                 graph = self.backend.new_graph(static, list(args))
             self.by_shape[key] = graph
         return graph(*args)
+
+
+def _shape_key(args) -> tuple:
+    """The concrete shapes and scalars of a call (Dynamo's example inputs carry SymInts: their hints)."""
+
+    def concrete(x):
+        return x.node.hint if isinstance(x, torch.SymInt) else x
+
+    return tuple(tuple(concrete(s) for s in a.shape) if isinstance(a, torch.Tensor) else concrete(a) for a in args)
 
 
 def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list) -> RASGraph | DenseGraph:

@@ -126,6 +126,8 @@ class DenseGraph(StepGraph):
         under ``capture_scalar_outputs``) need its tracing context, which a first-call compile would not have."""
         try:
             self.dense_fn = self.backend.compile_graph(self.dense_gm, self.example_inputs)
+        except torch._dynamo.exc.RestartAnalysis:
+            raise  # Dynamo's own control flow (e.g. scalars made tensors): it traces the frame again
         except Exception:  # noqa: BLE001 - tried again at the first call, which falls back to eager with a warning
             self.dense_fn = None
 

@@ -13,6 +13,18 @@ from tests.support.models import flux_call_kwargs, tiny_flux_pipeline
 from tests.support.stacks import STACKS, stacks_table
 
 STEPS = 8
+
+
+@pytest.fixture(autouse=True)
+def _restore_attention_backend():
+    """diffusers' ``set_attention_backend`` also sets a process-wide active backend; put it back after each test."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
 OPTIONS = {"sample_ratio": 0.5, "num_inference_steps": STEPS, "inner_backend": "aot_eager"}
 
 

@@ -116,3 +116,25 @@ def test_a_failing_inner_compile_runs_the_graph_uncompiled(monkeypatch):
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         else:
             assert torch.isfinite(out).all() and not torch.equal(out, expected)
+
+
+def test_dynamic_true_says_what_to_do_when_it_cannot_specialise():
+    """Flux traced with ``dynamic=True`` reads a position table's value (``.item()``), which shape
+    specialisation cannot follow: the graph runs dense, equal to the model, and the warning names ``dynamic=True``
+    and the way back to RAS."""
+    from tests.support.models import flux_call_kwargs, tiny_flux_pipeline
+
+    def generate(pipe):
+        with torch.no_grad():
+            return pipe(**flux_call_kwargs(batch=1, steps=STEPS))[0]
+
+    expected = generate(tiny_flux_pipeline())
+    pipe = tiny_flux_pipeline()
+    options = {"sample_ratio": 0.5, "num_inference_steps": STEPS, "inner_backend": "aot_eager"}
+    pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=options, dynamic=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = generate(pipe)
+    messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
+    assert any("dynamic=True" in m and "Compile with dynamic=False" in m for m in messages), messages
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

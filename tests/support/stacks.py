@@ -42,6 +42,10 @@ def _native_attention(pipe) -> None:
     pipe.transformer.set_attention_backend("native")
 
 
+def _flex_attention(pipe) -> None:
+    pipe.transformer.set_attention_backend("flex")
+
+
 def _model_cpu_offload(pipe) -> None:
     pipe.enable_model_cpu_offload(device="cpu")
 
@@ -107,6 +111,14 @@ STACKS = [
         _native_attention,
         True,
         "the same SDPA the rewrite reads",
+    ),
+    Stack(
+        "flex_attention",
+        '`set_attention_backend("flex")`',
+        _flex_attention,
+        False,
+        'the rewrite reads SDPA, not `flex_attention`: `set_attention_backend("native")` keeps RAS',
+        says='set_attention_backend("native") keeps RAS',
     ),
     Stack(
         "model_cpu_offload",
