@@ -2,16 +2,17 @@
 
 ``build_ras_graph`` runs the pipeline on a copy of the dense graph:
 
-1. ``normalize_attention_args`` — attention calls read one way (q, k, v positional, the rest by name)
-2. ``find_token_source``      — analysis: latents and their layout, timestep, image tokens [B, N, C]
-3. ``functionalize_inplace_writes`` — in-place writes into token tensors become out-of-place ops
-4. ``gather_active_tokens``   — gather active tokens [B, k, C] right after the token source
-5. ``scatter_output``         — merge fresh and cached token outputs before unpatchify
-6. ``analyze_token_region``   — analysis: token axes and joint-sequence image rows of the token region
-7. ``cache_attention_kv``     — per-layer K/V caches of all N image tokens for attention
-8. ``retarget_token_region``  — token-count constants, position tables and masks follow k
-9. ``fuse_kv_projection``     — (optional) K/V projection + norm + RoPE + cache write as one op
-10. ``verify_ras_graph``      — checks the result at three token counts, then cleans up
+1. ``tensorify_scalar_reads`` — ``x * s.item()`` becomes ``x * s`` (a LoRA scale stays a graph input)
+2. ``normalize_attention_args`` — attention calls read one way (q, k, v positional, the rest by name)
+3. ``find_token_source``      — analysis: latents and their layout, timestep, image tokens [B, N, C]
+4. ``functionalize_inplace_writes`` — in-place writes into token tensors become out-of-place ops
+5. ``gather_active_tokens``   — gather active tokens [B, k, C] right after the token source
+6. ``scatter_output``         — merge fresh and cached token outputs before unpatchify
+7. ``analyze_token_region``   — analysis: token axes and joint-sequence image rows of the token region
+8. ``cache_attention_kv``     — per-layer K/V caches of all N image tokens for attention
+9. ``retarget_token_region``  — token-count constants, position tables and masks follow k
+10. ``fuse_kv_projection``     — (optional) K/V projection + norm + RoPE + cache write as one op
+11. ``verify_ras_graph``      — checks the result at three token counts, then cleans up
 
 The rewritten graph takes the original inputs followed by ``ras_active_idx`` [B, k],
 ``ras_output_cache`` [B, N, C_out] and the K/V caches, and works for any k in [1, N].
@@ -39,10 +40,12 @@ from .settings import PassSettings
 from .signature import StepSignature, step_signature
 from .snapshot import RECORDS_KEY
 from .specialize_shapes import has_symbolic_shapes
+from .tensorify_scalar_reads import tensorify_scalar_reads
 from .verify_ras_graph import verify_ras_graph
 
 RAS_PASSES = PassManager(
     [
+        tensorify_scalar_reads,
         normalize_attention_args,
         find_token_source,
         functionalize_inplace_writes,

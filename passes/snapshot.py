@@ -11,6 +11,8 @@ RECORDS_KEY = "ras_records"
 
 #: One line per kind of ``RewriteRecord``, filled in from the record's fields.
 RECORD_FORMATS = {
+    # tensorify_scalar_reads
+    "scalar_read": "scalar: {node} reads a one-element input that only scales tensors; it stays a tensor",
     # find_token_source
     "tokens": "tokens: {detail} from {node}",
     # functionalize_inplace_writes: detail is the write ("setitem", "add_", ...)

@@ -25,10 +25,13 @@ import torch
 import torch.fx
 from torch._dynamo.convert_frame import compile_lock
 
-from rascompile.passes.context import RewriteError
+from rascompile.passes.context import PassContext, RewriteError
+from rascompile.passes.graph_utils import copy_graph_module
 from rascompile.passes.pipeline import build_ras_graph
+from rascompile.passes.settings import PassSettings
 from rascompile.passes.snapshot import graph_summary
 from rascompile.passes.specialize_shapes import has_symbolic_shapes, specialize_shapes
+from rascompile.passes.tensorify_scalar_reads import tensorify_scalar_reads
 
 from ..config import RASConfig
 from .controller import GraphLayout, RASController
@@ -306,6 +309,18 @@ class PerShapeGraphs:
         return graph(*args)
 
 
+def _without_scalar_reads(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` with ``x * s.item()`` made ``x * s`` (``tensorify_scalar_reads``) for the dense graph too: an inner
+    compile at the first call, outside Dynamo's, cannot trace the read. ``gm`` itself when there is none."""
+    reads = (torch.ops.aten._local_scalar_dense.default,)
+    if not any(n.target == "item" or n.target in reads for n in gm.graph.nodes if n.op != "placeholder"):
+        return gm
+    try:
+        return tensorify_scalar_reads(copy_graph_module(gm), PassContext(settings=PassSettings()))
+    except Exception:  # noqa: BLE001 - the graph as Dynamo gave it is always right
+        return gm
+
+
 def _shape_key(args) -> tuple:
     """The concrete shapes and scalars of a call (Dynamo's example inputs carry SymInts: their hints)."""
 
@@ -320,6 +335,7 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
     rewritten graph, its signature and controller) or, when RAS is off or the rewrite does not apply, a
     ``DenseGraph``. Never raises out of the compile: a graph the passes cannot rewrite, or any failure inside
     them, runs dense with one warning."""
+    gm = _without_scalar_reads(gm)
     if backend.config.sample_ratio >= 1.0:
         return DenseGraph(backend, gm, example_inputs, "sample_ratio is 1.0", split=False)
     try:

@@ -10,7 +10,7 @@ from diffusers import PyramidAttentionBroadcastConfig
 import rascompile.runtime.backend as backend_module
 from rascompile.runtime.graph import DenseGraph, RASGraph
 from tests.support.models import flux_call_kwargs, tiny_flux_pipeline
-from tests.support.stacks import STACKS, stacks_table
+from tests.support.stacks import STACKS, _lora, stacks_table
 
 STEPS = 8
 
@@ -84,18 +84,8 @@ def test_a_dense_graph_of_another_model_does_not_switch_ras_off():
 
 
 def _lora_pipeline():
-    from peft import LoraConfig
-
     pipe = tiny_flux_pipeline()
-    gen = torch.Generator().manual_seed(7)
-    pipe.transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False),
-        adapter_name="style",
-    )
-    with torch.no_grad():
-        for name, param in pipe.transformer.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    _lora(pipe)
     return pipe
 
 
@@ -233,3 +223,46 @@ def test_status_says_when_offloading_hooks_bypass_a_compile_wrapper():
     assert control.generations == 3 and any(d.kind == "ras" for d in control.history)
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+
+
+def _compiled_lora_pipeline(weight=None, disabled=False):
+    import rascompile
+
+    pipe = tiny_flux_pipeline()
+    _lora(pipe)
+    if weight is not None:
+        pipe.transformer.set_adapters(["style"], weights=[weight])
+    if disabled:
+        pipe.transformer.disable_adapters()
+    backend = rascompile.RASBackend.from_options(OPTIONS)
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+    return pipe, backend
+
+
+def _ras_steps(backend, pipe):
+    return sum(d.kind == "ras" for c in backend.controllers_of(pipe.transformer) for d in c.history)
+
+
+def test_lora_weight_changes_keep_ras_and_equal_a_fresh_compile():
+    """A new adapter weight after compiling makes peft's scale a graph input read with ``.item()``: the rewrite
+    keeps it a tensor input, so the recompiled graph runs RAS, serves every later weight without compiling again,
+    and equals a fresh compile of the same LoRA state. Disabling the adapters (a structural change) recompiles
+    once and equals a fresh compile too."""
+    pytest.importorskip("peft")
+    pipe, backend = _compiled_lora_pipeline()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _generate(pipe)
+        for weight in (0.5, 0.8):
+            pipe.transformer.set_adapters(["style"], weights=[weight])
+            out = _generate(pipe)
+            fresh_pipe, fresh_backend = _compiled_lora_pipeline(weight=weight)
+            torch.testing.assert_close(out, _generate(fresh_pipe), rtol=1e-5, atol=1e-5)
+            assert _ras_steps(backend, pipe) > 0 and _ras_steps(fresh_backend, fresh_pipe) > 0
+        assert len(backend.graphs) == 2, "one recompile for the weight that became an input, none after"
+        pipe.transformer.disable_adapters()
+        out = _generate(pipe)
+        assert len(backend.graphs) == 3 and _ras_steps(backend, pipe) > 0
+        fresh_pipe, _ = _compiled_lora_pipeline(disabled=True)
+        torch.testing.assert_close(out, _generate(fresh_pipe), rtol=1e-5, atol=1e-5)
+    assert not [str(w.message) for w in caught if "rascompile" in str(w.message)]
