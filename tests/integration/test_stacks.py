@@ -266,3 +266,21 @@ def test_lora_weight_changes_keep_ras_and_equal_a_fresh_compile():
         fresh_pipe, _ = _compiled_lora_pipeline(disabled=True)
         torch.testing.assert_close(out, _generate(fresh_pipe), rtol=1e-5, atol=1e-5)
     assert not [str(w.message) for w in caught if "rascompile" in str(w.message)]
+
+
+def test_fuse_and_unfuse_lora_keep_ras_and_equal_a_fresh_compile():
+    pytest.importorskip("peft")
+    pipe, backend = _compiled_lora_pipeline()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unfused = _generate(pipe)
+        pipe.fuse_lora()
+        fused = _generate(pipe)
+        fresh = tiny_flux_pipeline()
+        _lora(fresh)
+        fresh.fuse_lora()
+        fresh.transformer = torch.compile(fresh.transformer, backend="ras", options=OPTIONS)
+        torch.testing.assert_close(fused, _generate(fresh), rtol=1e-5, atol=1e-5)
+        pipe.unfuse_lora()
+        torch.testing.assert_close(_generate(pipe), unfused, rtol=1e-5, atol=1e-5)
+    assert len(backend.graphs) <= 3 and _ras_steps(backend, pipe) > 0

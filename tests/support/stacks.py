@@ -102,7 +102,8 @@ STACKS = [
         "peft LoRA adapter (`add_adapter`)",
         _lora,
         True,
-        "the adapter's weights are graph inputs like the model's",
+        "the adapter's weights are graph inputs; a new weight (`set_adapters`) recompiles once and stays an input; "
+        "`fuse_lora`, `unfuse_lora`, `disable_adapters` keep RAS",
         needs="peft",
     ),
     Stack(
