@@ -42,6 +42,11 @@ def tensorify_scalar_reads(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.
     return gm
 
 
+def has_scalar_reads(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm`` reads a float out of a one-element tensor (what this pass may rewrite)."""
+    return any(_is_float_read(node) for node in gm.graph.nodes)
+
+
 def _is_float_read(node: torch.fx.Node) -> bool:
     reads = (node.op == "call_method" and node.target == "item") or (
         node.op == "call_function" and node.target is torch.ops.aten._local_scalar_dense.default

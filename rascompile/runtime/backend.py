@@ -31,11 +31,11 @@ from rascompile.passes.pipeline import build_ras_graph
 from rascompile.passes.settings import PassSettings
 from rascompile.passes.snapshot import graph_summary
 from rascompile.passes.specialize_shapes import has_symbolic_shapes, specialize_shapes
-from rascompile.passes.tensorify_scalar_reads import tensorify_scalar_reads
+from rascompile.passes.tensorify_scalar_reads import has_scalar_reads, tensorify_scalar_reads
 
 from ..config import RASConfig
 from .controller import GraphLayout, RASController
-from .graph import DenseGraph, RASGraph, StepGraph, compile_inner
+from .graph import DenseGraph, RASGraph, StepGraph, compile_inner, compile_or_eager
 from .stacks import advice_for, hooks_on
 from .steps import SchedulerSteps, TimestepSteps
 
@@ -118,8 +118,7 @@ class RASBackend:
         resolution and graph layout, for inspection (``history``, ``step_counts``, ``branch_caches``)."""
         module = getattr(module, "_orig_mod", module)
         params = {id(p) for p in module.parameters()}
-        tables = [table for key, table in self._per_transformer.items() if key in params]
-        return [c for table in tables for key, c in table.items() if key[0] == "controller"]
+        return _controllers_in(table for key, table in self._per_transformer.items() if key in params)
 
     def status(self, module: torch.nn.Module | None = None) -> str:
         """Where RAS stands, one line per graph this backend compiled (those of ``module`` only, when given) and
@@ -155,8 +154,7 @@ class RASBackend:
         return "\n".join(lines) if lines else "no graph compiled yet"
 
     def _all_controllers(self) -> list[RASController]:
-        tables = [table for _, table in self._per_transformer.items()] + [self._unanchored]
-        return [c for table in tables for key, c in table.items() if key[0] == "controller"]
+        return _controllers_in([*(table for _, table in self._per_transformer.items()), self._unanchored])
 
     def compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         """``gm`` compiled with this backend's inner backend and mode."""
@@ -258,7 +256,6 @@ class PerShapeGraphs:
         self.dynamic_gm = gm
         self.by_shape: dict[tuple, Callable] = {}
         self.dense_fn: Callable | None = None
-        self.dynamic_gm_inputs = list(example_inputs)
         try:
             with compile_lock:
                 static = specialize_shapes(gm, list(example_inputs))
@@ -269,27 +266,19 @@ class PerShapeGraphs:
                 "Compile with dynamic=False: RAS compiles one graph per resolution either way (rascompile.apply "
                 "does so)"
             )
-            self._compile_dense()
+            self._compile_dense(list(example_inputs))
             return
         first = backend.new_graph(static, list(example_inputs))
         if isinstance(first, DenseGraph):
-            self._compile_dense()  # the passes refuse it at one shape: every shape runs the symbolic graph, compiled
+            # the passes refuse it at one shape: every shape runs the symbolic graph, compiled
+            self._compile_dense(list(example_inputs))
         else:
             self.by_shape[_shape_key(example_inputs)] = first
 
-    def _compile_dense(self) -> None:
+    def _compile_dense(self, example_inputs: list) -> None:
         """The symbolic graph compiled now, inside Dynamo's call (a graph that builds masks with vmap or reads
         tensor values compiles only there), for every shape."""
-        try:
-            self.dense_fn = self.backend.compile_graph(self.dynamic_gm, self.dynamic_gm_inputs)
-        except torch._dynamo.exc.RestartAnalysis:
-            raise  # Dynamo's own control flow: it traces the frame again
-        except Exception as exc:  # noqa: BLE001 - the symbolic graph then runs uncompiled
-            self.backend.warn_once(
-                f"the inner backend {self.backend.inner_backend!r} failed to compile a graph "
-                f"({type(exc).__name__}: {exc}); it runs uncompiled"
-            )
-            self.dense_fn = self.dynamic_gm.forward
+        self.dense_fn = compile_or_eager(self.backend, self.dynamic_gm, example_inputs, inside_dynamo=True)
 
     def __call__(self, *args):
         if self.dense_fn is not None:
@@ -312,13 +301,17 @@ class PerShapeGraphs:
 def _without_scalar_reads(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``gm`` with ``x * s.item()`` made ``x * s`` (``tensorify_scalar_reads``) for the dense graph too: an inner
     compile at the first call, outside Dynamo's, cannot trace the read. ``gm`` itself when there is none."""
-    reads = (torch.ops.aten._local_scalar_dense.default,)
-    if not any(n.target == "item" or n.target in reads for n in gm.graph.nodes if n.op != "placeholder"):
+    if not has_scalar_reads(gm):
         return gm
     try:
         return tensorify_scalar_reads(copy_graph_module(gm), PassContext(settings=PassSettings()))
     except Exception:  # noqa: BLE001 - the graph as Dynamo gave it is always right
         return gm
+
+
+def _controllers_in(tables) -> list[RASController]:
+    """The controllers kept in per-transformer tables (their other entries are step sources)."""
+    return [c for table in tables for key, c in table.items() if key[0] == "controller"]
 
 
 def _shape_key(args) -> tuple:

@@ -49,6 +49,25 @@ def _compile_inner(name: str, gm: torch.fx.GraphModule, example_inputs: list, mo
     return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
 
 
+def compile_or_eager(
+    backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list, *, inside_dynamo: bool = False
+) -> Callable:
+    """``gm`` compiled with the backend's inner backend or, when that compile fails (outside Dynamo's tracing context
+    a graph that reads a tensor's value, ``.item()`` on a LoRA scale say, cannot be traced again), ``gm`` itself, run
+    eagerly, with a warning: the user's call still gets the model's output. ``inside_dynamo``: called from Dynamo's
+    call of the backend, where Dynamo's own ``RestartAnalysis`` must reach Dynamo (it traces the frame again)."""
+    try:
+        return backend.compile_graph(gm, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - a failed inner compile must not fail the user's call
+        if inside_dynamo and isinstance(exc, torch._dynamo.exc.RestartAnalysis):
+            raise
+        backend.warn_once(
+            f"the inner backend {backend.inner_backend!r} failed to compile a graph "
+            f"({type(exc).__name__}: {_first_line(exc)}); it runs uncompiled"
+        )
+        return gm.forward
+
+
 class StepGraph:
     """What a dense and a RAS graph share: the original graph, compiled on first use, and the call under Dynamo's
     compile lock (an inner compile traces with FX, which patches ``torch.nn.Module.__call__`` for the whole
@@ -95,17 +114,7 @@ class StepGraph:
         return self.dense_fn
 
     def _compile_or_eager(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        """``gm`` compiled with the inner backend or, when that compile fails (outside Dynamo's tracing context a
-        graph that reads a tensor's value, ``.item()`` on a LoRA scale say, cannot be traced again), ``gm`` itself,
-        run eagerly, with a warning: the user's call still gets the model's output."""
-        try:
-            return self.backend.compile_graph(gm, example_inputs)
-        except Exception as exc:  # noqa: BLE001 - a failed inner compile must not fail the user's call
-            self.backend.warn_once(
-                f"the inner backend {self.backend.inner_backend!r} failed to compile a graph "
-                f"({type(exc).__name__}: {_first_line(exc)}); it runs uncompiled"
-            )
-            return gm.forward
+        return compile_or_eager(self.backend, gm, example_inputs)
 
 
 class DenseGraph(StepGraph):

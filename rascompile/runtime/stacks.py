@@ -62,6 +62,13 @@ DIFFUSERS_HOOK_MACHINERY = ("hooks", "_helpers", "_common", "utils")
 ANY_DIFFUSERS_HOOK = "a diffusers hook (a step cache such as FirstBlockCache, or group offloading)"
 
 
+def _diffusers_hook_name(module: str) -> str | None:
+    """The user's name for the hook in ``diffusers/hooks/<module>.py``; None for the hook machinery itself."""
+    if module in DIFFUSERS_HOOK_MACHINERY:
+        return None
+    return DIFFUSERS_HOOKS.get(module, f"the diffusers hook in diffusers/hooks/{module}.py")
+
+
 def stacked_hooks(gm: torch.fx.GraphModule) -> tuple[str, ...]:
     """The hooks ``gm``'s code ran through, in the user's words, first seen first."""
     found: list[str] = []
@@ -70,12 +77,9 @@ def stacked_hooks(gm: torch.fx.GraphModule) -> tuple[str, ...]:
         trace = node.meta.get("stack_trace")
         if not trace:
             continue
-        names = []
-        for module in _DIFFUSERS_HOOK.findall(trace):
-            if module in DIFFUSERS_HOOK_MACHINERY:
-                machinery = True
-            else:
-                names.append(DIFFUSERS_HOOKS.get(module, f"the diffusers hook in diffusers/hooks/{module}.py"))
+        names = [_diffusers_hook_name(m) for m in _DIFFUSERS_HOOK.findall(trace)]
+        machinery = machinery or None in names
+        names = [n for n in names if n is not None]
         if _ACCELERATE_HOOK.search(trace):
             names.append(ACCELERATE_HOOKS)
         found.extend(n for n in names if n not in found)
@@ -91,10 +95,9 @@ def hooks_on(module: torch.nn.Module) -> tuple[str, ...]:
     for sub in getattr(module, "_orig_mod", module).modules():
         registry = getattr(sub, "_diffusers_hook", None)
         for hook in getattr(registry, "hooks", {}).values():
-            name = type(hook).__module__.rsplit(".", 1)[-1]
-            if name not in DIFFUSERS_HOOK_MACHINERY:
-                label = DIFFUSERS_HOOKS.get(name, f"the diffusers hook in diffusers/hooks/{name}.py")
-                found.append(label)
+            name = _diffusers_hook_name(type(hook).__module__.rsplit(".", 1)[-1])
+            if name is not None:
+                found.append(name)
         if getattr(sub, "_hf_hook", None) is not None:
             found.append(ACCELERATE_HOOKS)
     return tuple(dict.fromkeys(found))

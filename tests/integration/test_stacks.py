@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import PyramidAttentionBroadcastConfig
 
 import rascompile.runtime.backend as backend_module
 from rascompile.runtime.graph import DenseGraph, RASGraph
 from tests.support.models import flux_call_kwargs, tiny_flux_pipeline
-from tests.support.stacks import STACKS, _lora, stacks_table
+from tests.support.stacks import STACKS, _lora, _pyramid_attention_broadcast, stacks_table
 
 STEPS = 8
 
@@ -35,13 +34,7 @@ def _generate(pipe, seed=0):
 
 def _pab_pipeline():
     pipe = tiny_flux_pipeline()
-    pipe.transformer.enable_cache(
-        PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=2,
-            spatial_attention_timestep_skip_range=(100, 800),
-            current_timestep_callback=lambda: pipe.current_timestep,
-        )
-    )
+    _pyramid_attention_broadcast(pipe)
     return pipe
 
 
