@@ -36,7 +36,8 @@ from rascompile.passes.tensorify_scalar_reads import has_scalar_reads, tensorify
 from ..config import RASConfig
 from .controller import GraphLayout, RASController
 from .graph import DenseGraph, RASGraph, StepGraph, compile_inner, compile_or_eager
-from .stacks import advice_for, hooks_on
+from .origin import PieceCause, calling_model, graph_origin, piece_cause
+from .stacks import advice_for, hooks_on, running_hooks
 from .steps import SchedulerSteps, TimestepSteps
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -90,6 +91,8 @@ class RASBackend:
         self.steps_factory = steps_factory
         self.graphs: list[RASGraph | DenseGraph] = []
         self._warned: set[str] = set()
+        # per transformer (or this backend, when the transformer is unknown): the piece warnings said so far
+        self._pieces_said: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         # One step source per latents placeholder and shape, shared by every graph of this transformer at that
         # resolution (the grad-mode graph Dynamo compiles beside the inference one counts steps there too).
         self._per_transformer = _ByTensor()  # controllers and step sources of each transformer instance
@@ -210,6 +213,14 @@ class RASBackend:
             self._warned.add(key)
             warnings.warn(f"rascompile: {message} (generation {generation})", stacklevel=4)
 
+    def warn_piece(self, model: torch.nn.Module | None, message: str, named: bool) -> None:
+        """Warn once per transformer that it is split into pieces. A piece whose cause has no name ("a graph break")
+        adds nothing once a piece said what split that transformer: the pieces of one split are many graphs."""
+        said = self._pieces_said.setdefault(model if model is not None else self, set())
+        if message not in said and (named or not said):
+            said.add(message)
+            warnings.warn(f"rascompile: {message}", stacklevel=3)
+
     def warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
@@ -234,7 +245,7 @@ class RASBackend:
         compile_id = torch._guards.CompileContext.current_compile_id()
         limit = torch._dynamo.config.recompile_limit
         count = None if compile_id is None or compile_id.frame_compile_id is None else compile_id.frame_compile_id + 1
-        if count is not None and count >= limit:
+        if count is not None and count >= limit and not (len(self._pieces_said) and piece_cause(graph_origin(None))):
             self.warn_once(
                 f"Dynamo has compiled this transformer {count} times, torch._dynamo.config.recompile_limit={limit}: "
                 "further input shapes (resolutions, batch sizes) or grad-mode changes run uncompiled, without RAS. "
@@ -309,6 +320,20 @@ def _without_scalar_reads(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return gm
 
 
+def _piece_of_transformer(
+    graph: DenseGraph, dynamo_gm: torch.fx.GraphModule
+) -> tuple[PieceCause | None, torch.nn.Module | None]:
+    """Why ``graph`` (Dynamo's ``dynamo_gm``) is a piece of a transformer, from Dynamo's record of the frame and the
+    hooks on the stack, on the graph's code and on the calling model, and that model; None when it is not a piece or
+    that cannot be told."""
+    try:
+        model = calling_model()
+        hooks = (*graph.hooks, *running_hooks(), *(hooks_on(model) if model is not None else ()))
+        return piece_cause(graph_origin(dynamo_gm), tuple(dict.fromkeys(hooks))), model
+    except Exception:  # noqa: BLE001 - explaining a fallback must never fail the user's compile
+        return None, None
+
+
 def _controllers_in(tables) -> list[RASController]:
     """The controllers kept in per-transformer tables (their other entries are step sources)."""
     return [c for table in tables for key, c in table.items() if key[0] == "controller"]
@@ -328,7 +353,7 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
     rewritten graph, its signature and controller) or, when RAS is off or the rewrite does not apply, a
     ``DenseGraph``. Never raises out of the compile: a graph the passes cannot rewrite, or any failure inside
     them, runs dense with one warning."""
-    gm = _without_scalar_reads(gm)
+    dynamo_gm, gm = gm, _without_scalar_reads(gm)
     if backend.config.sample_ratio >= 1.0:
         return DenseGraph(backend, gm, example_inputs, "sample_ratio is 1.0", split=False)
     try:
@@ -344,6 +369,17 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
     except Exception as exc:  # noqa: BLE001 - a bug in the passes must not fail the user's compile
         reason = f"internal error in the RAS passes ({type(exc).__name__}: {exc}); please report it"
     graph = DenseGraph(backend, gm, example_inputs, reason)
+    piece, model = _piece_of_transformer(graph, dynamo_gm)
+    if piece is not None:
+        # every piece of a split transformer is refused; one warning per cause says why, in the user's words
+        graph.fallback_reason = f"{piece.cause} (this piece: {reason})"
+        backend.warn_piece(
+            model,
+            f"RAS is off for this transformer: {piece.cause}; it runs dense. To keep RAS: {piece.advice}",
+            named=piece.named,
+        )
+        graph.compile_now()
+        return graph
     if graph.hooks:
         reason = (
             f"{' and '.join(graph.hooks)} shaped this graph, which RAS cannot rewrite ({reason}). "

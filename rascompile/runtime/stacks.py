@@ -8,6 +8,7 @@ the call that installed it instead of an internal node.
 from __future__ import annotations
 
 import re
+import traceback
 
 import torch.fx
 
@@ -25,6 +26,8 @@ DIFFUSERS_HOOKS = {
     "context_parallel": "context parallelism (enable_parallelism)",
 }
 ACCELERATE_HOOKS = "accelerate's offloading hooks (enable_model_cpu_offload, enable_sequential_cpu_offload)"
+#: accelerate's hooks on the layers inside a transformer, not only on the transformer itself
+SEQUENTIAL_OFFLOAD = "sequential offloading (enable_sequential_cpu_offload)"
 
 STEP_CACHES = (
     "pyramid_attention_broadcast",
@@ -43,6 +46,7 @@ ADVICE = {
     DIFFUSERS_HOOKS["group_offloading"]: "pipe.enable_model_cpu_offload() keeps RAS; so does keeping the transformer "
     "on the accelerator",
     ACCELERATE_HOOKS: "pipe.enable_model_cpu_offload() keeps RAS; enable_sequential_cpu_offload() does not",
+    SEQUENTIAL_OFFLOAD: "pipe.enable_model_cpu_offload() keeps RAS; enable_sequential_cpu_offload() does not",
 }
 GENERIC_ADVICE = "remove the hook to keep RAS"
 
@@ -88,16 +92,32 @@ def stacked_hooks(gm: torch.fx.GraphModule) -> tuple[str, ...]:
     return tuple(found)
 
 
+def running_hooks() -> tuple[str, ...]:
+    """The hooks on the Python call stack now, in the user's words. Inside Dynamo's call of the backend these are the
+    hooks that called the frame being compiled: a piece of a transformer that a hook called (a step cache's block
+    loop, an offloading hook) shows the hook here even when none of its own nodes ran through the hook's code."""
+    found: list[str] = []
+    for frame in traceback.extract_stack():
+        match = _DIFFUSERS_HOOK.search(frame.filename)
+        name = _diffusers_hook_name(match.group(1)) if match else None
+        if name is None and _ACCELERATE_HOOK.search(frame.filename):
+            name = ACCELERATE_HOOKS
+        if name is not None and name not in found:
+            found.append(name)
+    return tuple(found)
+
+
 def hooks_on(module: torch.nn.Module) -> tuple[str, ...]:
     """The hooks installed on ``module`` or its submodules, in the user's words: diffusers' hook registries
     (``_diffusers_hook``) and accelerate's hooks (``_hf_hook``)."""
     found: list[str] = []
-    for sub in getattr(module, "_orig_mod", module).modules():
+    root = getattr(module, "_orig_mod", module)
+    for sub in root.modules():
         registry = getattr(sub, "_diffusers_hook", None)
         for hook in getattr(registry, "hooks", {}).values():
             name = _diffusers_hook_name(type(hook).__module__.rsplit(".", 1)[-1])
             if name is not None:
                 found.append(name)
         if getattr(sub, "_hf_hook", None) is not None:
-            found.append(ACCELERATE_HOOKS)
+            found.append(ACCELERATE_HOOKS if sub is root else SEQUENTIAL_OFFLOAD)
     return tuple(dict.fromkeys(found))

@@ -135,7 +135,9 @@ def test_every_stack_keeps_ras_or_runs_dense_exactly_and_says_why(stack):
     expected = _generate(reference)
     pipe = tiny_flux_pipeline()
     stack.apply(pipe)
-    if stack.in_place:
+    if stack.compile is not None:
+        stack.compile(pipe, OPTIONS)
+    elif stack.in_place:
         pipe.transformer.compile(backend="ras", options=OPTIONS)
     else:
         pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)

@@ -24,6 +24,7 @@ class Stack:
     says: str = ""  # for a dense stack: what a warning must name
     needs: str | None = None  # a module the stack imports (skip the row without it)
     in_place: bool = False  # compiled with pipe.transformer.compile(...) rather than torch.compile(pipe.transformer)
+    compile: Callable | None = None  # (pipe, options) -> None: how the user compiles, when not the whole transformer
 
 
 def _lora(pipe) -> None:
@@ -57,6 +58,33 @@ def _group_offload(pipe) -> None:
     )
 
 
+def _sequential_cpu_offload(pipe) -> None:
+    """What ``pipe.enable_sequential_cpu_offload()`` installs on the transformer: accelerate's ``cpu_offload``.
+    accelerate cannot offload from CPU to CPU (it re-wraps plain tensors of its weights map as their class, and a
+    plain ``Tensor`` takes no ``requires_grad``), so the weights map holds ``Parameter``s, as it would after a move
+    to an accelerator."""
+    from accelerate import cpu_offload
+
+    transformer = pipe.transformer
+    weights = {
+        n: torch.nn.Parameter(t.detach().clone(), requires_grad=False) for n, t in transformer.state_dict().items()
+    }
+    cpu_offload(transformer, torch.device("cpu"), state_dict=weights)
+
+
+def _regional_compilation(pipe, options) -> None:
+    pipe.transformer.compile_repeated_blocks(backend="ras", options=options)
+
+
+def _torchao(config_name: str):
+    def apply(pipe) -> None:
+        import torchao.quantization as quantization
+
+        quantization.quantize_(pipe.transformer, getattr(quantization, config_name)())
+
+    return apply
+
+
 def _pyramid_attention_broadcast(pipe) -> None:
     from diffusers import PyramidAttentionBroadcastConfig
 
@@ -79,6 +107,12 @@ def _taylorseer(pipe) -> None:
     from diffusers import TaylorSeerCacheConfig
 
     pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=2))
+
+
+def _mag_cache(pipe) -> None:
+    from diffusers import MagCacheConfig
+
+    pipe.transformer.enable_cache(MagCacheConfig(num_inference_steps=8, mag_ratios=[1.0] + [0.98] * 7, threshold=0.1))
 
 
 def _faster_cache(pipe) -> None:
@@ -133,12 +167,44 @@ STACKS = [
         in_place=True,
     ),
     Stack(
+        "sequential_cpu_offload",
+        "`enable_sequential_cpu_offload()`",
+        _sequential_cpu_offload,
+        False,
+        "its hooks run outside the compiled graph at every layer, which splits the transformer into a graph per "
+        "layer; `enable_model_cpu_offload()` keeps RAS",
+        says="accelerate's offloading hooks (enable_sequential_cpu_offload) run outside the compiled graph",
+        needs="accelerate",
+        in_place=True,
+    ),
+    Stack(
         "group_offload",
         '`enable_group_offload(offload_type="block_level")`',
         _group_offload,
         False,
         "its hooks split the transformer into one graph per block; `enable_model_cpu_offload()` keeps RAS",
         says="group offloading (enable_group_offload)",
+    ),
+    Stack(
+        "regional_compilation",
+        '`transformer.compile_repeated_blocks(backend="ras")`',
+        lambda pipe: None,
+        False,
+        "compiles each block on its own, and RAS rewrites whole transformers: "
+        '`torch.compile(pipe.transformer, backend="ras")` or `rascompile.apply(pipe)` keeps RAS',
+        says="regional compilation (compile_repeated_blocks) compiles each FluxTransformerBlock on its own",
+        compile=_regional_compilation,
+    ),
+    *(
+        Stack(
+            f"torchao_{config.lower()}",
+            f"torchao `quantize_(transformer, {config}())`",
+            _torchao(config),
+            True,
+            "the quantized linears trace as ordinary ops; the rewrite gathers tokens around them",
+            needs="torchao",
+        )
+        for config in ("Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig", "Float8WeightOnlyConfig")
     ),
     Stack(
         "pyramid_attention_broadcast",
@@ -163,6 +229,14 @@ STACKS = [
         False,
         STEP_CACHE_NOTE,
         says="TaylorSeer cache (transformer.enable_cache)",
+    ),
+    Stack(
+        "mag_cache",
+        "MagCache (`enable_cache`)",
+        _mag_cache,
+        False,
+        STEP_CACHE_NOTE,
+        says="MagCache (transformer.enable_cache)",
     ),
     Stack(
         "faster_cache",

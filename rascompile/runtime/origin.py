@@ -1,0 +1,194 @@
+"""Where a Dynamo graph came from, when it is a piece of a transformer rather than the whole forward.
+
+RAS rewrites whole transformers. A graph the passes refuse is often a piece: regional compilation
+(``compile_repeated_blocks``) compiles one block class at a time, and a graph break (a hook that runs outside the
+graph with ``torch.compiler.disable``, as accelerate's sequential offloading does at every layer) splits the forward
+into graphs that each hold a few layers. The passes' own reason for such a piece ("no image-token source found") is
+true but says nothing a user can act on; this module reads Dynamo's record of the frame it traced and says what
+split the transformer, in the user's words.
+
+It reads ``TracingContext.traced_code`` (the code objects of the traced frame, the root frame first) and the graph's
+``compile_subgraph_reason`` (why Dynamo ended the graph: a graph break, with its place); both exist only inside
+Dynamo's call of the backend.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from .stacks import ACCELERATE_HOOKS, DIFFUSERS_HOOK_MACHINERY, DIFFUSERS_HOOKS, SEQUENTIAL_OFFLOAD, advice_for
+
+_RESUME = "torch_dynamo_resume_in_"
+_DIFFUSERS_HOOK_FILE = re.compile(r"diffusers[/\\]hooks[/\\](\w+)\.py")
+_ACCELERATE_HOOK_FILE = re.compile(r"accelerate[/\\]hooks\.py")
+
+
+@dataclass(frozen=True)
+class GraphOrigin:
+    """The root frame Dynamo traced for a graph, and the graph break that ended it or that it resumes after."""
+
+    qualname: str  # of the root frame's code, e.g. "FluxTransformerBlock.forward"
+    filename: str
+    break_reason: str | None  # why Dynamo broke the graph, when this graph ends at a break
+    break_site: str | None  # "file.py:line" of that break
+
+    @property
+    def owner(self) -> str | None:
+        """The class whose method is the root frame (``FluxTransformerBlock`` for its ``forward``)."""
+        parts = self.qualname.split(".")
+        return parts[-2] if len(parts) >= 2 and "<locals>" not in parts[-2] else None
+
+    @property
+    def resumes_after_break(self) -> bool:
+        return self.qualname.rsplit(".", 1)[-1].startswith(_RESUME)
+
+
+def graph_origin(gm: torch.fx.GraphModule | None) -> GraphOrigin | None:
+    """The origin of the graph ``gm`` Dynamo is handing the backend now (without ``gm``: of its root frame only,
+    not the break that ended it); None outside Dynamo's call."""
+    context = torch._guards.TracingContext.try_get()
+    codes = getattr(context, "traced_code", None)
+    if not codes:
+        return None
+    root = codes[0]
+    reason = getattr(gm, "compile_subgraph_reason", None) if gm is not None else None
+    break_reason = break_site = None
+    if reason is not None and getattr(reason, "graph_break", False):
+        break_reason = str(reason.reason).strip().splitlines()[0]
+        stack = getattr(reason, "user_stack", None) or []
+        if stack:
+            frame = stack[-1]
+            break_site = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+            break_reason = f"{break_reason} ({_hook_of_file(frame.filename) or frame.filename})"
+    return GraphOrigin(getattr(root, "co_qualname", root.co_name), root.co_filename, break_reason, break_site)
+
+
+def calling_model() -> torch.nn.Module | None:
+    """The diffusers model whose method is running on the Python call stack now, nearest first: inside Dynamo's
+    call of the backend for a piece of a transformer, the transformer itself (its forward called the piece)."""
+    from diffusers import ModelMixin
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ModelMixin):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _hook_of_file(filename: str) -> str | None:
+    """The user's name for the hook whose code lives in ``filename``; None for other files."""
+    if _ACCELERATE_HOOK_FILE.search(filename):
+        return ACCELERATE_HOOKS
+    match = _DIFFUSERS_HOOK_FILE.search(filename)
+    if match and match.group(1) not in DIFFUSERS_HOOK_MACHINERY:
+        return DIFFUSERS_HOOKS.get(match.group(1))
+    return None
+
+
+def _subclass_names(root: type) -> set[str]:
+    found: set[str] = set()
+    pending = [root]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ not in found:
+            found.add(cls.__name__)
+            pending.extend(cls.__subclasses__())
+    return found
+
+
+def is_submodule_frame(origin: GraphOrigin | None) -> bool:
+    """Whether the root frame is the method of a layer or block (an ``nn.Module`` that is not a diffusers model):
+    Dynamo traces such a frame on its own only after a graph break in its caller, or when that module alone was
+    compiled. Either way the graph is not a whole transformer."""
+    from diffusers import ModelMixin
+
+    owner = origin.owner if origin is not None else None
+    if owner is None:
+        return False
+    return owner in _subclass_names(torch.nn.Module) and owner not in _subclass_names(ModelMixin)
+
+
+def repeated_block_classes() -> set[str]:
+    """The block classes diffusers' ``compile_repeated_blocks`` compiles one at a time (the ``_repeated_blocks`` of
+    every model class imported so far)."""
+    from diffusers import ModelMixin
+
+    found: set[str] = set()
+    pending = [ModelMixin]
+    while pending:
+        cls = pending.pop()
+        found.update(getattr(cls, "_repeated_blocks", None) or ())
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+REGIONAL_ADVICE = (
+    "compile the whole transformer instead: torch.compile(pipe.transformer, backend='ras') or rascompile.apply(pipe)"
+)
+GRAPH_BREAK_ADVICE = (
+    "remove what breaks the graph (TORCH_LOGS=graph_breaks lists each break), or compile with fullgraph=True to see "
+    "the first one as an error"
+)
+
+
+@dataclass(frozen=True)
+class PieceCause:
+    """Why a graph is a piece of a transformer, and what keeps RAS, in the user's words. ``named``: the cause is a
+    particular thing the user did (regional compilation, an offloading hook), not only "a graph break"."""
+
+    cause: str
+    advice: str
+    named: bool
+
+
+def piece_cause(origin: GraphOrigin | None, hooks: tuple[str, ...] = ()) -> PieceCause | None:
+    """Why the graph is a piece of a transformer (regional compilation, a graph break); None when it looks like a
+    whole forward or its origin is unknown."""
+    if origin is None:
+        return None
+    broken = origin.resumes_after_break or origin.break_reason is not None
+    if origin.owner in repeated_block_classes() and not broken:
+        return PieceCause(
+            f"regional compilation (compile_repeated_blocks) compiles each {origin.owner} on its own, and RAS "
+            "rewrites only a whole transformer (it gathers the image tokens once at the input and scatters them "
+            "once at the output)",
+            REGIONAL_ADVICE,
+            named=True,
+        )
+    if not broken and not is_submodule_frame(origin):
+        return None
+    step_caches = [h for h in hooks if h not in (ACCELERATE_HOOKS, SEQUENTIAL_OFFLOAD)]
+    if step_caches:
+        return PieceCause(
+            f"{' and '.join(step_caches)} splits the transformer into several graphs, and RAS rewrites only a whole "
+            "transformer",
+            advice_for(step_caches),
+            named=True,
+        )
+    if (
+        SEQUENTIAL_OFFLOAD in hooks
+        or ACCELERATE_HOOKS in (origin.break_reason or "")
+        or _hook_of_file(origin.filename) == ACCELERATE_HOOKS
+    ):
+        return PieceCause(
+            "accelerate's offloading hooks (enable_sequential_cpu_offload) run outside the compiled graph at every "
+            "layer, so Dynamo splits the transformer into a graph per layer, and RAS rewrites only a whole "
+            "transformer",
+            "pipe.enable_model_cpu_offload() keeps RAS; enable_sequential_cpu_offload() does not",
+            named=True,
+        )
+    where = f" ({origin.break_reason} at {origin.break_site})" if origin.break_reason else ""
+    if not broken:
+        where = f" (Dynamo compiled {origin.qualname} on its own)"
+    return PieceCause(
+        f"Dynamo split the transformer's forward at graph breaks{where}, and RAS rewrites only a whole transformer",
+        GRAPH_BREAK_ADVICE,
+        named=False,
+    )
