@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .config import RASConfig
 from .runtime.backend import RASBackend, scheduler_steps
 
@@ -19,10 +17,10 @@ def apply(
 ) -> RASBackend:
     """Compile ``pipe.transformer`` with the RAS backend, reading the step count from each pipeline call.
 
-    The pipeline is not modified otherwise: its transformer attribute becomes the
-    ``torch.compile``-d transformer (``dynamic=False``: one graph per resolution), as when users
-    compile it themselves; with ``enable_model_cpu_offload`` on, the transformer is compiled in place
-    (``transformer.compile``), since the pipeline re-installs its offloading hooks after every call.
+    The transformer is compiled in place (``pipe.transformer.compile(backend=..., dynamic=False)``: one graph per
+    resolution) and the pipeline is not modified otherwise: ``pipe.transformer`` stays the diffusers model, so the
+    pipeline's LoRA methods, step caches and offloading hooks keep working on it. Its uncompiled forward stays
+    ``pipe.transformer.forward``.
     Each call reads T from ``pipe.scheduler.timesteps`` and the step from ``pipe.scheduler.step_index``.
 
     ``inner_backend``, ``dump_graphs``, ``fused_kv_projection`` and ``mode`` (inductor's, as for
@@ -46,11 +44,8 @@ def apply(
         fused_kv_projection=fused_kv_projection,
         mode=mode,
     )
-    if getattr(pipe, "_all_hooks", None):
-        # enable_model_cpu_offload re-installs its hooks on every component after each call; a torch.compile wrapper
-        # would then sit outside the hooked forward and drop out of the call path. Compiled in place, the module's
-        # own call is compiled, hooks included.
-        transformer.compile(backend=backend, dynamic=False)
-    else:
-        pipe.transformer = torch.compile(transformer, backend=backend, dynamic=False)
+    # Compiled in place, ``pipe.transformer`` stays the diffusers model: the pipeline's LoRA methods
+    # (``set_adapters``, ``load_lora_weights``, hotswapping), ``enable_cache`` and the offloading hooks, which
+    # ``enable_model_cpu_offload`` re-installs after every call, keep working, and a hook stays in the compiled call.
+    transformer.compile(backend=backend, dynamic=False)
     return backend

@@ -329,7 +329,7 @@ def _piece_of_transformer(
     try:
         model = calling_model()
         hooks = (*graph.hooks, *running_hooks(), *(hooks_on(model) if model is not None else ()))
-        return piece_cause(graph_origin(dynamo_gm), tuple(dict.fromkeys(hooks))), model
+        return piece_cause(graph_origin(dynamo_gm), tuple(dict.fromkeys(hooks)), inside_model=model is not None), model
     except Exception:  # noqa: BLE001 - explaining a fallback must never fail the user's compile
         return None, None
 

@@ -103,14 +103,15 @@ def _subclass_names(root: type) -> set[str]:
     return found
 
 
-def is_submodule_frame(origin: GraphOrigin | None) -> bool:
-    """Whether the root frame is the method of a layer or block (an ``nn.Module`` that is not a diffusers model):
-    Dynamo traces such a frame on its own only after a graph break in its caller, or when that module alone was
-    compiled. Either way the graph is not a whole transformer."""
+def is_submodule_frame(origin: GraphOrigin | None, inside_model: bool) -> bool:
+    """Whether the root frame is the method of a layer or block (an ``nn.Module`` that is not a diffusers model)
+    that a diffusers model's forward called (``inside_model``): Dynamo traces such a frame on its own only after a
+    graph break in its caller, or when the layer alone was compiled. Either way the graph is not a whole
+    transformer."""
     from diffusers import ModelMixin
 
     owner = origin.owner if origin is not None else None
-    if owner is None:
+    if owner is None or not inside_model:
         return False
     return owner in _subclass_names(torch.nn.Module) and owner not in _subclass_names(ModelMixin)
 
@@ -148,9 +149,11 @@ class PieceCause:
     named: bool
 
 
-def piece_cause(origin: GraphOrigin | None, hooks: tuple[str, ...] = ()) -> PieceCause | None:
+def piece_cause(
+    origin: GraphOrigin | None, hooks: tuple[str, ...] = (), inside_model: bool = False
+) -> PieceCause | None:
     """Why the graph is a piece of a transformer (regional compilation, a graph break); None when it looks like a
-    whole forward or its origin is unknown."""
+    whole forward or its origin is unknown. ``inside_model``: a diffusers model's forward called the frame."""
     if origin is None:
         return None
     broken = origin.resumes_after_break or origin.break_reason is not None
@@ -162,7 +165,7 @@ def piece_cause(origin: GraphOrigin | None, hooks: tuple[str, ...] = ()) -> Piec
             REGIONAL_ADVICE,
             named=True,
         )
-    if not broken and not is_submodule_frame(origin):
+    if not broken and not is_submodule_frame(origin, inside_model):
         return None
     step_caches = [h for h in hooks if h not in (ACCELERATE_HOOKS, SEQUENTIAL_OFFLOAD)]
     if step_caches:

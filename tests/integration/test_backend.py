@@ -211,7 +211,7 @@ def test_grad_mode_runs_dense_with_a_warning():
     pipe.scheduler.set_timesteps(STEPS)
     with pytest.warns(UserWarning, match="grad mode is on"):
         out = pipe.transformer(**args)[0]
-    torch.testing.assert_close(out, pipe.transformer._orig_mod(**args)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, pipe.transformer.forward(**args)[0], rtol=1e-5, atol=1e-5)
     assert out.requires_grad
     assert backend.graphs[0].controller.generations == 0
 

@@ -136,8 +136,9 @@ STACKS = [
         "peft LoRA adapter (`add_adapter`)",
         _lora,
         True,
-        "the adapter's weights are graph inputs; a new weight (`set_adapters`) recompiles once and stays an input; "
-        "`fuse_lora`, `unfuse_lora`, `disable_adapters` keep RAS",
+        "the adapter's weights are graph inputs; a new weight (`set_adapters`) recompiles once and stays an input, "
+        "a second LoRA (`load_lora_weights`) recompiles once, a hotswap (`enable_lora_hotswap`) never; `fuse_lora`, "
+        "`unfuse_lora`, `disable_lora` keep RAS (tests/integration/test_lora.py, Flux and Wan)",
         needs="peft",
     ),
     Stack(

@@ -19,7 +19,7 @@ def test_a_whole_transformer_forward_is_not_a_piece():
     assert piece_cause(_origin("FluxTransformer2DModel.forward")) is None
     assert piece_cause(_origin("apply_lora_scale.<locals>.decorator.<locals>.wrapper")) is None
     assert piece_cause(None) is None
-    assert not is_submodule_frame(_origin("FluxTransformer2DModel.forward"))
+    assert not is_submodule_frame(_origin("FluxTransformer2DModel.forward"), inside_model=True)
 
 
 def test_a_repeated_block_compiled_on_its_own_is_regional_compilation():
@@ -33,8 +33,10 @@ def test_a_repeated_block_compiled_on_its_own_is_regional_compilation():
 def test_a_resumed_frame_or_a_layer_frame_is_a_piece_of_a_graph_break():
     resumed = piece_cause(_origin("FluxTransformer2DModel.torch_dynamo_resume_in_forward_at_730"))
     assert resumed is not None and not resumed.named and "graph breaks" in resumed.cause
-    layer = piece_cause(_origin("AdaLayerNormContinuous.forward", "diffusers/models/normalization.py"))
+    layer_origin = _origin("AdaLayerNormContinuous.forward", "diffusers/models/normalization.py")
+    layer = piece_cause(layer_origin, inside_model=True)
     assert layer is not None and "Dynamo compiled AdaLayerNormContinuous.forward on its own" in layer.cause
+    assert piece_cause(layer_origin) is None, "a module compiled on its own, outside any diffusers model, is whole"
     broken = piece_cause(_origin("FluxTransformer2DModel.forward", break_reason="data-dependent", break_site="a:1"))
     assert broken is not None and "(data-dependent at a:1)" in broken.cause
 
