@@ -59,7 +59,10 @@ Stages, in order:
 4. ``tensorrt``: an SD3-shaped mid-size model (``rascompile bench``'s) exported to ONNX; TensorRT engines
    (fp16) and an 8-step RAS generation with ``TensorRTRunner``, the same with torch-tensorrt, compared with
    PyTorch (decisions, images) and timed per step against PyTorch inductor.
-5. ``report``: ``results.json`` and ``README.md`` (rendered from ``results.json`` by ``render_readme``;
+5. ``stacks``: offloading (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``, block-level group
+   offloading) and a LoRA weight change after compiling, with ``rascompile.apply`` on the tiny Flux pipeline:
+   RAS kept where the CPU tests keep it, dense with a warning that names the stack elsewhere, each image compared.
+6. ``report``: ``results.json`` and ``README.md`` (rendered from ``results.json`` by ``render_readme``;
    ``--render DIR`` re-renders a directory's README from its results).
 
 Timings are medians of several repeats, with ``torch.cuda.synchronize()`` around each (kernels: Triton's
@@ -98,9 +101,12 @@ DEFAULT_OUT = ROOT / "docs" / "gpu"
 COMMAND = "python benchmarks/gpu_suite.py --out docs/gpu"
 INSTALL = 'pip install torch==2.13.0 && pip install -e ".[test,tensorrt]"'
 
-STAGES = ("env", "kernel_tests", "kernel_speed", "sd3", "flux", "tensorrt", "report")
+STAGES = ("env", "kernel_tests", "kernel_speed", "sd3", "flux", "tensorrt", "stacks", "report")
 #: Seconds per stage; they sum to 480 s (8 minutes), so that a rerun fits in the device lease too.
-BUDGETS = {"env": 5, "kernel_tests": 45, "kernel_speed": 60, "sd3": 210, "flux": 50, "tensorrt": 100, "report": 10}
+BUDGETS = {
+    "env": 5, "kernel_tests": 45, "kernel_speed": 60, "sd3": 185, "flux": 50, "tensorrt": 100, "stacks": 25,
+    "report": 10,
+}  # fmt: skip
 TOTAL_BUDGET_S = sum(BUDGETS.values())
 REPORT_RESERVE_S = 5.0  # kept back from the other stages for writing the report
 
@@ -1432,6 +1438,23 @@ def _tensorrt_body(suite: Suite, st: Stage, settings, config, have: dict, workdi
         st.skip_part(TTRT_PART, ttrt_reason)
 
 
+# ---------------------------------------------------------------------------------------------- stage: stacks
+
+
+def stage_stacks(suite: Suite, st: Stage) -> None:
+    """Offloading (model, sequential, group) and a LoRA weight change with RAS on the device, where the hooks move
+    weights between the CPU and the GPU (``tests/support/stacks_on_device.py``; the CPU tests cover the same stacks
+    CPU to CPU)."""
+    sys.path.insert(0, str(ROOT))  # the tests package
+    from tests.support.stacks_on_device import check_stacks_on
+
+    st.data.update(
+        {"model": "FluxPipeline, tiny transformer (tests/support/models.py), fp32", "inner_backend": "aot_eager"}
+    )
+    with st.step("offloading and LoRA stacks through rascompile.apply"):
+        check_stacks_on(suite.device, "aot_eager", st.check, tolerance=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- stage: report
 
 
@@ -1739,6 +1762,7 @@ BODIES = {
     "sd3": stage_sd3,
     "flux": stage_flux,
     "tensorrt": stage_tensorrt,
+    "stacks": stage_stacks,
     "report": stage_report,
 }
 

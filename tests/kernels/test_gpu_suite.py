@@ -80,6 +80,10 @@ def test_dry_run_checks_pass(dry_run):
         "the loop ran the planned RAS steps",
         "onnxruntime: decisions identical to PyTorch",
         "onnxruntime: image within tolerance of PyTorch",
+        "enable_model_cpu_offload: RAS kept",
+        "enable_sequential_cpu_offload: dense, said",
+        "enable_group_offload (block level): dense, said",
+        "peft LoRA, set_adapters after compiling: RAS kept",
     ):
         assert name in checks, f"check {name!r} did not run: {sorted(checks)}"
     failed = {name: c["detail"] for name, c in checks.items() if not c["passed"]}
