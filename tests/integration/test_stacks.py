@@ -279,3 +279,29 @@ def test_fuse_and_unfuse_lora_keep_ras_and_equal_a_fresh_compile():
         pipe.unfuse_lora()
         torch.testing.assert_close(_generate(pipe), unfused, rtol=1e-5, atol=1e-5)
     assert len(backend.graphs) <= 3 and _ras_steps(backend, pipe) > 0
+
+
+def test_torchao_config_through_from_pretrained_keeps_ras(tmp_path):
+    """torchao through diffusers' ``TorchAoConfig`` at load time (the quantized linears the table's torchao rows make
+    with ``quantize_``): RAS runs, without a warning, and identical calls give identical images."""
+    pytest.importorskip("torchao")
+    from diffusers import FluxTransformer2DModel, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    import rascompile
+    from rascompile import RASConfig
+    from tests.support.models import tiny_flux_transformer
+
+    tiny_flux_transformer().save_pretrained(tmp_path)
+    quantized = FluxTransformer2DModel.from_pretrained(
+        tmp_path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.bfloat16
+    )
+    assert "torchao" in type(quantized.proj_out.weight).__module__
+    pipe = tiny_flux_pipeline(quantized)
+    backend = rascompile.apply(pipe, RASConfig(sample_ratio=0.5), inner_backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [_generate(pipe) for _ in range(2)]
+    assert not [str(w.message) for w in caught if "rascompile" in str(w.message)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    assert _ras_steps(backend, pipe) > 0
