@@ -375,7 +375,13 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
         graph.fallback_reason = f"{piece.cause} (this piece: {reason})"
         backend.warn_piece(
             model,
-            f"RAS is off for this transformer: {piece.cause}; it runs dense. To keep RAS: {piece.advice}",
+            (
+                f"RAS is off for this transformer: {piece.cause}; it runs dense. To keep RAS: {piece.advice}"
+                if piece.named
+                # a bare graph break: other pieces (one holding the whole body, say) may still run RAS
+                else f"this graph runs dense: {piece.cause}, and the passes cannot rewrite this piece on its own "
+                f"({reason}). To keep RAS: {piece.advice}"
+            ),
             named=piece.named,
         )
         graph.compile_now()
