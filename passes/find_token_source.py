@@ -107,7 +107,10 @@ def _record(ctx: PassContext, inputs, latents, source, layout: LatentLayout) -> 
 def _packed_latents(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], reasons: list[str]) -> torch.fx.Node | None:
     """The one 3-D floating input [B, N, C] whose N is the token count of the graph's 3-D output, if any."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    first = output.args[0][0] if isinstance(output.args[0], (tuple, list)) else output.args[0]
+    results = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    if not results:  # a piece that only writes into its inputs (Qwen-Image 2.1 places image tokens in place)
+        return None
+    first = results[0]
     out = example_value(first) if isinstance(first, torch.fx.Node) else None
     if not (isinstance(out, torch.Tensor) and out.dim() == 3):
         return None

@@ -64,7 +64,8 @@ def graph_origin(gm: torch.fx.GraphModule | None) -> GraphOrigin | None:
         if stack:
             frame = stack[-1]
             break_site = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
-            break_reason = f"{break_reason} ({_hook_of_file(frame.filename) or frame.filename})"
+            hook = _hook_of_file(frame.filename)
+            break_reason = f"{break_reason} ({hook})" if hook else break_reason
     return GraphOrigin(getattr(root, "co_qualname", root.co_name), root.co_filename, break_reason, break_site)
 
 
@@ -191,7 +192,7 @@ def piece_cause(
     if not broken:
         where = f" (Dynamo compiled {origin.qualname} on its own)"
     return PieceCause(
-        f"Dynamo split the transformer's forward at graph breaks{where}, and RAS rewrites only a whole transformer",
+        f"Dynamo split the transformer's forward at graph breaks{where}",
         GRAPH_BREAK_ADVICE,
         named=False,
     )

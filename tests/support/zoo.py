@@ -18,6 +18,7 @@ from pathlib import Path
 from tests.support import models, models_video
 from tests.support import models_classic as classic
 from tests.support import models_image as image
+from tests.support import models_pieces as pieces
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / "docs" / "bench"
@@ -324,6 +325,56 @@ CASES: list[Case] = [
         ras=False,
         reason="no attention reads the image tokens",
         note="mixture-of-experts routing (`bincount`) breaks the graph inside the block loop",
+    ),
+    Case(
+        "qwen-image-2.1",
+        "Qwen-Image 2.1",
+        "QwenImage21Transformer2DModel",
+        "QwenImage21Pipeline",
+        pieces.tiny_qwen_image21_transformer,
+        pieces.qwen_image21_call_kwargs,
+        ras=False,
+        reason="no attention reads the image tokens",
+        note="`repeat_interleave`, `.tolist()`, `nonzero` and `.item()` on its masks split the forward into 11 graphs; "
+        "the one holding the blocks takes the joint sequence (image rows after the text) and returns it whole",
+    ),
+    Case(
+        "fibo2",
+        "Bria FIBO 2",
+        "BriaFibo2Transformer2DModel",
+        "BriaFibo2Pipeline",
+        pieces.tiny_fibo2_transformer,
+        pieces.fibo2_call_kwargs,
+        ras=False,
+        reason="no image-token source found",
+        note="`encoder_attention_mask.sum(1).tolist()` after the noise refiner: the refiner's attention and the main "
+        "layers' sit in different graphs",
+    ),
+    Case(
+        "hunyuanvideo-1.5",
+        "HunyuanVideo 1.5",
+        "HunyuanVideo15Transformer3DModel",
+        "HunyuanVideo15Pipeline",
+        pieces.tiny_hunyuan_video15_transformer,
+        pieces.hunyuan_video15_call_kwargs,
+        ras=False,
+        reason="no final projection",
+        note="a per-row boolean reorder of text and image (`image[image_mask]`): the rest of the forward runs "
+        "eagerly, each block its own graph, `proj_out` in none",
+        layout="video",
+    ),
+    Case(
+        "mochi",
+        "Mochi",
+        "MochiTransformer3DModel",
+        "MochiPipeline",
+        pieces.tiny_mochi_transformer,
+        pieces.mochi_call_kwargs,
+        ras=False,
+        reason="no image-token source found",
+        note="`nonzero` on the text mask in each row of its attention processor: the forward and the attention run "
+        "eagerly, layer by layer",
+        layout="video",
     ),
     Case(
         "sana",

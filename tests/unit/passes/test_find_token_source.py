@@ -117,6 +117,21 @@ def test_a_graph_without_latents_is_refused():
         run_until(gm, PASS)
 
 
+class WritesInPlace(torch.nn.Module):
+    """A piece that returns nothing: it writes image tokens into a joint buffer in place (as Qwen-Image 2.1 does
+    between two graph breaks)."""
+
+    def forward(self, joint, tokens):
+        joint[:, 2:] = tokens
+
+
+def test_a_graph_without_outputs_is_refused_with_a_reason():
+    """Regression: a graph whose output tuple is empty raised IndexError inside the pass."""
+    gm, _ = capture(WritesInPlace(), torch.zeros(2, 10, 4), torch.randn(2, 8, 4))
+    with pytest.raises(RewriteError, match="no image-token source found"):
+        run_until(gm, PASS)
+
+
 class ScaledLatents(TinyDiT):
     """TinyDiT whose latents are first multiplied by a one-element buffer, and whose timestep input is called ``t``."""
 
