@@ -78,6 +78,11 @@ def find_token_source(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gr
         source, layout = found
         _record(ctx, inputs, latents, source, layout)
         return gm
+    piece = _piece_tokens(inputs, ctx.settings.piece_tokens, reasons)
+    if piece is not None:
+        # a piece's image tokens arrive embedded: the input itself is the source (no embedding to walk through)
+        _record(ctx, inputs, piece, piece, packed_layout(tuple(int(s) for s in example_value(piece).shape)))
+        return gm
     packed = _packed_latents(gm, inputs, reasons)
     if packed is not None:
         found = _token_source_from(packed, order)
@@ -126,6 +131,27 @@ def _packed_latents(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], reaso
         reasons.append(f"packed latents are ambiguous: {names} all have the output's {num_tokens} tokens")
         return None
     return candidates[0] if candidates else None
+
+
+def _piece_tokens(
+    inputs: list[torch.fx.Node], piece: tuple[int, int] | None, reasons: list[str]
+) -> torch.fx.Node | None:
+    """In a piece of a transformer of ``piece = (B, N)`` image tokens, the one 3-D floating input [B, N, C]."""
+    if piece is None:
+        return None
+    candidates = [
+        n
+        for n in inputs
+        if isinstance(v := example_value(n), torch.Tensor)
+        and v.dim() == 3
+        and v.is_floating_point()
+        and tuple(int(s) for s in v.shape[:2]) == tuple(piece)
+    ]
+    if len(candidates) != 1:
+        names = ", ".join(n.name for n in candidates) or "none"
+        reasons.append(f"a piece needs one [B, N, C] input of the transformer's {piece[1]} image tokens: {names}")
+        return None
+    return candidates[0]
 
 
 def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.Node, LatentLayout] | str:

@@ -8,6 +8,7 @@
 4. ``functionalize_inplace_writes`` — in-place writes into token tensors become out-of-place ops
 5. ``gather_active_tokens``   — gather active tokens [B, k, C] right after the token source
 6. ``scatter_output``         — merge fresh and cached token outputs before unpatchify
+   ``scatter_piece_outputs``  — (a piece of a transformer) merge the image tokens it hands on, at its output
 7. ``analyze_token_region``   — analysis: token axes and joint-sequence image rows of the token region
 8. ``cache_attention_kv``     — per-layer K/V caches of all N image tokens for attention
 9. ``retarget_token_region``  — token-count constants, position tables and masks follow k
@@ -36,6 +37,7 @@ from .manager import PassManager
 from .normalize_attention_args import normalize_attention_args
 from .retarget_token_region import retarget_token_region
 from .scatter_output import scatter_output
+from .scatter_piece_outputs import scatter_piece_outputs
 from .settings import PassSettings
 from .signature import StepSignature, step_signature
 from .snapshot import RECORDS_KEY
@@ -51,6 +53,7 @@ RAS_PASSES = PassManager(
         functionalize_inplace_writes,
         gather_active_tokens,
         scatter_output,
+        scatter_piece_outputs,
         analyze_token_region,
         cache_attention_kv,
         retarget_token_region,
@@ -96,11 +99,14 @@ def build_ras_graph(
     kv_cache: bool = True,
     fuse_kv_projection: bool = False,
     dump_dir: str | None = None,
+    piece_tokens: tuple[int, int] | None = None,
+    piece_outputs: bool = False,
 ) -> RASRewrite:
     """Rewrite a copy of the dense Dynamo graph ``gm`` into the RAS step graph.
 
     ``fuse_kv_projection`` turns each K/V projection chain that feeds a cache into one
-    ``rascompile::linear_scatter_`` op (see ``fuse_kv_projection``).
+    ``rascompile::linear_scatter_`` op (see ``fuse_kv_projection``). ``piece_tokens`` and ``piece_outputs`` rewrite
+    a piece of a transformer that Dynamo split (see ``PassSettings``).
 
     Returns ``(graph, signature, context)``: the rewritten graph, its ``StepSignature`` (the inputs it takes, in
     order, and the caches; what the runtime and the export bind to) and the pass context (facts and records).
@@ -111,7 +117,13 @@ def build_ras_graph(
     _refuse_data_dependent_sizes(gm)
     _refuse_dynamic_shapes(gm)
     record_dense_shapes(gm)
-    settings = PassSettings(kv_cache=kv_cache, fuse_kv_projection=fuse_kv_projection, dump_dir=dump_dir)
+    settings = PassSettings(
+        kv_cache=kv_cache,
+        fuse_kv_projection=fuse_kv_projection,
+        dump_dir=dump_dir,
+        piece_tokens=piece_tokens,
+        piece_outputs=piece_outputs,
+    )
     ctx = PassContext(settings=settings)
     ras = RAS_PASSES(copy_graph_module(gm), ctx)
     ras.meta[RECORDS_KEY] = tuple(ctx.records)

@@ -20,6 +20,8 @@ OUTPUT_CACHE = "ras_output_cache"
 
 
 def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    if ctx.settings.piece_outputs:
+        return gm  # scatter_piece_outputs merges a piece's outputs
     nodes = {n.name: n for n in gm.graph.nodes}
     idx = nodes[ctx.active_idx]
     downstream = forward_slice([idx])

@@ -13,9 +13,15 @@ class PassSettings:
     [1, N] is valid afterwards). ``kv_cache``: give attention per-layer K/V caches of all N image tokens.
     ``fuse_kv_projection``: turn each K/V projection chain that feeds a cache into one
     ``rascompile::linear_scatter_`` op. ``dump_dir``: write each graph before and after every pass there.
+    ``piece_tokens``: ``(B, N)`` of the transformer this graph is a piece of (the runtime knows them from the piece
+    that holds the patch embedding): a 3-D model input ``[B, N, C]`` is then the piece's image tokens.
+    ``piece_outputs``: the graph is a piece whose image-token outputs cross to the next piece; they are merged with
+    a cache at the outputs instead of at a final projection.
     """
 
     probe_tokens: int | None = None
     kv_cache: bool = True
     fuse_kv_projection: bool = False
     dump_dir: str | None = None
+    piece_tokens: tuple[int, int] | None = None
+    piece_outputs: bool = False

@@ -136,6 +136,11 @@ class RASConfig:
         kv_cache (`bool`, defaults to `True`):
             Whether attention on a RAS step also sees the keys and values of the dropped tokens (cached from
             the last step that computed them). `False` is an ablation: attention sees only the active tokens.
+        graph_pieces (`bool`, defaults to `False`):
+            Experimental: run RAS across the pieces of a transformer call that graph breaks split (the piece with
+            the patch embedding decides, the pieces after it follow on their own caches, the one with the final
+            projection ends the call). Off by default until each model family's pieces are checked against its
+            whole graph; a set of pieces that cannot all be rewritten runs dense either way.
     """
 
     sample_ratio: float = 0.5
@@ -150,6 +155,7 @@ class RASConfig:
     dynamic_round_to: int = 64
     num_inference_steps: int | None = None
     kv_cache: bool = True
+    graph_pieces: bool = False
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -234,8 +240,10 @@ class RASConfig:
                 raise _fail("num_inference_steps", self.num_inference_steps, "must be None or >= 1")
             store("num_inference_steps", num_steps)
 
-        if not isinstance(self.kv_cache, bool):
-            raise _fail("kv_cache", self.kv_cache, f"must be a bool, got {type(self.kv_cache).__name__}")
+        for name in ("kv_cache", "graph_pieces"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise _fail(name, value, f"must be a bool, got {type(value).__name__}")
 
         if self.num_inference_steps is not None:
             self._validate_steps(self.num_inference_steps)

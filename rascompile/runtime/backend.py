@@ -37,6 +37,7 @@ from ..config import RASConfig
 from .controller import GraphLayout, RASController
 from .graph import DenseGraph, RASGraph, StepGraph, compile_inner, compile_or_eager
 from .origin import PieceCause, calling_model, graph_origin, piece_cause
+from .pieces import HeadPiece, OpenCalls, Piece, called_by_transformer_of, piece_tokens
 from .stacks import advice_for, hooks_on, running_hooks
 from .steps import SchedulerSteps, TimestepSteps
 
@@ -98,6 +99,7 @@ class RASBackend:
         self._per_transformer = _ByTensor()  # controllers and step sources of each transformer instance
         self._unanchored: dict[tuple, Any] = {}
         self._lock = threading.Lock()
+        self.open_calls = OpenCalls()  # the call of a transformer split into pieces under way, per thread
 
     def controller(self, anchor: torch.Tensor | None, latents_key: tuple, layout: GraphLayout, device) -> RASController:
         """The controller of one transformer instance (found by its first parameter, ``anchor``) at one
@@ -320,6 +322,53 @@ def _without_scalar_reads(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return gm
 
 
+def _as_piece(backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list) -> RASGraph | str | None:
+    """``gm`` as a piece of a transformer call that a graph break split (``runtime/pieces.py``): a later piece of
+    the call under way in this thread (its image tokens come in at the head's ``(B, N)``), or the head of new calls
+    (it hands one ``[B, N, C]`` token tensor on). ``"token-free"`` for a later piece without image-token inputs;
+    None when it is neither. A later piece that takes image tokens and cannot be rewritten turns its head dense."""
+    call = backend.open_calls.call
+    tokens = piece_tokens(call)
+    common = dict(
+        kv_cache=backend.config.kv_cache,
+        fuse_kv_projection=backend.fuses_kv_projection(example_inputs),
+        dump_dir=backend.dump_graphs,
+    )
+    try:
+        if tokens is not None and not called_by_transformer_of(call.head):
+            tokens = None  # the call under way is another transformer's (its last piece ran uncompiled)
+        if tokens is None:
+            ras_gm, signature, ctx = build_ras_graph(gm, piece_outputs=True, **common)
+            if ctx.latent_layout not in ("image", "video"):
+                # the head must hold the patch embedding of the latents: embedded tokens handed in (a block
+                # compiled on its own) would make the selection read hidden states instead of latents
+                return None
+            return HeadPiece(backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
+        takes_tokens = any(
+            isinstance(a, torch.Tensor) and a.dim() == 3 and tuple(a.shape[:2]) == tokens
+            for a in example_inputs
+            if not isinstance(a, torch.nn.Parameter)
+        )
+        if not takes_tokens:
+            return "token-free"
+        reasons = []
+        for hands_on in (False, True):  # the tail (it holds the final projection) first, then a piece between
+            try:
+                ras_gm, signature, ctx = build_ras_graph(gm, piece_tokens=tokens, piece_outputs=hands_on, **common)
+            except RewriteError as exc:
+                reasons.append(str(exc))
+                continue
+            summary = graph_summary(ctx)
+            return Piece(backend, gm, example_inputs, ras_gm, signature, summary, tail=not hands_on)
+        call.head.break_pieces(f"a piece that takes its image tokens cannot be rewritten ({reasons[-1]})")
+    except RewriteError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - a bug in the passes must not fail the user's compile
+        if call is not None:
+            call.head.break_pieces(f"the RAS passes failed on one of its pieces ({type(exc).__name__}: {exc})")
+    return None
+
+
 def _piece_of_transformer(
     graph: DenseGraph, dynamo_gm: torch.fx.GraphModule
 ) -> tuple[PieceCause | None, torch.nn.Module | None]:
@@ -368,6 +417,14 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
         reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - a bug in the passes must not fail the user's compile
         reason = f"internal error in the RAS passes ({type(exc).__name__}: {exc}); please report it"
+    split = _as_piece(backend, gm, example_inputs) if backend.config.graph_pieces else None
+    if isinstance(split, RASGraph):
+        return split
+    if split == "token-free":
+        # a piece of a split call that never touches the image tokens: dense is exact, and RAS goes on around it
+        graph = DenseGraph(backend, gm, example_inputs, f"a piece without image tokens ({reason})", split=False)
+        graph.compile_now()
+        return graph
     graph = DenseGraph(backend, gm, example_inputs, reason)
     piece, model = _piece_of_transformer(graph, dynamo_gm)
     if piece is not None:

@@ -128,11 +128,14 @@ class RASController:
     def kv_caches(self) -> list[torch.Tensor]:
         return self.branch_caches[0][1] if self.branch_caches else []
 
-    def caches(self, branch: int = 0, layout: GraphLayout | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def caches(
+        self, branch: int = 0, layout: GraphLayout | None = None, piece: object = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(output cache, K/V caches)`` of one guidance branch for a graph of ``layout`` (default: the
-        controller's), allocated on first use."""
+        controller's), allocated on first use. ``piece``: which piece of a transformer that Dynamo split the graph
+        is (each piece has its own caches, even where two pieces' shapes agree)."""
         layout = layout or self.layout
-        key = (branch, layout.output_cache, layout.kv_caches)
+        key = (branch, layout.output_cache, layout.kv_caches, piece)
         if key not in self.cache_sets:
             shape, dtype = layout.output_cache
             output = torch.empty(shape, dtype=dtype, device=self.device)

@@ -187,6 +187,27 @@ class TinyDiT(torch.nn.Module):
         return x, timestep
 
 
+class BrokenDiT(TinyDiT):
+    """TinyDiT with two blocks and a graph break between them: Dynamo compiles the forward as two pieces, the first
+    with the patch embedding and block 0, the second with block 1 and the final projection."""
+
+    def __init__(self, pieces: int = 2, **options):
+        super().__init__(blocks=pieces, **options)
+
+    def forward(self, x, timestep, text=None):
+        b = x.shape[0]
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.temb(timestep[:, None])[:, None, :]
+        tokens = self.blocks[0](tokens, text, self.table, self.mask, self.freqs)
+        torch._dynamo.graph_break()  # not in a loop: Dynamo would run a frame with a break in a loop eagerly
+        tokens = self.blocks[1](tokens, text, self.table, self.mask, self.freqs)
+        if len(self.blocks) > 2:
+            torch._dynamo.graph_break()
+            tokens = self.blocks[2](tokens, text, self.table, self.mask, self.freqs)
+        out = self.proj(tokens)
+        return out.transpose(1, 2).reshape(b, 16, x.shape[2] // 2, x.shape[3] // 2)
+
+
 class TinyPackedDiT(torch.nn.Module):
     """Packed latents [B, N = 16, 16] (Flux-style) -> ``x_embedder`` Linear(16, 8) -> one attention block ->
     ``proj`` Linear(8, 16): the output [B, N, 16] is the token tensor itself. ``text`` [B, 3, 16] is a second

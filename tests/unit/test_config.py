@@ -101,6 +101,8 @@ INVALID = [
     ("kv_cache", 1, "bool"),
     ("kv_cache", "yes", "bool"),
     ("kv_cache", None, "bool"),
+    ("graph_pieces", 1, "bool"),
+    ("graph_pieces", None, "bool"),
 ]
 
 

@@ -1,0 +1,120 @@
+"""RAS across the pieces of one transformer call that a graph break split (``runtime/pieces.py``): the pieces run
+one decision per call, on their own caches, and equal the same transformer compiled whole."""
+
+import warnings
+
+import pytest
+import torch
+
+import rascompile.runtime.backend as backend_module
+from rascompile.runtime.pieces import HeadPiece, Piece
+from tests.support.passes import BrokenDiT
+
+STEPS = 6
+OPTIONS = dict(
+    graph_pieces=True,
+    sample_ratio=0.5,
+    num_inference_steps=STEPS,
+    scheduler_start_step=1,
+    error_reset_steps=(4,),
+    inner_backend="aot_eager",
+)
+
+
+class WholeDiT(BrokenDiT):
+    """The same model without the breaks: one graph."""
+
+    def forward(self, x, timestep, text=None):
+        b = x.shape[0]
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.temb(timestep[:, None])[:, None, :]
+        for block in self.blocks:
+            tokens = block(tokens, text, self.table, self.mask, self.freqs)
+        out = self.proj(tokens)
+        return out.transpose(1, 2).reshape(b, 16, x.shape[2] // 2, x.shape[3] // 2)
+
+
+def _denoise(model, options=OPTIONS, generations=1):
+    """``generations`` loops of STEPS Euler-like steps through ``torch.compile(model, backend="ras")``."""
+    compiled = torch.compile(model, backend="ras", options=options)
+    outs = []
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for _ in range(generations):
+            x, _ = model.inputs()
+            for i in range(STEPS):
+                t = torch.full((2,), 1.0 - i / STEPS)
+                out = compiled(x, t)
+                x = x - 0.2 * out.reshape(x.shape)
+            outs.append(x)
+    messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
+    return outs, messages, compiled
+
+
+def _controllers(compiled):
+    return backend_module.controllers_of(compiled)
+
+
+@pytest.mark.parametrize("pieces", [2, 3])
+def test_pieces_run_ras_and_equal_the_whole_graph(pieces):
+    whole, _, whole_compiled = _denoise(WholeDiT(pieces).eval())
+    got, messages, compiled = _denoise(BrokenDiT(pieces).eval())
+    assert not messages, messages
+    (control,) = _controllers(compiled)
+    kinds = [d.kind for d in control.history]
+    assert kinds.count("ras") >= 3, kinds
+    (whole_control,) = _controllers(whole_compiled)
+    assert kinds == [d.kind for d in whole_control.history]
+    torch.testing.assert_close(got[0], whole[0], rtol=1e-5, atol=1e-5)
+    params = {id(p) for p in compiled._orig_mod.parameters()}
+    graphs = [g for b in backend_module._SHARED_BACKENDS.values() for g in b.graphs if g.parameter_ids & params]
+    assert [type(g) for g in graphs] == [HeadPiece] + [Piece] * (pieces - 1)
+    assert [g.tail for g in graphs[1:]] == [False] * (pieces - 2) + [True]
+
+
+def test_pieces_at_ratio_one_equal_the_uncompiled_model():
+    model = BrokenDiT().eval()
+    got, messages, _ = _denoise(model, {**OPTIONS, "sample_ratio": 1.0})
+    with torch.no_grad():
+        x, _ = model.inputs()
+        for i in range(STEPS):
+            x = x - 0.2 * model(x, torch.full((2,), 1.0 - i / STEPS)).reshape(x.shape)
+    torch.testing.assert_close(got[0], x, rtol=1e-6, atol=1e-6)
+
+
+def test_identical_generations_give_identical_results():
+    outs, messages, _ = _denoise(BrokenDiT().eval(), generations=3)
+    assert not messages, messages
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+
+
+class MixingTailDiT(BrokenDiT):
+    """BrokenDiT whose second piece mixes the image tokens (a mean over them) before its block: no RAS form."""
+
+    def forward(self, x, timestep, text=None):
+        b = x.shape[0]
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.temb(timestep[:, None])[:, None, :]
+        tokens = self.blocks[0](tokens, text, self.table, self.mask, self.freqs)
+        torch._dynamo.graph_break()
+        tokens = tokens + tokens.mean(dim=1, keepdim=True)
+        tokens = self.blocks[1](tokens, text, self.table, self.mask, self.freqs)
+        out = self.proj(tokens)
+        return out.transpose(1, 2).reshape(b, 16, x.shape[2] // 2, x.shape[3] // 2)
+
+
+def test_a_piece_without_a_ras_form_turns_every_piece_dense_and_says_so():
+    """Never half RAS within a step: when a later piece that takes image tokens cannot be rewritten, the head runs
+    every call dense from then on, the result equals the uncompiled model, and a warning says why."""
+    model = MixingTailDiT().eval()
+    got, messages, compiled = _denoise(model, generations=2)
+    with torch.no_grad():
+        x, _ = model.inputs()
+        for i in range(STEPS):
+            x = x - 0.2 * model(x, torch.full((2,), 1.0 - i / STEPS)).reshape(x.shape)
+    for out in got:
+        torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+    assert any("Dynamo split it into pieces" in m and "cannot be rewritten" in m for m in messages), messages
+    (control,) = _controllers(compiled)
+    assert not any(d.kind == "ras" for d in control.history)

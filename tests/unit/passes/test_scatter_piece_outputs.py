@@ -1,0 +1,65 @@
+"""scatter_piece_outputs, and find_token_source's piece path: the pieces of a transformer that a graph break split
+(the head hands its image tokens on at full width; a later piece takes them at the transformer's (B, N))."""
+
+import pytest
+import torch
+
+from rascompile.passes.context import RewriteError
+from rascompile.passes.pipeline import build_ras_graph
+from tests.support.passes import BrokenDiT, TinyDiT, capture, fact, run_until
+
+
+def _pieces():
+    """The two Dynamo graphs of BrokenDiT (head: patch embedding and block 0; tail: block 1 and the projection)."""
+    model = BrokenDiT().eval()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=record)(*model.inputs())
+    assert len(graphs) == 2
+    return graphs
+
+
+def _all_tokens(batch, n):
+    return torch.arange(n).expand(batch, n).contiguous()
+
+
+def test_the_head_hands_its_tokens_on_through_a_cache_at_full_width():
+    (head, inputs), _ = _pieces()
+    graph, ctx = run_until(head, "scatter_piece_outputs", piece_outputs=True)
+    assert ctx.output_cache == "ras_output_cache" and ctx.output_cache_shape == (2, 16, 8)
+    merged = [n for n in graph.graph.nodes if n.op == "call_function" and "merge_output" in str(n.target)]
+    assert len(merged) == 1 and merged[0] in next(n for n in graph.graph.nodes if n.op == "output").all_input_nodes
+
+
+def test_a_head_step_over_all_tokens_equals_dense_and_fills_the_cache():
+    (head, inputs), _ = _pieces()
+    ras, signature, ctx = build_ras_graph(head, piece_outputs=True)
+    with torch.no_grad():
+        (dense,) = head(*inputs)
+        cache = torch.zeros(ctx.output_cache_shape)
+        kv = [torch.zeros(s.shape) for s in signature.kv_caches]
+        (got,) = ras(*signature.bind(inputs, _all_tokens(2, 16), cache, kv))
+    torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache, dense, rtol=1e-6, atol=1e-6)
+
+
+def test_a_later_piece_takes_the_input_of_the_transformers_token_count():
+    _, (tail, inputs) = _pieces()
+    with pytest.raises(RewriteError, match="no image-token source"):
+        build_ras_graph(tail)  # on its own it has no latents
+    _, ctx = run_until(tail, "find_token_source", piece_tokens=(2, 16))
+    assert fact(ctx, "token_source") == fact(ctx, "latents") and fact(ctx, "num_tokens") == 16
+    with pytest.raises(RewriteError, match="one \\[B, N, C\\] input of the transformer's 12 image tokens: none"):
+        run_until(tail, "find_token_source", piece_tokens=(2, 12))
+
+
+def test_a_piece_without_a_token_output_to_hand_on_is_refused():
+    gm, _ = capture(TinyDiT())  # a whole model: its only output is the image
+    with pytest.raises(RewriteError, match="exactly one \\[B, N, C\\] image-token output"):
+        build_ras_graph(gm, piece_outputs=True)
