@@ -133,20 +133,23 @@ def _packed_latents(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], reaso
     return candidates[0] if candidates else None
 
 
+def carries_piece_tokens(value, piece: tuple[int, int]) -> bool:
+    """Whether ``value`` is a floating [B, N, C] tensor of the image tokens of a transformer of ``piece = (B, N)``."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 3
+        and value.is_floating_point()
+        and tuple(int(s) for s in value.shape[:2]) == tuple(piece)
+    )
+
+
 def _piece_tokens(
     inputs: list[torch.fx.Node], piece: tuple[int, int] | None, reasons: list[str]
 ) -> torch.fx.Node | None:
     """In a piece of a transformer of ``piece = (B, N)`` image tokens, the one 3-D floating input [B, N, C]."""
     if piece is None:
         return None
-    candidates = [
-        n
-        for n in inputs
-        if isinstance(v := example_value(n), torch.Tensor)
-        and v.dim() == 3
-        and v.is_floating_point()
-        and tuple(int(s) for s in v.shape[:2]) == tuple(piece)
-    ]
+    candidates = [n for n in inputs if carries_piece_tokens(example_value(n), piece)]
     if len(candidates) != 1:
         names = ", ".join(n.name for n in candidates) or "none"
         reasons.append(f"a piece needs one [B, N, C] input of the transformer's {piece[1]} image tokens: {names}")

@@ -26,6 +26,7 @@ import torch.fx
 from torch._dynamo.convert_frame import compile_lock
 
 from rascompile.passes.context import PassContext, RewriteError
+from rascompile.passes.find_token_source import carries_piece_tokens
 from rascompile.passes.graph_utils import copy_graph_module
 from rascompile.passes.pipeline import build_ras_graph
 from rascompile.passes.settings import PassSettings
@@ -322,6 +323,15 @@ def _without_scalar_reads(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return gm
 
 
+def _pass_options(backend: RASBackend, example_inputs: list) -> dict:
+    """What ``build_ras_graph`` takes from the backend for a graph with ``example_inputs``."""
+    return dict(
+        kv_cache=backend.config.kv_cache,
+        fuse_kv_projection=backend.fuses_kv_projection(example_inputs),
+        dump_dir=backend.dump_graphs,
+    )
+
+
 def _as_piece(backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list) -> RASGraph | str | None:
     """``gm`` as a piece of a transformer call that a graph break split (``runtime/pieces.py``): a later piece of
     the call under way in this thread (its image tokens come in at the head's ``(B, N)``), or the head of new calls
@@ -329,11 +339,7 @@ def _as_piece(backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: lis
     None when it is neither. A later piece that takes image tokens and cannot be rewritten turns its head dense."""
     call = backend.open_calls.call
     tokens = piece_tokens(call)
-    common = dict(
-        kv_cache=backend.config.kv_cache,
-        fuse_kv_projection=backend.fuses_kv_projection(example_inputs),
-        dump_dir=backend.dump_graphs,
-    )
+    common = _pass_options(backend, example_inputs)
     try:
         if tokens is not None and not called_by_transformer_of(call.head):
             tokens = None  # the call under way is another transformer's (its last piece ran uncompiled)
@@ -344,12 +350,7 @@ def _as_piece(backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: lis
                 # compiled on its own) would make the selection read hidden states instead of latents
                 return None
             return HeadPiece(backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
-        takes_tokens = any(
-            isinstance(a, torch.Tensor) and a.dim() == 3 and tuple(a.shape[:2]) == tokens
-            for a in example_inputs
-            if not isinstance(a, torch.nn.Parameter)
-        )
-        if not takes_tokens:
+        if not any(carries_piece_tokens(a, tokens) for a in example_inputs if not isinstance(a, torch.nn.Parameter)):
             return "token-free"
         reasons = []
         for hands_on in (False, True):  # the tail (it holds the final projection) first, then a piece between
@@ -406,12 +407,7 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
     if backend.config.sample_ratio >= 1.0:
         return DenseGraph(backend, gm, example_inputs, "sample_ratio is 1.0", split=False)
     try:
-        ras_gm, signature, ctx = build_ras_graph(
-            gm,
-            kv_cache=backend.config.kv_cache,
-            fuse_kv_projection=backend.fuses_kv_projection(example_inputs),
-            dump_dir=backend.dump_graphs,
-        )
+        ras_gm, signature, ctx = build_ras_graph(gm, **_pass_options(backend, example_inputs))
         return RASGraph(backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
     except RewriteError as exc:
         reason = str(exc)

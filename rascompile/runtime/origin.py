@@ -14,18 +14,16 @@ Dynamo's call of the backend.
 
 from __future__ import annotations
 
-import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 
-from .stacks import ACCELERATE_HOOKS, DIFFUSERS_HOOK_MACHINERY, DIFFUSERS_HOOKS, SEQUENTIAL_OFFLOAD, advice_for
+from .stacks import ACCELERATE_HOOKS, SEQUENTIAL_OFFLOAD, advice_for, hook_of_file
 
 _RESUME = "torch_dynamo_resume_in_"
-_DIFFUSERS_HOOK_FILE = re.compile(r"diffusers[/\\]hooks[/\\](\w+)\.py")
-_ACCELERATE_HOOK_FILE = re.compile(r"accelerate[/\\]hooks\.py")
 
 
 @dataclass(frozen=True)
@@ -64,9 +62,18 @@ def graph_origin(gm: torch.fx.GraphModule | None) -> GraphOrigin | None:
         if stack:
             frame = stack[-1]
             break_site = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
-            hook = _hook_of_file(frame.filename)
+            hook = hook_of_file(frame.filename)
             break_reason = f"{break_reason} ({hook})" if hook else break_reason
     return GraphOrigin(getattr(root, "co_qualname", root.co_name), root.co_filename, break_reason, break_site)
+
+
+def caller_owners(depth: int | None = None) -> Iterator[object]:
+    """The ``self`` of each frame on the Python call stack, nearest first (the first ``depth`` frames, or all)."""
+    frame = sys._getframe(1)
+    while frame is not None and depth != 0:
+        yield frame.f_locals.get("self")
+        frame = frame.f_back
+        depth = None if depth is None else depth - 1
 
 
 def calling_model() -> torch.nn.Module | None:
@@ -74,34 +81,23 @@ def calling_model() -> torch.nn.Module | None:
     call of the backend for a piece of a transformer, the transformer itself (its forward called the piece)."""
     from diffusers import ModelMixin
 
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, ModelMixin):
-            return owner
-        frame = frame.f_back
-    return None
+    return next((owner for owner in caller_owners() if isinstance(owner, ModelMixin)), None)
 
 
-def _hook_of_file(filename: str) -> str | None:
-    """The user's name for the hook whose code lives in ``filename``; None for other files."""
-    if _ACCELERATE_HOOK_FILE.search(filename):
-        return ACCELERATE_HOOKS
-    match = _DIFFUSERS_HOOK_FILE.search(filename)
-    if match and match.group(1) not in DIFFUSERS_HOOK_MACHINERY:
-        return DIFFUSERS_HOOKS.get(match.group(1))
-    return None
-
-
-def _subclass_names(root: type) -> set[str]:
-    found: set[str] = set()
+def _subclasses(root: type) -> set[type]:
+    """``root`` and every class derived from it that is imported so far."""
+    found: set[type] = set()
     pending = [root]
     while pending:
         cls = pending.pop()
-        if cls.__name__ not in found:
-            found.add(cls.__name__)
+        if cls not in found:
+            found.add(cls)
             pending.extend(cls.__subclasses__())
     return found
+
+
+def _subclass_names(root: type) -> set[str]:
+    return {cls.__name__ for cls in _subclasses(root)}
 
 
 def is_submodule_frame(origin: GraphOrigin | None, inside_model: bool) -> bool:
@@ -122,13 +118,7 @@ def repeated_block_classes() -> set[str]:
     every model class imported so far)."""
     from diffusers import ModelMixin
 
-    found: set[str] = set()
-    pending = [ModelMixin]
-    while pending:
-        cls = pending.pop()
-        found.update(getattr(cls, "_repeated_blocks", None) or ())
-        pending.extend(cls.__subclasses__())
-    return found
+    return {name for cls in _subclasses(ModelMixin) for name in getattr(cls, "_repeated_blocks", None) or ()}
 
 
 REGIONAL_ADVICE = (
@@ -179,7 +169,7 @@ def piece_cause(
     if (
         SEQUENTIAL_OFFLOAD in hooks
         or ACCELERATE_HOOKS in (origin.break_reason or "")
-        or _hook_of_file(origin.filename) == ACCELERATE_HOOKS
+        or hook_of_file(origin.filename) == ACCELERATE_HOOKS
     ):
         return PieceCause(
             "accelerate's offloading hooks (enable_sequential_cpu_offload) run outside the compiled graph at every "

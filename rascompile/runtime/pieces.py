@@ -14,7 +14,6 @@ with a warning.
 
 from __future__ import annotations
 
-import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ import torch
 
 from .controller import Decision, GraphLayout, RASController
 from .graph import RASGraph
+from .origin import caller_owners
 
 if TYPE_CHECKING:
     from .backend import RASBackend
@@ -108,15 +108,10 @@ def called_by_transformer_of(head: HeadPiece, depth: int = 64) -> bool:
     anchor = head.example_inputs[head.anchor_index] if head.anchor_index is not None else None
     if anchor is None:
         return False
-    frame = sys._getframe(1)
-    for _ in range(depth):
-        if frame is None:
-            return False
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, torch.nn.Module) and any(p is anchor for p in owner.parameters()):
-            return True
-        frame = frame.f_back
-    return False
+    return any(
+        isinstance(owner, torch.nn.Module) and any(p is anchor for p in owner.parameters())
+        for owner in caller_owners(depth)
+    )
 
 
 def piece_tokens(call: PieceCall | None) -> tuple[int, int] | None:

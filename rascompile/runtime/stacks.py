@@ -92,19 +92,22 @@ def stacked_hooks(gm: torch.fx.GraphModule) -> tuple[str, ...]:
     return tuple(found)
 
 
+def hook_of_file(filename: str) -> str | None:
+    """The user's name for the hook whose code lives in ``filename``; None for other files and for diffusers' hook
+    machinery."""
+    match = _DIFFUSERS_HOOK.search(filename)
+    name = _diffusers_hook_name(match.group(1)) if match else None
+    if name is None and _ACCELERATE_HOOK.search(filename):
+        name = ACCELERATE_HOOKS
+    return name
+
+
 def running_hooks() -> tuple[str, ...]:
     """The hooks on the Python call stack now, in the user's words. Inside Dynamo's call of the backend these are the
     hooks that called the frame being compiled: a piece of a transformer that a hook called (a step cache's block
     loop, an offloading hook) shows the hook here even when none of its own nodes ran through the hook's code."""
-    found: list[str] = []
-    for frame in traceback.extract_stack():
-        match = _DIFFUSERS_HOOK.search(frame.filename)
-        name = _diffusers_hook_name(match.group(1)) if match else None
-        if name is None and _ACCELERATE_HOOK.search(frame.filename):
-            name = ACCELERATE_HOOKS
-        if name is not None and name not in found:
-            found.append(name)
-    return tuple(found)
+    names = (hook_of_file(frame.filename) for frame in traceback.extract_stack())
+    return tuple(dict.fromkeys(n for n in names if n is not None))
 
 
 def hooks_on(module: torch.nn.Module) -> tuple[str, ...]:
