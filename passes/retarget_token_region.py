@@ -158,9 +158,10 @@ def walk_token_region(gm: torch.fx.GraphModule, ctx: PassContext, record: Callab
                 node.meta["ras_image_offset"] = region.offsets[node]
         elif axis is None and not _may_drop_token_axis(node):
             raise RewriteError(f"{node.name} ({describe(node)}) loses the token axis of its input")
-    if not attends:
+    if not attends and not (ctx.settings.piece_tokens or ctx.settings.piece_outputs):
         # a piece of a model between graph breaks (an output head, a text projection): its "tokens" were
-        # computed in full by another graph, so skipping rows here would only copy stale outputs
+        # computed in full by another graph, so skipping rows here would only copy stale outputs. The piece
+        # runtime (``runtime/pieces.py``) gathers and merges at every piece's boundary, so there it is exact
         if any(_is_flex_attention(n) for n in gm.graph.nodes):
             raise RewriteError(
                 'attention runs through flex_attention (set_attention_backend("flex")), which RAS does not rewrite: '

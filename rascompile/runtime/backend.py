@@ -26,7 +26,6 @@ import torch.fx
 from torch._dynamo.convert_frame import compile_lock
 
 from rascompile.passes.context import PassContext, RewriteError
-from rascompile.passes.find_token_source import carries_piece_tokens
 from rascompile.passes.graph_utils import copy_graph_module
 from rascompile.passes.pipeline import build_ras_graph
 from rascompile.passes.settings import PassSettings
@@ -38,7 +37,7 @@ from ..config import RASConfig
 from .controller import GraphLayout, RASController
 from .graph import DenseGraph, RASGraph, StepGraph, compile_inner, compile_or_eager
 from .origin import PieceCause, calling_model, graph_origin, piece_cause
-from .pieces import HeadPiece, OpenCalls, Piece, called_by_transformer_of, piece_tokens
+from .pieces import OpenCalls, ScopedPiece, TransformerScope
 from .stacks import advice_for, hooks_on, running_hooks
 from .steps import SchedulerSteps, TimestepSteps
 
@@ -101,6 +100,7 @@ class RASBackend:
         self._unanchored: dict[tuple, Any] = {}
         self._lock = threading.Lock()
         self.open_calls = OpenCalls()  # the call of a transformer split into pieces under way, per thread
+        self._scopes: weakref.WeakKeyDictionary[torch.nn.Module, TransformerScope] = weakref.WeakKeyDictionary()
 
     def controller(self, anchor: torch.Tensor | None, latents_key: tuple, layout: GraphLayout, device) -> RASController:
         """The controller of one transformer instance (found by its first parameter, ``anchor``) at one
@@ -182,6 +182,23 @@ class RASBackend:
             return self.fused_kv_projection
         on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in example_inputs)
         return on_cuda and importlib.util.find_spec("triton") is not None
+
+    def pass_options(self, example_inputs: list) -> dict:
+        """What ``build_ras_graph`` takes from the backend for a graph with ``example_inputs``."""
+        return dict(
+            kv_cache=self.config.kv_cache,
+            fuse_kv_projection=self.fuses_kv_projection(example_inputs),
+            dump_dir=self.dump_graphs,
+        )
+
+    def scope_of(self, model: torch.nn.Module) -> TransformerScope:
+        """The call scope of a transformer that Dynamo split into pieces (``runtime/pieces.py``), installed on its
+        first piece."""
+        with self._lock:
+            scope = self._scopes.get(model)
+            if scope is None:
+                scope = self._scopes[model] = TransformerScope(self, model)
+            return scope
 
     def split_reason(self, graph: RASGraph) -> str | None:
         """Why ``graph`` must run dense because calls of its transformer also run through graphs the passes could not
@@ -323,51 +340,16 @@ def _without_scalar_reads(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return gm
 
 
-def _pass_options(backend: RASBackend, example_inputs: list) -> dict:
-    """What ``build_ras_graph`` takes from the backend for a graph with ``example_inputs``."""
-    return dict(
-        kv_cache=backend.config.kv_cache,
-        fuse_kv_projection=backend.fuses_kv_projection(example_inputs),
-        dump_dir=backend.dump_graphs,
-    )
-
-
-def _as_piece(backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list) -> RASGraph | str | None:
-    """``gm`` as a piece of a transformer call that a graph break split (``runtime/pieces.py``): a later piece of
-    the call under way in this thread (its image tokens come in at the head's ``(B, N)``), or the head of new calls
-    (it hands one ``[B, N, C]`` token tensor on). ``"token-free"`` for a later piece without image-token inputs;
-    None when it is neither. A later piece that takes image tokens and cannot be rewritten turns its head dense."""
-    call = backend.open_calls.call
-    tokens = piece_tokens(call)
-    common = _pass_options(backend, example_inputs)
+def _as_piece(backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list, reason: str):
+    """``gm`` as a piece of the transformer whose forward called it (``runtime/pieces.py``), or None when no
+    diffusers model is on the call stack."""
     try:
-        if tokens is not None and not called_by_transformer_of(call.head):
-            tokens = None  # the call under way is another transformer's (its last piece ran uncompiled)
-        if tokens is None:
-            ras_gm, signature, ctx = build_ras_graph(gm, piece_outputs=True, **common)
-            if ctx.latent_layout not in ("image", "video"):
-                # the head must hold the patch embedding of the latents: embedded tokens handed in (a block
-                # compiled on its own) would make the selection read hidden states instead of latents
-                return None
-            return HeadPiece(backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
-        if not any(carries_piece_tokens(a, tokens) for a in example_inputs if not isinstance(a, torch.nn.Parameter)):
-            return "token-free"
-        reasons = []
-        for hands_on in (False, True):  # the tail (it holds the final projection) first, then a piece between
-            try:
-                ras_gm, signature, ctx = build_ras_graph(gm, piece_tokens=tokens, piece_outputs=hands_on, **common)
-            except RewriteError as exc:
-                reasons.append(str(exc))
-                continue
-            summary = graph_summary(ctx)
-            return Piece(backend, gm, example_inputs, ras_gm, signature, summary, tail=not hands_on)
-        call.head.break_pieces(f"a piece that takes its image tokens cannot be rewritten ({reasons[-1]})")
-    except RewriteError:
+        model = calling_model()
+        if model is None:
+            return None
+        return ScopedPiece(backend, backend.scope_of(model), gm, example_inputs, reason)
+    except Exception:  # noqa: BLE001 - a bug in the piece runtime must not fail the user's compile
         return None
-    except Exception as exc:  # noqa: BLE001 - a bug in the passes must not fail the user's compile
-        if call is not None:
-            call.head.break_pieces(f"the RAS passes failed on one of its pieces ({type(exc).__name__}: {exc})")
-    return None
 
 
 def _piece_of_transformer(
@@ -407,20 +389,16 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
     if backend.config.sample_ratio >= 1.0:
         return DenseGraph(backend, gm, example_inputs, "sample_ratio is 1.0", split=False)
     try:
-        ras_gm, signature, ctx = build_ras_graph(gm, **_pass_options(backend, example_inputs))
+        ras_gm, signature, ctx = build_ras_graph(gm, **backend.pass_options(example_inputs))
         return RASGraph(backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
     except RewriteError as exc:
         reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - a bug in the passes must not fail the user's compile
         reason = f"internal error in the RAS passes ({type(exc).__name__}: {exc}); please report it"
-    split = _as_piece(backend, gm, example_inputs) if backend.config.graph_pieces else None
-    if isinstance(split, RASGraph):
-        return split
-    if split == "token-free":
-        # a piece of a split call that never touches the image tokens: dense is exact, and RAS goes on around it
-        graph = DenseGraph(backend, gm, example_inputs, f"a piece without image tokens ({reason})", split=False)
-        graph.compile_now()
-        return graph
+    piece = _as_piece(backend, gm, example_inputs, reason) if backend.config.graph_pieces else None
+    if piece is not None:
+        piece.compile_now()
+        return piece
     graph = DenseGraph(backend, gm, example_inputs, reason)
     piece, model = _piece_of_transformer(graph, dynamo_gm)
     if piece is not None:

@@ -200,6 +200,18 @@ class RASController:
         self.branch_history.append(decision)
         return decision
 
+    def count_missed_call(self) -> None:
+        """Count a call of this transformer that ran before this controller could see it (the call during which
+        Dynamo compiled the pieces of a split transformer): dense, as a step of its generation. The next step
+        that plans RAS refills the caches first."""
+        info = self.steps.advance_missed()
+        if info.new_generation:
+            self._begin(info.num_steps)
+            self.step_generation = info.generation
+            decision = Decision("dense", info.step)
+            self.history.append(decision)
+            self._count(decision)
+
     def skip(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> None:
         """Count a call that runs elsewhere (dense, outside RAS, e.g. in grad mode) as a step of the step source,
         so graphs sharing it keep the right step; their next step refills the caches."""

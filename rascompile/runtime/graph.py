@@ -116,6 +116,16 @@ class StepGraph:
     def _compile_or_eager(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         return compile_or_eager(self.backend, gm, example_inputs)
 
+    def compile_now(self) -> None:
+        """Compile the dense graph now, inside Dynamo's call: graphs with data-dependent sizes (``.tolist()``
+        under ``capture_scalar_outputs``) need its tracing context, which a first-call compile would not have."""
+        try:
+            self.dense_fn = self.backend.compile_graph(self.dense_gm, self.example_inputs)
+        except torch._dynamo.exc.RestartAnalysis:
+            raise  # Dynamo's own control flow (e.g. scalars made tensors): it traces the frame again
+        except Exception:  # noqa: BLE001 - tried again at the first call, which falls back to eager with a warning
+            self.dense_fn = None
+
 
 class DenseGraph(StepGraph):
     """A graph that runs dense: the passes cannot rewrite it (``fallback_reason`` says why), or RAS is off.
@@ -129,16 +139,6 @@ class DenseGraph(StepGraph):
         super().__init__(backend, gm, example_inputs)
         self.fallback_reason = reason
         self.counts_as_split = split
-
-    def compile_now(self) -> None:
-        """Compile the dense graph now, inside Dynamo's call: graphs with data-dependent sizes (``.tolist()``
-        under ``capture_scalar_outputs``) need its tracing context, which a first-call compile would not have."""
-        try:
-            self.dense_fn = self.backend.compile_graph(self.dense_gm, self.example_inputs)
-        except torch._dynamo.exc.RestartAnalysis:
-            raise  # Dynamo's own control flow (e.g. scalars made tensors): it traces the frame again
-        except Exception:  # noqa: BLE001 - tried again at the first call, which falls back to eager with a warning
-            self.dense_fn = None
 
     def run_active(self, active_idx: torch.Tensor, *args):
         raise RuntimeError(f"this graph has no RAS variant: {self.fallback_reason}")

@@ -1,40 +1,66 @@
-"""RAS across the pieces of one transformer call that a graph break split (docs/ARCHITECTURE.md, "RAS across the
+"""RAS across the pieces of one transformer call that graph breaks split (docs/ARCHITECTURE.md, "RAS across the
 pieces of one transformer call").
 
-The piece that holds the patch embedding (the *head*, a ``HeadPiece``) decides the step as a whole graph does and
-opens a ``PieceCall``; every later piece of the call (a ``Piece``) runs the same decision on its own caches: it
-gathers the active rows of the image tokens it receives at full width and, unless it holds the final projection,
-merges the ones it hands on into its boundary cache (``passes/scatter_piece_outputs.py``), so the Python between
-pieces sees the dense shapes. The piece that holds the final projection (the *tail*) closes the call.
+When Dynamo splits a transformer's forward, no graph sees a whole call, so no graph can decide a step. The
+transformer's *call scope* (``TransformerScope``) decides instead: an eager wrapper around the transformer's
+``forward`` reads the call's latents and timestep, asks the controller for the step's decision and opens a
+``PieceCall``; every graph of the call (a ``ScopedPiece``) runs that decision on its own caches; when the forward
+returns, the scope merges the output, so the tokens left out of a RAS step take their last noise prediction, as the
+paper does, whatever eager code (``proj_out``, unpatchify) ran after the last graph.
 
-Never half RAS within a step: a call the head opens that no tail closes (the last piece ran uncompiled or was
-refused), or a piece that takes image tokens and that the passes refuse, makes the head run every later call dense,
-with a warning.
+A piece takes one of four forms, chosen at its first call inside an open call:
+
+- ``head``: it holds the patch embedding of the latents; it gathers the active tokens after it and hands on
+  the image tokens at full width (``passes/scatter_piece_outputs.py``);
+- ``through``: its image tokens come in at ``[B, N, C]`` (gathered at entry) and go out at full width, merged into its
+  boundary caches, so the Python between pieces sees the dense shapes;
+- ``tail``: it holds the final projection and merges its output with its output cache in the graph;
+- ``token-free``: no image tokens in: it runs dense (exact).
+
+Never half RAS: a piece that takes image tokens and cannot be rewritten, a call whose graphs hold no cached
+attention (its attention runs eagerly), or an output not shaped like the latents turns the transformer dense from
+then on, with a warning that says why. A piece that missed the previous step (Dynamo compiled it anew) runs its step
+over all tokens, refreshing its caches.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import threading
+import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rascompile.passes.context import RewriteError
+from rascompile.passes.find_token_source import carries_piece_tokens
+from rascompile.passes.pipeline import build_ras_graph
+from rascompile.passes.rules.latent_layout import LatentLayout, packed_layout
+from rascompile.passes.snapshot import graph_summary
+
 from .controller import Decision, GraphLayout, RASController
-from .graph import RASGraph
-from .origin import caller_owners
+from .graph import RASGraph, StepGraph
 
 if TYPE_CHECKING:
     from .backend import RASBackend
 
+TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+
 
 @dataclass
 class PieceCall:
-    """One call of a transformer split into pieces, from its head's decision until its tail."""
+    """One call of a split transformer, from the scope's decision until its forward returns."""
 
-    head: HeadPiece
+    scope: TransformerScope
     controller: RASController
     decision: Decision
+    tokens: tuple[int, int]  # (B, N): what a piece's image-token input looks like
+    merged: bool = False  # a tail piece merged the output with its cache in the graph
+    cached_attentions: int = 0  # K/V caches of the pieces that ran
+    outer: PieceCall | None = None  # the call this one runs inside (another transformer's), restored at its end
 
 
 class OpenCalls(threading.local):
@@ -43,80 +69,312 @@ class OpenCalls(threading.local):
     call: PieceCall | None = None
 
 
-class HeadPiece(RASGraph):
-    """The piece that holds the patch embedding: it decides each step and opens the call for the pieces after it."""
+@dataclass
+class _Head:
+    """What a head piece tells its scope: the latents it embeds and how they split into tokens."""
 
-    broken: str | None = None
+    latents_shape: tuple[int, ...]
+    latent: LatentLayout
+    num_tokens: int
 
-    def _step(self, control: RASController, args):
-        calls = self.backend.open_calls
-        if calls.call is not None and calls.call.head is self:
-            self.break_pieces("the call before ended without its last piece (the one with the final projection)")
-        calls.call = None
-        latents, timestep = args[self.latents_index], self._timestep(args)
-        if self.broken is not None or torch.is_grad_enabled():
-            control.skip(latents, timestep)
-            if self.broken is not None:
-                self.backend.warn_per_generation(control, self.broken)
-            return self._dense(args)
-        control.check_thread(latents, timestep)
-        decision = control.decide(latents, timestep)
-        if decision.reason is not None:
-            self.backend.warn_once(decision.reason)
-        calls.call = PieceCall(self, control, decision)
-        if decision.kind == "dense":
-            return self._dense(args)
-        return self._run_active(control, decision.active_idx, args, decision.branch)
+
+class TransformerScope:
+    """The calls of one transformer that Dynamo split into pieces: the eager wrapper around its ``forward`` that
+    decides each step, opens the call for the pieces, and merges the output."""
+
+    def __init__(self, backend: RASBackend, model: torch.nn.Module):
+        self.backend = backend
+        self.model = weakref.ref(model)
+        self.anchor = next(model.parameters(), None)
+        self.broken: str | None = None
+        self.heads: dict[tuple[int, ...], _Head] = {}  # per latents shape
+        self.missed: dict[tuple[int, ...] | None, int] = {None: 1}  # calls no controller counted (the installing one)
+        self.started: set[tuple[int, ...]] = set()
+        self.signature = inspect.signature(type(model).forward)
+        self._install(model)
+
+    def _install(self, model: torch.nn.Module) -> None:
+        original = model.forward
+        scope = self
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            return scope.run(original, args, kwargs)
+
+        # Dynamo skips this frame and compiles what it calls: the forward runs as it did, the wrapper eagerly
+        model.forward = torch.compiler.disable(forward, recursive=False)
 
     def break_pieces(self, why: str) -> None:
         """Run every later call of this transformer dense, saying why."""
         if self.broken is None:
-            self.broken = (
-                f"RAS is off for this transformer: Dynamo split it into pieces and {why}; every piece runs dense"
+            self.broken = f"RAS is off for this transformer: Dynamo split it into pieces and {why}; it runs dense"
+
+    def offer_head(self, latents_shape: tuple[int, ...], latent: LatentLayout, num_tokens: int) -> None:
+        self.heads.setdefault(tuple(latents_shape), _Head(tuple(latents_shape), latent, num_tokens))
+
+    def current(self) -> PieceCall | None:
+        call = self.backend.open_calls.call
+        return call if call is not None and call.scope is self else None
+
+    def run(self, original, args: tuple, kwargs: dict):
+        """One call of the transformer: the forward (compiled, in pieces) between the eager opening and closing."""
+        call = self._open(args, kwargs)
+        if call is None:
+            return original(*args, **kwargs)
+        try:
+            out = original(*args, **kwargs)
+        except BaseException:
+            self._close(call)
+            raise
+        return self._close(call, out)
+
+    @torch.compiler.disable
+    def _open(self, args: tuple, kwargs: dict) -> PieceCall | None:
+        """Decide the step and open the call for the pieces; None when the call runs without the scope (dense)."""
+        latents, timestep = self._inputs(args, kwargs)
+        control = self._controller(latents) if latents is not None else None
+        if control is None or self.broken is not None or torch.is_grad_enabled():
+            if control is not None:
+                control.skip(latents, timestep)
+                if self.broken is not None:
+                    self.backend.warn_per_generation(control, self.broken)
+            elif latents is not None:
+                key = tuple(latents.shape)
+                self.missed[key] = self.missed.get(key, 0) + 1
+            return None
+        if not control.busy.acquire(blocking=False):
+            raise RuntimeError(
+                "rascompile: this compiled transformer is already running in another thread; one RAS-compiled "
+                "transformer serves one generation at a time. Compile one transformer per thread."
             )
+        try:
+            control.check_thread(latents, timestep)
+            decision = control.decide(latents, timestep)
+        except BaseException:
+            control.busy.release()
+            raise
+        if decision.reason is not None:
+            self.backend.warn_once(decision.reason)
+        call = PieceCall(self, control, decision, (control.layout.batch_size, control.layout.num_tokens))
+        call.outer, self.backend.open_calls.call = self.backend.open_calls.call, call
+        return call
+
+    @torch.compiler.disable
+    def _close(self, call: PieceCall, out: Any = None) -> Any:
+        self.backend.open_calls.call = call.outer
+        try:
+            return out if out is None else self._merge(call, out)
+        finally:
+            call.controller.busy.release()
+
+    def _inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        try:
+            bound = self.signature.bind_partial(None, *args, **kwargs).arguments
+        except TypeError:
+            return None, None
+        latents = bound.get("hidden_states")
+        if not isinstance(latents, torch.Tensor):
+            latents = next((a for a in bound.values() if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        timestep = next((bound[n] for n in TIMESTEP_NAMES if isinstance(bound.get(n), torch.Tensor)), None)
+        return latents, timestep
+
+    def _controller(self, latents: torch.Tensor) -> RASController | None:
+        """The controller for this resolution, once a head piece or packed latents tell how the latents split into
+        tokens; None until then (the call runs dense, and is counted when the controller comes)."""
+        shape = tuple(latents.shape)
+        head = self.heads.get(shape)
+        if head is not None:
+            latent, num_tokens = head.latent, head.num_tokens
+        elif latents.dim() == 3 and latents.is_floating_point():
+            latent, num_tokens = packed_layout(shape), shape[1]  # tokens are rows: an eager token-wise embedding
+        else:
+            return None
+        layout = GraphLayout(
+            batch_size=shape[0],
+            num_tokens=num_tokens,
+            patch_size=latent.spatial_patch,
+            output_cache=((shape[0], num_tokens, 1), torch.float32),
+            kv_caches=(),
+            latent_layout=latent.kind,
+            latent=latent,
+        )
+        control = self.backend.controller(self.anchor, ("scope", shape), layout, latents.device)
+        if shape not in self.started:
+            self.started.add(shape)
+            for _ in range(self.missed.pop(shape, 0) + self.missed.pop(None, 0)):
+                control.count_missed_call()
+        return control
+
+    def _merge(self, call: PieceCall, out: Any) -> Any:
+        """The forward's output with the tokens left out of a RAS step taking their cached noise prediction."""
+        decision = call.decision
+        if decision.kind == "dense":
+            return out
+        if call.cached_attentions == 0:
+            self.break_pieces(
+                "none of its graphs holds an attention over the image tokens (its attention runs eagerly, outside "
+                "every graph, where RAS cannot cache keys and values)"
+            )
+            return out
+        if call.merged:
+            return out
+        sample = _sample_of(out)
+        rows = _token_rows(sample, call.controller.layout.latent)
+        if rows is None:
+            self.break_pieces(
+                f"its output {tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__} is "
+                "not shaped like its latents, so the tokens left out of a step cannot take their last prediction"
+            )
+            return out
+        tokens, view = rows
+        layout = dataclasses.replace(call.controller.layout, output_cache=(tuple(tokens.shape), tokens.dtype))
+        cache = call.controller.caches(decision.branch, layout, piece="output")[0]
+        if decision.kind == "capture":
+            cache.copy_(tokens)
+            return out
+        index = decision.active_idx[:, :, None].expand(-1, -1, tokens.shape[2])
+        cache.scatter_(1, index, tokens.gather(1, index))
+        return _with_sample(out, view(cache.clone()))
 
 
-class Piece(RASGraph):
-    """A piece after the head: it runs the open call's decision on its own caches; the tail closes the call."""
+def _sample_of(out: Any) -> Any:
+    if isinstance(out, tuple):
+        return out[0]
+    return getattr(out, "sample", out)
 
-    def __init__(self, backend: RASBackend, gm, example_inputs, ras_gm, signature, summary, tail: bool):
-        self.tail = tail
-        super().__init__(backend, gm, example_inputs, ras_gm, signature, summary)
+
+def _with_sample(out: Any, sample: torch.Tensor) -> Any:
+    if isinstance(out, tuple):
+        return (sample, *out[1:])
+    if isinstance(out, torch.Tensor):
+        return sample
+    out.sample = sample
+    return out
+
+
+def _token_rows(x: Any, latent: LatentLayout):
+    """``x`` (shaped like the latents, channels aside) as ``[B, N, E]`` rows in token order, and the inverse view;
+    None when ``x`` is not in the latents' layout."""
+    if not isinstance(x, torch.Tensor) or x.dim() != len(latent.shape) or x.shape[0] != latent.shape[0]:
+        return None
+    if any(x.shape[a] != latent.shape[a] for a in latent.grid_axes):
+        return None
+    split, grid, rest = [], [], []
+    for axis, size in enumerate(x.shape):
+        if axis in latent.grid_axes:
+            p = latent.patch[latent.grid_axes.index(axis)]
+            grid.append(len(split))
+            rest.append(len(split) + 1)
+            split += [size // p, p]
+        elif axis == 0:
+            split.append(size)
+        else:
+            rest.append(len(split))
+            split.append(size)
+    order = [0, *grid, *sorted(rest)]
+    blocked = x.reshape(split).permute(order)
+    permuted_shape = blocked.shape
+    inverse = [order.index(i) for i in range(len(order))]
+
+    def view(rows: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(permuted_shape).permute(inverse).reshape(x.shape).contiguous()
+
+    return blocked.reshape(x.shape[0], latent.num_tokens, -1), view
+
+
+@dataclass
+class _Form:
+    kind: str  # "head" | "through" | "tail" | "token-free"
+    graph: RASGraph | None = None
+    cached_attentions: int = 0
+
+
+class _PieceGraph(RASGraph):
+    """The RAS form of a piece: variants per k; the scope's controller drives it."""
 
     def controller_for(self, args):
-        return None  # a piece has no step of its own: it runs its head's
+        return None
+
+
+class ScopedPiece(StepGraph):
+    """A graph of a split transformer: it runs the open call's decision in the form it has (see the module)."""
+
+    def __init__(self, backend: RASBackend, scope: TransformerScope, gm, example_inputs: list, reason: str):
+        StepGraph.__init__(self, backend, gm, example_inputs)
+        self.scope = scope
+        self.fallback_reason = reason  # why it is not a whole transformer
+        self.forms: dict[tuple[int, int], _Form] = {}  # per (B, N)
+        self.ran: dict[tuple[int, int], tuple[int, int]] = {}  # per (controller, branch): (generation, step) it ran
+        self.head = self._as_head(gm, example_inputs)
+
+    def _as_head(self, gm, example_inputs) -> _Form | None:
+        """The head form, when this piece holds the patch embedding of image or video latents."""
+        try:
+            ras_gm, signature, ctx = build_ras_graph(gm, piece_outputs=True, **self.backend.pass_options(example_inputs))
+        except Exception:  # noqa: BLE001 - not a head (or the passes failed): tried as a later piece at its call
+            return None
+        if ctx.latent_layout not in ("image", "video"):
+            return None  # embedded tokens handed in: the selection must read the latents, not hidden states
+        graph = _PieceGraph(self.backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
+        self.scope.offer_head(tuple(example_inputs[signature.latents].shape), ctx.latent, ctx.num_tokens)
+        return _Form("head", graph, _attentions(signature))
+
+    @property
+    def compile_count(self) -> int:
+        return super().compile_count + sum(len(f.graph.variants) for f in self.forms.values() if f.graph is not None)
 
     def _call(self, args):
-        calls = self.backend.open_calls
-        call = calls.call
-        if self.tail:
-            calls.call = None
-        if call is None or call.decision.kind == "dense" or call.head.broken is not None:
+        call = self.scope.current()
+        if call is None:
             return self._dense(args)
+        form = self._form(call, args)
+        call.cached_attentions += form.cached_attentions
         decision = call.decision
-        # one graph may serve several blocks of a class (their parameters are its inputs): caches per block
-        piece = (id(self), id(self._anchor(args)))
-        output_cache, kv_caches = call.controller.caches(decision.branch, self.layout, piece=piece)
-        bound = self.signature.bind(args, decision.active_idx, output_cache, kv_caches)
-        return self._variant(int(decision.active_idx.shape[1]), bound)(*bound)
+        if form.graph is None or decision.kind == "dense" or self.scope.broken is not None:
+            return self._dense(args)
+        control = call.controller
+        key, now = (id(control), decision.branch), (control.steps.generation, decision.step)
+        fresh = self.ran.get(key) == (now[0], now[1] - 1)
+        self.ran[key] = now
+        active = decision.active_idx
+        if decision.kind == "ras" and not fresh:
+            active = torch.arange(call.tokens[1], device=active.device).expand(call.tokens[0], -1).contiguous()
+        graph = form.graph
+        piece = (id(self), id(graph._anchor(args)))  # one graph may serve several blocks: caches per block
+        output_cache, kv_caches = control.caches(decision.branch, graph.layout, piece=piece)
+        bound = graph.signature.bind(args, active, output_cache, kv_caches)
+        call.merged |= form.kind == "tail"
+        return graph._variant(int(active.shape[1]), bound)(*bound)
+
+    def _form(self, call: PieceCall, args) -> _Form:
+        form = self.forms.get(call.tokens)
+        if form is None:
+            form = self.forms[call.tokens] = self._classify(call, list(args))
+        return form
+
+    def _classify(self, call: PieceCall, args: list) -> _Form:
+        if self.head is not None and self.head.graph.layout.num_tokens == call.tokens[1]:
+            return self.head
+        tokens = call.tokens
+        if not any(carries_piece_tokens(a, tokens) for a in args if not isinstance(a, torch.nn.Parameter)):
+            return _Form("token-free")
+        reasons = []
+        for kind, hands_on in (("tail", False), ("through", True)):
+            try:
+                ras_gm, signature, ctx = build_ras_graph(
+                    self.dense_gm, piece_tokens=tokens, piece_outputs=hands_on, **self.backend.pass_options(args)
+                )
+            except RewriteError as exc:
+                reasons.append(str(exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bug in the passes must not fail the user's call
+                reasons.append(f"the RAS passes failed: {type(exc).__name__}: {exc}")
+                break
+            graph = _PieceGraph(self.backend, self.dense_gm, args, ras_gm, signature, graph_summary(ctx))
+            return _Form(kind, graph, _attentions(signature))
+        self.scope.break_pieces(f"a piece that takes its image tokens cannot be rewritten ({reasons[-1]})")
+        return _Form("token-free")
 
 
-def called_by_transformer_of(head: HeadPiece, depth: int = 64) -> bool:
-    """Whether the frame Dynamo compiles now was called, directly or through layers and hooks, by the forward of
-    the module that owns ``head``'s parameters: a later piece of the same transformer, not another model's graph
-    compiled while a call of this one was left open."""
-    anchor = head.example_inputs[head.anchor_index] if head.anchor_index is not None else None
-    if anchor is None:
-        return False
-    return any(
-        isinstance(owner, torch.nn.Module) and any(p is anchor for p in owner.parameters())
-        for owner in caller_owners(depth)
-    )
-
-
-def piece_tokens(call: PieceCall | None) -> tuple[int, int] | None:
-    """``(B, N)`` of the transformer whose call is under way: what a later piece's image-token input looks like."""
-    if call is None:
-        return None
-    layout: GraphLayout = call.head.layout
-    return (layout.batch_size, layout.num_tokens)
+def _attentions(signature) -> int:
+    return sum(c.kind in ("key", "value") for c in signature.kv_caches)

@@ -76,6 +76,9 @@ def _timestep_value(timestep: torch.Tensor | None) -> float | None:
     return float(timestep.reshape(-1)[0]) if timestep is not None else None
 
 
+MISSED = object()  # the timestep of a call a step source was told of but did not see
+
+
 class SchedulerSteps:
     """Steps read from a diffusers scheduler (first-order schedulers: one model call per step)."""
 
@@ -98,6 +101,15 @@ class SchedulerSteps:
     def starts_generation(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> bool:
         """Whether ``advance`` would start a new generation for this call (without advancing)."""
         return self.scheduler.step_index is None and not self.last.repeats(latents, _timestep_value(timestep))
+
+    def advance_missed(self) -> StepInfo:
+        """Count a call this source did not see (the scheduler still says which step it was)."""
+        self.last.forget()
+        index = self.scheduler.step_index
+        if index is None:
+            self.generation += 1
+            return StepInfo(0, len(self.scheduler.timesteps), True, generation=self.generation)
+        return StepInfo(int(index), len(self.scheduler.timesteps), False, generation=self.generation)
 
     def advance(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> StepInfo:
         num_steps = len(self.scheduler.timesteps)
@@ -178,6 +190,13 @@ class TimestepSteps:
         self.timesteps.append(t)
         return StepInfo(self.step, self.num_steps, False, generation=self.generation)
 
+    def advance_missed(self) -> StepInfo:
+        """Count a call this source did not see as the first step of a new generation (it is the call during
+        which Dynamo compiled the transformer, the first of its first generation)."""
+        self.last.forget()
+        self._start_generation(MISSED)
+        return StepInfo(0, self.num_steps, True, generation=self.generation)
+
     def _start_generation(self, t: float | None) -> None:
         self.step, self.timesteps = 0, [t]
         self.generation += 1
@@ -217,9 +236,11 @@ class TimestepSteps:
 
     def _restarts(self, t: float) -> bool:
         previous = self.timesteps[-1]
+        if previous is MISSED:
+            return False  # the generation's first call, unseen: this call is its second
         if previous is None or t == previous:
             return True
-        if len(self.timesteps) < 2:
+        if len(self.timesteps) < 2 or self.timesteps[-2] is MISSED:
             return False
         direction = self.timesteps[-1] - self.timesteps[-2]
         return (t - previous) * direction < 0

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn.functional as F
+from diffusers import ModelMixin
 
 from rascompile.capture import capture_graphs
 from rascompile.passes import context as context_module
@@ -187,9 +188,10 @@ class TinyDiT(torch.nn.Module):
         return x, timestep
 
 
-class BrokenDiT(TinyDiT):
+class BrokenDiT(TinyDiT, ModelMixin):
     """TinyDiT with two blocks and a graph break between them: Dynamo compiles the forward as two pieces, the first
-    with the patch embedding and block 0, the second with block 1 and the final projection."""
+    with the patch embedding and block 0, the second with block 1 and the final projection. A diffusers model, as
+    the transformers the piece runtime serves are."""
 
     def __init__(self, pieces: int = 2, **options):
         super().__init__(blocks=pieces, **options)
