@@ -44,9 +44,7 @@ def scatter_piece_outputs(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
         value = tokens.meta.get("example_value", tokens.meta.get("val"))
     if value is None:  # the gather right after the token source (a piece that is only a patch embedding)
         dense = tuple(tokens.meta["ras_dense_shape"])
-        value = next(
-            v for v in map(example_value, tokens.all_input_nodes) if v is not None and tuple(v.shape) == dense
-        )
+        value = next(v for v in map(example_value, tokens.all_input_nodes) if v is not None and tuple(v.shape) == dense)
     with torch._subclasses.fake_tensor.FakeTensorMode():
         fake_cache = torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
     cache = add_placeholder(gm, OUTPUT_CACHE, fake_cache)

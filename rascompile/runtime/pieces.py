@@ -25,6 +25,7 @@ over all tokens, refreshing its caches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -91,6 +92,7 @@ class TransformerScope:
         self.missed: dict[tuple[int, ...] | None, int] = {None: 1}  # calls no controller counted (the installing one)
         self.started: set[tuple[int, ...]] = set()
         self.signature = inspect.signature(type(model).forward)
+        self.forced: Decision | None = None  # ``forcing``: the decision of the next calls, instead of the schedule's
         self._install(model)
 
     def _install(self, model: torch.nn.Module) -> None:
@@ -111,6 +113,16 @@ class TransformerScope:
 
     def offer_head(self, latents_shape: tuple[int, ...], latent: LatentLayout, num_tokens: int) -> None:
         self.heads.setdefault(tuple(latents_shape), _Head(tuple(latents_shape), latent, num_tokens))
+
+    @contextlib.contextmanager
+    def forcing(self, decision: Decision):
+        """Run the calls inside with ``decision`` instead of the controller's (tests: a capture step, a permutation
+        of all tokens, a subset step on unchanged inputs). The steps are not counted."""
+        self.forced = decision
+        try:
+            yield
+        finally:
+            self.forced = None
 
     def current(self) -> PieceCall | None:
         call = self.backend.open_calls.call
@@ -149,7 +161,7 @@ class TransformerScope:
             )
         try:
             control.check_thread(latents, timestep)
-            decision = control.decide(latents, timestep)
+            decision = self.forced if self.forced is not None else control.decide(latents, timestep)
         except BaseException:
             control.busy.release()
             raise
@@ -187,7 +199,14 @@ class TransformerScope:
             latent, num_tokens = head.latent, head.num_tokens
         elif latents.dim() == 3 and latents.is_floating_point():
             latent, num_tokens = packed_layout(shape), shape[1]  # tokens are rows: an eager token-wise embedding
+        elif shape not in self.missed:
+            return None  # the first call at this resolution: its pieces compile during it, the head among them
         else:
+            self.break_pieces(
+                f"none of its graphs embeds its {tuple(shape)} latents as tokens (the patch embedding runs eagerly "
+                "or per frame), so RAS cannot tell which latent elements make up each token"
+            )
+            self.backend.warn_once(self.broken)
             return None
         layout = GraphLayout(
             batch_size=shape[0],
@@ -310,7 +329,9 @@ class ScopedPiece(StepGraph):
     def _as_head(self, gm, example_inputs) -> _Form | None:
         """The head form, when this piece holds the patch embedding of image or video latents."""
         try:
-            ras_gm, signature, ctx = build_ras_graph(gm, piece_outputs=True, **self.backend.pass_options(example_inputs))
+            ras_gm, signature, ctx = build_ras_graph(
+                gm, piece_outputs=True, **self.backend.pass_options(example_inputs)
+            )
         except Exception:  # noqa: BLE001 - not a head (or the passes failed): tried as a later piece at its call
             return None
         if ctx.latent_layout not in ("image", "video"):

@@ -44,6 +44,7 @@ class Case:
     layout: str = "image"
     note: str = ""  # dense: what in the model keeps RAS out, for the table
     zoo_tests: bool = True  # False: covered by tests/integration/test_passes.py, test_packed_models.py
+    pieces: bool = False  # RAS across the graphs Dynamo splits it into (``graph_pieces=True``; test_pieces_models.py)
 
 
 CASES: list[Case] = [
@@ -300,6 +301,7 @@ CASES: list[Case] = [
         lambda seed=0: image.tiny_hunyuan_image_transformer(seed, glyph=True),
         image.hunyuan_image_call_kwargs,
         ras=False,
+        pieces=True,
         reason="no image-token source found",
         note="graph breaks: the glyph text is reordered per row with boolean indexing (`text_2[text_mask_2]`)",
     ),
@@ -346,6 +348,7 @@ CASES: list[Case] = [
         pieces.tiny_fibo2_transformer,
         pieces.fibo2_call_kwargs,
         ras=False,
+        pieces=True,
         reason="no image-token source found",
         note="`encoder_attention_mask.sum(1).tolist()` after the noise refiner: the refiner's attention and the main "
         "layers' sit in different graphs",
@@ -358,6 +361,7 @@ CASES: list[Case] = [
         pieces.tiny_hunyuan_video15_transformer,
         pieces.hunyuan_video15_call_kwargs,
         ras=False,
+        pieces=True,
         reason="no final projection",
         note="a per-row boolean reorder of text and image (`image[image_mask]`): the rest of the forward runs "
         "eagerly, each block its own graph, `proj_out` in none",

@@ -1,0 +1,136 @@
+"""The diffusers transformers that Dynamo splits into pieces, under RAS across the pieces (``graph_pieces=True``):
+the model-agnostic invariants at the level of the whole transformer call, and a denoising loop that runs RAS steps.
+
+(a) a capture step (every token active) equals the uncompiled model;
+(b) a RAS step over a permutation of all tokens equals it (position tables and masks follow the tokens in every
+    piece);
+(c) after a capture step, a RAS step over a subset of the tokens on unchanged inputs reproduces it from the caches
+    (the pieces' K/V and boundary caches, and the scope's output cache for the tokens left out).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import rascompile.runtime.backend as backend_module
+from rascompile.runtime.controller import Decision
+from tests.support.zoo import CASES
+
+PIECE_CASES = [c for c in CASES if c.pieces]
+OPTIONS = dict(
+    graph_pieces=True,
+    num_inference_steps=6,
+    scheduler_start_step=1,
+    error_reset_steps=(4,),
+    sample_ratio=0.5,
+    inner_backend="aot_eager",
+)
+_BUILT: dict = {}
+
+
+def _scope_of(model):
+    for backend in backend_module._SHARED_BACKENDS.values():
+        if model in backend._scopes:
+            return backend._scopes[model]
+    raise AssertionError(f"no piece scope for {type(model).__name__}")
+
+
+def _timestep(case, kwargs, fraction: float) -> dict:
+    key = case.timestep_key
+    return {**kwargs, key: torch.full_like(kwargs[key], fraction * case.timestep_scale)}
+
+
+def _compiled(case):
+    """(uncompiled output, compiled model, its scope, call kwargs) after one compiling call, built once per case."""
+    if case.key not in _BUILT:
+        torch._dynamo.reset()
+        model = case.transformer()
+        kwargs = case.call_kwargs()
+        with torch.no_grad():
+            reference = _sample(model(**kwargs))
+        compiled = torch.compile(model, backend="ras", options=OPTIONS)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(**kwargs)  # Dynamo compiles the pieces; this call runs dense
+        _BUILT[case.key] = (reference, compiled, _scope_of(model), kwargs)
+    return _BUILT[case.key]
+
+
+def _sample(out):
+    return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
+
+def _forced(case, decision):
+    reference, compiled, scope, kwargs = _compiled(case)
+    with torch.no_grad(), scope.forcing(decision):
+        out = _sample(compiled(**kwargs))
+    assert scope.broken is None, scope.broken
+    return reference, out
+
+
+def _all_tokens(scope, kwargs):
+    head = scope.heads.get(tuple(kwargs["hidden_states"].shape))
+    b, n = kwargs["hidden_states"].shape[0], head.num_tokens
+    return torch.arange(n).expand(b, n).contiguous()
+
+
+@pytest.mark.parametrize("case", PIECE_CASES, ids=lambda c: c.key)
+def test_capture_permutation_and_subset_steps_equal_the_uncompiled_model(case):
+    reference, compiled, scope, kwargs = _compiled(case)
+    everything = _all_tokens(scope, kwargs)
+    b, n = everything.shape
+    _, out = _forced(case, Decision("capture", 1, everything))
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+    g = torch.Generator().manual_seed(0)
+    permutation = torch.stack([torch.randperm(n, generator=g) for _ in range(b)])
+    _, out = _forced(case, Decision("ras", 2, permutation))
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+    subset = torch.stack([torch.randperm(n, generator=g)[: n // 3].sort().values for _ in range(b)])
+    _, out = _forced(case, Decision("ras", 3, subset))
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+    forms = {form.kind for graph in _graphs_of(compiled) for form in graph.forms.values()}
+    assert "head" in forms and forms & {"through", "tail"}, forms
+
+
+def _graphs_of(compiled):
+    params = {id(p) for p in compiled._orig_mod.parameters()}
+    return [
+        g
+        for b in backend_module._SHARED_BACKENDS.values()
+        for g in b.graphs
+        if g.parameter_ids & params and hasattr(g, "forms")
+    ]
+
+
+@pytest.mark.parametrize("case", PIECE_CASES, ids=lambda c: c.key)
+def test_a_denoising_loop_runs_ras_steps_and_stays_finite(case):
+    """Two generations of six steps: RAS steps happen in each, nothing is said, and identical generations are
+    identical (the second and third; the first's first call compiled the pieces)."""
+    torch._dynamo.reset()
+    _BUILT.pop(case.key, None)
+    model = case.transformer()
+    compiled = torch.compile(model, backend="ras", options=OPTIONS)
+    results = []
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            kwargs = case.call_kwargs()
+            for i in range(6):
+                kwargs = _timestep(case, kwargs, 1.0 - i / 6)
+                out = _sample(compiled(**kwargs))
+                latents = kwargs["hidden_states"].clone()
+                latents[:, : out.shape[1]] -= 0.1 * out  # HunyuanVideo 1.5 predicts 4 of its 9 input channels
+                kwargs["hidden_states"] = latents
+            results.append(kwargs["hidden_states"])
+    messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
+    assert not messages, messages
+    (control,) = backend_module.controllers_of(compiled)
+    assert [d.kind for d in control.history].count("ras") >= 3, control.history
+    assert torch.isfinite(results[-1]).all()
+    torch.testing.assert_close(results[2], results[1], rtol=0, atol=0)
