@@ -361,7 +361,14 @@ def _piece_of_transformer(
     try:
         model = calling_model()
         hooks = (*graph.hooks, *running_hooks(), *(hooks_on(model) if model is not None else ()))
-        return piece_cause(graph_origin(dynamo_gm), tuple(dict.fromkeys(hooks)), inside_model=model is not None), model
+        blocks_compiled = (
+            None
+            if model is None
+            else any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules() if m is not model)
+        )
+        origin = graph_origin(dynamo_gm)
+        hooks = tuple(dict.fromkeys(hooks))
+        return piece_cause(origin, hooks, inside_model=model is not None, blocks_compiled=blocks_compiled), model
     except Exception:  # noqa: BLE001 - explaining a fallback must never fail the user's compile
         return None, None
 

@@ -121,12 +121,14 @@ def repeated_block_classes() -> set[str]:
     return {name for cls in _subclasses(ModelMixin) for name in getattr(cls, "_repeated_blocks", None) or ()}
 
 
+PIECES_ADVICE = "or set graph_pieces=True (experimental) to run RAS across the pieces"
 REGIONAL_ADVICE = (
-    "compile the whole transformer instead: torch.compile(pipe.transformer, backend='ras') or rascompile.apply(pipe)"
+    "compile the whole transformer instead: torch.compile(pipe.transformer, backend='ras') or rascompile.apply(pipe); "
+    + PIECES_ADVICE
 )
 GRAPH_BREAK_ADVICE = (
     "remove what breaks the graph (TORCH_LOGS=graph_breaks lists each break), or compile with fullgraph=True to see "
-    "the first one as an error"
+    "the first one as an error; " + PIECES_ADVICE
 )
 
 
@@ -141,14 +143,19 @@ class PieceCause:
 
 
 def piece_cause(
-    origin: GraphOrigin | None, hooks: tuple[str, ...] = (), inside_model: bool = False
+    origin: GraphOrigin | None,
+    hooks: tuple[str, ...] = (),
+    inside_model: bool = False,
+    blocks_compiled: bool | None = None,
 ) -> PieceCause | None:
     """Why the graph is a piece of a transformer (regional compilation, a graph break); None when it looks like a
-    whole forward or its origin is unknown. ``inside_model``: a diffusers model's forward called the frame."""
+    whole forward or its origin is unknown. ``inside_model``: a diffusers model's forward called the frame;
+    ``blocks_compiled``: whether that model's blocks were compiled on their own (None: unknown). A block compiled
+    alone whose blocks were not (the forward fell back to eager at a break in its block loop) is a graph break."""
     if origin is None:
         return None
     broken = origin.resumes_after_break or origin.break_reason is not None
-    if origin.owner in repeated_block_classes() and not broken:
+    if origin.owner in repeated_block_classes() and not broken and blocks_compiled is not False:
         return PieceCause(
             f"regional compilation (compile_repeated_blocks) compiles each {origin.owner} on its own, and RAS "
             "rewrites only a whole transformer (it gathers the image tokens once at the input and scatters them "

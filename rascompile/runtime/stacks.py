@@ -43,8 +43,10 @@ ADVICE = {
         (DIFFUSERS_HOOKS[m] for m in STEP_CACHES),
         "step caches and RAS both skip work and do not combine: call transformer.disable_cache() to run RAS",
     ),
+    DIFFUSERS_HOOKS["first_block_cache"]: "call transformer.disable_cache() to run RAS, or set graph_pieces=True "
+    "(experimental) to run both",
     DIFFUSERS_HOOKS["group_offloading"]: "pipe.enable_model_cpu_offload() keeps RAS; so does keeping the transformer "
-    "on the accelerator",
+    "on the accelerator, or graph_pieces=True (experimental), which runs RAS across the blocks' graphs",
     ACCELERATE_HOOKS: "pipe.enable_model_cpu_offload() keeps RAS; enable_sequential_cpu_offload() does not",
     SEQUENTIAL_OFFLOAD: "pipe.enable_model_cpu_offload() keeps RAS; enable_sequential_cpu_offload() does not",
 }

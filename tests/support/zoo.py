@@ -428,8 +428,10 @@ def supported_models_table() -> str:
         "|---|---|---|---|---|---|",
     ]
     for case in CASES:
-        status = "RAS" if case.ras else "dense"
+        status = "RAS" if case.ras else ("dense; RAS with `graph_pieces=True`" if case.pieces else "dense")
         notes = case.reason if case.ras else f'{case.note} (rascompile: "{case.reason}")'
+        if case.pieces:
+            notes += "; with `graph_pieces=True` RAS runs across its graphs, the invariants exact"
         pipeline = f"`{case.pipeline_class}`" if case.pipeline_class else ""
         lines.append(
             f"| {case.model} | `{case.transformer_class}` | {pipeline} | {status} | {notes} | "

@@ -61,5 +61,39 @@ def test_a_later_piece_takes_the_input_of_the_transformers_token_count():
 
 def test_a_piece_without_a_token_output_to_hand_on_is_refused():
     gm, _ = capture(TinyDiT())  # a whole model: its only output is the image
-    with pytest.raises(RewriteError, match="exactly one \\[B, N, C\\] image-token output"):
+    with pytest.raises(RewriteError, match="a \\[B, N, C\\] image-token output to hand on; it has none"):
         build_ras_graph(gm, piece_outputs=True)
+
+
+class TwoOutputHead(TinyDiT):
+    """A head that hands on two image-token tensors, as FirstBlockCache's first block does (its output and its
+    residual)."""
+
+    def forward(self, x, timestep, text=None):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.temb(timestep[:, None])[:, None, :]
+        out = self.blocks[0](tokens, text, self.table, self.mask, self.freqs)
+        return out, out - tokens
+
+
+def test_each_token_output_crosses_through_its_own_cache():
+    model = TwoOutputHead().eval()
+    gm, inputs = capture(model)
+    ras, signature, ctx = build_ras_graph(gm, piece_outputs=True)
+    boundary = [c for c in signature.kv_caches if c.kind == "boundary"]
+    assert ctx.output_cache == "ras_output_cache" and len(boundary) == 1
+    assert [c.kind for c in signature.kv_caches][0] == "boundary"  # bound before the K/V caches
+    with torch.no_grad():
+        dense = gm(*inputs)
+        cache = torch.zeros(ctx.output_cache_shape)
+        kv = [torch.zeros(c.shape) for c in signature.kv_caches]
+        got = ras(*signature.bind(inputs, _all_tokens(2, 16), cache, kv))
+        torch.testing.assert_close(got[0], dense[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1], dense[1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cache, dense[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(kv[0], dense[1], rtol=1e-6, atol=1e-6)
+        # a step over half the tokens on the same inputs: the fresh rows equal dense, the others come from the caches
+        half = torch.arange(0, 16, 2).expand(2, 8).contiguous()
+        again = ras(*signature.bind(inputs, half, cache, kv))
+        torch.testing.assert_close(again[0], dense[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again[1], dense[1], rtol=1e-5, atol=1e-5)
