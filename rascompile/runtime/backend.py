@@ -208,7 +208,9 @@ class RASBackend:
             siblings = [
                 g
                 for g in self.graphs
-                if isinstance(g, DenseGraph) and g.counts_as_split and g.parameter_ids & graph.parameter_ids
+                if isinstance(g, (DenseGraph, ScopedPiece))
+                and g.counts_as_split
+                and g.parameter_ids & graph.parameter_ids
             ]
         if not siblings:
             return None

@@ -89,6 +89,8 @@ class StepGraph:
         # the parameters it reads, to tell which graphs belong to one transformer; the hooks its code ran through
         self.parameter_ids = frozenset(id(a) for a in example_inputs if isinstance(a, torch.nn.Parameter))
         self.hooks = stacked_hooks(gm)
+        # in the call scope of a transformer split into pieces: per (controller, branch), the (generation, step) it ran
+        self.ran: dict[tuple[int, int], tuple[int, int]] = {}
 
     @property
     def compile_count(self) -> int:
@@ -205,6 +207,9 @@ class RASGraph(StepGraph):
         return self.backend.controller(self._anchor(args), key, self.layout, latents.device)
 
     def _call(self, args):
+        call = self.backend.open_calls.call
+        if call is not None and call.scope.owns(self):
+            return self._in_piece_call(call, args)
         if not self._planned:
             self._compile_planned(list(args))
         control = self.controller_for(args)
@@ -217,6 +222,17 @@ class RASGraph(StepGraph):
             return self._step(control, args)
         finally:
             control.busy.release()
+
+    def _in_piece_call(self, call, args):
+        """A whole transformer graph called inside the call scope of a transformer Dynamo also split into pieces
+        (a hook routes some steps through the whole graph, others through pieces): it runs the scope's decision,
+        as a piece holding both the patch embedding and the final projection, so one step source counts them."""
+        from .pieces import run_in_call
+
+        call.cached_attentions += sum(c.kind in ("key", "value") for c in self.signature.kv_caches)
+        if call.decision.kind == "dense" or call.scope.broken is not None:
+            return self._dense(args)
+        return run_in_call(self, self, True, call, args)
 
     def _step(self, control: RASController, args):
         latents, timestep = args[self.latents_index], self._timestep(args)

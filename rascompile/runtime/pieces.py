@@ -124,6 +124,11 @@ class TransformerScope:
         finally:
             self.forced = None
 
+    def owns(self, graph: StepGraph) -> bool:
+        """Whether ``graph`` reads this scope's transformer's parameters."""
+        model = self.model()
+        return model is not None and any(id(p) in graph.parameter_ids for p in model.parameters())
+
     def current(self) -> PieceCall | None:
         call = self.backend.open_calls.call
         return call if call is not None and call.scope is self else None
@@ -322,8 +327,9 @@ class ScopedPiece(StepGraph):
         StepGraph.__init__(self, backend, gm, example_inputs)
         self.scope = scope
         self.fallback_reason = reason  # why it is not a whole transformer
+        # a whole graph of the same transformer called outside an open call (the scope is broken) must run dense
+        self.counts_as_split = True
         self.forms: dict[tuple[int, int], _Form] = {}  # per (B, N)
-        self.ran: dict[tuple[int, int], tuple[int, int]] = {}  # per (controller, branch): (generation, step) it ran
         self.head = self._as_head(gm, example_inputs)
 
     def _as_head(self, gm, example_inputs) -> _Form | None:
@@ -350,22 +356,9 @@ class ScopedPiece(StepGraph):
             return self._dense(args)
         form = self._form(call, args)
         call.cached_attentions += form.cached_attentions
-        decision = call.decision
-        if form.graph is None or decision.kind == "dense" or self.scope.broken is not None:
+        if form.graph is None or call.decision.kind == "dense" or self.scope.broken is not None:
             return self._dense(args)
-        control = call.controller
-        key, now = (id(control), decision.branch), (control.steps.generation, decision.step)
-        fresh = self.ran.get(key) == (now[0], now[1] - 1)
-        self.ran[key] = now
-        active = decision.active_idx
-        if decision.kind == "ras" and not fresh:
-            active = torch.arange(call.tokens[1], device=active.device).expand(call.tokens[0], -1).contiguous()
-        graph = form.graph
-        piece = (id(self), id(graph._anchor(args)))  # one graph may serve several blocks: caches per block
-        output_cache, kv_caches = control.caches(decision.branch, graph.layout, piece=piece)
-        bound = graph.signature.bind(args, active, output_cache, kv_caches)
-        call.merged |= form.kind == "tail"
-        return graph._variant(int(active.shape[1]), bound)(*bound)
+        return run_in_call(self, form.graph, form.kind == "tail", call, args)
 
     def _form(self, call: PieceCall, args) -> _Form:
         form = self.forms.get(call.tokens)
@@ -395,6 +388,24 @@ class ScopedPiece(StepGraph):
             return _Form(kind, graph, _attentions(signature))
         self.scope.break_pieces(f"a piece that takes its image tokens cannot be rewritten ({reasons[-1]})")
         return _Form("token-free")
+
+
+def run_in_call(owner: StepGraph, graph: RASGraph, merges: bool, call: PieceCall, args):
+    """Run ``graph`` (the RAS form of ``owner``) with the open call's decision on its own caches. ``merges``: it holds
+    the final projection and merges the output in the graph. A graph that did not run the previous step of this
+    generation (Dynamo compiled it anew, or a hook skipped it) runs over all tokens, refreshing its caches."""
+    decision, control = call.decision, call.controller
+    key, now = (id(control), decision.branch), (control.steps.generation, decision.step)
+    fresh = owner.ran.get(key) == (now[0], now[1] - 1)
+    owner.ran[key] = now
+    active = decision.active_idx
+    if decision.kind == "ras" and not fresh:
+        active = torch.arange(call.tokens[1], device=active.device).expand(call.tokens[0], -1).contiguous()
+    piece = (id(owner), id(graph._anchor(args)))  # one graph may serve several blocks: caches per block
+    output_cache, kv_caches = control.caches(decision.branch, graph.layout, piece=piece)
+    bound = graph.signature.bind(args, active, output_cache, kv_caches)
+    call.merged |= merges
+    return graph._variant(int(active.shape[1]), bound)(*bound)
 
 
 def _attentions(signature) -> int:

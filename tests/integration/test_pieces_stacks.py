@@ -98,3 +98,19 @@ def test_first_block_cache_runs_ras_and_its_cached_steps_keep_the_skipped_tokens
     assert [d.kind for d in control.history].count("ras") >= 4, control.history
     torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
     assert torch.isfinite(outs[2]).all()
+
+
+@pytest.mark.parametrize("key", ["pyramid_attention_broadcast", "taylorseer"])
+def test_a_stack_whose_pieces_cannot_be_rewritten_runs_dense_as_a_whole(key):
+    """PyramidAttentionBroadcast and TaylorSeer hand cached image-token tensors of their own into pieces (two
+    [B, N, C] inputs), which the passes refuse; PAB also routes some steps through the whole graph. Never half RAS:
+    every generation runs dense, equals the stack without rascompile, and a warning says why."""
+    stack = next(s for s in STACKS if s.key == key)
+    torch._dynamo.reset()
+    expected, _ = _generations(_pipeline(stack, None), count=1)
+    pipe = _pipeline(stack, OPTIONS)
+    outs, messages = _generations(pipe)
+    assert any("RAS is off for this transformer" in m for m in messages), messages
+    for out in outs:
+        torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-5)
+    assert not any(d.kind == "ras" for c in backend_module.controllers_of(pipe.transformer) for d in c.history)
