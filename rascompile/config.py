@@ -137,10 +137,12 @@ class RASConfig:
             Whether attention on a RAS step also sees the keys and values of the dropped tokens (cached from
             the last step that computed them). `False` is an ablation: attention sees only the active tokens.
         graph_pieces (`bool`, defaults to `False`):
-            Experimental: run RAS across the pieces of a transformer call that graph breaks split (the piece with
-            the patch embedding decides, the pieces after it follow on their own caches, the one with the final
-            projection ends the call). Off by default until each model family's pieces are checked against its
-            whole graph; a set of pieces that cannot all be rewritten runs dense either way.
+            Experimental: run RAS across the graphs Dynamo splits a transformer call into (graph breaks, group
+            offloading, regional compilation, FirstBlockCache). An eager wrapper around the transformer's forward
+            decides each step, every graph of the call runs that decision on its own caches, and the output's
+            skipped tokens take their last prediction. The first call, during which Dynamo compiles the pieces,
+            runs dense. Off by default until the quality of each model family across its pieces is measured; pieces
+            that cannot all be rewritten run dense as a whole, with a warning.
     """
 
     sample_ratio: float = 0.5
