@@ -350,7 +350,11 @@ def _as_piece(backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: lis
         if model is None:
             return None
         return ScopedPiece(backend, backend.scope_of(model), gm, example_inputs, reason)
-    except Exception:  # noqa: BLE001 - a bug in the piece runtime must not fail the user's compile
+    except Exception as exc:  # noqa: BLE001 - a bug in the piece runtime must not fail the user's compile
+        backend.warn_once(
+            f"the piece runtime (graph_pieces=True) failed on a graph ({type(exc).__name__}: {exc}); this transformer "
+            "runs dense; please report it"
+        )
         return None
 
 

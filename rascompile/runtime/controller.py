@@ -200,11 +200,13 @@ class RASController:
         self.branch_history.append(decision)
         return decision
 
-    def count_missed_call(self) -> None:
+    def count_missed_call(self, latents: torch.Tensor | None = None, timestep: torch.Tensor | None = None) -> None:
         """Count a call of this transformer that ran before this controller could see it (the call during which
-        Dynamo compiled the pieces of a split transformer): dense, as a step of its generation. The next step
-        that plans RAS refills the caches first."""
-        info = self.steps.advance_missed()
+        Dynamo compiled the pieces of a split transformer): dense, as a step of its generation, from its inputs
+        when they are known. The next step that plans RAS refills the caches first."""
+        info = self.steps.advance_missed() if latents is None else self.steps.advance(latents, timestep)
+        if info.repeat:
+            return  # another guidance branch of the missed step
         if info.new_generation:
             self._begin(info.num_steps)
             self.step_generation = info.generation

@@ -230,6 +230,7 @@ class RASGraph(StepGraph):
         from .pieces import run_in_call
 
         call.cached_attentions += sum(c.kind in ("key", "value") for c in self.signature.kv_caches)
+        call.pieces_ran += 1
         if call.decision.kind == "dense" or call.scope.broken is not None:
             return self._dense(args)
         return run_in_call(self, self, True, call, args)

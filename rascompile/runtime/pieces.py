@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from rascompile.passes.snapshot import graph_summary
 
 from .controller import Decision, GraphLayout, RASController
 from .graph import RASGraph, StepGraph
+from .stacks import advice_for
 
 if TYPE_CHECKING:
     from .backend import RASBackend
@@ -61,6 +63,7 @@ class PieceCall:
     tokens: tuple[int, int]  # (B, N): what a piece's image-token input looks like
     merged: bool = False  # a tail piece merged the output with its cache in the graph
     cached_attentions: int = 0  # K/V caches of the pieces that ran
+    pieces_ran: int = 0  # graphs of this transformer that ran in the call (none: the forward ran uncompiled)
     outer: PieceCall | None = None  # the call this one runs inside (another transformer's), restored at its end
 
 
@@ -89,9 +92,13 @@ class TransformerScope:
         self.anchor = next(model.parameters(), None)
         self.broken: str | None = None
         self.heads: dict[tuple[int, ...], _Head] = {}  # per latents shape
-        self.missed: dict[tuple[int, ...] | None, int] = {None: 1}  # calls no controller counted (the installing one)
+        # calls no controller counted yet, per latents shape, with their latents and timestep: the call during which
+        # Dynamo compiled the first piece (this scope did not exist yet), and calls at a resolution whose head
+        # piece was not compiled yet
+        self.missed: dict[tuple[int, ...] | None, list] = {}
         self.started: set[tuple[int, ...]] = set()
         self.signature = inspect.signature(type(model).forward)
+        self._record_installing_call(model)
         self.forced: Decision | None = None  # ``forcing``: the decision of the next calls, instead of the schedule's
         self._install(model)
 
@@ -106,10 +113,12 @@ class TransformerScope:
         # Dynamo skips this frame and compiles what it calls: the forward runs as it did, the wrapper eagerly
         model.forward = torch.compiler.disable(forward, recursive=False)
 
-    def break_pieces(self, why: str) -> None:
-        """Run every later call of this transformer dense, saying why."""
+    def break_pieces(self, why: str, advice: str | None = None) -> None:
+        """Run every later call of this transformer dense, saying why (and what keeps RAS, when known)."""
         if self.broken is None:
             self.broken = f"RAS is off for this transformer: Dynamo split it into pieces and {why}; it runs dense"
+            if advice:
+                self.broken += f". To keep RAS: {advice}"
 
     def offer_head(self, latents_shape: tuple[int, ...], latent: LatentLayout, num_tokens: int) -> None:
         self.heads.setdefault(tuple(latents_shape), _Head(tuple(latents_shape), latent, num_tokens))
@@ -155,9 +164,8 @@ class TransformerScope:
                 control.skip(latents, timestep)
                 if self.broken is not None:
                     self.backend.warn_per_generation(control, self.broken)
-            elif latents is not None:
-                key = tuple(latents.shape)
-                self.missed[key] = self.missed.get(key, 0) + 1
+            elif latents is not None and self.broken is None:
+                self._record_missed(latents, timestep)
             return None
         if not control.busy.acquire(blocking=False):
             raise RuntimeError(
@@ -183,6 +191,25 @@ class TransformerScope:
             return out if out is None else self._merge(call, out)
         finally:
             call.controller.busy.release()
+
+    def _record_installing_call(self, model: torch.nn.Module) -> None:
+        """Keep the inputs of the call under way, which this scope cannot open: ``Module._call_impl``'s frame on the
+        Python stack holds them as the caller passed them (unknown: counted without them)."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_name == "_call_impl" and frame.f_locals.get("self") is model:
+                latents, timestep = self._inputs(frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {}))
+                if latents is not None:
+                    self._record_missed(latents, timestep)
+                    return
+            frame = frame.f_back
+        self.missed[None] = [(None, None)]
+
+    def _record_missed(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> None:
+        clone = latents.detach().clone()
+        self.missed.setdefault(tuple(latents.shape), []).append(
+            (clone, None if timestep is None else timestep.detach().clone())
+        )
 
     def _inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         try:
@@ -225,14 +252,19 @@ class TransformerScope:
         control = self.backend.controller(self.anchor, ("scope", shape), layout, latents.device)
         if shape not in self.started:
             self.started.add(shape)
-            for _ in range(self.missed.pop(shape, 0) + self.missed.pop(None, 0)):
-                control.count_missed_call()
+            for latents_seen, timestep_seen in self.missed.pop(None, []) + self.missed.pop(shape, []):
+                control.count_missed_call(latents_seen, timestep_seen)
         return control
 
     def _merge(self, call: PieceCall, out: Any) -> Any:
         """The forward's output with the tokens left out of a RAS step taking their cached noise prediction."""
         decision = call.decision
         if decision.kind == "dense":
+            return out
+        if call.pieces_ran == 0:
+            # the forward ran uncompiled (called directly, not through Dynamo): a dense result, and no cache
+            # was written, so the next step that plans RAS refills them first
+            call.controller.last_step = -1
             return out
         if call.cached_attentions == 0:
             self.break_pieces(
@@ -356,6 +388,7 @@ class ScopedPiece(StepGraph):
             return self._dense(args)
         form = self._form(call, args)
         call.cached_attentions += form.cached_attentions
+        call.pieces_ran += 1
         if form.graph is None or call.decision.kind == "dense" or self.scope.broken is not None:
             return self._dense(args)
         return run_in_call(self, form.graph, form.kind == "tail", call, args)
@@ -386,7 +419,11 @@ class ScopedPiece(StepGraph):
                 break
             graph = _PieceGraph(self.backend, self.dense_gm, args, ras_gm, signature, graph_summary(ctx))
             return _Form(kind, graph, _attentions(signature))
-        self.scope.break_pieces(f"a piece that takes its image tokens cannot be rewritten ({reasons[-1]})")
+        made_by = f", made by {' and '.join(self.hooks)}," if self.hooks else ""
+        self.scope.break_pieces(
+            f"a piece{made_by} that takes its image tokens cannot be rewritten ({reasons[-1]})",
+            advice_for(self.hooks) if self.hooks else None,
+        )
         return _Form("token-free")
 
 

@@ -134,3 +134,27 @@ def test_a_denoising_loop_runs_ras_steps_and_stays_finite(case):
     assert [d.kind for d in control.history].count("ras") >= 3, control.history
     assert torch.isfinite(results[-1]).all()
     torch.testing.assert_close(results[2], results[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", [c for c in PIECE_CASES if c.pipeline], ids=lambda c: c.key)
+def test_a_generation_through_the_pipeline_runs_ras(case):
+    """The real pipeline (guidance as one transformer call per branch, each branch on its own caches), through
+    ``rascompile.apply``: the scheduler gives the steps, RAS steps happen in every generation after the first call
+    and in both branches, nothing is said, and identical generations are identical."""
+    import rascompile
+    from rascompile.config import RASConfig
+
+    torch._dynamo.reset()
+    pipe = case.pipeline()
+    backend = rascompile.apply(pipe, RASConfig(graph_pieces=True, sample_ratio=0.5), inner_backend="aot_eager")
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [pipe(**case.pipeline_kwargs())[0] for _ in range(3)]
+    messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
+    assert not messages, messages
+    (control,) = backend.controllers_of(pipe.transformer)
+    assert control.generations == 3
+    assert [d.kind for d in control.history].count("ras") >= 2, control.history
+    assert any(d.kind == "ras" for d in control.branch_history), control.branch_history
+    assert all(torch.isfinite(out).all() for out in outs)
+    torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import models, models_video
+from tests.support import models, models_video, pipelines_pieces
 from tests.support import models_classic as classic
 from tests.support import models_image as image
 from tests.support import models_pieces as pieces
@@ -304,6 +304,9 @@ CASES: list[Case] = [
         pieces=True,
         reason="no image-token source found",
         note="graph breaks: the glyph text is reordered per row with boolean indexing (`text_2[text_mask_2]`)",
+        pipeline=lambda transformer=None: image.tiny_hunyuan_image_pipeline(transformer),
+        pipeline_kwargs=image.hunyuan_image_pipeline_kwargs,
+        per_branch=True,
     ),
     Case(
         "lumina2",
@@ -352,6 +355,9 @@ CASES: list[Case] = [
         reason="no image-token source found",
         note="`encoder_attention_mask.sum(1).tolist()` after the noise refiner: the refiner's attention and the main "
         "layers' sit in different graphs",
+        pipeline=pipelines_pieces.tiny_fibo2_pipeline,
+        pipeline_kwargs=pipelines_pieces.fibo2_pipeline_kwargs,
+        per_branch=True,
     ),
     Case(
         "hunyuanvideo-1.5",
@@ -366,6 +372,9 @@ CASES: list[Case] = [
         note="a per-row boolean reorder of text and image (`image[image_mask]`): the rest of the forward runs "
         "eagerly, each block its own graph, `proj_out` in none",
         layout="video",
+        pipeline=pipelines_pieces.tiny_hunyuan_video15_pipeline,
+        pipeline_kwargs=pipelines_pieces.hunyuan_video15_pipeline_kwargs,
+        per_branch=True,
     ),
     Case(
         "mochi",
