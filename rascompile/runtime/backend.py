@@ -535,6 +535,8 @@ def _graph_status(backend: RASBackend, graph: StepGraph) -> str:
         layout = graph.layout
         head = f"RAS over {layout.num_tokens} image tokens, batch {layout.batch_size}"
         return f"{head}, off: {split}{hooks}" if split else f"{head}{hooks}"
+    if isinstance(graph, ScopedPiece):
+        return f"{graph.describe()}{hooks}"
     return f"dense: {graph.fallback_reason}{hooks}"
 
 

@@ -378,6 +378,15 @@ class ScopedPiece(StepGraph):
         self.scope.offer_head(tuple(example_inputs[signature.latents].shape), ctx.latent, ctx.num_tokens)
         return _Form("head", graph, _attentions(signature))
 
+    def describe(self) -> str:
+        """This piece's state, for ``status``: its form per (B, N), or why its transformer runs dense."""
+        if self.scope.broken is not None:
+            return f"a piece of a split transformer, dense: {self.scope.broken}"
+        if not self.forms:
+            return "a piece of a split transformer, not yet run inside a call (graph_pieces=True)"
+        forms = ", ".join(f"{form.kind} at {b} x {n} tokens" for (b, n), form in self.forms.items())
+        return f"a piece of a split transformer, RAS across its pieces: {forms}"
+
     @property
     def compile_count(self) -> int:
         return super().compile_count + sum(len(f.graph.variants) for f in self.forms.values() if f.graph is not None)

@@ -158,3 +158,13 @@ def test_a_generation_through_the_pipeline_runs_ras(case):
     assert any(d.kind == "ras" for d in control.branch_history), control.branch_history
     assert all(torch.isfinite(out).all() for out in outs)
     torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
+
+
+def test_status_reports_each_piece_and_its_form():
+    case = next(c for c in PIECE_CASES if c.key == "hunyuan-image-glyph")
+    _, compiled, _, _ = _compiled(case)
+    _forced(case, Decision("capture", 1, _all_tokens(*_compiled(case)[2:4])))
+    report = backend_module.status(compiled)
+    assert "RAS across its pieces: head at 2 x 64 tokens" in report, report
+    assert "through at 2 x 64 tokens" in report and "token-free" in report, report
+    assert "controller (2 x 64 tokens)" in report, report

@@ -62,14 +62,15 @@ def qwen_image21_call_kwargs(batch: int = 2, seed: int = 0) -> dict:
 
 
 def tiny_fibo2_transformer(seed: int = 0):
-    """Bria FIBO 2: one refiner and two main layers (the second injects text), hidden 16 (2 heads x 8), a one-layer
-    perceiver of 4 to 8 gist tokens, patch 2, 4 latent channels."""
+    """Bria FIBO 2: one refiner and two main layers (the second injects text), hidden 24 (2 heads x 12), a one-layer
+    perceiver of 4 to 8 gist tokens, patch 2, 4 latent channels. Hidden 24 is the least that gives the feed-forward
+    layers a width (diffusers rounds ``dim * 8 // 3`` down to a multiple of 64: 0 at 16)."""
     from diffusers.models.transformers.transformer_bria_fibo2 import BriaFibo2Transformer2DModel
 
     model = BriaFibo2Transformer2DModel(
         in_channels=4,
         patch_size=2,
-        dim=16,
+        dim=24,
         n_layers=2,
         n_refiner_layers=1,
         n_heads=2,
@@ -81,10 +82,18 @@ def tiny_fibo2_transformer(seed: int = 0):
         gist_step=4,
         gist_min_text_len=4,
         gist_max_text_len=8,
-        axes_dims=(2, 2, 4),
+        axes_dims=(4, 4, 4),
         axes_lens=(32, 16, 16),
     )
-    return _reinit_(model, seed, std=0.15).eval()
+    _reinit_(model, seed, std=0.15)
+    with torch.no_grad():
+        # its timestep embedder reads 256 sinusoids through a 1024-wide layer: at std 0.15 the high frequencies make
+        # the embedding change completely from one step to the next; scaled as if 16 wide, as the other tiny
+        # models' embedders are (models_image._smooth_timestep_embedding_)
+        first, last = model.t_embedder.mlp[0], model.t_embedder.mlp[2]
+        first.weight.mul_((16 / first.in_features) ** 0.5)
+        last.weight.mul_((16 / last.in_features) ** 0.5)
+    return model.eval()
 
 
 def fibo2_call_kwargs(batch: int = 2, seed: int = 0) -> dict:
