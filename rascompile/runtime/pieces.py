@@ -31,6 +31,7 @@ import functools
 import inspect
 import sys
 import threading
+import types
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -107,11 +108,14 @@ class TransformerScope:
         scope = self
 
         @functools.wraps(original)
-        def forward(*args, **kwargs):
+        def forward(module, *args, **kwargs):
+            if module is not scope.model():
+                # a copy of the model (copy.deepcopy rebinds this method to it): its own forward, without RAS
+                return type(module).forward(module, *args, **kwargs)
             return scope.run(original, args, kwargs)
 
         # Dynamo skips this frame and compiles what it calls: the forward runs as it did, the wrapper eagerly
-        model.forward = torch.compiler.disable(forward, recursive=False)
+        model.forward = types.MethodType(torch.compiler.disable(forward, recursive=False), model)
 
     def break_pieces(self, why: str, advice: str | None = None) -> None:
         """Run every later call of this transformer dense, saying why (and what keeps RAS, when known)."""

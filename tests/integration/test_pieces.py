@@ -124,3 +124,23 @@ def test_a_piece_without_a_ras_form_turns_every_piece_dense_and_says_so():
     assert any("Dynamo split it into pieces" in m and "cannot be rewritten" in m for m in messages), messages
     (control,) = _controllers(compiled)
     assert not any(d.kind == "ras" for d in control.history)
+
+
+def test_a_copy_of_a_model_split_into_pieces_runs_its_own_weights():
+    """The scope's wrapper on ``forward`` is a bound method: ``copy.deepcopy`` rebinds it to the copy, which then
+    runs its own forward (dense, uncompiled), not the original model's."""
+    import copy
+
+    model = BrokenDiT().eval()
+    _denoise(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        x, _ = model.inputs()
+        t = torch.full((2,), 0.5)
+        got = twin(x, t)
+        expected = BrokenDiT.forward(twin, x, t)
+        original = BrokenDiT.forward(model, x, t)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.allclose(got, original)
