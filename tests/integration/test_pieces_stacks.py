@@ -114,3 +114,23 @@ def test_a_stack_whose_pieces_cannot_be_rewritten_runs_dense_as_a_whole(key):
     for out in outs:
         torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-5)
     assert not any(d.kind == "ras" for c in backend_module.controllers_of(pipe.transformer) for d in c.history)
+
+
+@pytest.mark.parametrize("stack", PIECE_STACKS, ids=lambda s: s.key)
+def test_every_step_over_all_tokens_equals_the_stack_without_rascompile(stack):
+    """The piece runtime at work with every token active: each call a capture step (every piece gathers all
+    tokens, runs its RAS form, scatters into its caches; the scope merges the output) equals the stack without
+    rascompile. ``sample_ratio=1.0`` alone would not show it: it compiles every graph dense, without the scope."""
+    from rascompile.runtime.controller import Decision
+
+    torch._dynamo.reset()
+    expected, _ = _generations(_pipeline(stack, None), count=1)
+    pipe = _pipeline(stack, OPTIONS)
+    _generations(pipe, count=1)  # Dynamo compiles the pieces; the scope installs
+    backends = backend_module._SHARED_BACKENDS.values()
+    (scope,) = [b._scopes[pipe.transformer] for b in backends if pipe.transformer in b._scopes]
+    everything = torch.arange(64)[None]  # flux_call_kwargs: 128 pixels, N = 64 tokens, batch 1
+    with scope.forcing(Decision("capture", 0, everything)):
+        got, messages = _generations(pipe, count=1)
+    assert not messages, messages
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
