@@ -101,6 +101,7 @@ class RASBackend:
         self._lock = threading.Lock()
         self.open_calls = OpenCalls()  # the call of a transformer split into pieces under way, per thread
         self._scopes: weakref.WeakKeyDictionary[torch.nn.Module, TransformerScope] = weakref.WeakKeyDictionary()
+        self.piece_heads: dict[tuple[type, tuple[int, ...]], Any] = {}  # (transformer class, latents shape): head
 
     def controller(self, anchor: torch.Tensor | None, latents_key: tuple, layout: GraphLayout, device) -> RASController:
         """The controller of one transformer instance (found by its first parameter, ``anchor``) at one
@@ -199,6 +200,13 @@ class RASBackend:
             if scope is None:
                 scope = self._scopes[model] = TransformerScope(self, model)
             return scope
+
+    def adopt_caller(self) -> None:
+        """Give the diffusers model on the call stack a call scope if it has none: a piece compiled for another
+        instance of its class serves it too (parameters are graph inputs), so no compile installs one for it."""
+        model = calling_model()
+        if model is not None and model not in self._scopes:
+            self.scope_of(model)
 
     def split_reason(self, graph: RASGraph) -> str | None:
         """Why ``graph`` must run dense because calls of its transformer also run through graphs the passes could not
@@ -349,7 +357,8 @@ def _as_piece(backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: lis
         model = calling_model()
         if model is None:
             return None
-        return ScopedPiece(backend, backend.scope_of(model), gm, example_inputs, reason)
+        backend.scope_of(model)
+        return ScopedPiece(backend, type(model), gm, example_inputs, reason)
     except Exception as exc:  # noqa: BLE001 - a bug in the piece runtime must not fail the user's compile
         backend.warn_once(
             f"the piece runtime (graph_pieces=True) failed on a graph ({type(exc).__name__}: {exc}); this transformer "

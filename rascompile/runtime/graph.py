@@ -208,7 +208,7 @@ class RASGraph(StepGraph):
 
     def _call(self, args):
         call = self.backend.open_calls.call
-        if call is not None and call.scope.owns(self):
+        if call is not None and call.scope.takes(self, args):
             return self._in_piece_call(call, args)
         if not self._planned:
             self._compile_planned(list(args))

@@ -92,7 +92,7 @@ class TransformerScope:
         self.model = weakref.ref(model)
         self.anchor = next(model.parameters(), None)
         self.broken: str | None = None
-        self.heads: dict[tuple[int, ...], _Head] = {}  # per latents shape
+        self.param_ids = {id(p) for p in model.parameters()}
         # calls no controller counted yet, per latents shape, with their latents and timestep: the call during which
         # Dynamo compiled the first piece (this scope did not exist yet), and calls at a resolution whose head
         # piece was not compiled yet
@@ -104,8 +104,17 @@ class TransformerScope:
         self._install(model)
 
     def _install(self, model: torch.nn.Module) -> None:
-        original = model.forward
         scope = self
+        compiled = model.__dict__.get("_compiled_call_impl")
+        if compiled is not None:
+            # compiled in place (``model.compile``, ``rascompile.apply``): ``Module.__call__`` calls the compiled
+            # ``_call_impl``, whose trace may have inlined ``forward`` already, so the scope wraps that call
+            def call(*args, **kwargs):
+                return scope.run(compiled, args, kwargs)
+
+            model._compiled_call_impl = torch.compiler.disable(call, recursive=False)
+            return
+        original = model.forward
 
         @functools.wraps(original)
         def forward(module, *args, **kwargs):
@@ -124,8 +133,11 @@ class TransformerScope:
             if advice:
                 self.broken += f". To keep RAS: {advice}"
 
-    def offer_head(self, latents_shape: tuple[int, ...], latent: LatentLayout, num_tokens: int) -> None:
-        self.heads.setdefault(tuple(latents_shape), _Head(tuple(latents_shape), latent, num_tokens))
+    def head_for(self, shape: tuple[int, ...]) -> _Head | None:
+        """What a head piece of this transformer's class found for latents of ``shape`` (one graph serves every
+        instance of a class, so heads are the backend's, by class)."""
+        model = self.model()
+        return None if model is None else self.backend.piece_heads.get((type(model), tuple(shape)))
 
     @contextlib.contextmanager
     def forcing(self, decision: Decision):
@@ -137,14 +149,16 @@ class TransformerScope:
         finally:
             self.forced = None
 
-    def owns(self, graph: StepGraph) -> bool:
-        """Whether ``graph`` reads this scope's transformer's parameters."""
-        model = self.model()
-        return model is not None and any(id(p) in graph.parameter_ids for p in model.parameters())
-
-    def current(self) -> PieceCall | None:
-        call = self.backend.open_calls.call
-        return call if call is not None and call.scope is self else None
+    def takes(self, graph: StepGraph, args) -> bool:
+        """Whether this call of ``graph`` (a piece, or a whole graph) is this scope's transformer's: its first
+        parameter input is one of the transformer's (a graph without parameters is taken by the open call)."""
+        if graph.anchor_index is None:
+            return True
+        anchor = id(args[graph.anchor_index])
+        if anchor not in self.param_ids:
+            model = self.model()
+            self.param_ids = set() if model is None else {id(p) for p in model.parameters()}  # adapters added since
+        return anchor in self.param_ids
 
     def run(self, original, args: tuple, kwargs: dict):
         """One call of the transformer: the forward (compiled, in pieces) between the eager opening and closing."""
@@ -230,7 +244,7 @@ class TransformerScope:
         """The controller for this resolution, once a head piece or packed latents tell how the latents split into
         tokens; None until then (the call runs dense, and is counted when the controller comes)."""
         shape = tuple(latents.shape)
-        head = self.heads.get(shape)
+        head = self.head_for(shape)
         if head is not None:
             latent, num_tokens = head.latent, head.num_tokens
         elif latents.dim() == 3 and latents.is_floating_point():
@@ -359,9 +373,10 @@ class _PieceGraph(RASGraph):
 class ScopedPiece(StepGraph):
     """A graph of a split transformer: it runs the open call's decision in the form it has (see the module)."""
 
-    def __init__(self, backend: RASBackend, scope: TransformerScope, gm, example_inputs: list, reason: str):
+    def __init__(self, backend: RASBackend, model_class: type, gm, example_inputs: list, reason: str):
         StepGraph.__init__(self, backend, gm, example_inputs)
-        self.scope = scope
+        self.model_class = model_class
+        self.anchor_index = next((i for i, a in enumerate(example_inputs) if isinstance(a, torch.nn.Parameter)), None)
         self.fallback_reason = reason  # why it is not a whole transformer
         # a whole graph of the same transformer called outside an open call (the scope is broken) must run dense
         self.counts_as_split = True
@@ -379,13 +394,12 @@ class ScopedPiece(StepGraph):
         if ctx.latent_layout not in ("image", "video"):
             return None  # embedded tokens handed in: the selection must read the latents, not hidden states
         graph = _PieceGraph(self.backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
-        self.scope.offer_head(tuple(example_inputs[signature.latents].shape), ctx.latent, ctx.num_tokens)
+        shape = tuple(example_inputs[signature.latents].shape)
+        self.backend.piece_heads.setdefault((self.model_class, shape), _Head(shape, ctx.latent, ctx.num_tokens))
         return _Form("head", graph, _attentions(signature))
 
     def describe(self) -> str:
-        """This piece's state, for ``status``: its form per (B, N), or why its transformer runs dense."""
-        if self.scope.broken is not None:
-            return f"a piece of a split transformer, dense: {self.scope.broken}"
+        """This piece's forms per (B, N), for ``status``."""
         if not self.forms:
             return "a piece of a split transformer, not yet run inside a call (graph_pieces=True)"
         forms = ", ".join(f"{form.kind} at {b} x {n} tokens" for (b, n), form in self.forms.items())
@@ -396,13 +410,15 @@ class ScopedPiece(StepGraph):
         return super().compile_count + sum(len(f.graph.variants) for f in self.forms.values() if f.graph is not None)
 
     def _call(self, args):
-        call = self.scope.current()
-        if call is None:
+        call = self.backend.open_calls.call
+        if call is None or not call.scope.takes(self, args):
+            if call is None:
+                self.backend.adopt_caller()  # another instance of the class, which no compile has seen: scope it
             return self._dense(args)
         form = self._form(call, args)
         call.cached_attentions += form.cached_attentions
         call.pieces_ran += 1
-        if form.graph is None or call.decision.kind == "dense" or self.scope.broken is not None:
+        if form.graph is None or call.decision.kind == "dense" or call.scope.broken is not None:
             return self._dense(args)
         return run_in_call(self, form.graph, form.kind == "tail", call, args)
 
@@ -433,7 +449,7 @@ class ScopedPiece(StepGraph):
             graph = _PieceGraph(self.backend, self.dense_gm, args, ras_gm, signature, graph_summary(ctx))
             return _Form(kind, graph, _attentions(signature))
         made_by = f", made by {' and '.join(self.hooks)}," if self.hooks else ""
-        self.scope.break_pieces(
+        call.scope.break_pieces(
             f"a piece{made_by} that takes its image tokens cannot be rewritten ({reasons[-1]})",
             advice_for(self.hooks) if self.hooks else None,
         )

@@ -144,3 +144,33 @@ def test_a_copy_of_a_model_split_into_pieces_runs_its_own_weights():
         original = BrokenDiT.forward(model, x, t)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.allclose(got, original)
+
+
+def test_pieces_of_a_model_compiled_in_place_run_ras_and_equal_torch_compile():
+    """``model.compile(backend="ras")`` (what ``rascompile.apply`` does): the compiled ``_call_impl`` may have
+    inlined ``forward``, so the scope wraps the compiled call itself; RAS runs and equals ``torch.compile``."""
+    expected, _, _ = _denoise(BrokenDiT().eval(), generations=2)
+    model = BrokenDiT().eval()
+    model.compile(backend="ras", options=OPTIONS)
+    with torch.no_grad():
+        outs = []
+        for _ in range(2):
+            x, _ = model.inputs()
+            for i in range(STEPS):
+                x = x - 0.2 * model(x, torch.full((2,), 1.0 - i / STEPS)).reshape(x.shape)
+            outs.append(x)
+    (control,) = backend_module.controllers_of(model)
+    assert [d.kind for d in control.history].count("ras") >= 3, control.history
+    torch.testing.assert_close(outs[1], expected[1], rtol=1e-6, atol=1e-6)
+
+
+def test_two_instances_of_one_class_each_run_ras_on_their_own_caches():
+    """Dynamo serves every instance of a class with the graphs compiled for the first (parameters are inputs): the
+    second instance, which no compile sees, still gets its own call scope and controller, and runs as the first."""
+    first, _, first_compiled = _denoise(BrokenDiT().eval(), generations=2)
+    second, messages, second_compiled = _denoise(BrokenDiT().eval(), generations=2)
+    assert not messages, messages
+    (control,) = _controllers(second_compiled)
+    assert control is not _controllers(first_compiled)[0]
+    assert [d.kind for d in control.history].count("ras") >= 3, control.history
+    torch.testing.assert_close(second[1], first[1], rtol=0, atol=0)

@@ -72,7 +72,7 @@ def _forced(case, decision):
 
 
 def _all_tokens(scope, kwargs):
-    head = scope.heads.get(tuple(kwargs["hidden_states"].shape))
+    head = scope.head_for(tuple(kwargs["hidden_states"].shape))
     b, n = kwargs["hidden_states"].shape[0], head.num_tokens
     return torch.arange(n).expand(b, n).contiguous()
 
