@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
 from rascompile.passes.context import RewriteError
 from rascompile.passes.find_token_source import carries_piece_tokens
@@ -121,6 +122,9 @@ class TransformerScope:
             if module is not scope.model():
                 # a copy of the model (copy.deepcopy rebinds this method to it): its own forward, without RAS
                 return type(module).forward(module, *args, **kwargs)
+            if get_eval_frame_callback() in (None, False):
+                # the model called directly, not through its torch.compile wrapper: uncompiled, not a RAS step
+                return original(*args, **kwargs)
             return scope.run(original, args, kwargs)
 
         # Dynamo skips this frame and compiles what it calls: the forward runs as it did, the wrapper eagerly

@@ -174,3 +174,22 @@ def test_two_instances_of_one_class_each_run_ras_on_their_own_caches():
     assert control is not _controllers(first_compiled)[0]
     assert [d.kind for d in control.history].count("ras") >= 3, control.history
     torch.testing.assert_close(second[1], first[1], rtol=0, atol=0)
+
+
+def test_calling_the_uncompiled_model_between_steps_changes_nothing():
+    """The model object itself (not its ``torch.compile`` wrapper) runs uncompiled and dense: it is not a step of
+    the generation, so the compiled model's generation is the same with such calls between its steps."""
+    expected, _, _ = _denoise(BrokenDiT().eval(), generations=2)
+    model = BrokenDiT().eval()
+    compiled = torch.compile(model, backend="ras", options=OPTIONS)
+    with torch.no_grad():
+        outs = []
+        for _ in range(2):
+            x, _ = model.inputs()
+            for i in range(STEPS):
+                t = torch.full((2,), 1.0 - i / STEPS)
+                direct = model(x, t)
+                torch.testing.assert_close(direct, BrokenDiT.forward(model, x, t), rtol=0, atol=0)
+                x = x - 0.2 * compiled(x, t).reshape(x.shape)
+            outs.append(x)
+    torch.testing.assert_close(outs[1], expected[1], rtol=1e-6, atol=1e-6)
