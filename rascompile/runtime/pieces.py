@@ -116,13 +116,15 @@ class TransformerScope:
             model._compiled_call_impl = torch.compiler.disable(call, recursive=False)
             return
         original = model.forward
+        # compiled block by block (compile_repeated_blocks): the forward itself always runs uncompiled
+        regional = any(m.__dict__.get("_compiled_call_impl") is not None for m in model.modules())
 
         @functools.wraps(original)
         def forward(module, *args, **kwargs):
             if module is not scope.model():
                 # a copy of the model (copy.deepcopy rebinds this method to it): its own forward, without RAS
                 return type(module).forward(module, *args, **kwargs)
-            if get_eval_frame_callback() in (None, False):
+            if not regional and get_eval_frame_callback() in (None, False):
                 # the model called directly, not through its torch.compile wrapper: uncompiled, not a RAS step
                 return original(*args, **kwargs)
             return scope.run(original, args, kwargs)
