@@ -36,7 +36,7 @@ from rascompile.passes.tensorify_scalar_reads import has_scalar_reads, tensorify
 from ..config import RASConfig
 from .controller import GraphLayout, RASController
 from .graph import DenseGraph, RASGraph, StepGraph, compile_inner, compile_or_eager
-from .origin import PieceCause, calling_model, graph_origin, piece_cause
+from .origin import PieceCause, blocks_compiled_alone, calling_model, graph_origin, piece_cause
 from .pieces import OpenCalls, ScopedPiece, TransformerScope
 from .stacks import advice_for, hooks_on, running_hooks
 from .steps import SchedulerSteps, TimestepSteps
@@ -376,11 +376,7 @@ def _piece_of_transformer(
     try:
         model = calling_model()
         hooks = (*graph.hooks, *running_hooks(), *(hooks_on(model) if model is not None else ()))
-        blocks_compiled = (
-            None
-            if model is None
-            else any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules() if m is not model)
-        )
+        blocks_compiled = None if model is None else blocks_compiled_alone(model)
         origin = graph_origin(dynamo_gm)
         hooks = tuple(dict.fromkeys(hooks))
         return piece_cause(origin, hooks, inside_model=model is not None, blocks_compiled=blocks_compiled), model

@@ -78,7 +78,6 @@ class StepGraph:
     controller: RASController | None = None
     summary: str = ""
     fallback_reason: str | None = None
-    anchor_index: int | None = None
 
     def __init__(self, backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list):
         self.backend = backend
@@ -89,6 +88,8 @@ class StepGraph:
         # the parameters it reads, to tell which graphs belong to one transformer; the hooks its code ran through
         self.parameter_ids = frozenset(id(a) for a in example_inputs if isinstance(a, torch.nn.Parameter))
         self.hooks = stacked_hooks(gm)
+        # its first parameter input: which transformer instance a call is for (parameters are graph inputs)
+        self.anchor_index = next((i for i, a in enumerate(example_inputs) if isinstance(a, torch.nn.Parameter)), None)
         # in the call scope of a transformer split into pieces: per (controller, branch), the (generation, step) it ran
         self.ran: dict[tuple[int, int], tuple[int, int]] = {}
 
@@ -170,7 +171,6 @@ class RASGraph(StepGraph):
         self.layout = GraphLayout.from_signature(signature)
         self.latents_index, self.timestep_index = signature.latents, signature.timestep
         self.latents_name = signature.latents_name
-        self.anchor_index = next((i for i, a in enumerate(example_inputs) if isinstance(a, torch.nn.Parameter)), None)
         self._planned = False
         self.controller = self.controller_for(example_inputs)
 
@@ -227,9 +227,9 @@ class RASGraph(StepGraph):
         """A whole transformer graph called inside the call scope of a transformer Dynamo also split into pieces
         (a hook routes some steps through the whole graph, others through pieces): it runs the scope's decision,
         as a piece holding both the patch embedding and the final projection, so one step source counts them."""
-        from .pieces import run_in_call
+        from .pieces import cached_attentions, run_in_call
 
-        call.cached_attentions += sum(c.kind in ("key", "value") for c in self.signature.kv_caches)
+        call.cached_attentions += cached_attentions(self.signature)
         call.pieces_ran += 1
         if call.decision.kind == "dense" or call.scope.broken is not None:
             return self._dense(args)

@@ -121,6 +121,12 @@ def repeated_block_classes() -> set[str]:
     return {name for cls in _subclasses(ModelMixin) for name in getattr(cls, "_repeated_blocks", None) or ()}
 
 
+def blocks_compiled_alone(model: torch.nn.Module) -> bool:
+    """Whether a submodule of ``model`` was compiled on its own (``compile_repeated_blocks`` calls ``.compile()`` on
+    each block), so ``model``'s forward itself runs uncompiled."""
+    return any(m.__dict__.get("_compiled_call_impl") is not None for m in model.modules() if m is not model)
+
+
 PIECES_ADVICE = "or set graph_pieces=True (experimental) to run RAS across the pieces"
 REGIONAL_ADVICE = (
     "compile the whole transformer instead: torch.compile(pipe.transformer, backend='ras') or rascompile.apply(pipe); "

@@ -47,6 +47,7 @@ from rascompile.passes.snapshot import graph_summary
 
 from .controller import Decision, GraphLayout, RASController
 from .graph import RASGraph, StepGraph
+from .origin import blocks_compiled_alone
 from .stacks import advice_for
 
 if TYPE_CHECKING:
@@ -79,7 +80,6 @@ class OpenCalls(threading.local):
 class _Head:
     """What a head piece tells its scope: the latents it embeds and how they split into tokens."""
 
-    latents_shape: tuple[int, ...]
     latent: LatentLayout
     num_tokens: int
 
@@ -117,7 +117,7 @@ class TransformerScope:
             return
         original = model.forward
         # compiled block by block (compile_repeated_blocks): the forward itself always runs uncompiled
-        regional = any(m.__dict__.get("_compiled_call_impl") is not None for m in model.modules())
+        regional = blocks_compiled_alone(model)
 
         @functools.wraps(original)
         def forward(module, *args, **kwargs):
@@ -382,7 +382,6 @@ class ScopedPiece(StepGraph):
     def __init__(self, backend: RASBackend, model_class: type, gm, example_inputs: list, reason: str):
         StepGraph.__init__(self, backend, gm, example_inputs)
         self.model_class = model_class
-        self.anchor_index = next((i for i, a in enumerate(example_inputs) if isinstance(a, torch.nn.Parameter)), None)
         self.fallback_reason = reason  # why it is not a whole transformer
         # a whole graph of the same transformer called outside an open call (the scope is broken) must run dense
         self.counts_as_split = True
@@ -401,8 +400,8 @@ class ScopedPiece(StepGraph):
             return None  # embedded tokens handed in: the selection must read the latents, not hidden states
         graph = _PieceGraph(self.backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
         shape = tuple(example_inputs[signature.latents].shape)
-        self.backend.piece_heads.setdefault((self.model_class, shape), _Head(shape, ctx.latent, ctx.num_tokens))
-        return _Form("head", graph, _attentions(signature))
+        self.backend.piece_heads.setdefault((self.model_class, shape), _Head(ctx.latent, ctx.num_tokens))
+        return _Form("head", graph, cached_attentions(signature))
 
     def describe(self) -> str:
         """This piece's forms per (B, N), for ``status``."""
@@ -453,7 +452,7 @@ class ScopedPiece(StepGraph):
                 reasons.append(f"the RAS passes failed: {type(exc).__name__}: {exc}")
                 break
             graph = _PieceGraph(self.backend, self.dense_gm, args, ras_gm, signature, graph_summary(ctx))
-            return _Form(kind, graph, _attentions(signature))
+            return _Form(kind, graph, cached_attentions(signature))
         made_by = f", made by {' and '.join(self.hooks)}," if self.hooks else ""
         call.scope.break_pieces(
             f"a piece{made_by} that takes its image tokens cannot be rewritten ({reasons[-1]})",
@@ -480,5 +479,6 @@ def run_in_call(owner: StepGraph, graph: RASGraph, merges: bool, call: PieceCall
     return graph._variant(int(active.shape[1]), bound)(*bound)
 
 
-def _attentions(signature) -> int:
+def cached_attentions(signature) -> int:
+    """How many K/V caches of attentions over the image tokens a rewritten graph holds (boundary caches aside)."""
     return sum(c.kind in ("key", "value") for c in signature.kv_caches)
