@@ -114,6 +114,9 @@ KV_LAYOUT = (
 #: than ``KV_LAYOUT`` in its own way: slicing, ``select``, ``unbind``, ``detach`` and the complex views alias;
 #: ``repeat`` and ``repeat_interleave`` copy. ``functionalize_inplace_writes`` adds ``INPLACE_METHODS``, which
 #: return their (aliased) input.
+#: ``t.new_zeros(size)`` and its kin: a tensor of its own size, only ``t``'s dtype and device.
+NEW_TENSORS = op_set(methods={"new_zeros", "new_ones", "new_full", "new_empty"})
+
 VIEWS = op_set(
     {
         operator.getitem,

@@ -5,6 +5,7 @@
 1. ``tensorify_scalar_reads`` — ``x * s.item()`` becomes ``x * s`` (a LoRA scale stays a graph input)
 2. ``normalize_attention_args`` — attention calls read one way (q, k, v positional, the rest by name)
 3. ``find_token_source``      — analysis: latents and their layout, timestep, image tokens [B, N, C]
+   ``batch_row_loops``        — loops over the batch rows that Dynamo unrolled become batched ops
 4. ``functionalize_inplace_writes`` — in-place writes into token tensors become out-of-place ops
 5. ``gather_active_tokens``   — gather active tokens [B, k, C] right after the token source
 6. ``scatter_output``         — merge fresh and cached token outputs before unpatchify
@@ -26,6 +27,7 @@ from typing import NamedTuple
 import torch.fx
 
 from .analyze_token_region import analyze_token_region
+from .batch_row_loops import batch_row_loops
 from .cache_attention_kv import cache_attention_kv
 from .context import PassContext, RewriteError
 from .find_token_source import find_token_source
@@ -50,6 +52,7 @@ RAS_PASSES = PassManager(
         tensorify_scalar_reads,
         normalize_attention_args,
         find_token_source,
+        batch_row_loops,
         functionalize_inplace_writes,
         gather_active_tokens,
         scatter_output,

@@ -25,7 +25,7 @@ import torch.fx
 
 from .context import PassContext, RewriteError
 from .graph_utils import FakeEnv, describe, insert_call, is_elementwise, is_sdpa
-from .op_sets import ALWAYS_MIXING, CAT, MATMUL, MIXING, SLICING, matches
+from .op_sets import ALWAYS_MIXING, CAT, MATMUL, MIXING, NEW_TENSORS, SLICING, matches
 from .rules.position_tables import gather_attention_mask, gather_position_tables
 
 
@@ -140,8 +140,8 @@ def walk_token_region(gm: torch.fx.GraphModule, ctx: PassContext, record: Callab
             region.record_offset(node, [])  # the token gather: image rows from 0
             continue
         inputs = [a for a in node.all_input_nodes if region.axis(a) is not None]
-        if not inputs:
-            env.evaluate(node)
+        if not inputs or matches(node, NEW_TENSORS):
+            env.evaluate(node)  # a new tensor takes only its dtype and device from a token tensor
             continue
         _refuse_token_mixing(node, inputs, region)
         if is_sdpa(node):

@@ -2,7 +2,8 @@
 
 Matches: the final projection, i.e. the last ``linear`` that depends on the active tokens and
 produces token-wise outputs [B, N, C_out] in the dense graph (SD3 ``proj_out``, Lumina-Next
-``norm_out.linear_2``).
+``norm_out.linear_2``), or the image rows sliced from a projection of the joint sequence
+(Lumina-Image 2.0: ``norm_out(joint)[:, L:L + N]``).
 Produces: a placeholder ``ras_output_cache`` [B, N, C_out] and a ``merge_output`` node that
 writes the fresh rows into the cache and hands the full token tensor to the unpatchify code.
 """
@@ -15,6 +16,7 @@ import torch.fx
 from . import ops
 from .context import PassContext, RewriteError
 from .graph_utils import add_placeholder, describe, example_value, forward_slice, insert_call, is_linear
+from .op_sets import SLICING, matches
 
 OUTPUT_CACHE = "ras_output_cache"
 
@@ -30,7 +32,7 @@ def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph
         shape = node.meta.get("ras_dense_shape")
         if (
             node in downstream
-            and is_linear(node)
+            and (is_linear(node) or _image_rows_of_projection(node))
             and isinstance(shape, tuple)
             and len(shape) == 3
             and shape[:2] == (ctx.batch_size, ctx.num_tokens)
@@ -51,3 +53,18 @@ def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph
     ctx.output_cache_dtype = value.dtype
     ctx.record("scatter_output", "scatter", describe(projection))
     return gm
+
+
+def _image_rows_of_projection(node: torch.fx.Node) -> bool:
+    """``node`` slices rows out of a linear's 3-D output along dim 1 (a joint sequence's image rows)."""
+    if not (matches(node, SLICING) and node.args and isinstance(node.args[0], torch.fx.Node)):
+        return False
+    source = node.args[0]
+    index = node.args[1] if len(node.args) > 1 else None
+    return (
+        is_linear(source)
+        and isinstance(index, tuple)
+        and len(index) == 2
+        and index[0] == slice(None)
+        and isinstance(index[1], slice)
+    )

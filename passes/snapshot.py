@@ -11,6 +11,9 @@ RECORDS_KEY = "ras_records"
 
 #: One line per kind of ``RewriteRecord``, filled in from the record's fields.
 RECORD_FORMATS = {
+    # batch_row_loops: detail says how many row ops became how many batched ones
+    "row_writes": "rows: {node} written row by row becomes one concatenation ({detail})",
+    "row_stack": "rows: {node} stacks rows computed one by one; becomes one batched chain ({detail})",
     # tensorify_scalar_reads
     "scalar_read": "scalar: {node} reads a one-element input that only scales tensors; it stays a tensor",
     # find_token_source

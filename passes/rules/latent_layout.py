@@ -79,6 +79,23 @@ class LatentLayout:
         axes = "BCHW" if self.kind == "image" else ("BCFHW" if self.channel_axis == 1 else "BFCHW")
         return f"{axes} latents, patch {'x'.join(map(str, self.patch))}"
 
+    def token_blocks(self, shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """``(split, order)``: ``x.reshape(split).permute(order)`` brings a tensor ``x`` of ``shape`` (these latents'
+        layout, any channel count) to ``[B, *token_grid, *elements of one token]``, tokens in token order."""
+        split, grid, rest = [], [], []
+        for axis, size in enumerate(shape):
+            if axis in self.grid_axes:
+                p = self.patch[self.grid_axes.index(axis)]
+                grid.append(len(split))
+                rest.append(len(split) + 1)
+                split += [size // p, p]
+            elif axis == 0:
+                split.append(size)
+            else:
+                rest.append(len(split))
+                split.append(size)
+        return split, [0, *grid, *sorted(rest)]
+
     def to_grid(self, per_token: torch.Tensor) -> torch.Tensor:
         """``[B, N]`` per-token values as ``[B, *token_grid]`` (a heatmap per image, per frame for video)."""
         return per_token.reshape(per_token.shape[0], *self.token_grid)

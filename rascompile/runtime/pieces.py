@@ -8,14 +8,17 @@ transformer's *call scope* (``TransformerScope``) decides instead: an eager wrap
 returns, the scope merges the output, so the tokens left out of a RAS step take their last noise prediction, as the
 paper does, whatever eager code (``proj_out``, unpatchify) ran after the last graph.
 
-A piece takes one of four forms, chosen at its first call inside an open call:
+A piece takes one of five forms, chosen at its first call inside an open call:
 
 - ``head``: it holds the patch embedding of the latents; it gathers the active tokens after it and hands on
   the image tokens at full width (``passes/scatter_piece_outputs.py``);
 - ``through``: its image tokens come in at ``[B, N, C]`` (gathered at entry) and go out at full width, merged into its
   boundary caches, so the Python between pieces sees the dense shapes;
 - ``tail``: it holds the final projection and merges its output with its output cache in the graph;
-- ``token-free``: no image tokens in: it runs dense (exact).
+- ``token-free``: no image tokens in: it runs dense (exact);
+- ``patchify``: it only cuts the latents into tokens, its patch-embedding linear in the next piece
+  (``passes/rules/patchify.py``): it tells the scope how the latents split and runs dense, handing the tokens on
+  whole.
 
 Never half RAS: a piece that takes image tokens and cannot be rewritten, a call whose graphs hold no cached
 attention (its attention runs eagerly), or an output not shaped like the latents turns the transformer dense from
@@ -40,9 +43,11 @@ import torch
 from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
 from rascompile.passes.context import RewriteError
-from rascompile.passes.find_token_source import carries_piece_tokens
+from rascompile.passes.find_token_source import carries_piece_tokens, is_model_input
+from rascompile.passes.graph_utils import example_value, placeholders
 from rascompile.passes.pipeline import build_ras_graph
 from rascompile.passes.rules.latent_layout import LatentLayout, packed_layout
+from rascompile.passes.rules.patchify import patchified_latents
 from rascompile.passes.snapshot import graph_summary
 
 from .controller import Decision, GraphLayout, RASController
@@ -339,19 +344,7 @@ def _token_rows(x: Any, latent: LatentLayout):
         return None
     if any(x.shape[a] != latent.shape[a] for a in latent.grid_axes):
         return None
-    split, grid, rest = [], [], []
-    for axis, size in enumerate(x.shape):
-        if axis in latent.grid_axes:
-            p = latent.patch[latent.grid_axes.index(axis)]
-            grid.append(len(split))
-            rest.append(len(split) + 1)
-            split += [size // p, p]
-        elif axis == 0:
-            split.append(size)
-        else:
-            rest.append(len(split))
-            split.append(size)
-    order = [0, *grid, *sorted(rest)]
+    split, order = latent.token_blocks(tuple(x.shape))
     blocked = x.reshape(split).permute(order)
     permuted_shape = blocked.shape
     inverse = [order.index(i) for i in range(len(order))]
@@ -364,7 +357,7 @@ def _token_rows(x: Any, latent: LatentLayout):
 
 @dataclass
 class _Form:
-    kind: str  # "head" | "through" | "tail" | "token-free"
+    kind: str  # "head" | "patchify" | "through" | "tail" | "token-free"
     graph: RASGraph | None = None
     cached_attentions: int = 0
 
@@ -386,6 +379,7 @@ class ScopedPiece(StepGraph):
         # a whole graph of the same transformer called outside an open call (the scope is broken) must run dense
         self.counts_as_split = True
         self.forms: dict[tuple[int, int], _Form] = {}  # per (B, N)
+        self.patchify: int | None = None  # the token count, when it only cuts the latents into tokens
         self.head = self._as_head(gm, example_inputs)
 
     def _as_head(self, gm, example_inputs) -> _Form | None:
@@ -395,6 +389,7 @@ class ScopedPiece(StepGraph):
                 gm, piece_outputs=True, **self.backend.pass_options(example_inputs)
             )
         except Exception:  # noqa: BLE001 - not a head (or the passes failed): tried as a later piece at its call
+            self._as_patchify(gm, example_inputs)
             return None
         if ctx.latent_layout not in ("image", "video"):
             return None  # embedded tokens handed in: the selection must read the latents, not hidden states
@@ -402,6 +397,17 @@ class ScopedPiece(StepGraph):
         shape = tuple(example_inputs[signature.latents].shape)
         self.backend.piece_heads.setdefault((self.model_class, shape), _Head(ctx.latent, ctx.num_tokens))
         return _Form("head", graph, cached_attentions(signature))
+
+    def _as_patchify(self, gm, example_inputs) -> None:
+        """A piece that only cuts the latents into tokens (its patch-embedding linear sits in the next piece) tells
+        the scope how they split: it runs dense, as a token-free piece, and hands its tokens on whole."""
+        inputs = [n for n in placeholders(gm) if is_model_input(n)]
+        found = patchified_latents(gm, inputs)
+        if found is None:
+            return
+        shape = tuple(int(s) for s in example_value(next(n for n in inputs if n.name == found.latents)).shape)
+        self.backend.piece_heads.setdefault((self.model_class, shape), _Head(found.layout, found.num_tokens))
+        self.patchify = found.num_tokens
 
     def describe(self) -> str:
         """This piece's forms per (B, N), for ``status``."""
@@ -436,6 +442,8 @@ class ScopedPiece(StepGraph):
     def _classify(self, call: PieceCall, args: list) -> _Form:
         if self.head is not None and self.head.graph.layout.num_tokens == call.tokens[1]:
             return self.head
+        if self.patchify == call.tokens[1]:
+            return _Form("patchify")  # dense: it hands its tokens on whole
         tokens = call.tokens
         if not any(carries_piece_tokens(a, tokens) for a in args if not isinstance(a, torch.nn.Parameter)):
             return _Form("token-free")

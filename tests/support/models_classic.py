@@ -482,18 +482,19 @@ def tiny_lumina2_transformer(seed: int = 0) -> Lumina2Transformer2DModel:
     return model.eval()
 
 
-def lumina2_call_kwargs(batch: int = 2, seed: int = 0) -> dict:
+def lumina2_call_kwargs(batch: int = 2, seed: int = 0, valid: tuple[int, ...] = (5,)) -> dict:
     """As ``Lumina2Pipeline`` calls the transformer for ONE guidance branch (it calls once with the prompts and
     once with the negative prompts; CFG is not batched): latents ``[B, 4, 16, 16]`` (N = 64; ``batch`` = number
     of images, independent latents), timestep float32 ``[B]`` = ``1 - t / 1000`` (0 = noise), Gemma embeddings
-    ``[B, 6, 20]`` with an int64 mask: prompt ``b`` has ``6 - 2 * (b % 2)`` valid tokens (different lengths, so
-    the joint sequence is padded and masked), ``attention_kwargs=None``, ``return_dict=False``."""
+    ``[B, 6, 20]`` with an int64 mask: row ``b`` keeps ``valid[b % len(valid)]`` tokens (by default one prompt
+    of 5 tokens for every image, padded to 6; ``valid=(6, 4)``: prompts of different lengths, whose image rows
+    start at a different offset in each row), ``attention_kwargs=None``, ``return_dict=False``."""
     gen = _seeded(seed, 47_000)
     return dict(
         hidden_states=torch.randn(batch, IN_CHANNELS, LATENT, LATENT, generator=gen),
         timestep=torch.full((batch,), 0.125),
         encoder_hidden_states=torch.randn(batch, LUMINA2_TEXT_LEN, LUMINA2_CAP_DIM, generator=gen),
-        encoder_attention_mask=_padded_mask(batch, LUMINA2_TEXT_LEN, [6, 4]),
+        encoder_attention_mask=_padded_mask(batch, LUMINA2_TEXT_LEN, list(valid)),
         attention_kwargs=None,
         return_dict=False,
     )

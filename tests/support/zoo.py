@@ -316,9 +316,14 @@ CASES: list[Case] = [
         classic.tiny_lumina2_transformer,
         classic.lumina2_call_kwargs,
         ras=False,
+        pieces=True,
         reason="no image-token source found",
-        note="graph breaks at `attention_mask.sum(1).tolist()`: the image rows start at a different offset in "
-        "each row; no Dynamo setting makes it one graph",
+        note="graph breaks at `attention_mask.sum(1).tolist()`: patchify and patch embedding sit in different "
+        "graphs, the joint sequence is built and unpatchified row by row (prompts of different lengths in one "
+        "batch, whose image rows start at a different offset in each row, stay dense)",
+        pipeline=classic.tiny_lumina2_pipeline,
+        pipeline_kwargs=classic.lumina2_pipeline_kwargs,
+        per_branch=True,
     ),
     Case(
         "hidream",
