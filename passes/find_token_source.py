@@ -13,18 +13,22 @@ Matches one of three latent layouts (see ``latent_layout``):
   3-D output [B, N, C_out]; the token source is the last [B, N, C'] node computed from it before
   the second submodule (after the token-wise input projection). Each token's latent elements are
   its own row.
-Produces: no graph change; fills ``ctx.latents``, ``ctx.latent``, ``ctx.latent_layout``, ``ctx.timestep``,
+Produces: no graph change (but for a piece whose image tokens arrive inside a joint sequence, ``piece_joint``: the
+input's image rows are sliced out, the token source, and joined back); fills ``ctx.latents``, ``ctx.latent``, ``ctx.latent_layout``, ``ctx.timestep``,
 ``ctx.token_source``, ``ctx.num_tokens``, ``ctx.patch_size`` (spatial; 1 when packed), ``ctx.batch_size`` and
 ``ctx.latent_hw`` (``(N, 1)`` when packed).
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
 from .context import PassContext, RewriteError, module_path
 from .graph_utils import describe, example_value, forward_slice, placeholders
+from .op_sets import CASTS, ELEMENTWISE, VIEWS, WRITES, matches
 from .rules.latent_layout import (
     LatentLayout,
     choose_video_layout,
@@ -77,6 +81,10 @@ def find_token_source(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gr
             continue
         source, layout = found
         _record(ctx, inputs, latents, source, layout)
+        return gm
+    if ctx.settings.piece_joint is not None:
+        joint, tokens = _open_joint_input(gm, ctx.settings.piece_joint, ctx.settings.piece_tokens)
+        _record(ctx, inputs, joint, tokens, packed_layout(tuple(int(s) for s in example_value(tokens).shape)))
         return gm
     piece = _piece_tokens(inputs, ctx.settings.piece_tokens, reasons)
     if piece is not None:
@@ -131,6 +139,60 @@ def _packed_latents(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], reaso
         reasons.append(f"packed latents are ambiguous: {names} all have the output's {num_tokens} tokens")
         return None
     return candidates[0] if candidates else None
+
+
+def _open_joint_input(
+    gm: torch.fx.GraphModule, joint: tuple[int, int], piece: tuple[int, int] | None
+) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """A piece's joint-sequence input ``[B, S, C]`` with its N image rows from ``row``: the rows sliced out (the
+    token source) and joined back, so the gather that follows puts k active rows where the N were."""
+    position, row = joint
+    graph_inputs = placeholders(gm)
+    if piece is None or not 0 <= position < len(graph_inputs):
+        raise RewriteError(f"piece_joint={joint} names no input of this graph (it has {len(graph_inputs)})")
+    node = graph_inputs[position]
+    value = example_value(node)
+    batch, num_tokens = piece
+    if not (isinstance(value, torch.Tensor) and value.dim() == 3 and int(value.shape[0]) == batch):
+        raise RewriteError(f"piece_joint={joint}: input {node.name} is not a [B, S, C] sequence of batch {batch}")
+    length = int(value.shape[1])
+    if not 0 <= row <= length - num_tokens:
+        raise RewriteError(f"piece_joint={joint}: {num_tokens} image rows from row {row} overflow {node.name}")
+    users = list(node.users)
+    with gm.graph.inserting_after(graph_inputs[-1]):
+        before = gm.graph.call_function(operator.getitem, (node, (slice(None), slice(None, row))))
+    with gm.graph.inserting_after(before):
+        tokens = gm.graph.call_function(operator.getitem, (node, (slice(None), slice(row, row + num_tokens))))
+    with gm.graph.inserting_after(tokens):
+        after = gm.graph.call_function(operator.getitem, (node, (slice(None), slice(row + num_tokens, None))))
+    with gm.graph.inserting_after(after):
+        joined = gm.graph.call_function(torch.cat, ([before, tokens, after], 1))
+    for user in users:
+        user.replace_input_with(node, joined)
+    for made, part in (
+        (before, value[:, :row]),
+        (tokens, value[:, row : row + num_tokens]),
+        (after, value[:, row + num_tokens :]),
+        (joined, value),
+    ):
+        made.meta["example_value"] = part
+        made.meta["ras_dense_shape"] = tuple(int(s) for s in part.shape)
+    return node, tokens
+
+
+def stores_tokens_only(gm: torch.fx.GraphModule, token_inputs: list[int]) -> bool:
+    """Whether the image tokens that enter ``gm`` at the inputs ``token_inputs`` only go, through views, casts and
+    element-wise ops, into in-place writes into other inputs' storage (Qwen-Image 2.1 places them into its joint
+    sequence so), reaching no output and mixing no tokens: run dense, such a piece is exact under RAS."""
+    graph_inputs = placeholders(gm)
+    sources = [graph_inputs[i] for i in token_inputs]
+    region = forward_slice(sources)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    if any(n in region for n in output.all_input_nodes):
+        return False
+    writes = [n for n in region if matches(n, WRITES)]
+    allowed = WRITES | VIEWS | CASTS | ELEMENTWISE
+    return bool(writes) and all(n in sources or matches(n, allowed) for n in region)
 
 
 def carries_piece_tokens(value, piece: tuple[int, int]) -> bool:

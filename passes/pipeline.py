@@ -104,18 +104,20 @@ def build_ras_graph(
     dump_dir: str | None = None,
     piece_tokens: tuple[int, int] | None = None,
     piece_outputs: bool = False,
+    piece_joint: tuple[int, int] | None = None,
 ) -> RASRewrite:
     """Rewrite a copy of the dense Dynamo graph ``gm`` into the RAS step graph.
 
-    ``fuse_kv_projection`` turns each K/V projection chain that feeds a cache into one
-    ``rascompile::linear_scatter_`` op (see ``fuse_kv_projection``). ``piece_tokens`` and ``piece_outputs`` rewrite
-    a piece of a transformer that Dynamo split (see ``PassSettings``).
+        ``fuse_kv_projection`` turns each K/V projection chain that feeds a cache into one
+        ``rascompile::linear_scatter_`` op (see ``fuse_kv_projection``). ``piece_tokens`` and ``piece_outputs`` rewrite
+        a piece of a transformer that Dynamo split, ``piece_joint`` one whose image tokens arrive inside a joint sequence
+    (see ``PassSettings``).
 
-    Returns ``(graph, signature, context)``: the rewritten graph, its ``StepSignature`` (the inputs it takes, in
-    order, and the caches; what the runtime and the export bind to) and the pass context (facts and records).
+        Returns ``(graph, signature, context)``: the rewritten graph, its ``StepSignature`` (the inputs it takes, in
+        order, and the caches; what the runtime and the export bind to) and the pass context (facts and records).
 
-    The rewritten graph carries the passes' records (``rewrite_records``); ``ctx.records`` holds them too.
-    Raises RewriteError, with the reason, when the rewrite cannot be shown to apply.
+        The rewritten graph carries the passes' records (``rewrite_records``); ``ctx.records`` holds them too.
+        Raises RewriteError, with the reason, when the rewrite cannot be shown to apply.
     """
     _refuse_data_dependent_sizes(gm)
     _refuse_dynamic_shapes(gm)
@@ -126,6 +128,7 @@ def build_ras_graph(
         dump_dir=dump_dir,
         piece_tokens=piece_tokens,
         piece_outputs=piece_outputs,
+        piece_joint=piece_joint,
     )
     ctx = PassContext(settings=settings)
     ras = RAS_PASSES(copy_graph_module(gm), ctx)

@@ -13,6 +13,8 @@ kind ``"boundary"`` (bound after the output cache, before the K/V caches). Refus
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
@@ -29,20 +31,35 @@ def scatter_piece_outputs(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
     idx = nodes[ctx.active_idx]
     downstream = forward_slice([idx])
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    crossing = []
+    crossing, joints = [], []
+    joint_length = _joint_length(gm, ctx)
     for node in dict.fromkeys(output.all_input_nodes):
         shape = node.meta.get("ras_dense_shape")
         if node in downstream and isinstance(shape, tuple) and len(shape) == 3:
             if shape[:2] == (ctx.batch_size, ctx.num_tokens):
                 crossing.append(node)
+            elif shape[:2] == (ctx.batch_size, joint_length):
+                joints.append(node)
+    for joint in joints:
+        crossing.append(_image_rows(gm, joint, output, ctx))
     if not crossing:
-        raise RewriteError("a piece needs a [B, N, C] image-token output to hand on; it has none")
+        handed_on = [n for n in dict.fromkeys(output.all_input_nodes) if n in downstream]
+        shapes = ", ".join(f"{n.name} {list(n.meta.get('ras_dense_shape') or ())}" for n in handed_on) or "none"
+        raise RewriteError(
+            f"a piece needs a [B, N, C] image-token output to hand on; it hands its tokens on in another layout "
+            f"({shapes})"
+            if handed_on
+            else "a piece needs a [B, N, C] image-token output to hand on; it has none"
+        )
     for i, tokens in enumerate(crossing):
         cache = add_placeholder(gm, OUTPUT_CACHE if i == 0 else f"ras_boundary_cache_{i}", _dense_value(tokens))
         merged = insert_call(gm, tokens, ops.merge_output, (cache, tokens, idx), like=tokens)
         merged.meta["ras_impure"] = True
         merged.meta["ras_dense_shape"] = tokens.meta["ras_dense_shape"]
-        output.replace_input_with(tokens, merged)
+        if tokens in output.all_input_nodes:
+            output.replace_input_with(tokens, merged)
+        else:  # the image rows of a joint sequence: joined back between its other rows
+            tokens.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
         value = cache.meta["example_value"]
         if i == 0:
             ctx.output_cache = cache.name
@@ -54,6 +71,32 @@ def scatter_piece_outputs(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
             )
         ctx.record("scatter_piece_outputs", "scatter", describe(tokens))
     return gm
+
+
+def _joint_length(gm: torch.fx.GraphModule, ctx: PassContext) -> int | None:
+    """The length of the joint sequence a piece takes its image tokens in (``piece_joint``), if it does."""
+    if ctx.settings.piece_joint is None:
+        return None
+    joint = next(n for n in gm.graph.nodes if n.name == ctx.latents)
+    return joint.meta["ras_dense_shape"][1]
+
+
+def _image_rows(gm: torch.fx.GraphModule, joint: torch.fx.Node, output: torch.fx.Node, ctx: PassContext):
+    """Split a joint-sequence output into its rows before, its image rows and its rows after (image rows from the
+    row the input's start at), joined back in the output; returns the image rows' node."""
+    row, n = ctx.settings.piece_joint[1], ctx.num_tokens
+    value = _dense_value(joint)
+    parts = []
+    with gm.graph.inserting_before(output):
+        for span in (slice(None, row), slice(row, row + n), slice(row + n, None)):
+            part = gm.graph.call_function(operator.getitem, (joint, (slice(None), span)))
+            part.meta["ras_dense_shape"] = tuple(int(s) for s in value[:, span].shape)
+            parts.append(part)
+        joined = gm.graph.call_function(torch.cat, (parts, 1))
+    joined.meta["ras_dense_shape"] = joint.meta["ras_dense_shape"]
+    output.replace_input_with(joint, joined)
+    parts[1].meta["example_value"] = value[:, row : row + n]
+    return parts[1]
 
 
 def _dense_value(tokens: torch.fx.Node) -> torch.Tensor:

@@ -17,6 +17,9 @@ class PassSettings:
     that holds the patch embedding): a 3-D model input ``[B, N, C]`` is then the piece's image tokens.
     ``piece_outputs``: the graph is a piece whose image-token outputs cross to the next piece; they are merged with
     a cache at the outputs instead of at a final projection.
+    ``piece_joint``: ``(input, row)``: the piece's image tokens arrive inside a joint sequence, the graph input at
+    position ``input`` (``[B, S, C]``, its N image rows from ``row``); outputs of that sequence's length hand the
+    joint sequence on, image rows from the same row.
     """
 
     probe_tokens: int | None = None
@@ -25,3 +28,4 @@ class PassSettings:
     dump_dir: str | None = None
     piece_tokens: tuple[int, int] | None = None
     piece_outputs: bool = False
+    piece_joint: tuple[int, int] | None = None

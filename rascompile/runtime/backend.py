@@ -36,7 +36,14 @@ from rascompile.passes.tensorify_scalar_reads import has_scalar_reads, tensorify
 from ..config import RASConfig
 from .controller import GraphLayout, RASController
 from .graph import DenseGraph, RASGraph, StepGraph, compile_inner, compile_or_eager
-from .origin import PieceCause, blocks_compiled_alone, calling_model, graph_origin, piece_cause
+from .origin import (
+    PieceCause,
+    blocks_compiled_alone,
+    calling_model,
+    graph_origin,
+    is_submodule_frame,
+    piece_cause,
+)
 from .pieces import OpenCalls, ScopedPiece, TransformerScope
 from .stacks import advice_for, hooks_on, running_hooks
 from .steps import SchedulerSteps, TimestepSteps
@@ -275,7 +282,17 @@ class RASBackend:
         compile_id = torch._guards.CompileContext.current_compile_id()
         limit = torch._dynamo.config.recompile_limit
         count = None if compile_id is None or compile_id.frame_compile_id is None else compile_id.frame_compile_id + 1
-        if count is not None and count >= limit and not (len(self._pieces_said) and piece_cause(graph_origin(None))):
+        if count is None or count < limit:
+            return
+        origin = graph_origin(None)
+        if origin is not None and is_submodule_frame(origin, calling_model() is not None):
+            self.warn_once(
+                f"Dynamo has compiled {origin.qualname}, a layer of this transformer, {count} times, "
+                f"torch._dynamo.config.recompile_limit={limit}: its inputs change shape from call to call (the "
+                "tokens a mixture-of-experts router sends to each expert, say), and from now on it runs uncompiled. Raise the limit before compiling to compile more of its shapes, e.g. "
+                "torch._dynamo.config.recompile_limit = 64"
+            )
+        elif not (len(self._pieces_said) and piece_cause(origin)):
             self.warn_once(
                 f"Dynamo has compiled this transformer {count} times, torch._dynamo.config.recompile_limit={limit}: "
                 "further input shapes (resolutions, batch sizes) or grad-mode changes run uncompiled, without RAS. "

@@ -233,7 +233,7 @@ class RASGraph(StepGraph):
         call.pieces_ran += 1
         if call.decision.kind == "dense" or call.scope.broken is not None:
             return self._dense(args)
-        return run_in_call(self, self, True, call, args)
+        return run_in_call(self, self, call, args)
 
     def _step(self, control: RASController, args):
         latents, timestep = args[self.latents_index], self._timestep(args)

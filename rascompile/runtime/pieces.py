@@ -14,7 +14,9 @@ A piece takes one of five forms, chosen at its first call inside an open call:
   the image tokens at full width (``passes/scatter_piece_outputs.py``);
 - ``through``: its image tokens come in at ``[B, N, C]`` (gathered at entry) and go out at full width, merged into its
   boundary caches, so the Python between pieces sees the dense shapes;
-- ``tail``: it holds the final projection and merges its output with its output cache in the graph;
+- ``tail``: it holds a projection of its image tokens (the final one, or a token-wise input projection) and merges
+  its output with its output cache in the graph; a forward that returns the output of the last piece unchanged
+  needs no merge by the scope;
 - ``token-free``: no image tokens in: it runs dense (exact);
 - ``patchify``: it only cuts the latents into tokens, its patch-embedding linear in the next piece
   (``passes/rules/patchify.py``): it tells the scope how the latents split and runs dense, handing the tokens on
@@ -43,7 +45,7 @@ import torch
 from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
 from rascompile.passes.context import RewriteError
-from rascompile.passes.find_token_source import carries_piece_tokens, is_model_input
+from rascompile.passes.find_token_source import carries_piece_tokens, is_model_input, stores_tokens_only
 from rascompile.passes.graph_utils import example_value, placeholders
 from rascompile.passes.pipeline import build_ras_graph
 from rascompile.passes.rules.latent_layout import LatentLayout, packed_layout
@@ -69,10 +71,20 @@ class PieceCall:
     controller: RASController
     decision: Decision
     tokens: tuple[int, int]  # (B, N): what a piece's image-token input looks like
-    merged: bool = False  # a tail piece merged the output with its cache in the graph
+    # the tensors the last piece run in its RAS form returned: merged with its caches in the graph already, so a
+    # forward that returns one of them needs no merge by the scope
+    merged_outputs: tuple = ()
     cached_attentions: int = 0  # K/V caches of the pieces that ran
     pieces_ran: int = 0  # graphs of this transformer that ran in the call (none: the forward ran uncompiled)
     outer: PieceCall | None = None  # the call this one runs inside (another transformer's), restored at its end
+    # the full-width image-token tensors pieces handed on so far: where a later piece's joint input keeps them
+    handed: list = dataclasses.field(default_factory=list)
+
+    def hand_on(self, out: Any) -> None:
+        """Remember the ``[B, N, C]`` image-token tensors among a piece's outputs."""
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if carries_piece_tokens(value, self.tokens):
+                self.handed.append(value)
 
 
 class OpenCalls(threading.local):
@@ -301,9 +313,9 @@ class TransformerScope:
                 "every graph, where RAS cannot cache keys and values)"
             )
             return out
-        if call.merged:
-            return out
         sample = _sample_of(out)
+        if any(sample is merged for merged in call.merged_outputs):
+            return out
         rows = _token_rows(sample, call.controller.layout.latent)
         if rows is None:
             self.break_pieces(
@@ -357,9 +369,10 @@ def _token_rows(x: Any, latent: LatentLayout):
 
 @dataclass
 class _Form:
-    kind: str  # "head" | "patchify" | "through" | "tail" | "token-free"
+    kind: str  # "head" | "patchify" | "store" | "through" | "tail" | "token-free"
     graph: RASGraph | None = None
     cached_attentions: int = 0
+    joint: tuple[int, int] | None = None  # (input, row): its image tokens arrive inside a joint sequence
 
 
 class _PieceGraph(RASGraph):
@@ -429,9 +442,16 @@ class ScopedPiece(StepGraph):
         form = self._form(call, args)
         call.cached_attentions += form.cached_attentions
         call.pieces_ran += 1
+        if form.joint is not None and not _joint_holds_handed(args, form.joint, call):
+            call.scope.break_pieces(
+                "the image tokens no longer sit where they sat in the joint sequence one of its pieces takes"
+            )
         if form.graph is None or call.decision.kind == "dense" or call.scope.broken is not None:
-            return self._dense(args)
-        return run_in_call(self, form.graph, form.kind == "tail", call, args)
+            out = self._dense(args)
+        else:
+            out = run_in_call(self, form.graph, call, args)
+        call.hand_on(out)
+        return out
 
     def _form(self, call: PieceCall, args) -> _Form:
         form = self.forms.get(call.tokens)
@@ -445,13 +465,21 @@ class ScopedPiece(StepGraph):
         if self.patchify == call.tokens[1]:
             return _Form("patchify")  # dense: it hands its tokens on whole
         tokens = call.tokens
-        if not any(carries_piece_tokens(a, tokens) for a in args if not isinstance(a, torch.nn.Parameter)):
+        token_inputs = [i for i, a in enumerate(args) if _token_input(a, tokens)]
+        joint = None if token_inputs else _joint_input(args, call)
+        if not token_inputs and joint is None:
             return _Form("token-free")
+        if token_inputs and stores_tokens_only(self.dense_gm, token_inputs):
+            return _Form("store")  # dense: its tokens go, whole, into another input's storage
         reasons = []
         for kind, hands_on in (("tail", False), ("through", True)):
             try:
                 ras_gm, signature, ctx = build_ras_graph(
-                    self.dense_gm, piece_tokens=tokens, piece_outputs=hands_on, **self.backend.pass_options(args)
+                    self.dense_gm,
+                    piece_tokens=tokens,
+                    piece_outputs=hands_on,
+                    piece_joint=joint,
+                    **self.backend.pass_options(args),
                 )
             except RewriteError as exc:
                 reasons.append(str(exc))
@@ -460,7 +488,7 @@ class ScopedPiece(StepGraph):
                 reasons.append(f"the RAS passes failed: {type(exc).__name__}: {exc}")
                 break
             graph = _PieceGraph(self.backend, self.dense_gm, args, ras_gm, signature, graph_summary(ctx))
-            return _Form(kind, graph, cached_attentions(signature))
+            return _Form(kind, graph, cached_attentions(signature), joint)
         made_by = f", made by {' and '.join(self.hooks)}," if self.hooks else ""
         call.scope.break_pieces(
             f"a piece{made_by} that takes its image tokens cannot be rewritten ({reasons[-1]})",
@@ -469,10 +497,44 @@ class ScopedPiece(StepGraph):
         return _Form("token-free")
 
 
-def run_in_call(owner: StepGraph, graph: RASGraph, merges: bool, call: PieceCall, args):
-    """Run ``graph`` (the RAS form of ``owner``) with the open call's decision on its own caches. ``merges``: it holds
-    the final projection and merges the output in the graph. A graph that did not run the previous step of this
-    generation (Dynamo compiled it anew, or a hook skipped it) runs over all tokens, refreshing its caches."""
+def _token_input(value: Any, tokens: tuple[int, int]) -> bool:
+    return not isinstance(value, torch.nn.Parameter) and carries_piece_tokens(value, tokens)
+
+
+def _joint_input(args: list, call: PieceCall) -> tuple[int, int] | None:
+    """``(input, row)`` when an input ``[B, S, C]`` (S > N) holds, from ``row``, the image tokens an earlier piece of
+    this call handed on (Qwen-Image 2.1 writes them into its joint sequence between two pieces)."""
+    batch, n = call.tokens
+    for position, value in enumerate(args):
+        if isinstance(value, torch.nn.Parameter) or not isinstance(value, torch.Tensor):
+            continue
+        if value.dim() != 3 or not value.is_floating_point() or value.shape[0] != batch or value.shape[1] <= n:
+            continue
+        for handed in call.handed:
+            if handed.shape[2] != value.shape[2] or handed.dtype != value.dtype:
+                continue
+            for row in range(value.shape[1] - n + 1):
+                if torch.equal(value[:, row : row + n], handed):
+                    return position, row
+    return None
+
+
+def _joint_holds_handed(args, joint: tuple[int, int], call: PieceCall) -> bool:
+    """Whether the joint input still holds, from its row, the image tokens last handed on in this call."""
+    position, row = joint
+    if not call.handed:
+        return False
+    value, handed = args[position], call.handed[-1]
+    return handed.shape == value[:, row : row + handed.shape[1]].shape and torch.equal(
+        value[:, row : row + handed.shape[1]], handed
+    )
+
+
+def run_in_call(owner: StepGraph, graph: RASGraph, call: PieceCall, args):
+    """Run ``graph`` (the RAS form of ``owner``) with the open call's decision on its own caches; its outputs are
+    merged with its caches in the graph (``PieceCall.merged_outputs``). A graph that did not run the previous step
+    of this generation (Dynamo compiled it anew, or a hook skipped it) runs over all tokens, refreshing its
+    caches."""
     decision, control = call.decision, call.controller
     key, now = (id(control), decision.branch), (control.steps.generation, decision.step)
     fresh = owner.ran.get(key) == (now[0], now[1] - 1)
@@ -483,8 +545,9 @@ def run_in_call(owner: StepGraph, graph: RASGraph, merges: bool, call: PieceCall
     piece = (id(owner), id(graph._anchor(args)))  # one graph may serve several blocks: caches per block
     output_cache, kv_caches = control.caches(decision.branch, graph.layout, piece=piece)
     bound = graph.signature.bind(args, active, output_cache, kv_caches)
-    call.merged |= merges
-    return graph._variant(int(active.shape[1]), bound)(*bound)
+    out = graph._variant(int(active.shape[1]), bound)(*bound)
+    call.merged_outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    return out
 
 
 def cached_attentions(signature) -> int:

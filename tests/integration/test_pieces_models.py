@@ -72,8 +72,9 @@ def _forced(case, decision):
 
 
 def _all_tokens(scope, kwargs):
-    head = scope.head_for(tuple(kwargs["hidden_states"].shape))
-    b, n = kwargs["hidden_states"].shape[0], head.num_tokens
+    latents = kwargs["hidden_states"]
+    head = scope.head_for(tuple(latents.shape))
+    b, n = latents.shape[0], head.num_tokens if head is not None else latents.shape[1]  # packed: a token per row
     return torch.arange(n).expand(b, n).contiguous()
 
 
@@ -125,6 +126,8 @@ def test_a_denoising_loop_runs_ras_steps_and_stays_finite(case):
                 kwargs = _timestep(case, kwargs, 1.0 - i / 6)
                 out = _sample(compiled(**kwargs))
                 latents = kwargs["hidden_states"].clone()
+                if out.dim() == 3 and out.shape[1] > latents.shape[1]:
+                    out = out[:, -latents.shape[1] :]  # Qwen-Image 2.1 returns its joint sequence, image rows last
                 latents[:, : out.shape[1]] -= 0.1 * out  # HunyuanVideo 1.5 predicts 4 of its 9 input channels
                 kwargs["hidden_states"] = latents
             results.append(kwargs["hidden_states"])

@@ -136,3 +136,62 @@ def hunyuan_video15_pipeline_kwargs(batch: int = 1, steps: int = 6, seed: int = 
         output_type="latent",
         return_dict=False,
     )
+
+
+def tiny_qwen_image21_pipeline(transformer=None):
+    """QwenImage21Pipeline with the tiny transformer, a flow-matching scheduler with resolution-dependent shift, no
+    VAE, no Qwen3-VL / processor. With ``causal_condition`` (the default) the pipeline prefills the text keys and
+    values into its own per-block cache on the first step (``kv_cache_mode="extract"``) and then runs only the image
+    rows through the blocks (``"cached"``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
+
+    from tests.support.models_pieces import tiny_qwen_image21_transformer
+
+    pipe = QwenImage21Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=None,
+        text_encoder=None,
+        processor=_NoProcessor(),
+        transformer=transformer if transformer is not None else tiny_qwen_image21_transformer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class _NoProcessor:
+    """What ``QwenImage21Pipeline.__init__`` asks of its Qwen3-VL processor (the system prompt's token count, the
+    image-pad token id) without the download; the tests pass prompt embeddings, so it tokenizes nothing else."""
+
+    class tokenizer:  # noqa: N801 - the attribute the pipeline reads
+        @staticmethod
+        def encode(text):
+            return [0]
+
+    @staticmethod
+    def apply_chat_template(messages, tokenize=True, return_dict=False):
+        return [[0] * 8]
+
+
+def qwen_image21_pipeline_kwargs(batch: int = 1, steps: int = 6, seed: int = 0, use_kv_cache: bool = True) -> dict:
+    """``batch`` prompts of 6 tokens (width 24; the last row valid up to 4) with a negative prompt of 3 valid tokens
+    and ``true_cfg_scale=4`` (two transformer calls per step), 128x128 pixels (8x8 packed latents, N = 64, the VAE
+    factor 16). Returns packed latents ``[batch, 64, 16]``."""
+    gen = torch.Generator().manual_seed(61_000 + seed)
+    negative_mask = torch.zeros(batch, 6, dtype=torch.bool)
+    negative_mask[:, :3] = True
+    mask = torch.ones(batch, 6, dtype=torch.bool)
+    mask[-1, 4:] = False
+    return dict(
+        prompt_embeds=torch.randn(batch, 6, 24, generator=gen),
+        prompt_embeds_mask=mask,
+        negative_prompt_embeds=torch.randn(batch, 6, 24, generator=gen),
+        negative_prompt_embeds_mask=negative_mask,
+        true_cfg_scale=4.0,
+        height=128,
+        width=128,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        return_dict=False,
+        use_kv_cache=use_kv_cache,
+    )

@@ -344,9 +344,14 @@ CASES: list[Case] = [
         pieces.tiny_qwen_image21_transformer,
         pieces.qwen_image21_call_kwargs,
         ras=False,
+        pieces=True,
         reason="no attention reads the image tokens",
         note="`repeat_interleave`, `.tolist()`, `nonzero` and `.item()` on its masks split the forward into 11 graphs; "
-        "the one holding the blocks takes the joint sequence (image rows after the text) and returns it whole",
+        "the image tokens are written into the joint sequence in place between two of them, and the one holding the "
+        "blocks takes the joint sequence and returns it whole",
+        pipeline=pipelines_pieces.tiny_qwen_image21_pipeline,
+        pipeline_kwargs=pipelines_pieces.qwen_image21_pipeline_kwargs,
+        per_branch=True,
     ),
     Case(
         "fibo2",

@@ -61,7 +61,7 @@ def test_a_later_piece_takes_the_input_of_the_transformers_token_count():
 
 def test_a_piece_without_a_token_output_to_hand_on_is_refused():
     gm, _ = capture(TinyDiT())  # a whole model: its only output is the image
-    with pytest.raises(RewriteError, match="a \\[B, N, C\\] image-token output to hand on; it has none"):
+    with pytest.raises(RewriteError, match="image-token output to hand on; it hands its tokens on in another layout"):
         build_ras_graph(gm, piece_outputs=True)
 
 
@@ -97,3 +97,80 @@ def test_each_token_output_crosses_through_its_own_cache():
         again = ras(*signature.bind(inputs, half, cache, kv))
         torch.testing.assert_close(again[0], dense[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(again[1], dense[1], rtol=1e-5, atol=1e-5)
+
+
+class JointPiece(torch.nn.Module):
+    """A piece that takes a joint sequence [B, 3 + 16, 8], text rows first, and hands it on after one attention
+    block over all of it (Qwen-Image 2.1's body between its graph breaks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+        self.out = torch.nn.Linear(8, 8)
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, joint):
+        b, s, _ = joint.shape
+        q, k, v = (t.view(b, s, 2, 4).transpose(1, 2) for t in self.qkv(joint).chunk(3, dim=-1))
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, 8)
+        return (joint + self.out(attended),)
+
+
+def _joint_piece():
+    model = JointPiece().eval()
+    joint = torch.randn(2, 19, 8, generator=torch.Generator().manual_seed(4))
+    gm, inputs = capture(model, joint)
+    position = next(i for i, v in enumerate(inputs) if tuple(v.shape) == (2, 19, 8))
+    return gm, inputs, (position, 3)
+
+
+def test_a_joint_sequence_piece_gathers_its_image_rows_and_hands_the_sequence_on_whole():
+    gm, inputs, joint = _joint_piece()
+    ras, signature, ctx = build_ras_graph(gm, piece_tokens=(2, 16), piece_outputs=True, piece_joint=joint)
+    assert ctx.num_tokens == 16 and ctx.output_cache_shape == (2, 16, 8)
+    with torch.no_grad():
+        (dense,) = gm(*inputs)
+        cache = torch.zeros(ctx.output_cache_shape)
+        kv = [torch.zeros(s.shape) for s in signature.kv_caches]
+        (full,) = ras(*signature.bind(inputs, _all_tokens(2, 16), cache, kv))
+        torch.testing.assert_close(full, dense, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cache, dense[:, 3:], rtol=1e-6, atol=1e-6)
+        subset = torch.tensor([[1, 4, 9], [0, 7, 15]])
+        (again,) = ras(*signature.bind(inputs, subset, cache, kv))  # unchanged inputs: the caches give the rest
+    torch.testing.assert_close(again, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_a_joint_sequence_that_cannot_hold_the_image_rows_is_refused():
+    gm, _, (position, _) = _joint_piece()
+    with pytest.raises(RewriteError, match="overflow"):
+        build_ras_graph(gm, piece_tokens=(2, 16), piece_outputs=True, piece_joint=(position, 4))
+
+
+class StorePiece(torch.nn.Module):
+    """Writes its image tokens into the joint sequence it is given, in place, and returns nothing of them."""
+
+    def forward(self, joint, tokens, text):
+        joint[:, 3:] = tokens.to(joint.dtype)
+        return (text * 2.0,)
+
+
+def test_a_piece_that_only_stores_its_tokens_into_another_input_is_recognised():
+    from rascompile.passes.find_token_source import stores_tokens_only
+    from rascompile.passes.graph_utils import placeholders
+
+    args = torch.zeros(2, 19, 8), torch.randn(2, 16, 8), torch.randn(2, 3, 8)
+    gm, _ = capture(StorePiece(), *args)
+    tokens = [i for i, n in enumerate(placeholders(gm)) if tuple(n.meta["example_value"].shape) == (2, 16, 8)]
+    assert stores_tokens_only(gm, tokens)
+
+    class Leaks(StorePiece):
+        def forward(self, joint, tokens, text):
+            joint[:, 3:] = tokens
+            return (text * 2.0, tokens.mean(dim=1))
+
+    gm, _ = capture(Leaks(), *args)
+    tokens = [i for i, n in enumerate(placeholders(gm)) if tuple(n.meta["example_value"].shape) == (2, 16, 8)]
+    assert not stores_tokens_only(gm, tokens)
