@@ -14,9 +14,9 @@ Matches one of three latent layouts (see ``latent_layout``):
   the second submodule (after the token-wise input projection). Each token's latent elements are
   its own row.
 Produces: no graph change (but for a piece whose image tokens arrive inside a joint sequence, ``piece_joint``: the
-input's image rows are sliced out, the token source, and joined back); fills ``ctx.latents``, ``ctx.latent``, ``ctx.latent_layout``, ``ctx.timestep``,
-``ctx.token_source``, ``ctx.num_tokens``, ``ctx.patch_size`` (spatial; 1 when packed), ``ctx.batch_size`` and
-``ctx.latent_hw`` (``(N, 1)`` when packed).
+input's image rows are sliced out, the token source, and joined back); fills ``ctx.latents``, ``ctx.latent``,
+``ctx.latent_layout``, ``ctx.timestep``, ``ctx.token_source``, ``ctx.num_tokens``, ``ctx.patch_size`` (spatial; 1
+when packed), ``ctx.batch_size`` and ``ctx.latent_hw`` (``(N, 1)`` when packed).
 """
 
 from __future__ import annotations

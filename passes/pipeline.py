@@ -110,8 +110,8 @@ def build_ras_graph(
 
         ``fuse_kv_projection`` turns each K/V projection chain that feeds a cache into one
         ``rascompile::linear_scatter_`` op (see ``fuse_kv_projection``). ``piece_tokens`` and ``piece_outputs`` rewrite
-        a piece of a transformer that Dynamo split, ``piece_joint`` one whose image tokens arrive inside a joint sequence
-    (see ``PassSettings``).
+        a piece of a transformer that Dynamo split, ``piece_joint`` one whose image tokens arrive inside a joint
+    sequence (see ``PassSettings``).
 
         Returns ``(graph, signature, context)``: the rewritten graph, its ``StepSignature`` (the inputs it takes, in
         order, and the caches; what the runtime and the export bind to) and the pass context (facts and records).

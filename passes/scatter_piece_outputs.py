@@ -59,7 +59,7 @@ def scatter_piece_outputs(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.f
         if tokens in output.all_input_nodes:
             output.replace_input_with(tokens, merged)
         else:  # the image rows of a joint sequence: joined back between its other rows
-            tokens.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
+            tokens.replace_all_uses_with(merged, delete_user_cb=lambda user, merged=merged: user is not merged)
         value = cache.meta["example_value"]
         if i == 0:
             ctx.output_cache = cache.name

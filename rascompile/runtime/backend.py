@@ -289,7 +289,8 @@ class RASBackend:
             self.warn_once(
                 f"Dynamo has compiled {origin.qualname}, a layer of this transformer, {count} times, "
                 f"torch._dynamo.config.recompile_limit={limit}: its inputs change shape from call to call (the "
-                "tokens a mixture-of-experts router sends to each expert, say), and from now on it runs uncompiled. Raise the limit before compiling to compile more of its shapes, e.g. "
+                "tokens a mixture-of-experts router sends to each expert, say), and from now on it runs uncompiled. "
+                "Raise the limit before compiling to compile more of its shapes, e.g. "
                 "torch._dynamo.config.recompile_limit = 64"
             )
         elif not (len(self._pieces_said) and piece_cause(origin)):
