@@ -171,3 +171,23 @@ def test_status_reports_each_piece_and_its_form():
     assert "RAS across its pieces: head at 2 x 64 tokens" in report, report
     assert "through at 2 x 64 tokens" in report and "token-free" in report, report
     assert "controller (2 x 64 tokens)" in report, report
+
+
+def test_prompts_of_different_lengths_in_one_batch_run_dense_and_say_so():
+    """Lumina-Image 2.0 with two prompts of different lengths in one batch: each row's image rows start at its own
+    offset in the joint sequence, which the rewrite refuses; the transformer runs dense, equal to the uncompiled
+    model, and the warning says why in the user's terms."""
+    from tests.support import models_classic
+
+    torch._dynamo.reset()
+    model = models_classic.tiny_lumina2_transformer()
+    kwargs = models_classic.lumina2_call_kwargs(valid=(6, 4))
+    with torch.no_grad():
+        expected = _sample(model(**kwargs))
+    compiled = torch.compile(model, backend="ras", options=OPTIONS)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            torch.testing.assert_close(_sample(compiled(**kwargs)), expected, rtol=1e-5, atol=1e-5)
+    messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
+    assert any("own offset (6, 4): prompts of different lengths in one batch" in m for m in messages), messages

@@ -334,7 +334,9 @@ CASES: list[Case] = [
         classic.hidream_call_kwargs,
         ras=False,
         reason="no attention reads the image tokens",
-        note="mixture-of-experts routing (`bincount`) breaks the graph inside the block loop",
+        note="mixture-of-experts routing (`bincount`) breaks the graph inside the block loop; its expert dispatch "
+        "flattens the tokens of all rows and sorts them by expert between graphs, so no piece hands on image tokens "
+        "(dense with `graph_pieces=True` too; docs/ARCHITECTURE.md argues it)",
     ),
     Case(
         "qwen-image-2.1",
