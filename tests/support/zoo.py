@@ -324,6 +324,7 @@ CASES: list[Case] = [
         pipeline=classic.tiny_lumina2_pipeline,
         pipeline_kwargs=classic.lumina2_pipeline_kwargs,
         per_branch=True,
+        timestep_scale=1.0,  # the pipeline passes 1 - t / 1000: timesteps in [0, 1] (0 = noise)
     ),
     Case(
         "hidream",
