@@ -74,6 +74,9 @@ class PassContext:
     latent: Any = None  # the LatentLayout (see latent_layout): which latent elements make up each token
     timestep: str | None = None  # placeholder name of the timestep, when one is found
     token_source: str | None = None  # node producing the image tokens [B, N, C]
+    # a piece's further inputs of the image tokens [B, N, C] (a block's residual beside its attention output),
+    # gathered like the token source
+    more_token_sources: list[str] = field(default_factory=list)
     batch_size: int = 0
     num_tokens: int = 0  # N
     patch_size: int = 0

@@ -86,10 +86,12 @@ def find_token_source(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gr
         joint, tokens = _open_joint_input(gm, ctx.settings.piece_joint, ctx.settings.piece_tokens)
         _record(ctx, inputs, joint, tokens, packed_layout(tuple(int(s) for s in example_value(tokens).shape)))
         return gm
-    piece = _piece_tokens(inputs, ctx.settings.piece_tokens, reasons)
-    if piece is not None:
+    pieces = _piece_tokens(inputs, ctx.settings.piece_tokens, reasons)
+    if pieces:
         # a piece's image tokens arrive embedded: the input itself is the source (no embedding to walk through)
+        piece = pieces[0]
         _record(ctx, inputs, piece, piece, packed_layout(tuple(int(s) for s in example_value(piece).shape)))
+        ctx.more_token_sources = [n.name for n in pieces[1:]]
         return gm
     packed = _packed_latents(gm, inputs, reasons)
     if packed is not None:
@@ -207,16 +209,14 @@ def carries_piece_tokens(value, piece: tuple[int, int]) -> bool:
 
 def _piece_tokens(
     inputs: list[torch.fx.Node], piece: tuple[int, int] | None, reasons: list[str]
-) -> torch.fx.Node | None:
-    """In a piece of a transformer of ``piece = (B, N)`` image tokens, the one 3-D floating input [B, N, C]."""
+) -> list[torch.fx.Node]:
+    """In a piece of a transformer of ``piece = (B, N)`` image tokens, its 3-D floating inputs [B, N, C]."""
     if piece is None:
-        return None
+        return []
     candidates = [n for n in inputs if carries_piece_tokens(example_value(n), piece)]
-    if len(candidates) != 1:
-        names = ", ".join(n.name for n in candidates) or "none"
-        reasons.append(f"a piece needs one [B, N, C] input of the transformer's {piece[1]} image tokens: {names}")
-        return None
-    return candidates[0]
+    if not candidates:
+        reasons.append(f"a piece needs a [B, N, C] input of the transformer's {piece[1]} image tokens: none")
+    return candidates
 
 
 def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.Node, LatentLayout] | str:

@@ -1,6 +1,6 @@
 """Insert the gather of active image tokens right after the token source.
 
-Matches: the image-token node found by ``find_token_source`` ([B, N, C]).
+Matches: the image-token node found by ``find_token_source`` ([B, N, C]), and a piece's further image-token inputs.
 Produces: a new placeholder ``ras_active_idx`` [B, k] (int64), a ``gather_tokens`` node
 [B, k, C] that replaces every use of the token source, and ``ras_active_count``
 (``ras_active_idx.size(1)``) that later passes use wherever a shape constant counted N.
@@ -40,6 +40,11 @@ def gather_active_tokens(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx
     # with k = N the gather is the source itself: its consumers are in the token region too
     gathered.meta["ras_dense_shape"] = source.meta["ras_dense_shape"]
     source.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
+    for name in ctx.more_token_sources:  # a piece's further image-token inputs: the same rows
+        more = nodes[name]
+        taken = insert_call(gm, count, ops.gather_tokens, (more, idx, 1), like=more)
+        taken.meta["ras_dense_shape"] = more.meta["ras_dense_shape"]
+        more.replace_all_uses_with(taken, delete_user_cb=lambda user, taken=taken: user is not taken)
     ctx.active_idx = idx.name
     ctx.active_count = count.name
     ctx.probe_tokens = k

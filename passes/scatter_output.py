@@ -32,7 +32,7 @@ def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph
         shape = node.meta.get("ras_dense_shape")
         if (
             node in downstream
-            and (is_linear(node) or _image_rows_of_projection(node))
+            and (is_linear(node) or _image_rows_of_projection(node, ctx.num_tokens))
             and isinstance(shape, tuple)
             and len(shape) == 3
             and shape[:2] == (ctx.batch_size, ctx.num_tokens)
@@ -55,14 +55,19 @@ def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph
     return gm
 
 
-def _image_rows_of_projection(node: torch.fx.Node) -> bool:
-    """``node`` slices rows out of a linear's 3-D output along dim 1 (a joint sequence's image rows)."""
+def _image_rows_of_projection(node: torch.fx.Node, num_tokens: int) -> bool:
+    """``node`` slices rows out of a linear's 3-D output along dim 1, a longer one than the image tokens (a joint
+    sequence's image rows)."""
     if not (matches(node, SLICING) and node.args and isinstance(node.args[0], torch.fx.Node)):
         return False
     source = node.args[0]
     index = node.args[1] if len(node.args) > 1 else None
+    dense = source.meta.get("ras_dense_shape")
     return (
         is_linear(source)
+        and isinstance(dense, tuple)
+        and len(dense) == 3
+        and dense[1] > num_tokens
         and isinstance(index, tuple)
         and len(index) == 2
         and index[0] == slice(None)

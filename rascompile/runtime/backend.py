@@ -105,7 +105,7 @@ class RASBackend:
         # resolution (the grad-mode graph Dynamo compiles beside the inference one counts steps there too).
         self._per_transformer = _ByTensor()  # controllers and step sources of each transformer instance
         self._unanchored: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered: a scope made under it counts a call in a step source
         self.open_calls = OpenCalls()  # the call of a transformer split into pieces under way, per thread
         self._scopes: weakref.WeakKeyDictionary[torch.nn.Module, TransformerScope] = weakref.WeakKeyDictionary()
         self.piece_heads: dict[tuple[type, tuple[int, ...]], Any] = {}  # (transformer class, latents shape): head
@@ -115,17 +115,25 @@ class RASBackend:
         resolution. Every graph of this backend with that layout drives it, so an instance keeps its caches and
         its step count whichever of Dynamo's graphs serves a call; its graphs at that resolution share one step
         source (the grad-mode graph counts steps there too)."""
+        steps = self.step_source(anchor, latents_key)
         with self._lock:
             table = self._unanchored if anchor is None else self._per_transformer.setdefault(anchor, dict)
-            steps = table.get(("steps", latents_key))
-            if steps is None:
-                steps = table[("steps", latents_key)] = self.steps_factory()
             # one controller per resolution: graphs that differ only in their caches' shapes (the branches of
             # per-branch guidance with prompts of different lengths) share its steps and selections
             key = ("controller", latents_key, dataclasses.replace(layout, output_cache=None, kv_caches=None))
             if key not in table:
                 table[key] = RASController(self.config, layout, steps, device)
             return table[key]
+
+    def step_source(self, anchor: torch.Tensor | None, latents_key: tuple):
+        """The step source the controllers of one transformer instance at one resolution share (a call can be
+        counted there before its controller exists: ``TransformerScope``)."""
+        with self._lock:
+            table = self._unanchored if anchor is None else self._per_transformer.setdefault(anchor, dict)
+            steps = table.get(("steps", latents_key))
+            if steps is None:
+                steps = table[("steps", latents_key)] = self.steps_factory()
+            return steps
 
     def controllers_of(self, module: torch.nn.Module) -> list[RASController]:
         """The controllers that ran ``module`` (a transformer, or its ``torch.compile`` wrapper): one per

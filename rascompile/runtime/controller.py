@@ -22,6 +22,8 @@ from .selector import initial_drop_counts, layout_token_metric, packed_token_met
 if TYPE_CHECKING:
     from rascompile.passes.signature import StepSignature
 
+    from .steps import StepInfo
+
 
 @dataclass(frozen=True)
 class GraphLayout:
@@ -200,11 +202,12 @@ class RASController:
         self.branch_history.append(decision)
         return decision
 
-    def count_missed_call(self, latents: torch.Tensor | None = None, timestep: torch.Tensor | None = None) -> None:
+    def count_missed_call(self, info: StepInfo | None = None) -> None:
         """Count a call of this transformer that ran before this controller could see it (the call during which
-        Dynamo compiled the pieces of a split transformer): dense, as a step of its generation, from its inputs
-        when they are known. The next step that plans RAS refills the caches first."""
-        info = self.steps.advance_missed() if latents is None else self.steps.advance(latents, timestep)
+        Dynamo compiled the pieces of a split transformer): dense, as a step of its generation. ``info``: what this
+        controller's step source said when the call ran (``RASBackend.step_source``); None when its inputs are
+        unknown (counted now). The next step that plans RAS refills the caches first."""
+        info = self.steps.advance_missed() if info is None else info
         if info.repeat:
             return  # another guidance branch of the missed step
         if info.new_generation:

@@ -22,10 +22,14 @@ A piece takes one of five forms, chosen at its first call inside an open call:
   (``passes/rules/patchify.py``): it tells the scope how the latents split and runs dense, handing the tokens on
   whole.
 
-Never half RAS: a piece that takes image tokens and cannot be rewritten, a call whose graphs hold no cached
-attention (its attention runs eagerly), or an output not shaped like the latents turns the transformer dense from
-then on, with a warning that says why. A piece that missed the previous step (Dynamo compiled it anew) runs its step
-over all tokens, refreshing its caches.
+A piece may take several ``[B, N, C]`` inputs (a block's residual beside its attention output): each is gathered at
+the same rows. Attention that runs eagerly between pieces (Mochi's processor loops over the batch rows in Python)
+runs over all tokens of the full-width tensors the pieces hand on: the skipped tokens' inputs to it are those of
+their last RAS step.
+
+Never half RAS: a piece that takes image tokens and cannot be rewritten, or an output not shaped like the latents
+turns the transformer dense from then on, with a warning that says why. A piece that missed the previous step
+(Dynamo compiled it anew) runs its step over all tokens, refreshing its caches.
 """
 
 from __future__ import annotations
@@ -80,11 +84,18 @@ class PieceCall:
     # the full-width image-token tensors pieces handed on so far: where a later piece's joint input keeps them
     handed: list = dataclasses.field(default_factory=list)
 
+    frames: tuple[int, int, int] | None = None  # (B, F, tokens per frame): the patch embedding runs per frame
+
     def hand_on(self, out: Any) -> None:
-        """Remember the ``[B, N, C]`` image-token tensors among a piece's outputs."""
+        """Remember the ``[B, N, C]`` image-token tensors among a piece's outputs (and the ``[B * F, N / F, C]``
+        ones of a per-frame patch embedding)."""
         for value in out if isinstance(out, (tuple, list)) else (out,):
             if carries_piece_tokens(value, self.tokens):
                 self.handed.append(value)
+            elif self.frames is not None and carries_piece_tokens(
+                value, (self.frames[0] * self.frames[1], self.frames[2])
+            ):
+                self.handed.append(value.unflatten(0, self.frames[:2]).flatten(1, 2))  # frame by frame
 
 
 class OpenCalls(threading.local):
@@ -111,11 +122,15 @@ class TransformerScope:
         self.anchor = next(model.parameters(), None)
         self.broken: str | None = None
         self.param_ids = {id(p) for p in model.parameters()}
-        # calls no controller counted yet, per latents shape, with their latents and timestep: the call during which
-        # Dynamo compiled the first piece (this scope did not exist yet), and calls at a resolution whose head
-        # piece was not compiled yet
+        # calls no controller counted yet, per latents shape, with what the step source said of them: the call
+        # during which Dynamo compiled the first piece (this scope did not exist yet), and calls at a resolution
+        # whose head piece was not compiled yet
         self.missed: dict[tuple[int, ...] | None, list] = {}
         self.started: set[tuple[int, ...]] = set()
+        # latents shapes whose patch embedding runs per frame: (B, F, tokens per frame), and whether the first piece
+        # that takes the tokens found them frame by frame
+        self.frames: dict[tuple[int, ...], tuple[int, int, int]] = {}
+        self.frames_checked: set[tuple[int, ...]] = set()
         self.signature = inspect.signature(type(model).forward)
         self._record_installing_call(model)
         self.forced: Decision | None = None  # ``forcing``: the decision of the next calls, instead of the schedule's
@@ -222,6 +237,7 @@ class TransformerScope:
         if decision.reason is not None:
             self.backend.warn_once(decision.reason)
         call = PieceCall(self, control, decision, (control.layout.batch_size, control.layout.num_tokens))
+        call.frames = self.frames.get(tuple(latents.shape))
         call.outer, self.backend.open_calls.call = self.backend.open_calls.call, call
         return call
 
@@ -244,13 +260,14 @@ class TransformerScope:
                     self._record_missed(latents, timestep)
                     return
             frame = frame.f_back
-        self.missed[None] = [(None, None)]
+        self.missed[None] = [None]
 
     def _record_missed(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> None:
-        clone = latents.detach().clone()
-        self.missed.setdefault(tuple(latents.shape), []).append(
-            (clone, None if timestep is None else timestep.detach().clone())
-        )
+        """Count a call no controller sees in the step source its controller will share, now, while the step source
+        (a pipeline's scheduler) still says which step it is."""
+        shape = tuple(latents.shape)
+        info = self.backend.step_source(self.anchor, ("scope", shape)).advance(latents, timestep)
+        self.missed.setdefault(shape, []).append(info)
 
     def _inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         try:
@@ -268,8 +285,11 @@ class TransformerScope:
         tokens; None until then (the call runs dense, and is counted when the controller comes)."""
         shape = tuple(latents.shape)
         head = self.head_for(shape)
+        per_frame = self._per_frame_head(shape) if head is None and latents.dim() == 5 else None
         if head is not None:
             latent, num_tokens = head.latent, head.num_tokens
+        elif per_frame is not None:
+            latent, num_tokens = per_frame
         elif latents.dim() == 3 and latents.is_floating_point():
             latent, num_tokens = packed_layout(shape), shape[1]  # tokens are rows: an eager token-wise embedding
         elif shape not in self.missed:
@@ -293,9 +313,27 @@ class TransformerScope:
         control = self.backend.controller(self.anchor, ("scope", shape), layout, latents.device)
         if shape not in self.started:
             self.started.add(shape)
-            for latents_seen, timestep_seen in self.missed.pop(None, []) + self.missed.pop(shape, []):
-                control.count_missed_call(latents_seen, timestep_seen)
+            for info in self.missed.pop(None, []) + self.missed.pop(shape, []):
+                control.count_missed_call(info)
         return control
+
+    def _per_frame_head(self, shape: tuple[int, ...]) -> tuple[LatentLayout, int] | None:
+        """Video latents whose patch embedding runs per frame (Mochi: ``[B, C, F, H, W]`` permuted to
+        ``[B * F, C, H, W]`` eagerly, a head piece over those): the video layout with patches ``(1, p, p)``, frame
+        by frame, when one reading of the latents has such a head. The first piece that takes the tokens checks that
+        they come frame by frame (``PieceCall.frames``)."""
+        found = []
+        for channel_axis, frame_axis in ((1, 2), (2, 1)):
+            batch, frames = shape[0], shape[frame_axis]
+            head = self.head_for((batch * frames, shape[channel_axis], shape[3], shape[4]))
+            if head is not None and head.latent.kind == "image":
+                layout = LatentLayout("video", shape, channel_axis, (frame_axis, 3, 4), (1, *head.latent.patch))
+                found.append((layout, frames * head.num_tokens, (batch, frames, head.num_tokens)))
+        if len(found) != 1:
+            return None
+        layout, num_tokens, frames = found[0]
+        self.frames.setdefault(shape, frames)
+        return layout, num_tokens
 
     def _merge(self, call: PieceCall, out: Any) -> Any:
         """The forward's output with the tokens left out of a RAS step taking their cached noise prediction."""
@@ -306,12 +344,6 @@ class TransformerScope:
             # the forward ran uncompiled (called directly, not through Dynamo): a dense result, and no cache
             # was written, so the next step that plans RAS refills them first
             call.controller.last_step = -1
-            return out
-        if call.cached_attentions == 0:
-            self.break_pieces(
-                "none of its graphs holds an attention over the image tokens (its attention runs eagerly, outside "
-                "every graph, where RAS cannot cache keys and values)"
-            )
             return out
         sample = _sample_of(out)
         if any(sample is merged for merged in call.merged_outputs):
@@ -471,6 +503,12 @@ class ScopedPiece(StepGraph):
             return _Form("token-free")
         if token_inputs and stores_tokens_only(self.dense_gm, token_inputs):
             return _Form("store")  # dense: its tokens go, whole, into another input's storage
+        if token_inputs and not _frames_in_order(call, args[token_inputs[0]]):
+            call.scope.break_pieces(
+                "its per-frame patch embedding's tokens reach its blocks in another order than frame by frame, so "
+                "RAS cannot tell which latent elements make up each token"
+            )
+            return _Form("token-free")
         reasons = []
         for kind, hands_on in (("tail", False), ("through", True)):
             try:
@@ -499,6 +537,16 @@ class ScopedPiece(StepGraph):
 
 def _token_input(value: Any, tokens: tuple[int, int]) -> bool:
     return not isinstance(value, torch.nn.Parameter) and carries_piece_tokens(value, tokens)
+
+
+def _frames_in_order(call: PieceCall, tokens: torch.Tensor) -> bool:
+    """For a per-frame patch embedding, checked at the first piece of a shape that takes the tokens: they are the
+    per-frame tokens frame by frame (the video layout's token order). True when there is nothing to check."""
+    shape = call.controller.layout.latent.shape
+    if call.frames is None or shape in call.scope.frames_checked:
+        return True
+    call.scope.frames_checked.add(shape)
+    return any(h.shape == tokens.shape and torch.equal(h, tokens) for h in call.handed)
 
 
 def _joint_input(args: list, call: PieceCall) -> tuple[int, int] | None:

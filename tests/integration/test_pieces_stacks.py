@@ -102,9 +102,10 @@ def test_first_block_cache_runs_ras_and_its_cached_steps_keep_the_skipped_tokens
 
 @pytest.mark.parametrize("key", ["pyramid_attention_broadcast", "taylorseer"])
 def test_a_stack_whose_pieces_cannot_be_rewritten_runs_dense_as_a_whole(key):
-    """PyramidAttentionBroadcast and TaylorSeer hand cached image-token tensors of their own into pieces (two
-    [B, N, C] inputs), which the passes refuse; PAB also routes some steps through the whole graph. Never half RAS:
-    every generation runs dense, equals the stack without rascompile, and a warning says why."""
+    """PyramidAttentionBroadcast hands the single-stream blocks' joint [text; image] sequences between pieces and
+    also routes some steps through the whole graph; TaylorSeer reads the sizes of its cached image-token tensors:
+    the passes refuse those pieces. Never half RAS: every generation runs dense, equals the stack without
+    rascompile, and a warning says why."""
     stack = next(s for s in STACKS if s.key == key)
     torch._dynamo.reset()
     expected, _ = _generations(_pipeline(stack, None), count=1)

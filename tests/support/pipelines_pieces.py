@@ -195,3 +195,46 @@ def qwen_image21_pipeline_kwargs(batch: int = 1, steps: int = 6, seed: int = 0, 
         return_dict=False,
         use_kv_cache=use_kv_cache,
     )
+
+
+def tiny_mochi_pipeline(transformer=None):
+    """MochiPipeline with the tiny transformer, a flow-matching scheduler, no VAE, no T5. Guidance is batched: one
+    transformer call per step over the negative and positive prompts."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
+
+    from tests.support.models_pieces import tiny_mochi_transformer
+
+    pipe = MochiPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer if transformer is not None else tiny_mochi_transformer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def mochi_pipeline_kwargs(batch: int = 1, steps: int = 6, seed: int = 0) -> dict:
+    """``batch`` prompts of 6 tokens (width 16; the last row valid up to 4), a negative prompt of 3 valid tokens,
+    ``guidance_scale=4.5``; 7 frames of 64x64 pixels (2 latent frames of 8x8, N = 32). Returns latents
+    ``[batch, 4, 2, 8, 8]``."""
+    gen = torch.Generator().manual_seed(62_000 + seed)
+    negative_mask = torch.zeros(batch, 6, dtype=torch.long)
+    negative_mask[:, :3] = 1
+    mask = torch.ones(batch, 6, dtype=torch.long)
+    mask[-1, 4:] = 0
+    return dict(
+        prompt_embeds=torch.randn(batch, 6, 16, generator=gen),
+        prompt_attention_mask=mask,
+        negative_prompt_embeds=torch.randn(batch, 6, 16, generator=gen),
+        negative_prompt_attention_mask=negative_mask,
+        guidance_scale=4.5,
+        num_frames=7,
+        height=64,
+        width=64,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        return_dict=False,
+    )

@@ -397,10 +397,14 @@ CASES: list[Case] = [
         pieces.tiny_mochi_transformer,
         pieces.mochi_call_kwargs,
         ras=False,
+        pieces=True,
         reason="no image-token source found",
         note="`nonzero` on the text mask in each row of its attention processor: the forward and the attention run "
-        "eagerly, layer by layer",
+        "eagerly, layer by layer, the patch embedding per frame (with `graph_pieces=True` the attention stays eager, "
+        "over all tokens: the skipped ones take their last inputs to it)",
         layout="video",
+        pipeline=pipelines_pieces.tiny_mochi_pipeline,
+        pipeline_kwargs=pipelines_pieces.mochi_pipeline_kwargs,
     ),
     Case(
         "sana",

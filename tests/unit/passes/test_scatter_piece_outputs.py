@@ -55,7 +55,7 @@ def test_a_later_piece_takes_the_input_of_the_transformers_token_count():
         build_ras_graph(tail)  # on its own it has no latents
     _, ctx = run_until(tail, "find_token_source", piece_tokens=(2, 16))
     assert fact(ctx, "token_source") == fact(ctx, "latents") and fact(ctx, "num_tokens") == 16
-    with pytest.raises(RewriteError, match="one \\[B, N, C\\] input of the transformer's 12 image tokens: none"):
+    with pytest.raises(RewriteError, match="a \\[B, N, C\\] input of the transformer's 12 image tokens: none"):
         run_until(tail, "find_token_source", piece_tokens=(2, 12))
 
 
@@ -174,3 +174,34 @@ def test_a_piece_that_only_stores_its_tokens_into_another_input_is_recognised():
     gm, _ = capture(Leaks(), *args)
     tokens = [i for i, n in enumerate(placeholders(gm)) if tuple(n.meta["example_value"].shape) == (2, 16, 8)]
     assert not stores_tokens_only(gm, tokens)
+
+
+class TwoInputPiece(torch.nn.Module):
+    """A piece that takes two image-token tensors [B, 16, 8] (a block's residual beside its attention output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Linear(8, 8)
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, residual, attended):
+        h = residual + self.mix(attended)
+        b, n, _ = h.shape
+        q, k, v = (t.view(b, n, 2, 4).transpose(1, 2) for t in self.qkv(h).chunk(3, dim=-1))
+        return (h + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, 8),)
+
+
+def test_a_piece_with_two_image_token_inputs_gathers_both_at_the_same_rows():
+    g = torch.Generator().manual_seed(5)
+    args = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g)
+    gm, inputs = capture(TwoInputPiece().eval(), *args)
+    ras, signature, ctx = build_ras_graph(gm, piece_tokens=(2, 16), piece_outputs=True)
+    assert len(ctx.more_token_sources) == 1
+    with torch.no_grad():
+        (dense,) = gm(*inputs)
+        cache = torch.zeros(ctx.output_cache_shape)
+        kv = [torch.zeros(s.shape) for s in signature.kv_caches]
+        ras(*signature.bind(inputs, _all_tokens(2, 16), cache, kv))
+        subset = torch.tensor([[2, 5, 11], [0, 8, 13]])
+        (got,) = ras(*signature.bind(inputs, subset, cache, kv))
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
