@@ -176,15 +176,11 @@ def qwen_image21_pipeline_kwargs(batch: int = 1, steps: int = 6, seed: int = 0, 
     """``batch`` prompts of 6 tokens (width 24; the last row valid up to 4) with a negative prompt of 3 valid tokens
     and ``true_cfg_scale=4`` (two transformer calls per step), 128x128 pixels (8x8 packed latents, N = 64, the VAE
     factor 16). Returns packed latents ``[batch, 64, 16]``."""
-    gen = torch.Generator().manual_seed(61_000 + seed)
-    negative_mask = torch.zeros(batch, 6, dtype=torch.bool)
-    negative_mask[:, :3] = True
-    mask = torch.ones(batch, 6, dtype=torch.bool)
-    mask[-1, 4:] = False
+    embeds, mask, negative_embeds, negative_mask = _prompts(batch, 24, torch.bool, 61_000 + seed)
     return dict(
-        prompt_embeds=torch.randn(batch, 6, 24, generator=gen),
+        prompt_embeds=embeds,
         prompt_embeds_mask=mask,
-        negative_prompt_embeds=torch.randn(batch, 6, 24, generator=gen),
+        negative_prompt_embeds=negative_embeds,
         negative_prompt_embeds_mask=negative_mask,
         true_cfg_scale=4.0,
         height=128,
@@ -219,15 +215,11 @@ def mochi_pipeline_kwargs(batch: int = 1, steps: int = 6, seed: int = 0) -> dict
     """``batch`` prompts of 6 tokens (width 16; the last row valid up to 4), a negative prompt of 3 valid tokens,
     ``guidance_scale=4.5``; 7 frames of 64x64 pixels (2 latent frames of 8x8, N = 32). Returns latents
     ``[batch, 4, 2, 8, 8]``."""
-    gen = torch.Generator().manual_seed(62_000 + seed)
-    negative_mask = torch.zeros(batch, 6, dtype=torch.long)
-    negative_mask[:, :3] = 1
-    mask = torch.ones(batch, 6, dtype=torch.long)
-    mask[-1, 4:] = 0
+    embeds, mask, negative_embeds, negative_mask = _prompts(batch, 16, torch.long, 62_000 + seed)
     return dict(
-        prompt_embeds=torch.randn(batch, 6, 16, generator=gen),
+        prompt_embeds=embeds,
         prompt_attention_mask=mask,
-        negative_prompt_embeds=torch.randn(batch, 6, 16, generator=gen),
+        negative_prompt_embeds=negative_embeds,
         negative_prompt_attention_mask=negative_mask,
         guidance_scale=4.5,
         num_frames=7,
@@ -238,3 +230,15 @@ def mochi_pipeline_kwargs(batch: int = 1, steps: int = 6, seed: int = 0) -> dict
         output_type="latent",
         return_dict=False,
     )
+
+
+def _prompts(batch: int, width: int, mask_dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """Prompt and negative-prompt embeddings ``[batch, 6, width]`` with their masks: the prompt's last row valid up
+    to 4 tokens, the negative prompt 3 valid tokens per row."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, 6, dtype=mask_dtype)
+    mask[-1, 4:] = 0
+    negative_mask = torch.zeros(batch, 6, dtype=mask_dtype)
+    negative_mask[:, :3] = 1
+    embeds = torch.randn(batch, 6, width, generator=gen)
+    return embeds, mask, torch.randn(batch, 6, width, generator=gen), negative_mask

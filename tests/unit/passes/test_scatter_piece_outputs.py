@@ -37,14 +37,21 @@ def test_the_head_hands_its_tokens_on_through_a_cache_at_full_width():
     assert len(merged) == 1 and merged[0] in next(n for n in graph.graph.nodes if n.op == "output").all_input_nodes
 
 
-def test_a_head_step_over_all_tokens_equals_dense_and_fills_the_cache():
-    (head, inputs), _ = _pieces()
-    ras, signature, ctx = build_ras_graph(head, piece_outputs=True)
+def _capture_step(gm, rewrite, inputs, batch=2, n=16):
+    """The dense output of ``gm`` and its RAS graph's step over all tokens on fresh caches: ``(dense, got, cache,
+    kv)``."""
+    ras, signature, ctx = rewrite
     with torch.no_grad():
-        (dense,) = head(*inputs)
+        (dense,) = gm(*inputs)
         cache = torch.zeros(ctx.output_cache_shape)
         kv = [torch.zeros(s.shape) for s in signature.kv_caches]
-        (got,) = ras(*signature.bind(inputs, _all_tokens(2, 16), cache, kv))
+        (got,) = ras(*signature.bind(inputs, _all_tokens(batch, n), cache, kv))
+    return dense, got, cache, kv
+
+
+def test_a_head_step_over_all_tokens_equals_dense_and_fills_the_cache():
+    (head, inputs), _ = _pieces()
+    dense, got, cache, _ = _capture_step(head, build_ras_graph(head, piece_outputs=True), inputs)
     torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cache, dense, rtol=1e-6, atol=1e-6)
 
@@ -129,16 +136,14 @@ def _joint_piece():
 
 def test_a_joint_sequence_piece_gathers_its_image_rows_and_hands_the_sequence_on_whole():
     gm, inputs, joint = _joint_piece()
-    ras, signature, ctx = build_ras_graph(gm, piece_tokens=(2, 16), piece_outputs=True, piece_joint=joint)
+    rewrite = build_ras_graph(gm, piece_tokens=(2, 16), piece_outputs=True, piece_joint=joint)
+    ras, signature, ctx = rewrite
     assert ctx.num_tokens == 16 and ctx.output_cache_shape == (2, 16, 8)
+    dense, full, cache, kv = _capture_step(gm, rewrite, inputs)
+    torch.testing.assert_close(full, dense, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache, dense[:, 3:], rtol=1e-6, atol=1e-6)
+    subset = torch.tensor([[1, 4, 9], [0, 7, 15]])
     with torch.no_grad():
-        (dense,) = gm(*inputs)
-        cache = torch.zeros(ctx.output_cache_shape)
-        kv = [torch.zeros(s.shape) for s in signature.kv_caches]
-        (full,) = ras(*signature.bind(inputs, _all_tokens(2, 16), cache, kv))
-        torch.testing.assert_close(full, dense, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(cache, dense[:, 3:], rtol=1e-6, atol=1e-6)
-        subset = torch.tensor([[1, 4, 9], [0, 7, 15]])
         (again,) = ras(*signature.bind(inputs, subset, cache, kv))  # unchanged inputs: the caches give the rest
     torch.testing.assert_close(again, dense, rtol=1e-5, atol=1e-5)
 
@@ -195,13 +200,11 @@ def test_a_piece_with_two_image_token_inputs_gathers_both_at_the_same_rows():
     g = torch.Generator().manual_seed(5)
     args = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g)
     gm, inputs = capture(TwoInputPiece().eval(), *args)
-    ras, signature, ctx = build_ras_graph(gm, piece_tokens=(2, 16), piece_outputs=True)
+    rewrite = build_ras_graph(gm, piece_tokens=(2, 16), piece_outputs=True)
+    ras, signature, ctx = rewrite
     assert len(ctx.more_token_sources) == 1
+    dense, _, cache, kv = _capture_step(gm, rewrite, inputs)
+    subset = torch.tensor([[2, 5, 11], [0, 8, 13]])
     with torch.no_grad():
-        (dense,) = gm(*inputs)
-        cache = torch.zeros(ctx.output_cache_shape)
-        kv = [torch.zeros(s.shape) for s in signature.kv_caches]
-        ras(*signature.bind(inputs, _all_tokens(2, 16), cache, kv))
-        subset = torch.tensor([[2, 5, 11], [0, 8, 13]])
         (got,) = ras(*signature.bind(inputs, subset, cache, kv))
     torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
