@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .config import RASConfig
-from .runtime.backend import RASBackend, scheduler_steps
+from .runtime.backend import APPLIED_BACKENDS, RASBackend, scheduler_steps
 
 
 def apply(
@@ -48,4 +48,5 @@ def apply(
     # (``set_adapters``, ``load_lora_weights``, hotswapping), ``enable_cache`` and the offloading hooks, which
     # ``enable_model_cpu_offload`` re-installs after every call, keep working, and a hook stays in the compiled call.
     transformer.compile(backend=backend, dynamic=False)
+    APPLIED_BACKENDS.add(backend)
     return backend

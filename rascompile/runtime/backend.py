@@ -572,21 +572,28 @@ def _graph_status(backend: RASBackend, graph: StepGraph) -> str:
 
 
 def status(module: torch.nn.Module) -> str:
-    """``RASBackend.status`` for ``module`` over every ``backend="ras"`` compile that saw it."""
-    reports = [b.status(module) for b in list(_SHARED_BACKENDS.values())]
+    """``RASBackend.status`` for ``module`` over every ``backend="ras"`` compile and ``rascompile.apply`` that saw
+    it."""
+    reports = [b.status(module) for b in _backends()]
     reports = [r for r in reports if r != "no graph compiled yet"]
     return "\n".join(reports) if reports else "no graph of this module compiled by backend='ras' yet"
 
 
 def controllers_of(module: torch.nn.Module) -> list[RASController]:
-    """The controllers that ran ``module`` through ``torch.compile(..., backend="ras")`` (see
-    ``RASBackend.controllers_of``; for ``rascompile.apply`` ask the backend it returns)."""
-    return [c for backend in list(_SHARED_BACKENDS.values()) for c in backend.controllers_of(module)]
+    """The controllers that ran ``module`` through ``torch.compile(..., backend="ras")`` or ``rascompile.apply``
+    (see ``RASBackend.controllers_of``)."""
+    return [c for backend in _backends() for c in backend.controllers_of(module)]
+
+
+def _backends() -> list[RASBackend]:
+    return list(_SHARED_BACKENDS.values()) + list(APPLIED_BACKENDS)
 
 
 # The backends of ``backend="ras"`` compiles, by their options. Weak: an entry lives as long as Dynamo keeps a
 # graph of that backend; the per-generation state lives in the graphs' controllers.
 _SHARED_BACKENDS: weakref.WeakValueDictionary[str, RASBackend] = weakref.WeakValueDictionary()
+# The backends of ``rascompile.apply`` (one per call; its compiled transformer keeps it alive), for ``status``.
+APPLIED_BACKENDS: weakref.WeakSet[RASBackend] = weakref.WeakSet()
 
 
 def scheduler_steps(scheduler, num_inference_steps: int | None = None) -> Callable[[], SchedulerSteps]:

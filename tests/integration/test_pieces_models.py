@@ -164,6 +164,8 @@ def test_a_generation_through_the_pipeline_runs_ras(case):
     messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
     assert not messages, messages
     (control,) = backend.controllers_of(pipe.transformer)
+    assert backend_module.controllers_of(pipe.transformer) == [control]  # rascompile.status reads it too
+    assert "RAS across its pieces" in rascompile.status(pipe.transformer)
     assert control.generations == 3
     assert [d.kind for d in control.history].count("ras") >= 2, control.history
     if case.per_branch:  # else guidance is batched: one call per step (Mochi)
