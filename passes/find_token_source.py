@@ -27,7 +27,7 @@ import torch
 import torch.fx
 
 from .context import PassContext, RewriteError, module_path
-from .graph_utils import describe, example_value, forward_slice, placeholders
+from .graph_utils import describe, example_value, forward_slice, is_linear, placeholders
 from .op_sets import CASTS, ELEMENTWISE, VIEWS, WRITES, matches
 from .rules.latent_layout import (
     LatentLayout,
@@ -137,10 +137,28 @@ def _packed_latents(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], reaso
             if tuple(int(s) for s in value.shape[:2]) == (batch, num_tokens):
                 candidates.append(node)
     if len(candidates) > 1:
+        # floating position ids [B, N, d] (FLUX.2's img_ids, when the caller passes them as floats) have the tokens'
+        # shape too; the latents are the one input a linear projects first
+        projected = [n for n in candidates if _enters_a_linear(n)]
+        if len(projected) == 1:
+            return projected[0]
         names = ", ".join(n.name for n in candidates)
         reasons.append(f"packed latents are ambiguous: {names} all have the output's {num_tokens} tokens")
         return None
     return candidates[0] if candidates else None
+
+
+def _enters_a_linear(node: torch.fx.Node) -> bool:
+    """Whether ``node`` (through dtype casts only) is the input of a linear layer."""
+    frontier = [node]
+    while frontier:
+        current = frontier.pop()
+        for user in current.users:
+            if is_linear(user) and user.args and user.args[0] is current:
+                return True
+            if matches(user, CASTS):
+                frontier.append(user)
+    return False
 
 
 def _open_joint_input(

@@ -1,6 +1,7 @@
 """DiTs with packed latents [B, N, C] through the passes, checked by the model-agnostic invariants: Flux.1 (RoPE
 over the joint [text; image] sequence, single-stream blocks; also through the real FluxPipeline, with and
-without true CFG) and Qwen-Image (per-stream RoPE, a text mask over the joint keys)."""
+without true CFG), Qwen-Image (per-stream RoPE, a text mask over the joint keys) and FLUX.2 called with float
+position ids (a second floating input of the tokens' shape)."""
 
 import warnings
 
@@ -40,9 +41,20 @@ def _capture_call(model, kwargs):
     return graphs[0]
 
 
+def _flux2_float_ids():
+    """FLUX.2 with ``img_ids`` and ``txt_ids`` passed as floats (its pipeline passes int64): the ids then have the
+    latents' floating [B, N, C] shape too; the latents are the input ``x_embedder`` projects."""
+    from tests.support.models_image import flux2_call_kwargs, tiny_flux2_transformer
+
+    kwargs = flux2_call_kwargs()
+    kwargs.update(img_ids=kwargs["img_ids"].float(), txt_ids=kwargs["txt_ids"].float())
+    return _capture_call(tiny_flux2_transformer(), kwargs)
+
+
 CAPTURES = {
     "flux": lambda: capture_pipeline_graph(tiny_flux_pipeline(), flux_call_kwargs()),
     "qwen-image": lambda: _capture_call(tiny_qwen_image_transformer(), qwen_image_call_kwargs()),
+    "flux2-float-ids": _flux2_float_ids,
 }
 
 

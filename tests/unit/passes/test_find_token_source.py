@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rascompile.passes.context import RewriteError, module_path
 from tests.support.passes import (
+    HEAD_DIM,
+    HEADS,
     WIDTH,
     TinyDiT,
     TinyPackedDiT,
@@ -78,9 +81,29 @@ def test_packed_latents_are_the_one_input_with_the_outputs_token_count():
 
 
 def test_two_inputs_with_the_outputs_token_count_are_refused():
-    gm, _ = capture(TinyPackedDiT(ambiguous=True))
+    gm, _ = capture(TinyPackedDiT(ambiguous=True))  # both go through a linear first: either could be the latents
     with pytest.raises(RewriteError, match="packed latents are ambiguous"):
         run_until(gm, PASS)
+
+
+class FloatPositionIds(TinyPackedDiT):
+    """FLUX.2 called with float ``img_ids`` [B, N, 4]: a second floating input of the tokens' shape, read as
+    positions (here a cosine table added to the tokens), never projected by a linear."""
+
+    def forward(self, hidden_states, img_ids):
+        tokens = self.x_embedder(hidden_states)
+        tokens = tokens + (img_ids.sum(dim=-1, keepdim=True) * torch.arange(1, WIDTH + 1)).cos()
+        q, k, v = (t.unflatten(2, (HEADS, HEAD_DIM)).transpose(1, 2) for t in self.qkv(tokens).chunk(3, -1))
+        return self.proj(tokens + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def test_float_position_ids_of_the_tokens_shape_are_not_taken_for_the_latents():
+    model = FloatPositionIds()
+    ids = torch.cartesian_prod(torch.arange(4), torch.arange(4)).float()
+    ids = torch.cat([ids, torch.zeros(16, 2)], dim=1).expand(2, -1, -1)
+    gm, _ = capture(model, model.inputs()[0], ids)
+    out, ctx = run_until(gm, PASS)
+    assert "hidden_states" in fact(ctx, "latents") and fact(ctx, "num_tokens") == 16
 
 
 class OverlappingPatches(torch.nn.Module):
