@@ -1,12 +1,12 @@
-"""Capturing Dynamo graphs for the tests (thin wrappers of ``rascompile.capture``), and running one step of a
-rewritten graph."""
+"""Capturing Dynamo graphs for the tests (thin wrappers of ``rascompile.capture``), a pipeline's transformer call,
+and running one step of a rewritten graph."""
 
 import torch
 
 from rascompile.capture import GraphCapture, capture_graphs, capture_pipeline_graphs
 from rascompile.passes.signature import StepSignature, step_signature
 
-__all__ = ["GraphCapture", "capture_graph", "capture_pipeline_graph", "run_ras_step"]
+__all__ = ["GraphCapture", "capture_graph", "capture_pipeline_graph", "run_ras_step", "transformer_call_kwargs"]
 
 
 def capture_pipeline_graph(pipe, call_kwargs):
@@ -28,3 +28,29 @@ def run_ras_step(ras, ctx, inputs, idx, output_cache=None, kv=None):
     kv = [torch.zeros(c.shape, dtype=c.dtype) for c in signature.kv_caches] if kv is None else kv
     with torch.no_grad():
         return ras(*signature.bind(inputs, idx, output_cache, kv))[0], output_cache, kv
+
+
+class _FirstCall(Exception):
+    """Raised by ``transformer_call_kwargs``'s hook to stop the pipeline at its first transformer call."""
+
+
+def transformer_call_kwargs(pipe, pipe_kwargs: dict) -> dict:
+    """The keyword arguments ``pipe`` passes to its transformer on its first call of ``pipe(**pipe_kwargs)``: the
+    pipeline's own layouts, dtypes, ids and masks, read from the real pipeline instead of written again."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.update({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        raise _FirstCall
+
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(**pipe_kwargs)
+    except _FirstCall:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise AssertionError(f"{type(pipe).__name__} never called its transformer")
+    return seen

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tests.support import models, models_video, pipelines_pieces
 from tests.support import models_classic as classic
+from tests.support import models_flux_family as flux_family
 from tests.support import models_image as image
 from tests.support import models_pieces as pieces
 
@@ -224,6 +225,21 @@ CASES: list[Case] = [
         reason="joint RoPE table, single-stream blocks",
         pipeline=image.tiny_flux2_pipeline,
         pipeline_kwargs=image.flux2_pipeline_kwargs,
+        timestep_scale=1.0,
+        layout="packed",
+    ),
+    Case(
+        "ovis-image",
+        "Ovis-Image",
+        "OvisImageTransformer2DModel",
+        "OvisImagePipeline",
+        flux_family.tiny_ovis_image_transformer,
+        flux_family.ovis_image_call_kwargs,
+        ras=True,
+        reason="FLUX.1-style joint RoPE, single-stream blocks; one call per guidance branch",
+        pipeline=flux_family.tiny_ovis_image_pipeline,
+        pipeline_kwargs=flux_family.ovis_image_pipeline_kwargs,
+        per_branch=True,
         timestep_scale=1.0,
         layout="packed",
     ),

@@ -1,0 +1,73 @@
+"""Tiny, seeded, download-free DiTs of the FLUX.1 family beyond FLUX.1 itself: Ovis-Image.
+
+Conventions as :mod:`models_image`: one block of each kind, 2 heads x 8 (hidden 16), packed latents of 16 elements
+per token, N = 64 image tokens (128 px, no VAE: scale 8, packed 2x2), parameters re-drawn with ``_reinit_``. The
+call kwargs are read from the real pipeline's first transformer call (``capture.transformer_call_kwargs``).
+
+Ovis-Image calls its transformer once per guidance branch (positive, then negative prompts), with
+``timestep / 1000``, float ``txt_ids`` ``[L, 3]`` and ``img_ids`` ``[N, 3]``, no text mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tests.support.capture import transformer_call_kwargs
+from tests.support.models import _reinit_
+
+HIDDEN_HEADS, HEAD_DIM, TEXT_DIM, TEXT_LEN, IN_CHANNELS = 2, 8, 24, 5, 16
+
+
+def tiny_ovis_image_transformer(seed: int = 0):
+    """Ovis-Image: one double-stream and one single-stream block, 3-axis RoPE (2, 2, 4)."""
+    from diffusers import OvisImageTransformer2DModel
+
+    model = OvisImageTransformer2DModel(
+        patch_size=1,
+        in_channels=IN_CHANNELS,
+        out_channels=IN_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HIDDEN_HEADS,
+        joint_attention_dim=TEXT_DIM,
+        axes_dims_rope=(2, 2, 4),
+    )
+    return _reinit_(model, seed, std=0.15, qk_std=0.3).eval()
+
+
+def tiny_ovis_image_pipeline(transformer=None):
+    """OvisImagePipeline with a flow-matching scheduler, no VAE, no Qwen3 text encoder or tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline
+
+    pipe = OvisImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer if transformer is not None else tiny_ovis_image_transformer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def ovis_image_pipeline_kwargs(batch: int = 1, steps: int = 8, seed: int = 0) -> dict:
+    """``batch`` prompts of 5 tokens and their negative prompts (guidance 4: two calls per step), 128 px."""
+    gen = torch.Generator().manual_seed(70_000 + seed)
+    return dict(
+        negative_prompt=None,
+        prompt_embeds=torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=gen),
+        negative_prompt_embeds=torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=gen),
+        guidance_scale=4.0,
+        height=128,
+        width=128,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        return_dict=False,
+    )
+
+
+def ovis_image_call_kwargs(batch: int = 2, seed: int = 0) -> dict:
+    """The first transformer call of ``OvisImagePipeline`` for ``batch`` prompts (its positive branch)."""
+    return transformer_call_kwargs(tiny_ovis_image_pipeline(), ovis_image_pipeline_kwargs(batch, steps=4, seed=seed))
