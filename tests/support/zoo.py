@@ -20,6 +20,7 @@ from tests.support import models_classic as classic
 from tests.support import models_flux_family as flux_family
 from tests.support import models_image as image
 from tests.support import models_pieces as pieces
+from tests.support import models_wan_family as wan_family
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / "docs" / "bench"
@@ -114,6 +115,20 @@ CASES: list[Case] = [
         pipeline_kwargs=lambda: models.wan_pipeline_kwargs(),
         per_branch=True,
         bench="wan",
+        layout="video",
+    ),
+    Case(
+        "skyreels-v2",
+        "SkyReels-V2",
+        "SkyReelsV2Transformer3DModel",
+        "SkyReelsV2Pipeline",
+        wan_family.tiny_skyreels_v2_transformer,
+        wan_family.skyreels_v2_call_kwargs,
+        ras=True,
+        reason="Wan 2.1 blocks; one call per guidance branch",
+        pipeline=wan_family.tiny_skyreels_v2_pipeline,
+        pipeline_kwargs=wan_family.skyreels_v2_pipeline_kwargs,
+        per_branch=True,
         layout="video",
     ),
     Case(
