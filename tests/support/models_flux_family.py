@@ -1,11 +1,13 @@
-"""Tiny, seeded, download-free DiTs of the FLUX.1 family beyond FLUX.1 itself: Ovis-Image.
+"""Tiny, seeded, download-free DiTs of the FLUX.1 family beyond FLUX.1 itself: Ovis-Image, Bria 3.2.
 
 Conventions as :mod:`models_image`: one block of each kind, 2 heads x 8 (hidden 16), packed latents of 16 elements
 per token, N = 64 image tokens (128 px, no VAE: scale 8, packed 2x2), parameters re-drawn with ``_reinit_``. The
 call kwargs are read from the real pipeline's first transformer call (``capture.transformer_call_kwargs``).
 
 Ovis-Image calls its transformer once per guidance branch (positive, then negative prompts), with
-``timestep / 1000``, float ``txt_ids`` ``[L, 3]`` and ``img_ids`` ``[N, 3]``, no text mask.
+``timestep / 1000``, float ``txt_ids`` ``[L, 3]`` and ``img_ids`` ``[N, 3]``, no text mask. Bria 3.2 batches
+guidance (``[negative; positive]`` rows, one call per step) and needs a VAE to build (it reads its config): a tiny
+``AutoencoderKL`` of one block, scale factor 2, so 16 px give 8x8 packed tokens.
 """
 
 from __future__ import annotations
@@ -71,3 +73,65 @@ def ovis_image_pipeline_kwargs(batch: int = 1, steps: int = 8, seed: int = 0) ->
 def ovis_image_call_kwargs(batch: int = 2, seed: int = 0) -> dict:
     """The first transformer call of ``OvisImagePipeline`` for ``batch`` prompts (its positive branch)."""
     return transformer_call_kwargs(tiny_ovis_image_pipeline(), ovis_image_pipeline_kwargs(batch, steps=4, seed=seed))
+
+
+def tiny_bria_transformer(seed: int = 0):
+    """Bria 3.2: one double-stream and one single-stream block, 3-axis RoPE (2, 2, 4), no pooled projection."""
+    from diffusers import BriaTransformer2DModel
+
+    model = BriaTransformer2DModel(
+        patch_size=1,
+        in_channels=IN_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HIDDEN_HEADS,
+        joint_attention_dim=TEXT_DIM,
+        axes_dims_rope=[2, 2, 4],
+    )
+    return _reinit_(model, seed, std=0.15, qk_std=0.3).eval()
+
+
+def tiny_bria_pipeline(transformer=None):
+    """BriaPipeline with a flow-matching scheduler, a tiny one-block VAE (never run: latent output), no T5."""
+    from diffusers import AutoencoderKL, BriaPipeline, FlowMatchEulerDiscreteScheduler
+
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    pipe = BriaPipeline(
+        transformer=transformer if transformer is not None else tiny_bria_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bria_pipeline_kwargs(batch: int = 1, steps: int = 8, seed: int = 0) -> dict:
+    """``batch`` prompts of 5 tokens and their negative prompts (guidance 4, batched), 16 px: N = 64."""
+    gen = torch.Generator().manual_seed(71_000 + seed)
+    return dict(
+        prompt_embeds=torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=gen),
+        negative_prompt_embeds=torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=gen),
+        guidance_scale=4.0,
+        height=16,
+        width=16,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        return_dict=False,
+    )
+
+
+def bria_call_kwargs(batch: int = 2, seed: int = 0) -> dict:
+    """The first transformer call of ``BriaPipeline``: ``batch`` rows, the negative and positive halves of
+    ``batch // 2`` prompts."""
+    return transformer_call_kwargs(tiny_bria_pipeline(), bria_pipeline_kwargs(max(1, batch // 2), steps=4, seed=seed))
