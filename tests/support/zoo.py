@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tests.support import models, models_video, pipelines_pieces
 from tests.support import models_classic as classic
-from tests.support import models_flux_family as flux_family
 from tests.support import models_image as image
+from tests.support import models_image_newer as newer
 from tests.support import models_pieces as pieces
 from tests.support import models_wan_family as wan_family
 
@@ -248,12 +248,12 @@ CASES: list[Case] = [
         "Ovis-Image",
         "OvisImageTransformer2DModel",
         "OvisImagePipeline",
-        flux_family.tiny_ovis_image_transformer,
-        flux_family.ovis_image_call_kwargs,
+        newer.tiny_ovis_image_transformer,
+        newer.ovis_image_call_kwargs,
         ras=True,
         reason="FLUX.1-style joint RoPE, single-stream blocks; one call per guidance branch",
-        pipeline=flux_family.tiny_ovis_image_pipeline,
-        pipeline_kwargs=flux_family.ovis_image_pipeline_kwargs,
+        pipeline=newer.tiny_ovis_image_pipeline,
+        pipeline_kwargs=newer.ovis_image_pipeline_kwargs,
         per_branch=True,
         timestep_scale=1.0,
         layout="packed",
@@ -263,13 +263,26 @@ CASES: list[Case] = [
         "Bria 3.2",
         "BriaTransformer2DModel",
         "BriaPipeline",
-        flux_family.tiny_bria_transformer,
-        flux_family.bria_call_kwargs,
+        newer.tiny_bria_transformer,
+        newer.bria_call_kwargs,
         ras=True,
         reason="FLUX.1-style joint RoPE, single-stream blocks; guidance batched",
-        pipeline=flux_family.tiny_bria_pipeline,
-        pipeline_kwargs=flux_family.bria_pipeline_kwargs,
+        pipeline=newer.tiny_bria_pipeline,
+        pipeline_kwargs=newer.bria_pipeline_kwargs,
         layout="packed",
+    ),
+    Case(
+        "prx",
+        "PRX",
+        "PRXTransformer2DModel",
+        "PRXPipeline",
+        newer.tiny_prx_transformer,
+        newer.prx_call_kwargs,
+        ras=True,
+        reason="text keys joined at attention, boolean text mask; guidance batched",
+        pipeline=newer.tiny_prx_pipeline,
+        pipeline_kwargs=newer.prx_pipeline_kwargs,
+        timestep_scale=1.0,
     ),
     Case(
         "chroma",
