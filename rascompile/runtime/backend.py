@@ -163,6 +163,9 @@ class RASBackend:
         installed = hooks_on(module) if module is not None else ()
         if installed:
             lines.append(f"hooks on this transformer: {', '.join(installed)} (to keep RAS: {advice_for(installed)})")
+        scope = self._scopes.get(getattr(module, "_orig_mod", module)) if module is not None else None
+        if scope is not None:
+            lines.append(f"call scope: {scope.describe()}")
         for i, graph in enumerate(graphs):
             lines.append(f"graph {i}: {_graph_status(self, graph)}")
         controllers = self.controllers_of(module) if module is not None else self._all_controllers()

@@ -134,6 +134,7 @@ class TransformerScope:
         self.signature = inspect.signature(type(model).forward)
         self._record_installing_call(model)
         self.forced: Decision | None = None  # ``forcing``: the decision of the next calls, instead of the schedule's
+        self.eager_attention = False  # a RAS call whose attention ran outside every graph
         self._install(model)
 
     def _install(self, model: torch.nn.Module) -> None:
@@ -163,6 +164,18 @@ class TransformerScope:
 
         # Dynamo skips this frame and compiles what it calls: the forward runs as it did, the wrapper eagerly
         model.forward = types.MethodType(torch.compiler.disable(forward, recursive=False), model)
+
+    def describe(self) -> str:
+        """This transformer's call scope, for ``status``."""
+        if self.broken is not None:
+            return self.broken
+        line = "RAS across the pieces of each call"
+        if self.eager_attention:
+            line += (
+                "; its attention runs eagerly, outside every graph, over all tokens (no K/V cache): RAS saves the "
+                "work inside the graphs only"
+            )
+        return line
 
     def break_pieces(self, why: str, advice: str | None = None) -> None:
         """Run every later call of this transformer dense, saying why (and what keeps RAS, when known)."""
@@ -345,6 +358,8 @@ class TransformerScope:
             # was written, so the next step that plans RAS refills them first
             call.controller.last_step = -1
             return out
+        if call.cached_attentions == 0:
+            self.eager_attention = True  # Mochi: said by ``status``
         sample = _sample_of(out)
         if any(sample is merged for merged in call.merged_outputs):
             return out

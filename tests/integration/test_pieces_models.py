@@ -165,7 +165,9 @@ def test_a_generation_through_the_pipeline_runs_ras(case):
     assert not messages, messages
     (control,) = backend.controllers_of(pipe.transformer)
     assert backend_module.controllers_of(pipe.transformer) == [control]  # rascompile.status reads it too
-    assert "RAS across its pieces" in rascompile.status(pipe.transformer)
+    report = rascompile.status(pipe.transformer)
+    assert "call scope: RAS across the pieces of each call" in report and "RAS across its pieces" in report, report
+    assert ("attention runs eagerly" in report) == (case.key == "mochi"), report
     assert control.generations == 3
     assert [d.kind for d in control.history].count("ras") >= 2, control.history
     if case.per_branch:  # else guidance is batched: one call per step (Mochi)
