@@ -380,23 +380,27 @@ WAN_TEXT_DIM = 24
 WAN_TEXT_LEN = 6
 
 
+#: The tiny Wan 2.1 sizes, shared by the classes built on its blocks (SkyReels-V2: ``models_wan_family``).
+TINY_WAN_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=4,
+    text_dim=WAN_TEXT_DIM,
+    freq_dim=16,
+    ffn_dim=32,
+    num_layers=2,
+    rope_max_seq_len=64,
+)
+
+
 def tiny_wan_transformer(seed: int = 0):
     """A Wan 2.1 transformer: two blocks, hidden 16 (2 heads x 8), patch (1, 2, 2), 4 latent channels, RoPE over
     (frame, row, column) written in place into an ``empty_like`` buffer, RMS q/k norm across heads."""
     from diffusers import WanTransformer3DModel
 
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=WAN_TEXT_DIM,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=64,
-    )
+    model = WanTransformer3DModel(**TINY_WAN_CONFIG)
     _reinit_(model, seed, std=0.15, qk_std=0.3)
     return model.eval()
 

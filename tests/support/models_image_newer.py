@@ -20,23 +20,23 @@ from tests.support.capture import transformer_call_kwargs
 from tests.support.models import _reinit_
 
 HIDDEN_HEADS, HEAD_DIM, TEXT_DIM, TEXT_LEN, IN_CHANNELS = 2, 8, 24, 5, 16
+#: One double-stream and one single-stream block of the FLUX.1 family's sizes here (Ovis-Image, Bria 3.2).
+_FLUX1_BLOCKS = dict(
+    patch_size=1,
+    in_channels=IN_CHANNELS,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=HEAD_DIM,
+    num_attention_heads=HIDDEN_HEADS,
+    joint_attention_dim=TEXT_DIM,
+)
 
 
 def tiny_ovis_image_transformer(seed: int = 0):
     """Ovis-Image: one double-stream and one single-stream block, 3-axis RoPE (2, 2, 4)."""
     from diffusers import OvisImageTransformer2DModel
 
-    model = OvisImageTransformer2DModel(
-        patch_size=1,
-        in_channels=IN_CHANNELS,
-        out_channels=IN_CHANNELS,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=HEAD_DIM,
-        num_attention_heads=HIDDEN_HEADS,
-        joint_attention_dim=TEXT_DIM,
-        axes_dims_rope=(2, 2, 4),
-    )
+    model = OvisImageTransformer2DModel(**_FLUX1_BLOCKS, out_channels=IN_CHANNELS, axes_dims_rope=(2, 2, 4))
     return _reinit_(model, seed, std=0.15, qk_std=0.3).eval()
 
 
@@ -81,16 +81,7 @@ def tiny_bria_transformer(seed: int = 0):
     """Bria 3.2: one double-stream and one single-stream block, 3-axis RoPE (2, 2, 4), no pooled projection."""
     from diffusers import BriaTransformer2DModel
 
-    model = BriaTransformer2DModel(
-        patch_size=1,
-        in_channels=IN_CHANNELS,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=HEAD_DIM,
-        num_attention_heads=HIDDEN_HEADS,
-        joint_attention_dim=TEXT_DIM,
-        axes_dims_rope=[2, 2, 4],
-    )
+    model = BriaTransformer2DModel(**_FLUX1_BLOCKS, axes_dims_rope=[2, 2, 4])
     return _reinit_(model, seed, std=0.15, qk_std=0.3).eval()
 
 

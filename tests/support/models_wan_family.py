@@ -11,24 +11,13 @@ SkyReels-V2 (text to video) calls its transformer once per guidance branch, with
 from __future__ import annotations
 
 from tests.support.capture import transformer_call_kwargs
-from tests.support.models import WAN_TEXT_DIM, _reinit_, wan_pipeline_kwargs
+from tests.support.models import TINY_WAN_CONFIG, _reinit_, wan_pipeline_kwargs
 
 
 def tiny_skyreels_v2_transformer(seed: int = 0):
     from diffusers import SkyReelsV2Transformer3DModel
 
-    model = SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=WAN_TEXT_DIM,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=64,
-    )
+    model = SkyReelsV2Transformer3DModel(**TINY_WAN_CONFIG)
     return _reinit_(model, seed, std=0.15, qk_std=0.3).eval()
 
 
