@@ -172,9 +172,16 @@ class RASBackend:
         for control in controllers:
             kinds = [d.kind for d in control.history]
             counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("ras", "capture", "dense"))
+            held = control.held_tokens.numel() if control.held_tokens is not None else 0
             lines.append(
                 f"controller ({control.layout.batch_size} x {control.layout.num_tokens} tokens): "
                 f"{control.generations} generation(s) with a RAS schedule; the last ran {counts} steps"
+                + (
+                    f"; {held} tokens whose latents never changed (reference images) were never selected, their "
+                    "outputs and K/V taken from the dense steps"
+                    if held
+                    else ""
+                )
             )
         return "\n".join(lines) if lines else "no graph compiled yet"
 

@@ -17,7 +17,14 @@ import torch
 
 from ..config import RASConfig
 from .schedule import StepPlan, build_schedule
-from .selector import initial_drop_counts, layout_token_metric, packed_token_metric, select_active_tokens, token_metric
+from .selector import (
+    initial_drop_counts,
+    layout_token_metric,
+    packed_token_metric,
+    select_active_tokens,
+    select_active_tokens_among,
+    token_metric,
+)
 
 if TYPE_CHECKING:
     from rascompile.passes.signature import StepSignature
@@ -82,6 +89,10 @@ class RASController:
         self.history: list[Decision] = []  # this generation's decisions, for inspection and tests
         self.branch_history: list[Decision] = []  # the decisions of the further guidance branches' calls
         self.step_counts: torch.Tensor | None = None  # per token: how many steps computed it
+        # the tokens a RAS step may select (None: not known yet this generation) and those whose latents never
+        # change (the reference images editing pipelines join to the token axis): never selected
+        self.candidates: torch.Tensor | None = None
+        self.held_tokens: torch.Tensor | None = None
         self.last_step = -1  # the last step this controller ran in the current generation
         self.step_decision: Decision | None = None  # the decision of the current step's first call
         self.branch = 0  # the current call's branch within its step
@@ -176,16 +187,44 @@ class RASController:
         return decision
 
     def _plan(self, latents: torch.Tensor, step: int) -> Decision:
+        consecutive = step == self.last_step + 1
+        held_still = True
+        if consecutive and not self.schedule[step].dense:
+            held_still = self._find_held_tokens(latents)
         plan = self.schedule[step]
         needs_cache = any(not p.dense for p in self.schedule[step + 1 :])
         capture = Decision("capture", step, self._all_tokens()) if needs_cache else Decision("dense", step)
         if plan.dense:
             return capture
-        if step != self.last_step + 1:
-            # Steps ran elsewhere (another graph of this transformer, e.g. a grad-mode call): the caches and
-            # the previous latents are older than one step, so this step refills them.
+        if not consecutive or not held_still:
+            # Steps ran elsewhere (another graph of this transformer, e.g. a grad-mode call), or tokens held still
+            # so far began to change: the caches are older than one step, so this step refills them.
             return capture
         return Decision("ras", step, self._select(latents, plan))
+
+    def _find_held_tokens(self, latents: torch.Tensor) -> bool:
+        """Find, at a generation's first RAS step, the tokens whose latents did not change in any row (the
+        reference images of an editing pipeline, joined to the token axis): RAS steps never select them, so their
+        outputs and K/V come from the dense steps, and the schedule's ratio counts the other tokens only. False
+        when tokens found held still have changed since: the step refills the caches and they are found again at
+        the next RAS step."""
+        delta = latents.detach().float() - self.previous_latents.float()
+        unchanged = (self._metric(delta, "l2norm") == 0).all(dim=0)
+        if self.candidates is not None:
+            if self.held_tokens.numel() and not unchanged[self.held_tokens].all():
+                self.candidates = self.held_tokens = None
+                self.schedule = build_schedule(self.config, len(self.schedule), self.layout.num_tokens)
+                return False
+            return True
+        held = unchanged.nonzero().flatten()
+        moving = (~unchanged).nonzero().flatten()
+        if held.numel() and moving.numel():
+            try:
+                self.schedule = build_schedule(self.config, len(self.schedule), int(moving.numel()))
+            except ValueError:
+                held, moving = held[:0], torch.arange(self.layout.num_tokens, device=self.device)
+        self.candidates, self.held_tokens = moving, held
+        return True
 
     def _next_branch(self, info) -> Decision:
         first = self.step_decision
@@ -229,6 +268,7 @@ class RASController:
         self.previous_latents = None
         self.history, self.branch_history = [], []
         self.step_counts = torch.zeros(layout.batch_size, layout.num_tokens, dtype=torch.int32, device=self.device)
+        self.candidates = self.held_tokens = None
         self.generations += 1
         self.last_step = -1
         self.step_decision, self.branch, self.branch_steps = None, 0, {}
@@ -253,17 +293,21 @@ class RASController:
         n, b = self.layout.num_tokens, self.layout.batch_size
         return torch.arange(n, device=self.device).expand(b, n).contiguous()
 
+    def _metric(self, delta: torch.Tensor, metric: str) -> torch.Tensor:
+        if self.layout.latent is not None:
+            return layout_token_metric(delta, self.layout.latent, metric)
+        if self.layout.latent_layout == "packed":
+            return packed_token_metric(delta, metric)
+        return token_metric(delta, self.layout.patch_size, metric)
+
     def _select(self, latents: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         delta = latents.detach().float() - self.previous_latents.float()
-        if self.layout.latent is not None:
-            metric = layout_token_metric(delta, self.layout.latent, self.config.metric)
-        elif self.layout.latent_layout == "packed":
-            metric = packed_token_metric(delta, self.config.metric)
+        metric = self._metric(delta, self.config.metric)
+        rules = (plan.num_dropped, self.config.high_ratio, self.config.starvation_scale)
+        if self.held_tokens is not None and self.held_tokens.numel():
+            idx = select_active_tokens_among(metric, self.drop_counts, self.candidates, *rules)
         else:
-            metric = token_metric(delta, self.layout.patch_size, self.config.metric)
-        idx = select_active_tokens(
-            metric, self.drop_counts, plan.num_dropped, self.config.high_ratio, self.config.starvation_scale
-        )
+            idx = select_active_tokens(metric, self.drop_counts, *rules)
         if idx.shape[1] != plan.num_active:
             raise AssertionError(f"selected {idx.shape[1]} tokens, schedule says {plan.num_active}")
         return idx

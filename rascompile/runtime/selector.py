@@ -15,7 +15,14 @@ import torch
 from ..config import METRICS
 from .schedule import split_num_dropped
 
-__all__ = ["token_metric", "packed_token_metric", "layout_token_metric", "initial_drop_counts", "select_active_tokens"]
+__all__ = [
+    "token_metric",
+    "packed_token_metric",
+    "layout_token_metric",
+    "initial_drop_counts",
+    "select_active_tokens",
+    "select_active_tokens_among",
+]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -212,3 +219,22 @@ def _rank(metric: torch.Tensor, drop_counts: torch.Tensor, starvation_scale: flo
     by_metric = torch.sort(log_metric, dim=1, stable=True).indices
     signed_counts = torch.gather(counts, 1, by_metric) * (1.0 if starvation_scale > 0 else -1.0)
     return torch.gather(by_metric, 1, torch.sort(signed_counts, dim=1, stable=True).indices)
+
+
+def select_active_tokens_among(
+    metric: torch.Tensor,
+    drop_counts: torch.Tensor,
+    candidates: torch.Tensor,
+    num_dropped: int,
+    high_ratio: float,
+    starvation_scale: float,
+) -> torch.Tensor:
+    """
+    `select_active_tokens` over the tokens `candidates` only (`[M]` int64, ascending): the others are never
+    active and keep their drop counts. `num_dropped` is `D` of the `M` candidates. Returns `[B, k]` token indices
+    (of all `N` tokens), each row ascending.
+    """
+    counts = drop_counts[:, candidates]
+    chosen = select_active_tokens(metric[:, candidates], counts, num_dropped, high_ratio, starvation_scale)
+    drop_counts[:, candidates] = counts
+    return candidates[chosen]
