@@ -258,12 +258,40 @@ def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.No
             continue
         layout = _layout_for(shape, int(val.shape[1]), embedding)
         if isinstance(layout, LatentLayout):
-            best = (node, layout)
+            if best is None or not _bypassed(node, set(embedding), int(val.shape[1]), order):
+                best = (node, layout)
         elif layout is not None:
             reason = layout
     if best is None:
         return reason or f"no [B, N, C] tensor with N = H*W/p^2 after {top!r}"
     return best
+
+
+def _bypassed(node: torch.fx.Node, embedding: set, num_tokens: int, order: dict) -> bool:
+    """Whether the tokens reach the blocks around ``node`` too: an earlier token tensor of the embedding has a user
+    that is not on the way to ``node`` (Motif-Video's decoder takes ``hidden_states.clone()`` while the encoder
+    blocks take ``hidden_states``). Gathering after ``node`` would leave that other path dense, with N tokens
+    beside k in one sequence; the tensor both paths leave from is the token source."""
+    ancestors, pending = set(), [node]
+    while pending:
+        current = pending.pop()
+        for arg in current.all_input_nodes:
+            if arg in embedding and arg not in ancestors:
+                ancestors.add(arg)
+                pending.append(arg)
+    for earlier in ancestors:
+        val = example_value(earlier)
+        if not (isinstance(val, torch.Tensor) and val.dim() == 3 and int(val.shape[1]) == num_tokens):
+            continue
+        # after an in-place write into ``earlier`` on the way (``tokens.mul_(2)``), its later readers read the write
+        written = [u for u in earlier.users if (u is node or u in ancestors) and matches(u, WRITES)]
+        since = min((order[w] for w in written), default=None)
+        for user in earlier.users:
+            if user is node or user in ancestors or not isinstance(example_value(user), torch.Tensor):
+                continue
+            if since is None or order[user] < since:
+                return True
+    return False
 
 
 def _layout_for(shape: tuple[int, ...], num_tokens: int, embedding: list) -> LatentLayout | str | None:

@@ -110,6 +110,9 @@ KV_LAYOUT = (
     | CASTS
 )
 
+#: ``x.squeeze(dims)``: may drop the token axis when one token is left.
+SQUEEZE = op_set({torch.squeeze}, {"squeeze"})
+
 #: Ops whose result may share storage with their first argument (the in-place-write rule's alias walk). Wider
 #: than ``KV_LAYOUT`` in its own way: slicing, ``select``, ``unbind``, ``detach`` and the complex views alias;
 #: ``repeat`` and ``repeat_interleave`` copy. ``functionalize_inplace_writes`` adds ``INPLACE_METHODS``, which

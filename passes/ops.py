@@ -50,6 +50,12 @@ def gather_position_table(table: torch.Tensor, idx: torch.Tensor, axis: int, ndi
     return gather_tokens(table, idx, axis)
 
 
+def rows_like(table: torch.Tensor, ref: torch.Tensor, axis: int, ref_axis: int) -> torch.Tensor:
+    """The first ``ref.shape[ref_axis]`` rows of ``table`` along ``axis``: a table whose rows along the token axis
+    are all one row broadcast (ERNIE-Image expands its adaLN modulation to the joint sequence's length)."""
+    return table.narrow(axis, 0, ref.shape[ref_axis])
+
+
 def joint_rows(idx: torch.Tensor, offset: int, num_tokens: int, total: int) -> torch.Tensor:
     """The dense rows a joint sequence keeps on a RAS step: [B, total - N + k].
 

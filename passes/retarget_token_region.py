@@ -25,7 +25,7 @@ import torch.fx
 
 from .context import PassContext, RewriteError
 from .graph_utils import FakeEnv, describe, insert_call, is_elementwise, is_sdpa
-from .op_sets import ALWAYS_MIXING, CAT, MATMUL, MIXING, NEW_TENSORS, SLICING, matches
+from .op_sets import ALWAYS_MIXING, CAT, MATMUL, MIXING, NEW_TENSORS, SLICING, SQUEEZE, matches
 from .rules.position_tables import gather_attention_mask, gather_position_tables
 
 
@@ -61,6 +61,11 @@ class TokenRegion:
         if matches(node, CAT):
             parts = node.args[0] if node.args else node.kwargs.get("tensors")
             image = [i for i, p in enumerate(parts) if isinstance(p, torch.fx.Node) and p in inputs]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if isinstance(dim, int) and dim % len(node.meta["ras_dense_shape"]) != axis:
+                # joined along another axis (RoPE's rotated halves): the parts' rows, where they agree
+                found = {self.offsets.get(parts[i]) for i in image}
+                return found.pop() if len(found) == 1 else None
             if len(image) != 1 or self.offsets.get(parts[image[0]]) is None:
                 return None
             before = sum(p.meta["ras_dense_shape"][axis] for p in parts[: image[0]])
@@ -144,11 +149,18 @@ def walk_token_region(gm: torch.fx.GraphModule, ctx: PassContext, record: Callab
             env.evaluate(node)  # a new tensor takes only its dtype and device from a token tensor
             continue
         _refuse_token_mixing(node, inputs, region)
+        if _is_flex_attention(node):
+            raise RewriteError(
+                f"{node.name} ({describe(node)}): attention over the image tokens runs through flex_attention, which "
+                'RAS does not rewrite (with set_attention_backend("flex"), set_attention_backend("native") keeps RAS)'
+            )
         if is_sdpa(node):
             attends = True
             gather_attention_mask(gm, node, region, idx)
         elif is_elementwise(node):
             gather_position_tables(gm, node, inputs, region, idx)
+        _refuse_two_token_runs(node, inputs, region)
+        _keep_token_axis_in_squeeze(node, inputs, region)
         _retarget_literals(gm, node, inputs, region, count)
         region.record_offset(node, inputs)
         axis = region.axis(node)
@@ -168,6 +180,44 @@ def walk_token_region(gm: torch.fx.GraphModule, ctx: PassContext, record: Callab
                 'set_attention_backend("native") keeps RAS'
             )
         raise RewriteError("no attention reads the image tokens: this graph is not a whole transformer")
+
+
+def _refuse_two_token_runs(node: torch.fx.Node, inputs: list[torch.fx.Node], region: TokenRegion) -> None:
+    """A sequence that joins two runs of image tokens along the token axis (Motif-Video's decoder attends over its
+    own tokens and the encoder's): the K/V caches and literals keep one run of image rows per sequence."""
+    if not matches(node, CAT):
+        return
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    runs = [p for p in parts if isinstance(p, torch.fx.Node) and p in inputs]
+    if len(runs) < 2:
+        return
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    axes = {region.axis(p) for p in runs}
+    if isinstance(dim, int) and len(axes) == 1 and dim % len(region.env.shape(runs[0])) == axes.pop():
+        raise RewriteError(
+            f"{node.name} ({describe(node)}) joins two runs of image tokens in one sequence (a decoder attending "
+            "over its own and the encoder's image tokens); RAS keeps one run of image tokens per sequence"
+        )
+
+
+def _keep_token_axis_in_squeeze(node: torch.fx.Node, inputs: list[torch.fx.Node], region: TokenRegion) -> None:
+    """``x.squeeze(d)`` on the token axis (Allegro's blocks squeeze axis 1 of ``[B, N, C]``) does nothing with N
+    tokens but drops the axis with one active token: the squeeze is limited to the other axes it would drop."""
+    if not matches(node, SQUEEZE) or not node.args or node.args[0] not in inputs:
+        return
+    source = node.args[0]
+    axis, shape = region.axis(source), region.env.shape(source)
+    if axis is None or axis < 0 or region.dense_size(source, axis) == 1:
+        return
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    requested = range(len(shape)) if dims is None else dims if isinstance(dims, (tuple, list)) else (dims,)
+    if not all(isinstance(d, int) for d in requested):
+        return
+    requested = [d % len(shape) for d in requested]
+    if axis in requested:
+        node.args = (source, tuple(d for d in requested if d != axis and shape[d] == 1))
+        node.kwargs = {}
+        region.record("retarget_token_region", "squeeze", describe(node))
 
 
 def _is_flex_attention(node: torch.fx.Node) -> bool:

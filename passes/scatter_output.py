@@ -3,7 +3,8 @@
 Matches: the final projection, i.e. the last ``linear`` that depends on the active tokens and
 produces token-wise outputs [B, N, C_out] in the dense graph (SD3 ``proj_out``, Lumina-Next
 ``norm_out.linear_2``), or the image rows sliced from a projection of the joint sequence
-(Lumina-Image 2.0: ``norm_out(joint)[:, L:L + N]``).
+(Lumina-Image 2.0: ``norm_out(joint)[:, L:L + N]``; ERNIE-Image, sequence-first:
+``final_linear(joint)[:N].transpose(0, 1)``).
 Produces: a placeholder ``ras_output_cache`` [B, N, C_out] and a ``merge_output`` node that
 writes the fresh rows into the cache and hands the full token tensor to the unpatchify code.
 """
@@ -57,7 +58,10 @@ def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph
 
 def _image_rows_of_projection(node: torch.fx.Node, num_tokens: int) -> bool:
     """``node`` slices rows out of a linear's 3-D output along dim 1, a longer one than the image tokens (a joint
-    sequence's image rows)."""
+    sequence's image rows), or brings such rows of a sequence-first ``[S, B, C]`` output to ``[B, N, C]``
+    (``x[:N].transpose(0, 1)``)."""
+    if _batch_first(node) is not None:
+        return _image_rows_of_sequence_first_projection(_batch_first(node), num_tokens)
     if not (matches(node, SLICING) and node.args and isinstance(node.args[0], torch.fx.Node)):
         return False
     source = node.args[0]
@@ -72,4 +76,31 @@ def _image_rows_of_projection(node: torch.fx.Node, num_tokens: int) -> bool:
         and len(index) == 2
         and index[0] == slice(None)
         and isinstance(index[1], slice)
+    )
+
+
+def _batch_first(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The tensor ``node`` swaps the first two axes of (``transpose(0, 1)``, ``permute(1, 0, 2)``), or None."""
+    if node.op != "call_method" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    if node.target == "transpose" and tuple(node.args[1:3]) in ((0, 1), (1, 0)):
+        return node.args[0]
+    if node.target == "permute" and tuple(node.args[1:]) in ((1, 0, 2), ((1, 0, 2),)):
+        return node.args[0]
+    return None
+
+
+def _image_rows_of_sequence_first_projection(node: torch.fx.Node, num_tokens: int) -> bool:
+    """``node`` is ``linear(x)[a:b]`` on a sequence-first ``[S, B, C]`` output longer than the image tokens."""
+    if not (matches(node, SLICING) and node.args and isinstance(node.args[0], torch.fx.Node)):
+        return False
+    source, index = node.args[0], node.args[1] if len(node.args) > 1 else None
+    dense = source.meta.get("ras_dense_shape")
+    index = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+    return (
+        is_linear(source)
+        and isinstance(dense, tuple)
+        and len(dense) == 3
+        and dense[0] > num_tokens
+        and isinstance(index, slice)
     )

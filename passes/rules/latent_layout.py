@@ -134,9 +134,33 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def patch_evidence(nodes: list[torch.fx.Node]) -> list[tuple[int, tuple[int, ...], int]]:
-    """``(dims, stride, in_channels)`` of every strided convolution among ``nodes`` whose kernel equals its stride:
-    a patch embedding (``Conv3d`` over ``[B, C, F, H, W]``, or ``Conv2d`` per frame)."""
+def _input_axes(node: torch.fx.Node) -> tuple[int, ...] | None:
+    """Which axis of a model input each axis of ``node`` is, when ``node`` is that input moved by ``permute`` and
+    ``transpose`` only (AnyFlow permutes ``[B, F, C, H, W]`` latents to ``[B, C, F, H, W]`` for its ``Conv3d``);
+    None otherwise."""
+    value = example_value(node)
+    if not isinstance(value, torch.Tensor):
+        return None
+    axes = list(range(value.dim()))
+    while node.op != "placeholder":
+        if node.op != "call_method" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return None
+        if node.target == "permute":
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            axes = [dims[a] for a in axes]
+        elif node.target == "transpose":
+            a, b = (d % len(axes) for d in node.args[1:3])
+            axes = [b if x == a else a if x == b else x for x in axes]
+        elif node.target != "contiguous":
+            return None
+        node = node.args[0]
+    return tuple(axes)
+
+
+def patch_evidence(nodes: list[torch.fx.Node]) -> list[tuple[int, tuple[int, ...], int, tuple[int, ...] | None]]:
+    """``(dims, stride, in_channels, input_axes)`` of every strided convolution among ``nodes`` whose kernel equals
+    its stride: a patch embedding (``Conv3d`` over ``[B, C, F, H, W]``, or ``Conv2d`` per frame). ``input_axes``:
+    which latent axis each axis of the convolution's input is, when it is the latents permuted (else None)."""
     found = []
     for node in nodes:
         if node.op != "call_function" or node.target not in CONVOLUTIONS:
@@ -149,7 +173,9 @@ def patch_evidence(nodes: list[torch.fx.Node]) -> list[tuple[int, tuple[int, ...
         dims = CONVOLUTIONS[node.target]
         stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride,) * dims
         if tuple(int(s) for s in value.shape[2:]) == stride:
-            found.append((dims, stride, int(value.shape[1])))
+            source = node.args[0] if node.args else node.kwargs.get("input")
+            axes = _input_axes(source) if isinstance(source, torch.fx.Node) else None
+            found.append((dims, stride, int(value.shape[1]), axes))
     return found
 
 
@@ -161,11 +187,15 @@ def choose_video_layout(
         return "no reading of the latents as (p_t, p, p) patches gives the token count"
     confirmed = []
     for layout in candidates:
-        for dims, stride, in_channels in evidence:
+        for dims, stride, in_channels, *axes in evidence:
             if layout.shape[layout.channel_axis] != in_channels:
                 continue
-            if dims == 3 and layout.channel_axis == 1 and stride == layout.patch:
-                confirmed.append(layout)
+            # a Conv3d reads channels on its axis 1 and frames on its axis 2: those latent axes, when it reads the
+            # latents permuted
+            channel_axis, frame_axis = axes[0][1:3] if axes and axes[0] else (1, 2)
+            if dims == 3 and (channel_axis, frame_axis) == (layout.channel_axis, layout.grid_axes[0]):
+                if stride == layout.patch:
+                    confirmed.append(layout)
             elif dims == 2 and stride == layout.patch[1:] and layout.patch[0] == 1:
                 confirmed.append(layout)
     confirmed = list(dict.fromkeys(confirmed))

@@ -9,7 +9,9 @@ Matches:
   the concatenated sequence, CogVideoX's sin-cos table over [text; image]);
 - the mask of an attention whose query (or key) carries image tokens, with one row (column) per token.
 Produces: ``gather_position_table`` (image-only: rows ``idx``) or ``gather_joint_table`` (joint: every text
-row, the active image rows at ``offset + idx``) before the consumer, which then reads the gathered table.
+row, the active image rows at ``offset + idx``) before the consumer, which then reads the gathered table; for a
+table that is one row expanded along the token axis (ERNIE-Image's modulation over its sequence-first joint
+sequence), ``rows_like``: as many of its rows as the consumer's tokens.
 Size-1 (broadcast) axes need nothing. Refuses a joint table or mask whose image rows cannot be located, a
 mask computed from image tokens, and causal attention over image tokens.
 """
@@ -24,7 +26,7 @@ from torch.fx.node import map_aggregate
 
 from .. import ops
 from ..context import RewriteError
-from ..graph_utils import describe, insert_call
+from ..graph_utils import describe, example_value, insert_call, is_elementwise
 from ..normalize_attention_args import sdpa_argument
 
 if TYPE_CHECKING:
@@ -81,7 +83,10 @@ def gather_position_tables(gm, node, inputs, region: TokenRegion, idx) -> None:
         table_axis = out_axis - (out_ndim - len(shape))
         if table_axis < 0 or shape[table_axis] != region.dense_size(ref, ref_axis) or shape[table_axis] == 1:
             continue
-        if shape[table_axis] == region.n:
+        if _broadcast_along(arg, table_axis):
+            gathered = insert_call(gm, node, ops.rows_like, (arg, ref, table_axis, ref_axis), before=True)
+            region.record("retarget_token_region", "broadcast_table", describe(node))
+        elif shape[table_axis] == region.n:
             args = (arg, idx, out_axis, out_ndim)
             if args in region.gathered:  # the same table at the same place: one gather serves every layer
                 replace_arg(node, arg, region.gathered[args])
@@ -105,6 +110,25 @@ def gather_position_tables(gm, node, inputs, region: TokenRegion, idx) -> None:
             region.record("retarget_token_region", "joint_table", describe(node), offset=offset)
         region.env.evaluate(gathered)
         replace_arg(node, arg, gathered)
+
+
+def _broadcast_along(table: torch.fx.Node, axis: int) -> bool:
+    """Whether ``table`` is one row expanded along ``axis`` (then cast, copied or combined with scalars), so that
+    any of its rows will do for any token."""
+    while not (table.op == "call_method" and table.target == "expand"):
+        tensors = [a for a in table.all_input_nodes if isinstance(example_value(a), torch.Tensor)]
+        if len(tensors) != 1 or not (is_elementwise(table) or table.target in ("contiguous", "clone", "to", "float")):
+            return False  # ``1 + scale`` and casts keep the rows equal; anything else may not
+        table = tensors[0]
+    if not isinstance(table.args[0], torch.fx.Node):
+        return False
+    source, expanded = example_value(table.args[0]), example_value(table)
+    return (
+        isinstance(source, torch.Tensor)
+        and isinstance(expanded, torch.Tensor)
+        and source.dim() == expanded.dim()
+        and source.shape[axis] == 1
+    )
 
 
 def replace_arg(node: torch.fx.Node, old: torch.fx.Node, new: torch.fx.Node) -> None:

@@ -42,6 +42,7 @@ from .origin import (
     calling_model,
     graph_origin,
     is_submodule_frame,
+    layer_reason,
     piece_cause,
 )
 from .pieces import OpenCalls, ScopedPiece, TransformerScope
@@ -420,6 +421,13 @@ def _piece_of_transformer(
         return None, None
 
 
+def _layer_reason(dynamo_gm: torch.fx.GraphModule) -> str | None:
+    try:
+        return layer_reason(dynamo_gm)
+    except Exception:  # noqa: BLE001 - reading Dynamo's record must never fail the user's compile
+        return None
+
+
 def _controllers_in(tables) -> list[RASController]:
     """The controllers kept in per-transformer tables (their other entries are step sources)."""
     return [c for table in tables for key, c in table.items() if key[0] == "controller"]
@@ -443,6 +451,9 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
     if backend.config.sample_ratio >= 1.0:
         return DenseGraph(backend, gm, example_inputs, "sample_ratio is 1.0", split=False)
     try:
+        layer = _layer_reason(dynamo_gm)
+        if layer is not None:
+            raise RewriteError(layer)
         ras_gm, signature, ctx = build_ras_graph(gm, **backend.pass_options(example_inputs))
         return RASGraph(backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
     except RewriteError as exc:

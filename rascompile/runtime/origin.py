@@ -113,6 +113,21 @@ def is_submodule_frame(origin: GraphOrigin | None, inside_model: bool) -> bool:
     return owner in _subclass_names(torch.nn.Module) and owner not in _subclass_names(ModelMixin)
 
 
+def layer_reason(gm: torch.fx.GraphModule | None) -> str | None:
+    """Why the graph Dynamo hands the backend now is a layer of a diffusers model, not a whole transformer (its root
+    frame is the method of a block or layer that the model's forward called: Dynamo traced it alone after a graph
+    break in its caller, or the layer was compiled on its own); None when it is not, or outside Dynamo's call. The
+    passes can mistake such a layer for a transformer of packed latents (a block takes and returns ``[B, N, C]``)."""
+    origin = graph_origin(gm)
+    model = calling_model()
+    if not is_submodule_frame(origin, model is not None):
+        return None
+    return (
+        f"this graph is {origin.qualname}, a layer of {type(model).__name__}, not the whole transformer (RAS gathers "
+        "the image tokens at the transformer's input and merges them at its output)"
+    )
+
+
 def repeated_block_classes() -> set[str]:
     """The block classes diffusers' ``compile_repeated_blocks`` compiles one at a time (the ``_repeated_blocks`` of
     every model class imported so far)."""

@@ -1,6 +1,8 @@
 """Capturing Dynamo graphs for the tests (thin wrappers of ``rascompile.capture``), a pipeline's transformer call,
 and running one step of a rewritten graph."""
 
+import inspect
+
 import torch
 
 from rascompile.capture import GraphCapture, capture_graphs, capture_pipeline_graphs
@@ -35,12 +37,15 @@ class _FirstCall(Exception):
 
 
 def transformer_call_kwargs(pipe, pipe_kwargs: dict) -> dict:
-    """The keyword arguments ``pipe`` passes to its transformer on its first call of ``pipe(**pipe_kwargs)``: the
-    pipeline's own layouts, dtypes, ids and masks, read from the real pipeline instead of written again."""
+    """The arguments ``pipe`` passes to its transformer on its first call of ``pipe(**pipe_kwargs)``, by name (those
+    passed by position too, bound by the forward's signature: EasyAnimate, Sana-Video): the pipeline's own layouts,
+    dtypes, ids and masks, read from the real pipeline instead of written again."""
+    signature = inspect.signature(pipe.transformer.forward)
     seen = {}
 
     def hook(module, args, kwargs):
-        seen.update({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        bound = signature.bind_partial(*args, **kwargs).arguments if args else kwargs
+        seen.update({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in bound.items()})
         raise _FirstCall
 
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)

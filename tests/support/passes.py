@@ -66,6 +66,8 @@ class Block(torch.nn.Module):
         o = self.o
         n = tokens.shape[1]
         h = tokens + table if table is not None else tokens
+        if o["squeeze"]:  # a no-op on [B, N, C] with N > 1 (Allegro's blocks): not with one active token
+            h = h.squeeze(1)
         if o["write"] == "add_":  # an in-place method on a fresh token tensor
             h = h * 1.0
             h.add_(0.5)
@@ -122,14 +124,15 @@ class TinyDiT(torch.nn.Module):
     - ``write``: an in-place write in the blocks ("add_", "setitem", "alias") or before them ("input", "timestep",
       "tokens");
     - ``mix``: a mean over the tokens ("mean") or a product contracting over them ("gram");
-    - ``shared_qk``: the key is the query tensor; ``leak``: also returns the hidden tokens.
+    - ``shared_qk``: the key is the query tensor; ``leak``: also returns the hidden tokens;
+    - ``squeeze``: ``squeeze(1)`` on the tokens in every block (a no-op with N tokens, Allegro's blocks).
     """
 
     def __init__(self, blocks: int = 1, latents: str = "image", **options):
         super().__init__()
         defaults = dict(
             call="positional", mask=False, table=False, rope=None, text=False, literal=False, write=None,
-            mix=None, causal=False, shared_qk=False, leak=False,
+            mix=None, causal=False, shared_qk=False, leak=False, squeeze=False,
         )  # fmt: skip
         unknown = set(options) - set(defaults)
         if unknown:

@@ -77,7 +77,8 @@ def test_packed_latents_are_the_one_input_with_the_outputs_token_count():
     source = node(out, fact(ctx, "token_source"))
     assert source.meta["ras_dense_shape"] == (2, 16, WIDTH)  # after the input projection, not the latents
     embedder = next(n for n in out.graph.nodes if n.op != "placeholder" and module_path(n) == "x_embedder")
-    assert order(out)[source] > order(out)[embedder]
+    # the projection itself: the block's residual reads it besides ``tokens + text``
+    assert source is embedder
 
 
 def test_two_inputs_with_the_outputs_token_count_are_refused():
@@ -193,3 +194,39 @@ def test_a_latent_shaped_buffer_is_not_taken_for_the_latents_at_batch_one():
     out, ctx = run_until(gm, PASS)
     (latents,) = [n.name for n in out.graph.nodes if n.op == "placeholder" and n.name == "l_x_"]
     assert fact(ctx, "latents") == latents
+
+
+class DecoderDiT(torch.nn.Module):
+    """Motif-Video's shape: the decoder takes a copy of the embedded tokens (``clone``) while the encoder block
+    takes the tokens; the decoder then attends over [its tokens; the encoder's image tokens] and keeps its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(4, WIDTH, 2, stride=2)
+        self.encoder = torch.nn.Linear(WIDTH, WIDTH)
+        self.qkv = torch.nn.Linear(WIDTH, 3 * WIDTH)
+        self.proj = torch.nn.Linear(WIDTH, 16)
+
+    def forward(self, x, timestep):
+        b = x.shape[0]
+        tokens = self.embed(x).flatten(2).transpose(1, 2) * timestep[:, None, None]
+        decoder = tokens.clone()
+        encoded = self.encoder(tokens)
+        joint = torch.cat([decoder, encoded], dim=1)
+        q, k, v = (t.view(b, -1, HEADS, HEAD_DIM).transpose(1, 2) for t in self.qkv(joint).chunk(3, dim=-1))
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, WIDTH)
+        decoder = decoder + attended[:, : -encoded.shape[1]]
+        return self.proj(decoder).transpose(1, 2).reshape(b, 16, 4, 4)
+
+
+def test_tokens_that_reach_the_blocks_by_two_paths_are_gathered_where_the_paths_part():
+    gm, inputs = capture(DecoderDiT(), torch.randn(2, 4, 8, 8), torch.rand(2))
+    out, ctx = run_until(gm, PASS)
+    source = node(out, fact(ctx, "token_source"))
+    assert source.target != "clone" and "clone" in [u.target for u in source.users]
+
+
+def test_a_sequence_with_two_runs_of_image_tokens_is_refused():
+    gm, _ = capture(DecoderDiT(), torch.randn(2, 4, 8, 8), torch.rand(2))
+    with pytest.raises(RewriteError, match="joins two runs of image tokens in one sequence"):
+        run_until(gm, "retarget_token_region")

@@ -88,6 +88,15 @@ def test_the_retargeted_graph_reproduces_dense_at_every_k(options):
     assert_ras_matches_dense(gm, inputs, out, ks=(1, 5, 15))
 
 
+def test_a_squeeze_of_the_token_axis_stays_a_no_op_with_one_active_token():
+    gm, inputs = capture(TinyDiT(squeeze=True))
+    out, ctx = run_until(gm, PASS)
+    (squeeze,) = [n for n in out.graph.nodes if n.op == "call_method" and n.target == "squeeze"]
+    assert squeeze.args[1] == ()
+    assert [r.kind for r in ctx.records].count("squeeze") == 1
+    assert_ras_matches_dense(gm, inputs, out, ks=(1, 5, 15))
+
+
 @pytest.mark.parametrize(
     "options, reason",
     [

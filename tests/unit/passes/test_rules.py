@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from rascompile.passes.context import RewriteError
 from rascompile.passes.pipeline import build_ras_graph
-from rascompile.passes.rules.latent_layout import LatentLayout, choose_video_layout, video_layouts
+from rascompile.passes.rules.latent_layout import LatentLayout, choose_video_layout, patch_evidence, video_layouts
 from rascompile.runtime.selector import layout_token_metric, token_metric
 from tests.support.capture import capture_graph, run_ras_step
 
@@ -176,6 +176,25 @@ def test_video_readings_are_chosen_by_the_patch_convolution():
     assert (conv3d.channel_axis, conv3d.patch) == (1, (1, 2, 2))
     ambiguous = choose_video_layout(readings, [])
     assert isinstance(ambiguous, str) and "cannot tell which latent elements" in ambiguous
+    # the Conv3d reads the latents permuted [B, F, C, H, W] -> [B, C, F, H, W] (AnyFlow): channels on latent axis 2
+    permuted = choose_video_layout(readings, [(3, (1, 2, 2), 4, (0, 2, 1, 3, 4))])
+    assert (permuted.channel_axis, permuted.grid_axes, permuted.patch) == (2, (1, 3, 4), (1, 2, 2))
+
+
+def test_patch_evidence_follows_the_permutes_from_the_latents_to_the_convolution():
+    class FramesFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Conv3d(4, 8, (1, 2, 2), stride=(1, 2, 2))
+
+        def forward(self, x):  # [B, F, C, H, W]
+            return self.embed(x.permute(0, 2, 1, 3, 4)).flatten(2).transpose(1, 2)
+
+    gm, _ = capture_graph(FramesFirst(), torch.randn(2, 2, 4, 8, 8))
+    ((dims, stride, channels, axes),) = patch_evidence(list(gm.graph.nodes))
+    assert (dims, stride, channels, axes) == (3, (1, 2, 2), 4, (0, 2, 1, 3, 4))
+    layout = choose_video_layout(video_layouts((2, 2, 4, 8, 8), 32), patch_evidence(list(gm.graph.nodes)))
+    assert (layout.channel_axis, layout.grid_axes, layout.patch) == (2, (1, 3, 4), (1, 2, 2))
 
 
 @pytest.mark.parametrize("metric", ["std", "l2norm"])
@@ -376,3 +395,47 @@ def test_op_sets_match_functions_methods_and_method_rules():
     assert matches(repeat, KV_LAYOUT) and not matches(repeat, HEAD_LAYOUT)  # the fused op writes one row per row
     assert matches(add_, INPLACE_METHODS) and matches(add_, WRITES) and not matches(dunder, WRITES)
     assert not matches(x, KV_LAYOUT) and not matches(3, KV_LAYOUT)
+
+
+class SequenceFirstDiT(torch.nn.Module):
+    """ERNIE-Image's layout: image tokens made sequence-first ``[N, B, C]`` and joined with text on dim 0, a
+    modulation expanded along the joint sequence (``(1 + scale).expand(S, ...)``), a rotate-half RoPE over the
+    batch-first joint sequence, and the output ``final(x)[:N].transpose(0, 1)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(4, WIDTH, 2, stride=2)
+        self.text = torch.nn.Linear(WIDTH, WIDTH)
+        self.modulation = torch.nn.Linear(1, WIDTH)
+        self.qkv = torch.nn.Linear(WIDTH, 3 * WIDTH)
+        self.final = torch.nn.Linear(WIDTH, 16)
+        _init_(self)
+
+    def forward(self, x, timestep, text):
+        b, n = x.shape[0], (x.shape[2] // 2) * (x.shape[3] // 2)
+        image = self.embed(x).flatten(2).transpose(1, 2).transpose(0, 1)
+        joint = torch.cat([image, self.text(text).transpose(0, 1)], dim=0)  # [S, B, C]
+        scale = self.modulation(timestep[:, None]).unsqueeze(0).expand(joint.shape[0], -1, -1).contiguous()
+        h = (joint * (1 + scale)).permute(1, 0, 2)  # [B, S, C]
+        positions = torch.arange(h.shape[1], dtype=torch.float32)[None, :, None, None] * 0.3
+        cos, sin = positions.cos(), positions.sin()
+        q, k, v = (t.unflatten(-1, (HEADS, HEAD_DIM)) for t in self.qkv(h).chunk(3, dim=-1))
+        q, k = (t * cos + torch.cat((-t[..., 2:], t[..., :2]), dim=-1) * sin for t in (q, k))
+        attended = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        h = (h + attended.transpose(1, 2).flatten(2)).permute(1, 0, 2)  # [S, B, C]
+        out = self.final(h)[:n].transpose(0, 1)
+        return out.transpose(1, 2).reshape(b, 16, x.shape[2] // 2, x.shape[3] // 2)
+
+
+def test_a_sequence_first_joint_sequence_keeps_the_invariants():
+    g = torch.Generator().manual_seed(3)
+    inputs = (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.rand(2, generator=g),
+        torch.randn(2, TEXT, WIDTH, generator=g),
+    )
+    gm, example = capture_graph(SequenceFirstDiT(), *inputs)
+    _, ctx = assert_invariants(gm, example)
+    kinds = [r.kind for r in ctx.records]
+    assert "broadcast_table" in kinds and "joint_table" in kinds
+    assert any(r.kind == "scatter" and "transpose" in r.node for r in ctx.records)
