@@ -37,6 +37,7 @@ from .rules.latent_layout import (
     patch_evidence,
     video_layouts,
 )
+from .rules.patchify import layout_through_linear
 
 #: What Dynamo puts in the placeholder names of parameters and buffers (module state, not the caller's inputs).
 MODULE_STATE_MARKERS = ("_parameters_", "_buffers_")
@@ -257,6 +258,8 @@ def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.No
         if not (isinstance(val, torch.Tensor) and val.dim() == 3 and int(val.shape[0]) == shape[0]):
             continue
         layout = _layout_for(shape, int(val.shape[1]), embedding)
+        if len(shape) == 5 and not isinstance(layout, LatentLayout):
+            layout = layout_through_linear(latents, node) or layout
         if isinstance(layout, LatentLayout):
             if best is None or not _bypassed(node, set(embedding), int(val.shape[1]), order):
                 best = (node, layout)

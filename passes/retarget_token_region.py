@@ -145,7 +145,7 @@ def walk_token_region(gm: torch.fx.GraphModule, ctx: PassContext, record: Callab
             region.record_offset(node, [])  # the token gather: image rows from 0
             continue
         inputs = [a for a in node.all_input_nodes if region.axis(a) is not None]
-        if not inputs or matches(node, NEW_TENSORS):
+        if not inputs or matches(node, NEW_TENSORS) or _dtype_from_tokens(node, inputs):
             env.evaluate(node)  # a new tensor takes only its dtype and device from a token tensor
             continue
         _refuse_token_mixing(node, inputs, region)
@@ -218,6 +218,12 @@ def _keep_token_axis_in_squeeze(node: torch.fx.Node, inputs: list[torch.fx.Node]
         node.args = (source, tuple(d for d in requested if d != axis and shape[d] == 1))
         node.kwargs = {}
         region.record("retarget_token_region", "squeeze", describe(node))
+
+
+def _dtype_from_tokens(node: torch.fx.Node, inputs: list[torch.fx.Node]) -> bool:
+    """``t.type_as(tokens)`` of a tensor ``t`` that carries no tokens: it takes only their dtype (Cosmos casts its
+    timestep projection to the hidden states' dtype)."""
+    return node.op == "call_method" and node.target == "type_as" and bool(node.args) and node.args[0] not in inputs
 
 
 def _is_flex_attention(node: torch.fx.Node) -> bool:

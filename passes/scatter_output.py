@@ -4,12 +4,15 @@ Matches: the final projection, i.e. the last ``linear`` that depends on the acti
 produces token-wise outputs [B, N, C_out] in the dense graph (SD3 ``proj_out``, Lumina-Next
 ``norm_out.linear_2``), or the image rows sliced from a projection of the joint sequence
 (Lumina-Image 2.0: ``norm_out(joint)[:, L:L + N]``; ERNIE-Image, sequence-first:
-``final_linear(joint)[:N].transpose(0, 1)``).
+``final_linear(joint)[:N].transpose(0, 1)``), or, when later, the last token tensor a reshape puts back on the
+token grid for an output layer that runs on the grid (Kandinsky 5: the cache then holds the last hidden states).
 Produces: a placeholder ``ras_output_cache`` [B, N, C_out] and a ``merge_output`` node that
 writes the fresh rows into the cache and hands the full token tensor to the unpatchify code.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx
@@ -39,6 +42,10 @@ def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph
             and shape[:2] == (ctx.batch_size, ctx.num_tokens)
         ):
             projection = node
+    regrid = _reshaped_onto_the_grid(gm, downstream, ctx)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    if regrid is not None and (projection is None or order[regrid] > order[projection]):
+        projection = regrid  # the output layer runs on the token grid: merge the tokens before they go back on it
     if projection is None:
         raise RewriteError("no final projection: no linear produces [B, N, C] outputs from the image tokens")
     value = example_value(projection)
@@ -104,3 +111,28 @@ def _image_rows_of_sequence_first_projection(node: torch.fx.Node, num_tokens: in
         and dense[0] > num_tokens
         and isinstance(index, slice)
     )
+
+
+def _reshaped_onto_the_grid(gm: torch.fx.GraphModule, downstream: set, ctx: PassContext) -> torch.fx.Node | None:
+    """The last ``[B, N, C]`` token tensor that a ``reshape``/``view`` puts back on a grid of N cells
+    (``[B, F, H, W, C]``: Kandinsky 5's ``fractal_unflatten`` before its output layer), or None."""
+    found = None
+    for node in gm.graph.nodes:
+        shape = node.meta.get("ras_dense_shape")
+        if node not in downstream or not (isinstance(shape, tuple) and len(shape) == 3):
+            continue
+        if shape[:2] != (ctx.batch_size, ctx.num_tokens):
+            continue
+        for user in node.users:
+            out = user.meta.get("ras_dense_shape")
+            if (
+                user.op == "call_method"
+                and user.target in ("reshape", "view")
+                and isinstance(out, tuple)
+                and len(out) > 3
+                and out[0] == shape[0]
+                and out[-1] == shape[2]
+                and math.prod(out[1:-1]) == ctx.num_tokens
+            ):
+                found = node
+    return found

@@ -76,7 +76,8 @@ class LatentLayout:
     def describe(self) -> str:
         if self.kind == "packed":
             return "packed latents"
-        axes = "BCHW" if self.kind == "image" else ("BCFHW" if self.channel_axis == 1 else "BFCHW")
+        names = dict(zip(self.grid_axes, "HW" if self.kind == "image" else "FHW"))
+        axes = "B" + "".join("C" if a == self.channel_axis else names[a] for a in range(1, len(self.shape)))
         return f"{axes} latents, patch {'x'.join(map(str, self.patch))}"
 
     def token_blocks(self, shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
@@ -127,6 +128,17 @@ def video_layouts(shape: tuple[int, ...], num_tokens: int) -> list[LatentLayout]
                 if (frames // pt) * (height // p) * (width // p) == num_tokens:
                     grid = (frame_axis, 3, 4)
                     found.append(LatentLayout("video", tuple(shape), channel_axis, grid, (pt, p, p)))
+    return found
+
+
+def channel_last_video_layouts(shape: tuple[int, ...], num_tokens: int) -> list[LatentLayout]:
+    """Every ``[B, F, H, W, C]`` reading with ``(p_t, p, p)`` patches giving N tokens (Kandinsky 5)."""
+    found = []
+    frames, height, width = shape[1], shape[2], shape[3]
+    for pt in _divisors(frames):
+        for p in _divisors(math.gcd(height, width)):
+            if (frames // pt) * (height // p) * (width // p) == num_tokens:
+                found.append(LatentLayout("video", tuple(shape), 4, (1, 2, 3), (pt, p, p)))
     return found
 
 

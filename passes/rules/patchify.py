@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from ..graph_utils import example_value
-from .latent_layout import LatentLayout, image_layout, video_layouts
+from ..graph_utils import example_value, is_linear
+from .latent_layout import LatentLayout, channel_last_video_layouts, image_layout, video_layouts
 
 #: Ops that move elements without dropping, duplicating or changing them.
 REORDER_METHODS = frozenset(
@@ -112,3 +112,31 @@ def element_rows(layout: LatentLayout) -> torch.Tensor:
     split, order = layout.token_blocks(layout.shape)
     index = torch.arange(math.prod(layout.shape)).reshape(split).permute(order)
     return index.reshape(layout.shape[0], layout.num_tokens, -1)
+
+
+def layout_through_linear(latents: torch.fx.Node, tokens: torch.fx.Node) -> LatentLayout | None:
+    """The layout of ``latents`` cut into ``tokens`` ``[B, N, C]`` by reordering ops, a linear over the last axis
+    (each token's elements), then flattening of the token grid (Kandinsky 5: channel-last ``[B, F, H, W, C]`` latents,
+    ``view``, ``permute``, ``flatten``, the patch linear, ``flatten(1, 3)``), verified by replaying the reordering on
+    an index tensor; None when ``tokens`` is not made so or no single reading matches."""
+    flattens = []
+    node = tokens
+    while not is_linear(node):
+        if node.op != "call_method" or node.target not in ("flatten", "contiguous") or not node.args:
+            return None
+        flattens.append(node)
+        node = node.args[0]
+    chain = _reorder_chain(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+    value = example_value(latents)
+    if chain is None or chain[0] is not latents or not isinstance(value, torch.Tensor) or value.dim() != 5:
+        return None
+    shape = tuple(int(s) for s in value.shape)
+    rows = _replay([*chain, *flattens[::-1]], torch.arange(math.prod(shape)).reshape(shape))
+    if rows.dim() != 3 or rows.shape[0] != shape[0]:
+        return None
+    num_tokens = int(rows.shape[1])
+    candidates = video_layouts(shape, num_tokens) + channel_last_video_layouts(shape, num_tokens)
+    matching = [c for c in candidates if _same_tokens(rows, c)]
+    if len(matching) > 1:  # one frame of four channels reads as four frames of one channel too: channels they are
+        matching = [c for c in matching if shape[c.channel_axis] > 1]
+    return matching[0] if len(matching) == 1 else None

@@ -20,6 +20,7 @@ import torch
 
 from rascompile.passes.context import RewriteError
 from rascompile.passes.pipeline import build_ras_graph
+from rascompile.passes.signature import step_signature
 from rascompile.passes.snapshot import graph_summary
 from rascompile.runtime.backend import controllers_of
 from tests.support.capture import GraphCapture, run_ras_step
@@ -163,6 +164,8 @@ def _row(kwargs: dict, row: int, batch: int = 2) -> dict:
 def _guided_loop(case, per_branch: bool) -> torch.Tensor:
     """An Euler loop with classifier-free guidance over ``case``'s transformer under RAS: one batch-2 call per
     step ([uncond; cond]) or one batch-1 call per branch."""
+    layout = _rewrite(case)[1].latent
+    channel_axis = layout.channel_axis if layout is not None and layout.kind != "packed" else 1
     model = torch.compile(case.transformer(), backend="ras", options=OPTIONS)
     kwargs = case.call_kwargs()
     x = kwargs[case.latents_key][:1].clone()
@@ -180,7 +183,10 @@ def _guided_loop(case, per_branch: bool) -> torch.Tensor:
             update = 0.1 * (uncond + 3.0 * (cond - uncond))
             # a model whose input carries condition channels after the latents (image-to-video: mask, encoded
             # image) predicts fewer channels than it takes: the update moves the latents, the conditions stay
-            x = torch.cat([x[:, : update.shape[1]] - update, x[:, update.shape[1] :]], dim=1)
+            moved, kept = x.split(
+                [update.shape[channel_axis], x.shape[channel_axis] - update.shape[channel_axis]], channel_axis
+            )
+            x = torch.cat([moved - update, kept], dim=channel_axis)
     (control,) = controllers_of(model)
     assert "ras" in [d.kind for d in control.history]
     return x
@@ -275,3 +281,40 @@ def test_branches_with_prompts_of_different_lengths_share_one_selection():
     text_lengths = sorted({kv[0].shape[2] for _, kv in control.cache_sets.values()})
     assert text_lengths == [3 + 64, 6 + 64], "one cache set per branch, each of its own graph's shape"
     assert torch.isfinite(got).all()
+
+
+def _outputs(ras, ctx, inputs, idx, output_cache, kv) -> list[torch.Tensor]:
+    signature = step_signature(ras, ctx)
+    with torch.no_grad():
+        return [o for o in ras(*signature.bind(inputs, idx, output_cache, kv)) if isinstance(o, torch.Tensor)]
+
+
+@pytest.mark.parametrize("key", ["ltx2", "kandinsky6"])
+def test_every_output_of_a_joint_audio_and_video_model_keeps_the_invariants(key):
+    """LTX-2 and Kandinsky 6 return audio beside the video; their audio tokens run whole and attend to the video
+    tokens' keys and values, which RAS steps read from the caches: every output equals dense, not only the first."""
+    case = next(c for c in CASES if c.key == key)
+    ras, ctx, inputs, _ = _rewrite(case)
+    gm = next(gm for gm, _ in _graphs(case) if _rewrites(gm))
+    with torch.no_grad():
+        dense = [o for o in gm(*inputs) if isinstance(o, torch.Tensor)]
+    assert len(dense) > 1
+    signature = step_signature(ras, ctx)
+    output_cache = torch.zeros(signature.output_cache.shape, dtype=signature.output_cache.dtype)
+    kv = [torch.zeros(c.shape, dtype=c.dtype) for c in signature.kv_caches]
+    n, b = ctx.num_tokens, ctx.batch_size
+    for got, expected in zip(_outputs(ras, ctx, inputs, _all(ctx), output_cache, kv), dense, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    g = torch.Generator().manual_seed(1)
+    for k in (1, n // 4, n - 1):
+        idx = torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(b)])
+        for got, expected in zip(_outputs(ras, ctx, inputs, idx, output_cache, kv), dense, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _rewrites(gm) -> bool:
+    try:
+        build_ras_graph(gm)
+    except RewriteError:
+        return False
+    return True

@@ -390,6 +390,68 @@ def cosmos_call_kwargs(batch: int = 2, seed: int = 0) -> dict:
     return transformer_call_kwargs(tiny_cosmos_pipeline(), cosmos_pipeline_kwargs(batch, steps=4, seed=seed))
 
 
+def tiny_cosmos2_transformer(seed: int = 0):
+    """Cosmos Predict2 (sizes scaled down as ``tiny_cosmos_transformer``): no learnable position table
+    (``extra_pos_embed_type=None``), RoPE scaled (1, 4, 4) as the text-to-image checkpoints."""
+    from diffusers import CosmosTransformer3DModel
+
+    model = CosmosTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        mlp_ratio=2.0,
+        text_embed_dim=WAN_TEXT_DIM,
+        adaln_lora_dim=8,
+        max_size=(8, 16, 16),
+        patch_size=(1, 2, 2),
+        rope_scale=(1.0, 4.0, 4.0),
+        concat_padding_mask=False,
+        extra_pos_embed_type=None,
+    )
+    return _reinit_(model, seed, std=0.15, qk_std=0.3).eval()
+
+
+def tiny_cosmos2_pipeline(transformer=None):
+    """Cosmos2TextToImagePipeline (Predict2 text to image, one latent frame) with a flow-matching scheduler, no VAE
+    (factor 8), no T5, a pass-through safety checker."""
+    from diffusers import Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
+
+    pipe = Cosmos2TextToImagePipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer if transformer is not None else tiny_cosmos2_transformer(),
+        vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
+        safety_checker=_NoSafetyChecker(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def cosmos2_pipeline_kwargs(batch: int = 1, steps: int = 8, seed: int = 0) -> dict:
+    """``batch`` prompts and their negative prompts (two calls per step), 64x64 pixels: latents ``[B, 4, 1, 8, 8]``,
+    N = 16 (one frame of four channels over a square grid: the patchify replayed tells channels from frames)."""
+    gen = torch.Generator().manual_seed(84_000 + seed)
+    return dict(
+        prompt_embeds=torch.randn(batch, COSMOS_TEXT_LEN, WAN_TEXT_DIM, generator=gen),
+        negative_prompt_embeds=torch.randn(batch, COSMOS_TEXT_LEN, WAN_TEXT_DIM, generator=gen),
+        height=64,
+        width=64,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        return_dict=False,
+    )
+
+
+def cosmos2_call_kwargs(batch: int = 2, seed: int = 0) -> dict:
+    """The first transformer call of ``Cosmos2TextToImagePipeline`` for ``batch`` prompts (its positive branch)."""
+    return transformer_call_kwargs(tiny_cosmos2_pipeline(), cosmos2_pipeline_kwargs(batch, steps=4, seed=seed))
+
+
 # ------------------------------------------------------------------------------------------------- Sana-Video
 
 SANA_VIDEO_CAPTION_DIM, SANA_VIDEO_TEXT_LEN = 24, 6

@@ -439,3 +439,65 @@ def test_a_sequence_first_joint_sequence_keeps_the_invariants():
     kinds = [r.kind for r in ctx.records]
     assert "broadcast_table" in kinds and "joint_table" in kinds
     assert any(r.kind == "scatter" and "transpose" in r.node for r in ctx.records)
+
+
+class ChannelLastDiT(torch.nn.Module):
+    """Kandinsky 5's layout: channel-last latents ``[B, F, H, W, C]`` cut into ``(1, 2, 2)`` patches by view, permute
+    and flatten, a patch linear, the grid flattened to tokens, one attention block, then the tokens reshaped back onto
+    the grid for an output layer that runs there."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(4 * 4, WIDTH)
+        self.qkv = torch.nn.Linear(WIDTH, 3 * WIDTH)
+        self.norm = torch.nn.LayerNorm(WIDTH)
+        self.out = torch.nn.Linear(WIDTH, 4 * 4)
+        _init_(self)
+
+    def forward(self, x):
+        b, f, h, w, c = x.shape
+        patches = x.view(b, f, h // 2, 2, w // 2, 2, c).permute(0, 1, 2, 4, 3, 5, 6).flatten(4, 6)
+        tokens = self.embed(patches).flatten(1, 3)
+        q, k, v = (t.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in self.qkv(tokens).chunk(3, dim=-1))
+        tokens = tokens + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        grid = tokens.reshape(b, f, h // 2, w // 2, WIDTH)
+        out = self.out(self.norm(grid)).view(b, f, h // 2, w // 2, 2, 2, c)
+        return out.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, f, h, w, c)
+
+
+def test_channel_last_latents_cut_by_views_and_a_linear_keep_the_invariants():
+    gm, example = capture_graph(
+        ChannelLastDiT(), torch.randn(2, 2, 8, 8, 4, generator=torch.Generator().manual_seed(4))
+    )
+    _, ctx = assert_invariants(gm, example)
+    assert (ctx.latent.channel_axis, ctx.latent.grid_axes, ctx.latent.patch) == (4, (1, 2, 3), (1, 2, 2))
+    assert ctx.latent.describe() == "BFHWC latents, patch 1x2x2"
+    # the merge is on the tokens before they go back onto the grid, not after the output linear
+    assert ctx.output_cache_shape == (2, 32, WIDTH)
+
+
+class DtypeFromTokensDiT(torch.nn.Module):
+    """Cosmos' shape: the timestep projection is cast to the tokens' dtype (``temb.type_as(tokens)``) before it
+    modulates them; the cast takes nothing else from the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(4, WIDTH, 2, stride=2)
+        self.temb = torch.nn.Linear(1, WIDTH)
+        self.qkv = torch.nn.Linear(WIDTH, 3 * WIDTH)
+        self.proj = torch.nn.Linear(WIDTH, 16)
+        _init_(self)
+
+    def forward(self, x, timestep):
+        b = x.shape[0]
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        q, k, v = (t.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in self.qkv(tokens).chunk(3, dim=-1))
+        tokens = tokens + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        tokens = tokens * (1 + self.temb(timestep[:, None]).type_as(tokens)[:, None, :])
+        return self.proj(tokens).transpose(1, 2).reshape(b, 16, x.shape[2] // 2, x.shape[3] // 2)
+
+
+def test_a_cast_to_the_tokens_dtype_takes_no_tokens():
+    g = torch.Generator().manual_seed(5)
+    gm, example = capture_graph(DtypeFromTokensDiT(), torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g))
+    assert_invariants(gm, example)
