@@ -37,9 +37,11 @@ from ..config import RASConfig
 from .controller import GraphLayout, RASController
 from .graph import DenseGraph, RASGraph, StepGraph, compile_inner, compile_or_eager
 from .origin import (
+    GenerationWatch,
     PieceCause,
     blocks_compiled_alone,
     calling_model,
+    calling_pipeline,
     graph_origin,
     is_submodule_frame,
     layer_reason,
@@ -102,6 +104,7 @@ class RASBackend:
         self._warned: set[str] = set()
         # per transformer (or this backend, when the transformer is unknown): the piece warnings said so far
         self._pieces_said: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+        self._piece_generations: weakref.WeakKeyDictionary[Any, GenerationWatch] = weakref.WeakKeyDictionary()
         # One step source per latents placeholder and shape, shared by every graph of this transformer at that
         # resolution (the grad-mode graph Dynamo compiles beside the inference one counts steps there too).
         self._per_transformer = _ByTensor()  # controllers and step sources of each transformer instance
@@ -276,6 +279,17 @@ class RASBackend:
         if message not in said and (named or not said):
             said.add(message)
             warnings.warn(f"rascompile: {message}", stacklevel=3)
+
+    def warn_piece_per_generation(self, model: torch.nn.Module, message: str) -> None:
+        """Say a named piece warning again when ``model`` begins a new generation (read from the calling pipeline's
+        scheduler): no graph of a transformer split by a hook counts its steps, and a user must see for every image,
+        not once per process, why it ran dense."""
+        generation = self._piece_generations.setdefault(model, GenerationWatch()).see(calling_pipeline())
+        if generation is not None and generation > 1:
+            key = f"{id(model)}:{generation}:{message}"
+            if key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(f"rascompile: {message} (generation {generation})", stacklevel=4)
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -469,17 +483,16 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
     if piece is not None:
         # every piece of a split transformer is refused; one warning per cause says why, in the user's words
         graph.fallback_reason = f"{piece.cause} (this piece: {reason})"
-        backend.warn_piece(
-            model,
-            (
-                f"RAS is off for this transformer: {piece.cause}; it runs dense. To keep RAS: {piece.advice}"
-                if piece.named
-                # a bare graph break: other pieces (one holding the whole body, say) may still run RAS
-                else f"this graph runs dense: {piece.cause}, and the passes cannot rewrite this piece on its own "
-                f"({reason}). To keep RAS: {piece.advice}"
-            ),
-            named=piece.named,
+        message = (
+            f"RAS is off for this transformer: {piece.cause}; it runs dense. To keep RAS: {piece.advice}"
+            if piece.named
+            # a bare graph break: other pieces (one holding the whole body, say) may still run RAS
+            else f"this graph runs dense: {piece.cause}, and the passes cannot rewrite this piece on its own "
+            f"({reason}). To keep RAS: {piece.advice}"
         )
+        backend.warn_piece(model, message, named=piece.named)
+        if piece.named and model is not None:
+            graph.repeat_warning = (weakref.ref(model), message)
         graph.compile_now()
         return graph
     if graph.hooks:

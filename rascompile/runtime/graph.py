@@ -142,6 +142,14 @@ class DenseGraph(StepGraph):
         super().__init__(backend, gm, example_inputs)
         self.fallback_reason = reason
         self.counts_as_split = split
+        self.repeat_warning: tuple | None = None  # (weakref to the model, message): said again per generation
+
+    def _call(self, args):
+        if self.repeat_warning is not None:
+            model = self.repeat_warning[0]()
+            if model is not None:
+                self.backend.warn_piece_per_generation(model, self.repeat_warning[1])
+        return self._dense(args)
 
     def run_active(self, active_idx: torch.Tensor, *args):
         raise RuntimeError(f"this graph has no RAS variant: {self.fallback_reason}")

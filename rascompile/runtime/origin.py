@@ -84,6 +84,36 @@ def calling_model() -> torch.nn.Module | None:
     return next((owner for owner in caller_owners() if isinstance(owner, ModelMixin)), None)
 
 
+def calling_pipeline() -> object | None:
+    """The diffusers pipeline whose method is running on the Python call stack now (its ``__call__``), or None."""
+    from diffusers import DiffusionPipeline
+
+    return next((owner for owner in caller_owners() if isinstance(owner, DiffusionPipeline)), None)
+
+
+class GenerationWatch:
+    """A transformer's generations, counted from the calling pipeline's scheduler: its ``step_index`` is None
+    exactly during a generation's first step (as ``SchedulerSteps`` tells them), so a call that sees None after one
+    that did not begins a new generation."""
+
+    _UNSEEN = object()
+
+    def __init__(self):
+        self.count = 0
+        self.last: object = self._UNSEEN
+
+    def see(self, pipeline: object | None) -> int | None:
+        """The generation of a call made by ``pipeline``; None when there is no pipeline or scheduler to read."""
+        scheduler = getattr(pipeline, "scheduler", None)
+        if scheduler is None or not hasattr(scheduler, "step_index"):
+            return None
+        index = scheduler.step_index
+        if index is None and self.last is not None:
+            self.count += 1
+        self.last = index
+        return self.count
+
+
 def _subclasses(root: type) -> set[type]:
     """``root`` and every class derived from it that is imported so far."""
     found: set[type] = set()

@@ -59,7 +59,7 @@ from rascompile.passes.snapshot import graph_summary
 from .controller import Decision, GraphLayout, RASController
 from .graph import RASGraph, StepGraph
 from .origin import blocks_compiled_alone
-from .stacks import advice_for
+from .stacks import advice_for, hooks_on
 
 if TYPE_CHECKING:
     from .backend import RASBackend
@@ -543,9 +543,13 @@ class ScopedPiece(StepGraph):
             graph = _PieceGraph(self.backend, self.dense_gm, args, ras_gm, signature, graph_summary(ctx))
             return _Form(kind, graph, cached_attentions(signature), joint)
         made_by = f", made by {' and '.join(self.hooks)}," if self.hooks else ""
+        model = call.scope.model()
+        # a layer Dynamo traced alone does not show the hook that split its model: name the model's own hooks
+        installed = () if self.hooks or model is None else tuple(hooks_on(model))
+        on_model = f" (hooks on this transformer: {', '.join(installed)})" if installed else ""
         call.scope.break_pieces(
-            f"a piece{made_by} that takes its image tokens cannot be rewritten ({reasons[-1]})",
-            advice_for(self.hooks) if self.hooks else None,
+            f"a piece{made_by} that takes its image tokens cannot be rewritten ({reasons[-1]}){on_model}",
+            advice_for(self.hooks or installed) if self.hooks or installed else None,
         )
         return _Form("token-free")
 
