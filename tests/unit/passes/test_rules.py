@@ -233,24 +233,37 @@ def test_latents_are_found_in_every_layout(latents, channel_axis, grid_axes):
 
 
 class LinearPatchVideo(torch.nn.Module):
-    """[B, 4, 4, 8, 8] latents patchified by a reshape and a linear layer: no convolution tells the reading."""
+    """[B, 4, 4, 8, 8] latents patchified by a reshape and a linear layer: no convolution tells the reading.
+    ``per_pixel``: each token holds one pixel's 4 x 4 values of axes 1 and 2, which reads as channels x frames and as
+    frames x channels alike."""
 
-    def __init__(self):
+    def __init__(self, per_pixel: bool = False):
         super().__init__()
+        self.per_pixel = per_pixel
         self.embed = torch.nn.Linear(16, WIDTH)
+        self.qkv = torch.nn.Linear(WIDTH, 3 * WIDTH)
         self.proj = torch.nn.Linear(WIDTH, 16)
 
     def forward(self, x):
         b = x.shape[0]
-        patches = x.reshape(b, 4, 4, 4, 2, 4, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, 64, 16)
+        if self.per_pixel:
+            patches = x.permute(0, 3, 4, 1, 2).reshape(b, 64, 16)
+        else:
+            patches = x.reshape(b, 4, 4, 4, 2, 4, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, 64, 16)
         tokens = self.embed(patches)
-        q = k = v = tokens.unflatten(2, (HEADS, HEAD_DIM)).transpose(1, 2)
+        q, k, v = (t.unflatten(2, (HEADS, HEAD_DIM)).transpose(1, 2) for t in self.qkv(tokens).chunk(3, dim=-1))
         tokens = tokens + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         return self.proj(tokens).reshape(x.shape)
 
 
+def test_a_video_reading_without_a_convolution_is_confirmed_by_replaying_the_patchify():
+    gm, inputs = capture_graph(LinearPatchVideo(), torch.randn(2, 4, 4, 8, 8))
+    _, ctx = assert_invariants(gm, inputs)
+    assert (ctx.latent.channel_axis, ctx.latent.grid_axes, ctx.latent.patch) == (1, (2, 3, 4), (1, 2, 2))
+
+
 def test_an_unconfirmed_video_reading_runs_dense_with_the_reason():
-    gm, _ = capture_graph(LinearPatchVideo(), torch.randn(2, 4, 4, 8, 8))
+    gm, _ = capture_graph(LinearPatchVideo(per_pixel=True), torch.randn(2, 4, 4, 8, 8))
     with pytest.raises(RewriteError, match="cannot tell which latent elements make up each token"):
         build_ras_graph(gm)
 
