@@ -42,13 +42,13 @@ def policy(name: str):
     """Patch the controller to follow ``name`` (``never`` is the controller as it is)."""
     select, find = RASController._select, RASController._find_held_tokens
 
-    def always(self, latents, plan):
-        idx = select(self, latents, plan)
+    def always(self, delta, plan):
+        idx = select(self, delta, plan)
         if self.held_tokens is not None and self.held_tokens.numel():
             idx = torch.cat([idx, self.held_tokens.expand(idx.shape[0], -1)], 1).sort(1).values
         return idx
 
-    def counted(self, latents):
+    def counted(self, delta):
         self.candidates = torch.arange(self.layout.num_tokens, device=self.device)
         self.held_tokens = self.candidates[:0]
         return True

@@ -59,9 +59,8 @@ class TokenRegion:
 
     def _joint_offset(self, node: torch.fx.Node, axis: int, size: int, inputs: list[torch.fx.Node]) -> int | None:
         if matches(node, CAT):
-            parts = node.args[0] if node.args else node.kwargs.get("tensors")
+            parts, dim = _cat_arguments(node)
             image = [i for i, p in enumerate(parts) if isinstance(p, torch.fx.Node) and p in inputs]
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             if isinstance(dim, int) and dim % len(node.meta["ras_dense_shape"]) != axis:
                 # joined along another axis (RoPE's rotated halves): the parts' rows, where they agree
                 found = {self.offsets.get(parts[i]) for i in image}
@@ -182,16 +181,21 @@ def walk_token_region(gm: torch.fx.GraphModule, ctx: PassContext, record: Callab
         raise RewriteError("no attention reads the image tokens: this graph is not a whole transformer")
 
 
+def _cat_arguments(node: torch.fx.Node) -> tuple[Any, Any]:
+    """``(tensors, dim)`` of a ``torch.cat`` call, passed by position or by name."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    return parts, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+
 def _refuse_two_token_runs(node: torch.fx.Node, inputs: list[torch.fx.Node], region: TokenRegion) -> None:
     """A sequence that joins two runs of image tokens along the token axis (Motif-Video's decoder attends over its
     own tokens and the encoder's): the K/V caches and literals keep one run of image rows per sequence."""
     if not matches(node, CAT):
         return
-    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    parts, dim = _cat_arguments(node)
     runs = [p for p in parts if isinstance(p, torch.fx.Node) and p in inputs]
     if len(runs) < 2:
         return
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     axes = {region.axis(p) for p in runs}
     if isinstance(dim, int) and len(axes) == 1 and dim % len(region.env.shape(runs[0])) == axes.pop():
         raise RewriteError(

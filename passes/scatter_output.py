@@ -67,8 +67,9 @@ def _image_rows_of_projection(node: torch.fx.Node, num_tokens: int) -> bool:
     """``node`` slices rows out of a linear's 3-D output along dim 1, a longer one than the image tokens (a joint
     sequence's image rows), or brings such rows of a sequence-first ``[S, B, C]`` output to ``[B, N, C]``
     (``x[:N].transpose(0, 1)``)."""
-    if _batch_first(node) is not None:
-        return _image_rows_of_sequence_first_projection(_batch_first(node), num_tokens)
+    sequence_first = _batch_first(node)
+    if sequence_first is not None:
+        return _image_rows_of_sequence_first_projection(sequence_first, num_tokens)
     if not (matches(node, SLICING) and node.args and isinstance(node.args[0], torch.fx.Node)):
         return False
     source = node.args[0]

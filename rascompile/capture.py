@@ -26,20 +26,14 @@ class GraphCapture:
 
     It runs a graph eagerly (``gm.forward``), or, with ``backend``, returns what that backend compiles (the
     keyword arguments Dynamo passes go to it). ``copy_inputs`` keeps copies of the tensor inputs that are not
-    parameters, so that later in-place changes by the caller do not reach the recorded ones. :attr:`layer_reasons`
-    says, per graph, why it is a layer of a model rather than a whole transformer (``origin.layer_reason``: the
-    backend does not rewrite such a graph), or None."""
+    parameters, so that later in-place changes by the caller do not reach the recorded ones."""
 
     def __init__(self, backend: Callable | None = None, *, copy_inputs: bool = False):
         self.backend = backend
         self.copy_inputs = copy_inputs
         self.graphs: list[Captured] = []
-        self.layer_reasons: list[str | None] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
-        from .runtime.origin import layer_reason
-
-        self.layer_reasons.append(layer_reason(gm))
         compiled = self.backend(gm, example_inputs, **kwargs) if self.backend is not None else gm.forward
         inputs = [_kept(a) for a in example_inputs] if self.copy_inputs else list(example_inputs)
         self.graphs.append((gm, inputs))

@@ -266,11 +266,13 @@ class RASBackend:
     def warn_per_generation(self, controller: RASController, message: str) -> None:
         """Warn once per generation of ``controller``'s step source: a user sees, for every image, why it ran
         dense, not only for the first one in the process."""
-        generation = controller.steps.generation
-        key = f"{id(controller)}:{generation}:{message}"
+        self._warn_at_generation(controller, controller.steps.generation, message)
+
+    def _warn_at_generation(self, owner: object, generation: int, message: str) -> None:
+        key = f"{id(owner)}:{generation}:{message}"
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"rascompile: {message} (generation {generation})", stacklevel=4)
+            warnings.warn(f"rascompile: {message} (generation {generation})", stacklevel=5)
 
     def warn_piece(self, model: torch.nn.Module | None, message: str, named: bool) -> None:
         """Warn once per transformer that it is split into pieces. A piece whose cause has no name ("a graph break")
@@ -286,10 +288,7 @@ class RASBackend:
         not once per process, why it ran dense."""
         generation = self._piece_generations.setdefault(model, GenerationWatch()).see(calling_pipeline())
         if generation is not None and generation > 1:
-            key = f"{id(model)}:{generation}:{message}"
-            if key not in self._warned:
-                self._warned.add(key)
-                warnings.warn(f"rascompile: {message} (generation {generation})", stacklevel=4)
+            self._warn_at_generation(model, generation, message)
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:

@@ -188,9 +188,10 @@ class RASController:
 
     def _plan(self, latents: torch.Tensor, step: int) -> Decision:
         consecutive = step == self.last_step + 1
-        held_still = True
+        held_still, delta = True, None
         if consecutive and not self.schedule[step].dense:
-            held_still = self._find_held_tokens(latents)
+            delta = latents.detach().float() - self.previous_latents.float()
+            held_still = self._find_held_tokens(delta)
         plan = self.schedule[step]
         needs_cache = any(not p.dense for p in self.schedule[step + 1 :])
         capture = Decision("capture", step, self._all_tokens()) if needs_cache else Decision("dense", step)
@@ -200,18 +201,19 @@ class RASController:
             # Steps ran elsewhere (another graph of this transformer, e.g. a grad-mode call), or tokens held still
             # so far began to change: the caches are older than one step, so this step refills them.
             return capture
-        return Decision("ras", step, self._select(latents, plan))
+        return Decision("ras", step, self._select(delta, plan))
 
-    def _find_held_tokens(self, latents: torch.Tensor) -> bool:
+    def _find_held_tokens(self, delta: torch.Tensor) -> bool:
         """Find, at a generation's first RAS step, the tokens whose latents did not change in any row (the
         reference images of an editing pipeline, joined to the token axis): RAS steps never select them, so their
         outputs and K/V come from the dense steps, and the schedule's ratio counts the other tokens only. False
         when tokens found held still have changed since: the step refills the caches and they are found again at
-        the next RAS step."""
-        delta = latents.detach().float() - self.previous_latents.float()
+        the next RAS step. ``delta``: the step's latent update."""
+        if self.candidates is not None and not self.held_tokens.numel():
+            return True  # no token held still this generation: nothing to watch
         unchanged = (self._metric(delta, "l2norm") == 0).all(dim=0)
         if self.candidates is not None:
-            if self.held_tokens.numel() and not unchanged[self.held_tokens].all():
+            if not unchanged[self.held_tokens].all():
                 self.candidates = self.held_tokens = None
                 self.schedule = build_schedule(self.config, len(self.schedule), self.layout.num_tokens)
                 return False
@@ -300,8 +302,7 @@ class RASController:
             return packed_token_metric(delta, metric)
         return token_metric(delta, self.layout.patch_size, metric)
 
-    def _select(self, latents: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        delta = latents.detach().float() - self.previous_latents.float()
+    def _select(self, delta: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         metric = self._metric(delta, self.config.metric)
         rules = (plan.num_dropped, self.config.high_ratio, self.config.starvation_scale)
         if self.held_tokens is not None and self.held_tokens.numel():

@@ -21,15 +21,19 @@ def capture_graph(model, *args):
     return capture_graphs(model, lambda compiled: compiled(*args), fullgraph=True, dynamic=None, reset=False)[0]
 
 
-def run_ras_step(ras, ctx, inputs, idx, output_cache=None, kv=None):
+def run_ras_step(ras, ctx, inputs, idx, output_cache=None, kv=None, every_output=False):
     """One step of the RAS graph ``ras`` over the tokens ``idx``, its inputs bound by its ``StepSignature`` (or
-    the one of the pass context ``ctx``); fresh zeroed caches unless the caller passes its own."""
+    the one of the pass context ``ctx``); fresh zeroed caches unless the caller passes its own. Returns the first
+    output (``every_output``: the list of its tensor outputs), the output cache and the K/V caches."""
     signature = ctx if isinstance(ctx, StepSignature) else step_signature(ras, ctx)
     if output_cache is None:
         output_cache = torch.zeros(signature.output_cache.shape, dtype=signature.output_cache.dtype)
     kv = [torch.zeros(c.shape, dtype=c.dtype) for c in signature.kv_caches] if kv is None else kv
     with torch.no_grad():
-        return ras(*signature.bind(inputs, idx, output_cache, kv))[0], output_cache, kv
+        outputs = ras(*signature.bind(inputs, idx, output_cache, kv))
+    if every_output:
+        return [o for o in outputs if isinstance(o, torch.Tensor)], output_cache, kv
+    return outputs[0], output_cache, kv
 
 
 class _FirstCall(Exception):
