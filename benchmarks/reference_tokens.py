@@ -1,16 +1,18 @@
-"""How to treat the reference tokens of image-editing pipelines under RAS, measured on tiny FLUX.1 Kontext.
+"""How to treat tokens whose latents never change under RAS, measured on tiny FLUX.1 Kontext and Ideogram 4.
 
-FluxKontextPipeline joins the reference image's latents to the token axis; they never change, so their update
-metric is 0. Three policies, each a whole 8-step generation, compared with the dense generation of the same seed
-(relative L2 error of the final latents, median over seeds), with the tokens a RAS step computes:
+FluxKontextPipeline joins the reference image's latents to the token axis; Ideogram4Pipeline packs zero rows for
+its text before the image tokens (``[left-pad][text][image]``, the text features in another input). Those rows
+never change, so their update metric is 0. Three policies, each a whole 8-step generation, compared with the dense
+generation of the same seed (relative L2 error of the final latents, median over seeds), with the tokens a RAS step
+computes:
 
-* ``never``: the controller's policy. Reference tokens are never selected; their outputs and K/V come from the dense
+* ``never``: the controller's policy. Those tokens are never selected; their outputs and K/V come from the dense
   steps; the ratio counts the generated image's tokens.
-* ``always``: every RAS step computes all reference tokens (fresh K/V) besides the selected image tokens.
-* ``counted``: the ratio counts reference tokens as tokens like the others (RAS before the policy): their zero metric
+* ``always``: every RAS step computes all of them (fresh K/V) besides the selected image tokens.
+* ``counted``: the ratio counts them as tokens like the others (RAS before the policy): their zero metric
   drops most of them, the rest are computed by the accident of token order.
 
-    python benchmarks/reference_tokens.py [--seeds 5]
+    python benchmarks/reference_tokens.py [--model flux-kontext|ideogram4] [--seeds 5]
 
 The model is tiny and random (no trained weights are downloadable here): the figures compare policies with each
 other, not with the quality of a trained model.
@@ -33,8 +35,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rascompile.runtime.backend import controllers_of  # noqa: E402
 from rascompile.runtime.controller import RASController  # noqa: E402
 from tests.support import models_editing as editing  # noqa: E402
+from tests.support import models_layouts as layouts  # noqa: E402
 
 POLICIES = ("never", "always", "counted")
+# name: (transformer, pipeline, pipeline kwargs, what is measured)
+MODELS = {
+    "flux-kontext": (
+        editing.tiny_flux_kontext_transformer,
+        editing.tiny_flux_kontext_pipeline,
+        editing.flux_kontext_pipeline_kwargs,
+        "tiny FLUX.1 Kontext, 64 image + 64 reference tokens",
+    ),
+    "ideogram4": (
+        layouts.tiny_ideogram4_transformer,
+        layouts.tiny_ideogram4_pipeline,
+        layouts.ideogram4_pipeline_kwargs,
+        "tiny Ideogram 4 (RAS on the conditional transformer), 64 image + 5 text rows",
+    ),
+}
 
 
 @contextlib.contextmanager
@@ -63,16 +81,17 @@ def policy(name: str):
         RASController._select, RASController._find_held_tokens = select, find
 
 
-def generate(transformer, seed: int, ratio: float | None, name: str = "never"):
+def generate(model_name: str, transformer, seed: int, ratio: float | None, name: str = "never"):
     """(final latents, tokens of the first RAS step) of one generation; ``ratio`` None: dense."""
+    _, build_pipeline, pipeline_kwargs, _ = MODELS[model_name]
     torch._dynamo.reset()
     model = copy.deepcopy(transformer)
-    pipe = editing.tiny_flux_kontext_pipeline(model)
+    pipe = build_pipeline(model)
     if ratio is not None:
         options = dict(num_inference_steps=8, scheduler_start_step=2, error_reset_steps=(5,), sample_ratio=ratio)
         pipe.transformer = torch.compile(model, backend="ras", options={**options, "inner_backend": "aot_eager"})
     with policy(name), torch.no_grad():
-        out = pipe(**editing.flux_kontext_pipeline_kwargs(seed=seed))[0]
+        out = pipe(**pipeline_kwargs(seed=seed))[0]
     if ratio is None:
         return out, None
     (control,) = controllers_of(pipe.transformer)
@@ -81,19 +100,21 @@ def generate(transformer, seed: int, ratio: float | None, name: str = "never"):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="flux-kontext")
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args(argv)
-    transformer = editing.tiny_flux_kontext_transformer()
+    build_transformer, _, _, described = MODELS[args.model]
+    transformer = build_transformer()
     runs = [(name, ratio) for ratio in (0.5, 0.25) for name in POLICIES]
     errors = {run: [] for run in runs}
     tokens = {}
     for seed in tqdm(range(args.seeds), desc="seeds"):
-        dense, _ = generate(transformer, seed, None)
+        dense, _ = generate(args.model, transformer, seed, None)
         for name, ratio in runs:
-            out, k = generate(transformer, seed, ratio, name)
+            out, k = generate(args.model, transformer, seed, ratio, name)
             errors[(name, ratio)].append(float((out - dense).norm() / dense.norm()))
             tokens[(name, ratio)] = k
-    print("tiny FLUX.1 Kontext, 64 image + 64 reference tokens, 8 steps, CPU")
+    print(f"{described}, 8 steps, CPU")
     print("| policy | ratio | tokens per RAS step | relative error vs dense (median) |")
     print("|---|---|---|---|")
     for name, ratio in runs:

@@ -143,6 +143,11 @@ def _packed_latents(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], reaso
         projected = [n for n in candidates if _enters_a_linear(n)]
         if len(projected) == 1:
             return projected[0]
+        # Ideogram 4 packs text features [B, S, D_text] beside the latents [B, S, C]; a noise prediction has the
+        # latents' channels
+        widths = [n for n in candidates if example_value(n).shape[-1] == out.shape[-1]]
+        if len(widths) == 1:
+            return widths[0]
         names = ", ".join(n.name for n in candidates)
         reasons.append(f"packed latents are ambiguous: {names} all have the output's {num_tokens} tokens")
         return None

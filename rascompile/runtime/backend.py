@@ -181,8 +181,8 @@ class RASBackend:
                 f"controller ({control.layout.batch_size} x {control.layout.num_tokens} tokens): "
                 f"{control.generations} generation(s) with a RAS schedule; the last ran {counts} steps"
                 + (
-                    f"; {held} tokens whose latents never changed (reference images) were never selected, their "
-                    "outputs and K/V taken from the dense steps"
+                    f"; {held} tokens whose latents never changed (reference images, packed text rows) were never "
+                    "selected, their outputs and K/V taken from the dense steps"
                     if held
                     else ""
                 )

@@ -336,6 +336,48 @@ def ideogram4_unconditional_call_kwargs(batch: int = 2, seed: int = 0) -> dict:
     )
 
 
+def tiny_ideogram4_pipeline(transformer=None):
+    """The real ``Ideogram4Pipeline`` loop (packing, asymmetric guidance with its second transformer, the
+    logit-normal schedule) without its Qwen3-VL encoder or VAE: ``encode_prompt`` returns the packed conditioning
+    of ``_ideogram4_inputs`` (random text features of 5 and 3 tokens, left-padded), and generations stop at the
+    latents (no VAE: scale 8, so 128 px is an 8x8 token grid)."""
+    import types
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline
+
+    def encode_prompt(self, prompt, grid_h, grid_w, max_sequence_length, device):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        lengths = [TEXT_LEN if b % 2 == 0 else 3 for b in range(len(prompts))]
+        inputs = _ideogram4_inputs(len(prompts), seed=0, text_lengths=lengths)
+        return inputs["llm_features"], inputs["position_ids"], inputs["segment_ids"], inputs["indicator"]
+
+    pipe = Ideogram4Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer if transformer is not None else tiny_ideogram4_transformer(0),
+        unconditional_transformer=tiny_ideogram4_transformer(1),
+    )
+    pipe.encode_prompt = types.MethodType(encode_prompt, pipe)
+    return _disabled(pipe)
+
+
+def ideogram4_pipeline_kwargs(batch: int = 1, steps: int = 8, seed: int = 0) -> dict:
+    return dict(
+        prompt=["a red cube", "a blue ball"][:batch] if batch <= 2 else ["a red cube"] * batch,
+        height=IDEOGRAM_GRID * 16,
+        width=IDEOGRAM_GRID * 16,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        guidance_schedule=None,
+        max_sequence_length=TEXT_LEN,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        return_dict=False,
+    )
+
+
 # AnyFlow ------------------------------------------------------------------------------------------------------------
 
 

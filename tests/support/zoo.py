@@ -912,8 +912,9 @@ CASES: list[Case] = [
         layouts.z_image_call_kwargs,
         ras=False,
         reason="no image-token source found",
-        note="latents and captions as lists of tensors, patchified and joined row by row ([image; caption], "
-        "`pad_sequence`)",
+        note="its first call breaks the graph (the RoPE table is built under `with torch.device('cpu')`); after it, "
+        "one graph whose latents and captions are lists of per-row tensors, patchified and joined row by row "
+        "([image; caption], `pad_sequence`), which the rules do not read yet",
         pipeline=layouts.tiny_z_image_pipeline,
         pipeline_kwargs=layouts.z_image_pipeline_kwargs,
         timestep_scale=1.0,
@@ -927,10 +928,11 @@ CASES: list[Case] = [
         "Ideogram4Pipeline",
         layouts.tiny_ideogram4_transformer,
         layouts.ideogram4_call_kwargs,
-        ras=False,
-        reason="packed latents are ambiguous",
-        note="the pipeline packs [pad; text; image] into one sequence of the output's length; only the `indicator` "
-        "input says which rows are image",
+        ras=True,
+        reason="packed [pad; text; image] sequence, segment mask; its text rows (zero latents) are never selected, as "
+        "reference tokens are; a second transformer runs the unconditional branch",
+        pipeline=layouts.tiny_ideogram4_pipeline,
+        pipeline_kwargs=layouts.ideogram4_pipeline_kwargs,
         timestep_scale=1.0,
         layout="packed",
     ),

@@ -107,6 +107,32 @@ def test_float_position_ids_of_the_tokens_shape_are_not_taken_for_the_latents():
     assert "hidden_states" in fact(ctx, "latents") and fact(ctx, "num_tokens") == 16
 
 
+class IndicatorPacked(TinyPackedDiT):
+    """Ideogram 4's packing: ``[text; image]`` rows in one sequence of the output's length, the latents
+    ``[B, S, 16]`` zero at the text rows and the text features ``[B, S, 24]`` zero at the image rows, each masked by
+    the ``indicator`` before its own linear (neither enters a linear directly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.context_embedder = torch.nn.Linear(24, WIDTH)
+
+    def forward(self, hidden_states, encoder_hidden_states, indicator):
+        image = (indicator == 2).to(hidden_states.dtype).unsqueeze(-1)
+        tokens = self.x_embedder(hidden_states * image) + self.context_embedder(encoder_hidden_states * (1 - image))
+        q, k, v = (t.unflatten(2, (HEADS, HEAD_DIM)).transpose(1, 2) for t in self.qkv(tokens).chunk(3, -1))
+        return self.proj(tokens + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def test_packed_latents_are_told_from_text_features_of_the_same_length_by_the_outputs_channels():
+    g = torch.Generator().manual_seed(2)
+    indicator = torch.cat([torch.full((2, 4), 3), torch.full((2, 16), 2)], dim=1)
+    gm, _ = capture(
+        IndicatorPacked(), torch.randn(2, 20, 16, generator=g), torch.randn(2, 20, 24, generator=g), indicator
+    )
+    out, ctx = run_until(gm, PASS)
+    assert "hidden_states" in fact(ctx, "latents") and fact(ctx, "num_tokens") == 20
+
+
 class OverlappingPatches(torch.nn.Module):
     """A patch convolution whose kernel overlaps (3 x 3, stride 2): 9 tokens from 8 x 8 latents, no patch size."""
 
