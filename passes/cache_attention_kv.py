@@ -21,6 +21,7 @@ import torch.fx
 
 from . import ops
 from .context import KVCacheSlot, PassContext, module_path
+from .gather_active_tokens import index_for
 from .graph_utils import add_placeholder, describe, example_value, insert_call, is_sdpa
 from .normalize_attention_args import sdpa_argument
 from .rules.kv_sources import cat_arguments, find_kv_source
@@ -33,13 +34,13 @@ def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
     if ctx.token_region is None:
         raise RuntimeError("cache_attention_kv reads ctx.token_region: run analyze_token_region before it")
     axes, offsets = ctx.token_region.axes, ctx.token_region.image_offsets
-    nodes = {n.name: n for n in gm.graph.nodes}
-    idx = nodes[ctx.active_idx]
     for attention in [n for n in gm.graph.nodes if is_sdpa(n)]:
         for kind in ("key", "value"):
             source = find_kv_source(attention, kind, axes, offsets, ctx.num_tokens)
             if source is None:
                 continue
+            # the index for the cached tensor's batch (one row per frame when frames are folded into it)
+            idx = index_for(gm, ctx, int(example_value(source.tensor).shape[0]))
             if source.kind == "joint-at-attention":
                 _cache_joint_sequence(gm, ctx, attention, kind, (source.tensor, source.image_part), idx, axes)
             elif source.kind == "joint-tensor":

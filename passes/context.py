@@ -78,6 +78,9 @@ class PassContext:
     # gathered like the token source
     more_token_sources: list[str] = field(default_factory=list)
     batch_size: int = 0
+    # rows of the token tensors per latent batch row: 1, or F when the model folds its frames into the batch
+    # (Latte's [B*F, N, C] spatial tokens, row b*F + f); the token tensors' batch is ``token_batch``
+    token_rows: int = 1
     num_tokens: int = 0  # N
     patch_size: int = 0
     latent_hw: tuple[int, int] = (0, 0)
@@ -98,6 +101,11 @@ class PassContext:
 
     # what every pass found and rewrote, in order (the graph summary renders them)
     records: list[RewriteRecord] = field(default_factory=list)
+
+    @property
+    def token_batch(self) -> int:
+        """The leading size of the token tensors: the latents' batch times ``token_rows``."""
+        return self.batch_size * self.token_rows
 
     def record(self, pass_name: str, kind: str, node: str = "", detail: str = "", **more: Any) -> None:
         """Add a ``RewriteRecord`` (``more``: ``cache``, ``offset``)."""

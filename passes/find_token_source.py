@@ -32,6 +32,7 @@ from .op_sets import CASTS, ELEMENTWISE, VIEWS, WRITES, matches
 from .rules.latent_layout import (
     LatentLayout,
     choose_video_layout,
+    folded_frames_layout,
     image_layout,
     packed_layout,
     patch_evidence,
@@ -80,8 +81,7 @@ def find_token_source(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gr
         if isinstance(found, str):
             reasons.append(f"{latents.name}: {found}")
             continue
-        source, layout = found
-        _record(ctx, inputs, latents, source, layout)
+        _record(ctx, inputs, latents, *found)
         return gm
     if ctx.settings.piece_joint is not None:
         joint, tokens = _open_joint_input(gm, ctx.settings.piece_joint, ctx.settings.piece_tokens)
@@ -105,8 +105,9 @@ def find_token_source(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gr
     raise RewriteError(f"no image-token source found ({detail})")
 
 
-def _record(ctx: PassContext, inputs, latents, source, layout: LatentLayout) -> None:
+def _record(ctx: PassContext, inputs, latents, source, layout: LatentLayout, rows: int = 1) -> None:
     batch = int(example_value(latents).shape[0])
+    ctx.token_rows = rows
     ctx.latents = latents.name
     ctx.latent = layout
     ctx.latent_layout = layout.kind
@@ -117,6 +118,8 @@ def _record(ctx: PassContext, inputs, latents, source, layout: LatentLayout) -> 
     ctx.latent_hw = (layout.shape[-2], layout.shape[-1]) if layout.kind != "packed" else (layout.shape[1], 1)
     ctx.timestep = _find_timestep(inputs, batch)
     kind = f"patch {layout.patch[-1]}" if layout.kind == "image" else layout.describe()
+    if rows > 1:
+        kind += f"; frames folded into the batch: {rows} rows per item, one token per site across them"
     ctx.record("find_token_source", "tokens", describe(source), f"{ctx.num_tokens} image tokens ({kind})")
 
 
@@ -243,7 +246,8 @@ def _piece_tokens(
     return candidates
 
 
-def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.Node, LatentLayout] | str:
+def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.Node, LatentLayout, int] | str:
+    """``(token source, layout, rows per latent batch row)``, or the reason none is found."""
     value = example_value(latents)
     shape = tuple(int(s) for s in value.shape)
     downstream = sorted(forward_slice([latents]), key=order.__getitem__)
@@ -260,14 +264,21 @@ def _token_source_from(latents: torch.fx.Node, order: dict) -> tuple[torch.fx.No
     best, reason = None, None
     for node in embedding:
         val = example_value(node)
-        if not (isinstance(val, torch.Tensor) and val.dim() == 3 and int(val.shape[0]) == shape[0]):
+        if not (isinstance(val, torch.Tensor) and val.dim() == 3):
             continue
-        layout = _layout_for(shape, int(val.shape[1]), embedding)
-        if len(shape) == 5 and not isinstance(layout, LatentLayout):
-            layout = layout_through_linear(latents, node) or layout
+        rows = 1
+        if int(val.shape[0]) == shape[0]:
+            layout = _layout_for(shape, int(val.shape[1]), embedding)
+            if len(shape) == 5 and not isinstance(layout, LatentLayout):
+                layout = layout_through_linear(latents, node) or layout
+        else:
+            folded = folded_frames_layout(latents, node, embedding)
+            if folded is None:
+                continue
+            layout, rows = folded
         if isinstance(layout, LatentLayout):
             if best is None or not _bypassed(node, set(embedding), int(val.shape[1]), order):
-                best = (node, layout)
+                best = (node, layout, rows)
         elif layout is not None:
             reason = layout
     if best is None:

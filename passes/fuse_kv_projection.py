@@ -67,12 +67,11 @@ class KVChain:
 def fuse_kv_projection(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
     if not ctx.settings.fuse_kv_projection:
         return gm
-    idx = next(n for n in gm.graph.nodes if n.name == ctx.active_idx)
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in WRITES]:
         write = WRITES[node.target](node)
         try:
             chain = parse_chain(write.fresh)
-            op_kwargs = fused_op_kwargs(chain, write, idx)
+            op_kwargs = fused_op_kwargs(chain, write, write.idx)
             _verify(gm, ctx, chain, write, op_kwargs)
         except NoMatch as exc:
             ctx.record("fuse_kv_projection", "unfused", detail=str(exc), cache=write.cache.name)
@@ -84,23 +83,25 @@ def fuse_kv_projection(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
 
 @dataclass
 class CacheWrite:
-    """A cache write inserted by cache_attention_kv: ``fresh`` rows go to ``cache`` rows ``idx + offset``."""
+    """A cache write inserted by cache_attention_kv: ``fresh`` rows go to ``cache`` rows ``idx + offset`` (``idx``:
+    the active index, or its rows repeated per frame when frames are folded into the batch)."""
 
     node: torch.fx.Node
     cache: torch.fx.Node
     fresh: torch.fx.Node
     offset: int
     axis: int
+    idx: torch.fx.Node
 
 
 def _plain_write(node: torch.fx.Node) -> CacheWrite:
-    cache, fresh, _, axis = node.args
-    return CacheWrite(node, cache, fresh, 0, axis)
+    cache, fresh, idx, axis = node.args
+    return CacheWrite(node, cache, fresh, 0, axis, idx)
 
 
 def _joint_write(node: torch.fx.Node) -> CacheWrite:
-    cache, parts, _, axis, image_part, slots = node.args
-    return CacheWrite(node, cache, parts[image_part], sum(slots[:image_part]), axis)
+    cache, parts, idx, axis, image_part, slots = node.args
+    return CacheWrite(node, cache, parts[image_part], sum(slots[:image_part]), axis, idx)
 
 
 WRITES = {ops.update_kv_cache: _plain_write, ops.update_joint_kv_cache: _joint_write}
@@ -238,7 +239,7 @@ def _verify(gm, ctx: PassContext, chain: KVChain, write: CacheWrite, op_kwargs: 
     x_node, idx_node = op_kwargs["x"], op_kwargs["idx"]
     needed = _ancestors(write.fresh, stop=x_node)
     generator = torch.Generator().manual_seed(0)
-    batch, n = ctx.batch_size, ctx.num_tokens
+    batch, n = ctx.batch_size if idx_node.name == ctx.active_idx else ctx.token_batch, ctx.num_tokens
     idx = torch.stack([torch.randperm(n, generator=generator)[:VERIFY_TOKENS] for _ in range(batch)])
     weight = example_value(chain.linear.args[1])
     values = {x_node: _random((batch, VERIFY_TOKENS, weight.shape[1]), weight.dtype, generator), idx_node: idx}

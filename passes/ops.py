@@ -50,6 +50,14 @@ def gather_position_table(table: torch.Tensor, idx: torch.Tensor, axis: int, ndi
     return gather_tokens(table, idx, axis)
 
 
+def gather_fused_rows(table: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
+    """Rows ``b * N + idx[b, j]`` of a table whose ``axis`` holds N rows per batch item, item-major (a per-token
+    table beside a token axis fused with the batch: Latte's timestep repeated for each spatial site)."""
+    batch = idx.shape[0]
+    first = torch.arange(batch, device=idx.device).unsqueeze(1) * (table.shape[axis] // batch)
+    return table.index_select(axis, (idx + first).flatten())
+
+
 def rows_like(table: torch.Tensor, ref: torch.Tensor, axis: int, ref_axis: int) -> torch.Tensor:
     """The first ``ref.shape[ref_axis]`` rows of ``table`` along ``axis``: a table whose rows along the token axis
     are all one row broadcast (ERNIE-Image expands its adaLN modulation to the joint sequence's length)."""

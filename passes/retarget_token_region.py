@@ -24,6 +24,7 @@ import torch
 import torch.fx
 
 from .context import PassContext, RewriteError
+from .gather_active_tokens import index_for
 from .graph_utils import FakeEnv, describe, insert_call, is_elementwise, is_sdpa
 from .op_sets import ALWAYS_MIXING, CAT, MATMUL, MIXING, NEW_TENSORS, SLICING, SQUEEZE, matches
 from .rules.position_tables import gather_attention_mask, gather_position_tables
@@ -32,12 +33,25 @@ from .rules.position_tables import gather_attention_mask, gather_position_tables
 class TokenRegion:
     """Token-axis bookkeeping for the walk: which nodes carry k instead of N tokens."""
 
-    def __init__(self, env: FakeEnv, num_tokens: int, probe: int, record: Callable[..., None]):
+    def __init__(
+        self,
+        env: FakeEnv,
+        num_tokens: int,
+        probe: int,
+        record: Callable[..., None],
+        batch: int = 1,
+        rows_index: Callable[[int], torch.fx.Node] | None = None,
+    ):
         self.env = env
         # ``PassContext.record`` while rewriting; a no-op while ``analyze_token_region`` walks a copy
         self.record = record
         self.n = num_tokens
         self.delta = num_tokens - probe
+        # the latents' batch B: a token axis fused with the batch axis ([B*N, F, C]: Latte's temporal blocks, the
+        # frames of each site, row b*N + n) changes by B * delta
+        self.batch = batch
+        # the active index for a tensor of a given leading size (repeated per row when frames are folded)
+        self.rows_index = rows_index
         # where the N image rows start along a node's token axis in the dense graph (0 for image-only tensors,
         # the text length for a [text; image] joint sequence); None when it cannot be told
         self.offsets: dict[torch.fx.Node, int | None] = {}
@@ -50,6 +64,9 @@ class TokenRegion:
             return
         if axis < 0:  # a tuple of token tensors (split, unbind): its parts keep the input's layout
             self.offsets[node] = next((self.offsets.get(a) for a in inputs if a in self.offsets), None)
+            return
+        if self.fused(node):
+            self.offsets[node] = None  # the rows of all items: no run of image rows to locate
             return
         size = self.dense_size(node, axis)
         if size == self.n:
@@ -91,12 +108,22 @@ class TokenRegion:
         if not isinstance(dense, tuple) or len(now) != len(dense):
             raise RewriteError(f"{node.name} ({describe(node)}): rank changed from {dense} to {now}")
         changed = [i for i, (a, b) in enumerate(zip(now, dense)) if a != b]
-        if len(changed) != 1 or dense[changed[0]] - now[changed[0]] != self.delta:
+        if len(changed) != 1 or dense[changed[0]] - now[changed[0]] not in self._deltas():
             raise RewriteError(
                 f"{node.name} ({describe(node)}): shape {now} does not follow dense {dense} "
                 f"with {self.n - self.delta} of {self.n} tokens"
             )
         return changed[0]
+
+    def _deltas(self) -> tuple[int, ...]:
+        return (self.delta, self.batch * self.delta) if self.batch > 1 else (self.delta,)
+
+    def fused(self, node: torch.fx.Node) -> bool:
+        """Whether ``node``'s token axis is fused with the batch axis (B*N dense rows, B*k now)."""
+        axis = self.axis(node)
+        if axis is None or axis < 0 or self.batch == 1:
+            return False
+        return self.dense_size(node, axis) - self.env.shape(node)[axis] == self.batch * self.delta
 
     def dense_size(self, node: torch.fx.Node, axis: int) -> int:
         return node.meta["ras_dense_shape"][axis]
@@ -118,7 +145,7 @@ class TokenRegion:
         if not isinstance(now, tuple) or not isinstance(dense, tuple) or len(now) != len(dense):
             return False
         diffs = [b - a for a, b in zip(now, dense) if a != b]
-        return diffs == [self.delta]
+        return len(diffs) == 1 and diffs[0] in self._deltas()
 
 
 def retarget_token_region(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
@@ -131,9 +158,13 @@ def walk_token_region(gm: torch.fx.GraphModule, ctx: PassContext, record: Callab
     and masks rewritten, ``ras_token_axis`` / ``ras_image_offset`` on the nodes that carry tokens; ``record``
     takes the ``RewriteRecord`` fields of each rewrite. ``analyze_token_region`` runs it on a copy."""
     env = FakeEnv(gm)
-    region = TokenRegion(env, ctx.num_tokens, ctx.probe_tokens, record)
     nodes = {n.name: n for n in gm.graph.nodes}
     idx, count = nodes[ctx.active_idx], nodes[ctx.active_count]
+
+    def rows_index(batch: int) -> torch.fx.Node:
+        return index_for(gm, ctx, batch) if ctx.token_rows > 1 and batch == ctx.token_batch else idx
+
+    region = TokenRegion(env, ctx.num_tokens, ctx.probe_tokens, record, ctx.batch_size, rows_index)
     attends = False
     for node in list(gm.graph.nodes):
         if node.op == "output":
@@ -161,6 +192,7 @@ def walk_token_region(gm: torch.fx.GraphModule, ctx: PassContext, record: Callab
         _refuse_two_token_runs(node, inputs, region)
         _keep_token_axis_in_squeeze(node, inputs, region)
         _retarget_literals(gm, node, inputs, region, count)
+        _check_batch_fusion(node, inputs, region)
         region.record_offset(node, inputs)
         axis = region.axis(node)
         if axis is not None and axis >= 0:
@@ -185,6 +217,29 @@ def _cat_arguments(node: torch.fx.Node) -> tuple[Any, Any]:
     """``(tensors, dim)`` of a ``torch.cat`` call, passed by position or by name."""
     parts = node.args[0] if node.args else node.kwargs.get("tensors")
     return parts, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+
+def _check_batch_fusion(node: torch.fx.Node, inputs: list[torch.fx.Node], region: TokenRegion) -> None:
+    """A token axis fused with the batch axis must be item-major (row b*N + n), as the fused tables' gathers read it:
+    made by a reshape of a tensor whose axis 0 is the batch and axis 1 the tokens, and split back the same way."""
+    if region.batch == 1 or node.op == "output":
+        return
+    if any(region.axis(a) == -1 for a in [node, *inputs]):
+        return  # a tuple of token tensors (chunk, split) and its parts keep one layout
+    made, fed = region.fused(node), [a for a in inputs if region.fused(a)]
+    if made == bool(fed):
+        return
+    ends = [a for a in inputs if not region.fused(a)] if made else [node]
+    plain = ends[0] if len(ends) == 1 else None
+    if (
+        node.op == "call_method"
+        and node.target in ("reshape", "view")
+        and plain is not None
+        and region.axis(plain) == 1
+        and region.dense_size(plain, 0) == region.batch
+    ):
+        return
+    raise RewriteError(f"{node.name} ({describe(node)}) merges the token axis with another axis")
 
 
 def _refuse_two_token_runs(node: torch.fx.Node, inputs: list[torch.fx.Node], region: TokenRegion) -> None:
@@ -326,7 +381,9 @@ def _set_path(value: Any, path: tuple, new: Any) -> Any:
 
 def _retarget_literals(gm, node, inputs, region: TokenRegion, count) -> None:
     """Evaluate ``node``, rewriting token-count literals where the shapes require it."""
-    sizes = {region.n}
+    # B*N: the rows of a token axis fused with the batch (``x.reshape(B * N, F, C)`` makes one)
+    fused = region.batch * region.n if region.batch > 1 else None
+    sizes = {region.n} | ({fused} if fused else set())
     for arg in inputs:
         axis = region.axis(arg)
         if axis is not None and axis >= 0:
@@ -341,7 +398,10 @@ def _retarget_literals(gm, node, inputs, region: TokenRegion, count) -> None:
     for _, value in candidates:
         if value in replacements:
             continue
-        if value > 0:
+        if value == fused:  # B*N rows of a token axis fused with the batch: B*k
+            replacements[value] = insert_call(gm, node, operator.mul, (count, region.batch), before=True)
+            region.env.evaluate(replacements[value])
+        elif value > 0:
             replacements[value] = _count_expr(gm, node, count, value - region.n, region)
         else:
             positive = _count_expr(gm, node, count, -value - region.n, region)

@@ -6,8 +6,9 @@ produces token-wise outputs [B, N, C_out] in the dense graph (SD3 ``proj_out``, 
 (Lumina-Image 2.0: ``norm_out(joint)[:, L:L + N]``; ERNIE-Image, sequence-first:
 ``final_linear(joint)[:N].transpose(0, 1)``), or, when later, the last token tensor a reshape puts back on the
 token grid for an output layer that runs on the grid (Kandinsky 5: the cache then holds the last hidden states).
-Produces: a placeholder ``ras_output_cache`` [B, N, C_out] and a ``merge_output`` node that
-writes the fresh rows into the cache and hands the full token tensor to the unpatchify code.
+Produces: a placeholder ``ras_output_cache`` [B, N, C_out] ([B*F, N, C_out] when the model folds frames into the
+batch) and a ``merge_output`` node that writes the fresh rows into the cache and hands the full token tensor to the
+unpatchify code.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.fx
 
 from . import ops
 from .context import PassContext, RewriteError
+from .gather_active_tokens import index_for
 from .graph_utils import add_placeholder, describe, example_value, forward_slice, insert_call, is_linear
 from .op_sets import SLICING, matches
 
@@ -39,7 +41,7 @@ def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph
             and (is_linear(node) or _image_rows_of_projection(node, ctx.num_tokens))
             and isinstance(shape, tuple)
             and len(shape) == 3
-            and shape[:2] == (ctx.batch_size, ctx.num_tokens)
+            and shape[:2] == (ctx.token_batch, ctx.num_tokens)
         ):
             projection = node
     regrid = _reshaped_onto_the_grid(gm, downstream, ctx)
@@ -52,7 +54,8 @@ def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph
     with torch._subclasses.fake_tensor.FakeTensorMode():
         fake_cache = torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
     cache = add_placeholder(gm, OUTPUT_CACHE, fake_cache)
-    merged = insert_call(gm, projection, ops.merge_output, (cache, projection, idx), like=projection)
+    rows = index_for(gm, ctx, ctx.token_batch)
+    merged = insert_call(gm, projection, ops.merge_output, (cache, projection, rows), like=projection)
     merged.meta["ras_impure"] = True
     merged.meta["ras_dense_shape"] = projection.meta["ras_dense_shape"]  # it may be the graph's output (packed)
     projection.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
@@ -122,7 +125,7 @@ def _reshaped_onto_the_grid(gm: torch.fx.GraphModule, downstream: set, ctx: Pass
         shape = node.meta.get("ras_dense_shape")
         if node not in downstream or not (isinstance(shape, tuple) and len(shape) == 3):
             continue
-        if shape[:2] != (ctx.batch_size, ctx.num_tokens):
+        if shape[:2] != (ctx.token_batch, ctx.num_tokens):
             continue
         for user in node.users:
             out = user.meta.get("ras_dense_shape")

@@ -34,6 +34,7 @@ RECORD_FORMATS = {
     "squeeze": "squeeze: {node} leaves the token axis alone (a no-op on it with N tokens, not with one)",
     "joint_table": "table: joint position table (image rows from {offset}) gathered for {node}",
     "broadcast_table": "table: one row broadcast along the tokens, cut to their count for {node}",
+    "fused_table": "table: rows of each item's tokens gathered beside tokens fused with the batch for {node}",
     # fuse_kv_projection: node is the projection's module path, detail the chain ("linear + rms_norm") or the
     # reason it stays unfused
     "fused": "fuse: {detail} @ {node} -> linear_scatter_ into {cache}",

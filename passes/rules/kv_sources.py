@@ -12,6 +12,8 @@ tokens. Three sources, tried in this order:
   earlier: text and image concatenated before the projection (single-stream blocks), or RoPE applied after
   the concatenation (Flux). The cache holds that joint tensor; every text row and the active image rows are
   written at their dense rows, which needs the image rows' offset.
+Attention whose keys carry the tokens on its batch axis (a token axis fused with the batch: Latte's temporal attention
+runs over the frames of each spatial site) needs no cache: each active token's keys are all fresh.
 A new kind of source needs a case here and its write in ``cache_attention_kv``.
 """
 
@@ -47,6 +49,10 @@ def find_kv_source(attention: torch.fx.Node, kind: str, axes: dict, offsets: dic
     attention some other way.
     """
     tensor = sdpa_argument(attention, kind)
+    if isinstance(tensor, torch.fx.Node) and axes.get(tensor.name) == 0:
+        # the tokens index the attention's batch rows (Latte's temporal attention over the frames of each site):
+        # each active token attends within its own fresh rows, nothing to cache
+        return None
     if isinstance(tensor, torch.fx.Node) and tensor.name in axes and tensor is sdpa_argument(attention, "query"):
         # a cache read there would hand the query all N tokens too
         raise RewriteError(f"{describe(attention)}: the query and the {kind} share the tensor {tensor.name}")

@@ -11,6 +11,9 @@ heatmaps draw per-token counts on its token grid. Three layouts are recognised:
 - ``packed`` ``[B, N, C]``: the pipeline packed each token's latent elements into its row (Flux, Qwen-Image,
   LTX-Video); a token's elements are its row.
 
+A model that folds the frames of video latents into the batch (Latte) is read as ``video`` with patches
+``(F, p, p)``: one token per spatial site across all frames (``folded_frames_layout``).
+
 Token order is row-major over the token grid (``(F / p_t, H / p, W / p)`` for video), the order in which
 every diffusers patch embedding flattens its output. A new layout needs a ``LatentLayout`` and a rule in
 ``layouts_for``; the metric and the heatmaps follow from the description.
@@ -189,6 +192,69 @@ def patch_evidence(nodes: list[torch.fx.Node]) -> list[tuple[int, tuple[int, ...
             axes = _input_axes(source) if isinstance(source, torch.fx.Node) else None
             found.append((dims, stride, int(value.shape[1]), axes))
     return found
+
+
+def folded_frames_layout(
+    latents: torch.fx.Node, tokens: torch.fx.Node, nodes: list[torch.fx.Node]
+) -> tuple[LatentLayout, int] | None:
+    """``(layout, rows)`` when ``tokens`` ``[B*F, N, D]`` come from video latents whose frames the model folds into
+    the batch: a ``Conv2d`` patch embedding (kernel = stride = p) over ``[B*F, C, H, W]``, the latents permuted to
+    ``[B, F, C, H, W]`` and reshaped so (Latte), row ``b*F + f`` holding frame f of item b. Read as one token per
+    spatial site across all frames (patches ``(F, p, p)``, N = H*W/p^2): the rows of one site are computed or
+    skipped together, so the temporal attention, which runs over the frames of each site, stays exact."""
+    shape = tuple(int(s) for s in example_value(latents).shape)
+    value = example_value(tokens)
+    if len(shape) != 5 or not isinstance(value, torch.Tensor) or value.dim() != 3:
+        return None
+    rows, num_tokens = int(value.shape[0]), int(value.shape[1])
+    for node in nodes:
+        if node.op != "call_function" or CONVOLUTIONS.get(node.target) != 2 or not node.args:
+            continue
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
+        kernel = example_value(weight) if isinstance(weight, torch.fx.Node) else None
+        stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride, stride)
+        if not isinstance(kernel, torch.Tensor) or tuple(int(s) for s in kernel.shape[2:]) != stride:
+            continue
+        axes = _folded_axes(node.args[0], latents)
+        if axes is None or stride[0] != stride[1]:
+            continue
+        frame_axis, channel_axis = axes
+        frames, p = shape[frame_axis], stride[0]
+        if int(kernel.shape[1]) != shape[channel_axis] or rows != shape[0] * frames:
+            continue
+        if shape[3] % p or shape[4] % p or (shape[3] // p) * (shape[4] // p) != num_tokens:
+            continue
+        return LatentLayout("video", shape, channel_axis, (frame_axis, 3, 4), (frames, p, p)), frames
+    return None
+
+
+def _folded_axes(node, latents: torch.fx.Node) -> tuple[int, int] | None:
+    """``(frame axis, channel axis)`` of the latents when ``node`` is the latents moved to ``[B, F, C, H, W]`` by
+    ``permute``/``transpose`` and reshaped to ``[B*F, C, H, W]``; None otherwise."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in ("reshape", "view")):
+        return None
+    moved = node.args[0]
+    if not isinstance(moved, torch.fx.Node):
+        return None
+    axes = _input_axes(moved)
+    before, after = example_value(moved), example_value(node)
+    if axes is None or not _reaches(moved, latents) or before.dim() != 5 or after.dim() != 4:
+        return None
+    if axes[0] != 0 or axes[3:] != (3, 4) or tuple(before.shape[2:]) != tuple(after.shape[1:]):
+        return None
+    if int(before.shape[0]) * int(before.shape[1]) != int(after.shape[0]):
+        return None
+    return axes[1], axes[2]
+
+
+def _reaches(node: torch.fx.Node, target: torch.fx.Node) -> bool:
+    """Whether ``node`` is ``target`` moved by views (the chain ``_input_axes`` read ends at ``target``)."""
+    while node is not target:
+        if node.op == "placeholder" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return False
+        node = node.args[0]
+    return True
 
 
 def choose_video_layout(

@@ -8,10 +8,12 @@ Matches:
   dense length of a joint [text; image] sequence whose image rows start at a known offset (Flux's RoPE over
   the concatenated sequence, CogVideoX's sin-cos table over [text; image]);
 - the mask of an attention whose query (or key) carries image tokens, with one row (column) per token.
-Produces: ``gather_position_table`` (image-only: rows ``idx``) or ``gather_joint_table`` (joint: every text
-row, the active image rows at ``offset + idx``) before the consumer, which then reads the gathered table; for a
-table that is one row expanded along the token axis (ERNIE-Image's modulation over its sequence-first joint
-sequence), ``rows_like``: as many of its rows as the consumer's tokens.
+Produces: ``gather_position_table`` (image-only: rows ``idx``, repeated per frame when the model folds frames into
+the batch) or ``gather_joint_table`` (joint: every text row, the active image rows at ``offset + idx``) before the
+consumer, which then reads the gathered table; for a table that is one row expanded along the token axis
+(ERNIE-Image's modulation over its sequence-first joint sequence), ``rows_like``: as many of its rows as the
+consumer's tokens; for a table of B*N rows beside a token axis fused with the batch (Latte's per-site timestep
+modulation of its temporal blocks, ``[B*N, 1, C]``), ``gather_fused_rows``: rows ``b*N + idx[b]``.
 Size-1 (broadcast) axes need nothing. Refuses a joint table or mask whose image rows cannot be located, a
 mask computed from image tokens, and causal attention over image tokens.
 """
@@ -54,13 +56,14 @@ def gather_attention_mask(gm, node, region: TokenRegion, idx) -> None:
         if mask_shape[mask_axis] == 1:
             continue
         axis = ndim + mask_axis
+        rows = region.rows_index(region.env.shape(query)[0])
         if dense_len == region.n:
-            gathered = insert_call(gm, node, ops.gather_position_table, (mask, idx, axis, ndim), before=True)
+            gathered = insert_call(gm, node, ops.gather_position_table, (mask, rows, axis, ndim), before=True)
         else:
             offset = region.offsets.get(arg)
             if offset is None or mask_shape[mask_axis] != dense_len:
                 raise RewriteError(f"{node.name} ({describe(node)}): mask over a joint image+text sequence")
-            args = (mask, idx, axis, ndim, offset, region.n, dense_len)
+            args = (mask, rows, axis, ndim, offset, region.n, dense_len)
             gathered = insert_call(gm, node, ops.gather_joint_table, args, before=True)
         region.env.evaluate(gathered)
         replace_arg(node, mask, gathered)
@@ -86,8 +89,17 @@ def gather_position_tables(gm, node, inputs, region: TokenRegion, idx) -> None:
         if _broadcast_along(arg, table_axis):
             gathered = insert_call(gm, node, ops.rows_like, (arg, ref, table_axis, ref_axis), before=True)
             region.record("retarget_token_region", "broadcast_table", describe(node))
+        elif region.fused(ref):
+            # a table of B*N rows (item-major) beside a token axis fused with the batch: Latte's per-site timestep
+            args = (arg, idx, table_axis)
+            if args in region.gathered:
+                replace_arg(node, arg, region.gathered[args])
+                continue
+            gathered = insert_call(gm, node, ops.gather_fused_rows, args, before=True)
+            region.gathered[args] = gathered
+            region.record("retarget_token_region", "fused_table", describe(node))
         elif shape[table_axis] == region.n:
-            args = (arg, idx, out_axis, out_ndim)
+            args = (arg, region.rows_index(region.env.shape(ref)[0]), out_axis, out_ndim)
             if args in region.gathered:  # the same table at the same place: one gather serves every layer
                 replace_arg(node, arg, region.gathered[args])
                 continue

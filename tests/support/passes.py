@@ -241,6 +241,56 @@ class TinyPackedDiT(torch.nn.Module):
         )
 
 
+class TinyFoldedVideoDiT(torch.nn.Module):
+    """Latte's layout: latents ``[B, 4, F, 10, 10]`` permuted to ``[B, F, C, H, W]`` and folded into the batch
+    (``[B*F, C, H, W]``, row b*F + f), a patch-2 ``Conv2d``: spatial tokens ``[B*F, N = 25, WIDTH]``; an attention
+    over each frame's tokens; the tokens regrouped per site ``[B*N, F, WIDTH]`` (row b*N + n) for an attention over
+    the frames, modulated by a per-item, per-site table ``[B*N, WIDTH]``; back to ``[B*F, N, WIDTH]``, the final
+    projection and the unpatchify. ``fold``: ``"token-major"`` regroups the sites as row n*B + b instead."""
+
+    FRAMES, SIDE = 3, 10
+
+    def __init__(self, fold: str = "item-major"):
+        super().__init__()
+        self.fold = fold
+        self.embed = torch.nn.Conv2d(4, WIDTH, 2, stride=2)
+        self.t_proj = torch.nn.Linear(1, WIDTH)
+        self.sites = torch.nn.Parameter(torch.zeros(25, WIDTH))
+        self.spatial = torch.nn.Linear(WIDTH, 3 * WIDTH)
+        self.temporal = torch.nn.Linear(WIDTH, 3 * WIDTH)
+        self.proj = torch.nn.Linear(WIDTH, 2 * 2 * 4)
+        _init_(self)
+
+    @staticmethod
+    def _attend(qkv: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(2, (HEADS, HEAD_DIM)).transpose(1, 2) for t in qkv(x).chunk(3, -1))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+    def forward(self, latents, timestep):
+        b, c, f, h, w = latents.shape
+        tokens = self.embed(latents.permute(0, 2, 1, 3, 4).reshape(-1, c, h, w)).flatten(2).transpose(1, 2)
+        n = tokens.shape[1]
+        tokens = tokens + self._attend(self.spatial, tokens)
+        table = (self.t_proj(timestep[:, None])[:, None] * self.sites[None]).reshape(b * n, 1, WIDTH)
+        if self.fold == "token-major":
+            sites = tokens.reshape(b, f, n, -1).permute(2, 0, 1, 3).reshape(n * b, f, -1)
+            table = table.reshape(b, n, 1, WIDTH).transpose(0, 1).reshape(n * b, 1, WIDTH)
+        else:
+            sites = tokens.reshape(b, f, n, -1).permute(0, 2, 1, 3).reshape(b * n, f, -1)
+        sites = sites + self._attend(self.temporal, sites * (1 + table))
+        if self.fold == "token-major":
+            tokens = sites.reshape(n, b, f, -1).permute(1, 2, 0, 3).reshape(b * f, n, -1)
+        else:
+            tokens = sites.reshape(b, n, f, -1).permute(0, 2, 1, 3).reshape(b * f, n, -1)
+        out = self.proj(tokens).reshape(b * f, h // 2, w // 2, 2, 2, c).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+    def inputs(self, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(3)
+        latents = torch.randn(batch, 4, self.FRAMES, self.SIDE, self.SIDE, generator=g)
+        return latents, torch.arange(1.0, batch + 1.0)
+
+
 def capture(model: torch.nn.Module, *inputs) -> tuple[torch.fx.GraphModule, list]:
     """The Dynamo graph of ``model`` (static shapes) and its example inputs (parameters included)."""
     inputs = inputs or model.inputs()
@@ -456,8 +506,9 @@ def assert_ras_matches_dense(gm, inputs, ras, ks=(1, 5, 15)):
 
 
 def _batch_and_tokens(ras) -> tuple[int, int]:
-    shape, _ = added_placeholders(ras)[OUTPUT_CACHE]
-    return shape[0], shape[1]
+    """(B of the active index, N): the output cache holds N tokens (of B rows, or B*F when frames are folded)."""
+    placeholders_ = added_placeholders(ras)
+    return placeholders_[ACTIVE_IDX][0][0], placeholders_[OUTPUT_CACHE][0][1]
 
 
 # ------------------------------------------------------------------------------------------------------ export

@@ -14,6 +14,7 @@ from tests.support.passes import (
     TEXT,
     WIDTH,
     TinyDiT,
+    TinyFoldedVideoDiT,
     added_placeholders,
     all_tokens,
     calls,
@@ -116,3 +117,16 @@ def test_a_key_that_is_the_query_tensor_is_refused():
     run_until(gm, PASS, before=True)
     with pytest.raises(RewriteError, match="the query and the key share"):
         run_until(gm, PASS)
+
+
+def test_frames_folded_into_the_batch_cache_the_spatial_attention_only():
+    """Spatial attention over each frame's tokens caches ``[B*F, N, ...]`` keys and values, written at the active
+    index repeated per frame; the temporal attention, whose tokens index its batch rows (the frames of each
+    active site), reads only fresh keys and gets no cache."""
+    gm, _ = capture(TinyFoldedVideoDiT())
+    out, _ = run_until(gm, PASS)
+    caches = {name: shape for name, (shape, _) in added_placeholders(out).items() if name.startswith(KV_CACHE)}
+    assert list(caches.values()) == [(6, 25, WIDTH)] * 2
+    (rows,) = calls(out, torch.repeat_interleave)
+    assert rows.args == (next(n for n in out.graph.nodes if n.name == ACTIVE_IDX), 3, 0)
+    assert all(w.args[2] is rows for w in calls(out, ops.update_kv_cache))

@@ -10,6 +10,7 @@ from tests.support.passes import (
     HEADS,
     WIDTH,
     TinyDiT,
+    TinyFoldedVideoDiT,
     TinyPackedDiT,
     capture,
     fact,
@@ -131,6 +132,32 @@ def test_packed_latents_are_told_from_text_features_of_the_same_length_by_the_ou
     )
     out, ctx = run_until(gm, PASS)
     assert "hidden_states" in fact(ctx, "latents") and fact(ctx, "num_tokens") == 20
+
+
+def test_frames_folded_into_the_batch_are_read_as_one_token_per_site_across_them():
+    gm, _ = capture(TinyFoldedVideoDiT())
+    out, ctx = run_until(gm, PASS)
+    layout = fact(ctx, "latent")
+    assert (fact(ctx, "num_tokens"), fact(ctx, "token_rows"), fact(ctx, "batch_size")) == (25, 3, 2)
+    assert (layout.kind, layout.channel_axis, layout.grid_axes, layout.patch) == ("video", 1, (2, 3, 4), (3, 2, 2))
+    assert layout.token_grid == (1, 5, 5)
+
+
+class FramesFoldedFrameMajor(TinyFoldedVideoDiT):
+    """The frames folded frame-major (row f*B + b): the rows of one item are not consecutive."""
+
+    def forward(self, latents, timestep):
+        b, c, f, h, w = latents.shape
+        tokens = self.embed(latents.permute(2, 0, 1, 3, 4).reshape(-1, c, h, w)).flatten(2).transpose(1, 2)
+        tokens = tokens + self._attend(self.spatial, tokens)
+        out = self.proj(tokens).reshape(f * b, h // 2, w // 2, 2, 2, c).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(f, b, c, h, w).permute(1, 2, 0, 3, 4)
+
+
+def test_frames_folded_frame_major_are_not_read():
+    gm, _ = capture(FramesFoldedFrameMajor())
+    with pytest.raises(RewriteError, match="no image-token source found"):
+        run_until(gm, PASS)
 
 
 class OverlappingPatches(torch.nn.Module):

@@ -1,5 +1,7 @@
 """retarget_token_region: token-count literals, position tables and masks follow the k active tokens."""
 
+import operator
+
 import pytest
 
 from rascompile.passes import ops
@@ -9,6 +11,7 @@ from rascompile.passes.normalize_attention_args import sdpa_argument
 from tests.support.passes import (
     ACTIVE_IDX,
     TinyDiT,
+    TinyFoldedVideoDiT,
     assert_ras_matches_dense,
     calls,
     capture,
@@ -111,3 +114,25 @@ def test_what_would_mix_or_leak_active_tokens_is_refused(options, reason):
     gm, _ = capture(TinyDiT(**options))
     with pytest.raises(RewriteError, match=reason):
         run_until(gm, PASS, kv_cache=False)
+
+
+def test_a_token_axis_fused_with_the_batch_follows_the_active_tokens():
+    """Latte's temporal blocks: ``[B*N, F, C]`` (row b*N + n) from spatial tokens whose frames are folded into the
+    batch; the B*N literal becomes B*k, the per-item, per-site table is gathered at rows b*N + idx[b], and the
+    graph reproduces dense at every k (the table differs per item and per site, so a wrong row shows)."""
+    gm, inputs = capture(TinyFoldedVideoDiT())
+    before, _ = run_until(gm, PASS, before=True)
+    assert [v.args[1:] for v in _views(before) if 50 in v.args[1:]] == [(50, 1, 8), (50, 3, -1)]  # table, sites
+    out, ctx = run_until(gm, PASS)
+    assert [v.args[1:] for v in _views(out) if 50 in v.args[1:]] == [(50, 1, 8)]  # the table stays dense
+    (sites,) = [v for v in _views(out) if any(getattr(a, "target", None) is operator.mul for a in v.args[1:])]
+    assert sites.args[1].args == (_count(out), 2)
+    assert len(calls(out, ops.gather_fused_rows)) == 1
+    assert "fused_table" in [r.kind for r in ctx.records]
+    assert_ras_matches_dense(gm, inputs, out, ks=(1, 5, 24))
+
+
+def test_a_token_axis_fused_with_the_batch_token_major_is_refused():
+    gm, _ = capture(TinyFoldedVideoDiT(fold="token-major"))
+    with pytest.raises(RewriteError, match="merges the token axis with another axis"):
+        run_until(gm, PASS)
