@@ -70,6 +70,9 @@ class PassContext:
 
     # facts found by find_token_source
     latents: str | None = None  # placeholder name of the latents (B, C, H, W), or (B, N, C) when packed
+    # latents passed as a list of per-row tensors (Z-Image): their placeholders in batch order, stacked along a new
+    # batch axis they are the latents (``latents`` is the first); empty otherwise
+    latents_rows: list[str] = field(default_factory=list)
     latent_layout: str = "image"  # kind of ``latent``: "image", "video" or "packed"
     latent: Any = None  # the LatentLayout (see latent_layout): which latent elements make up each token
     timestep: str | None = None  # placeholder name of the timestep, when one is found

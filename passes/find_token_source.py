@@ -38,6 +38,7 @@ from .rules.latent_layout import (
     patch_evidence,
     video_layouts,
 )
+from .rules.latent_rows import LatentRows, latent_rows
 from .rules.patchify import layout_through_linear
 
 #: What Dynamo puts in the placeholder names of parameters and buffers (module state, not the caller's inputs).
@@ -83,6 +84,13 @@ def find_token_source(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gr
             continue
         _record(ctx, inputs, latents, *found)
         return gm
+    rows = latent_rows(gm, inputs)
+    if isinstance(rows, LatentRows):
+        _record(ctx, inputs, rows.rows[0], rows.tokens, rows.layout)
+        ctx.latents_rows = [r.name for r in rows.rows]
+        return gm
+    if isinstance(rows, str):
+        reasons.append(f"latents as a list of rows: {rows}")
     if ctx.settings.piece_joint is not None:
         joint, tokens = _open_joint_input(gm, ctx.settings.piece_joint, ctx.settings.piece_tokens)
         _record(ctx, inputs, joint, tokens, packed_layout(tuple(int(s) for s in example_value(tokens).shape)))
@@ -106,7 +114,7 @@ def find_token_source(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gr
 
 
 def _record(ctx: PassContext, inputs, latents, source, layout: LatentLayout, rows: int = 1) -> None:
-    batch = int(example_value(latents).shape[0])
+    batch = layout.shape[0]
     ctx.token_rows = rows
     ctx.latents = latents.name
     ctx.latent = layout

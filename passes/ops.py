@@ -171,6 +171,15 @@ def merge_output(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor) ->
     return cache.to(fresh.dtype, copy=True)
 
 
+def merge_joint_output(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """A joint output ``[B, k + L, C]`` whose first k rows are the active image tokens' (Z-Image's
+    ``[image; caption]`` sequence): those rows merged with the output cache ``[B, N, C]`` as ``merge_output`` does,
+    the other L rows after them, ``[B, N + L, C]``."""
+    k = idx.shape[1]
+    merged = merge_output(cache, fresh[:, :k], idx)
+    return torch.cat([merged, fresh[:, k:].to(merged.dtype)], dim=1)
+
+
 @dataclass(frozen=True)
 class KVEpilogue:
     """What ``fused_kv_update`` does after the projection, and where it writes: its settings (not tensors).

@@ -5,7 +5,10 @@ produces token-wise outputs [B, N, C_out] in the dense graph (SD3 ``proj_out``, 
 ``norm_out.linear_2``), or the image rows sliced from a projection of the joint sequence
 (Lumina-Image 2.0: ``norm_out(joint)[:, L:L + N]``; ERNIE-Image, sequence-first:
 ``final_linear(joint)[:N].transpose(0, 1)``), or, when later, the last token tensor a reshape puts back on the
-token grid for an output layer that runs on the grid (Kandinsky 5: the cache then holds the last hidden states).
+token grid for an output layer that runs on the grid (Kandinsky 5: the cache then holds the last hidden states), or
+a final linear over a joint ``[image; text]`` sequence that the model takes apart row by row (Z-Image:
+``out.unbind(0)``, then ``row[:N]``): ``merge_joint_output`` merges its first k rows and hands on the joint sequence
+at its dense length.
 Produces: a placeholder ``ras_output_cache`` [B, N, C_out] ([B*F, N, C_out] when the model folds frames into the
 batch) and a ``merge_output`` node that writes the fresh rows into the cache and hands the full token tensor to the
 unpatchify code.
@@ -48,6 +51,9 @@ def scatter_output(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     if regrid is not None and (projection is None or order[regrid] > order[projection]):
         projection = regrid  # the output layer runs on the token grid: merge the tokens before they go back on it
+    joint = _joint_output_split_by_rows(gm, downstream, ctx)
+    if joint is not None and (projection is None or order[joint] > order[projection]):
+        return _merge_joint_output(gm, ctx, joint)
     if projection is None:
         raise RewriteError("no final projection: no linear produces [B, N, C] outputs from the image tokens")
     value = example_value(projection)
@@ -140,3 +146,49 @@ def _reshaped_onto_the_grid(gm: torch.fx.GraphModule, downstream: set, ctx: Pass
             ):
                 found = node
     return found
+
+
+def _joint_output_split_by_rows(gm: torch.fx.GraphModule, downstream: set, ctx: PassContext) -> torch.fx.Node | None:
+    """The last linear whose ``[B, N + L, C]`` output (image rows first) is taken apart row by row, each row's
+    image rows sliced from its start (Z-Image: ``unified.unbind(0)``, then ``x[i][:N]`` per row), or None."""
+    found = None
+    for node in gm.graph.nodes:
+        shape = node.meta.get("ras_dense_shape")
+        if node not in downstream or not is_linear(node) or not (isinstance(shape, tuple) and len(shape) == 3):
+            continue
+        if shape[0] != ctx.batch_size or shape[1] <= ctx.num_tokens or len(node.users) != 1:
+            continue
+        (unbind,) = node.users
+        if not (unbind.op == "call_method" and unbind.target == "unbind" and _dim(unbind) == 0):
+            continue
+        rows = list(unbind.users)
+        image_rows = (slice(None, ctx.num_tokens), slice(0, ctx.num_tokens))
+        if len(rows) == shape[0] and all(
+            len(r.users) == 1 and matches(s := next(iter(r.users)), SLICING) and s.args[1] in image_rows for r in rows
+        ):
+            found = node
+    return found
+
+
+def _dim(node: torch.fx.Node) -> int:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+
+def _merge_joint_output(gm: torch.fx.GraphModule, ctx: PassContext, joint: torch.fx.Node) -> torch.fx.GraphModule:
+    """Merge the image rows of the joint output ``joint`` (image rows first) with the output cache: the fresh k rows
+    into the cache, the full N rows back into the joint sequence, which then has its dense length."""
+    value = example_value(joint)
+    shape = (int(value.shape[0]), ctx.num_tokens, int(value.shape[2]))
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fake_cache = torch.empty(shape, dtype=value.dtype, device=value.device)
+    cache = add_placeholder(gm, OUTPUT_CACHE, fake_cache)
+    rows = index_for(gm, ctx, ctx.batch_size)
+    merged = insert_call(gm, joint, ops.merge_joint_output, (cache, joint, rows), like=joint)
+    merged.meta["ras_impure"] = True
+    merged.meta["ras_dense_shape"] = joint.meta["ras_dense_shape"]
+    joint.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
+    ctx.output_cache = cache.name
+    ctx.output_cache_shape = shape
+    ctx.output_cache_dtype = value.dtype
+    ctx.record("scatter_output", "scatter", describe(joint))
+    return gm

@@ -109,10 +109,20 @@ class StepSignature:
     latent_hw: tuple[int, int]
     latent_kind: str = "image"  # "image" [B, C, H, W], "video" or "packed" [B, N, C]
     latent: LatentLayout | None = None  # which latent elements make up each token
+    # latents passed as a list of per-row tensors (Z-Image): their positions among ``inputs``, in batch order
+    # (``latents`` is the first); stacked along a new batch axis they are the latents ``latent`` describes
+    latents_rows: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not 0 <= self.latents < len(self.inputs):
             raise SignatureError(f"latents={self.latents} is not the position of one of {len(self.inputs)} inputs")
+        if self.latents_rows and (
+            self.latents_rows[0] != self.latents or not all(0 <= r < len(self.inputs) for r in self.latents_rows)
+        ):
+            raise SignatureError(
+                f"latents_rows={self.latents_rows} must be positions among the {len(self.inputs)} inputs, starting "
+                f"with latents={self.latents}"
+            )
         if self.timestep is not None and not 0 <= self.timestep < len(self.inputs):
             raise SignatureError(f"timestep={self.timestep} is not the position of one of {len(self.inputs)} inputs")
         if self.latent_kind not in KINDS:
@@ -128,6 +138,12 @@ class StepSignature:
     @property
     def latents_name(self) -> str:
         return self.inputs[self.latents].name
+
+    def latents_of(self, args: Sequence) -> torch.Tensor:
+        """The latents among a call's ``args``: the latents input, or its rows stacked along a new batch axis."""
+        if self.latents_rows:
+            return torch.stack([args[r] for r in self.latents_rows])
+        return args[self.latents]
 
     @property
     def timestep_name(self) -> str | None:
@@ -348,6 +364,7 @@ def step_signature(gm_or_names: torch.fx.GraphModule | Sequence[str], ctx: Any) 
         latent_hw=tuple(ctx.latent_hw),
         latent_kind=ctx.latent_layout,
         latent=ctx.latent,
+        latents_rows=tuple(names.index(r) for r in ctx.latents_rows),
     )
 
 

@@ -70,4 +70,7 @@ def _latents_line(ctx: PassContext) -> str:
     if ctx.latent is None:
         return f"latents: {ctx.latents} {ctx.latent_hw[0]}x{ctx.latent_hw[1]}, batch {ctx.batch_size}"
     shape = "x".join(map(str, ctx.latent.shape[1:]))
+    if ctx.latents_rows:  # a list of per-row latents, stacked
+        names = ", ".join(ctx.latents_rows)
+        return f"latents: rows {names} stacked to [B, {shape}] ({ctx.latent.describe()}), batch {ctx.batch_size}"
     return f"latents: {ctx.latents} [B, {shape}] ({ctx.latent.describe()}), batch {ctx.batch_size}"

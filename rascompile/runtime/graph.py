@@ -210,7 +210,7 @@ class RASGraph(StepGraph):
 
     def controller_for(self, args) -> RASController:
         """The controller of the transformer instance whose parameters ``args`` carry."""
-        latents = args[self.latents_index]
+        latents = self.signature.latents_of(args)
         key = (self.latents_name, tuple(latents.shape))
         return self.backend.controller(self._anchor(args), key, self.layout, latents.device)
 
@@ -244,7 +244,7 @@ class RASGraph(StepGraph):
         return run_in_call(self, self, call, args)
 
     def _step(self, control: RASController, args):
-        latents, timestep = args[self.latents_index], self._timestep(args)
+        latents, timestep = self.signature.latents_of(args), self._timestep(args)
         split = self.backend.split_reason(self)
         if split is not None:
             # some calls of this transformer run elsewhere, where the controller cannot count or cache them

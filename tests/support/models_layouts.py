@@ -486,7 +486,10 @@ def anyflow_far_call_kwargs(batch: int = 2, seed: int = 0) -> dict:
 
 def tiny_z_image_transformer(seed: int = 0):
     """Z-Image: one noise-refiner, one context-refiner and two main blocks, hidden 16 (2 heads x 8, RoPE axes
-    (2, 2, 4)), patch 2, 4 latent channels."""
+    (2, 2, 4)), patch 2, 4 latent channels. Its RoPE table is built here, as the model's first call would build it
+    (``warm_z_image_rope_``): built inside a compiled call, under ``with torch.device("cpu")``, it breaks the graph
+    there, and Dynamo keeps that split for every later call. Its timestep embedder is scaled as if 16 wide (as
+    Bria FIBO 2's in ``models_pieces``): unscaled, the prediction changed by 100-190 % from one step to the next."""
     from diffusers import ZImageTransformer2DModel
 
     model = ZImageTransformer2DModel(
@@ -502,7 +505,21 @@ def tiny_z_image_transformer(seed: int = 0):
         axes_dims=[2, 2, 4],
         axes_lens=[64, 32, 32],
     )
-    return _reinit_(model, seed, std=0.15, qk_std=0.3).eval()
+    _reinit_(model, seed, std=0.15, qk_std=0.3)
+    with torch.no_grad():
+        # 256 sinusoids through a 1024-wide layer, as Bria FIBO 2's (models_pieces): scaled as if 16 wide
+        first, last = model.t_embedder.mlp[0], model.t_embedder.mlp[2]
+        first.weight.mul_((16 / first.in_features) ** 0.5)
+        last.weight.mul_((16 / last.in_features) ** 0.5)
+    return warm_z_image_rope_(model.eval())
+
+
+def warm_z_image_rope_(model):
+    """Build Z-Image's lazily built RoPE table now (what its first call does), so that a compiled call traces the
+    whole transformer as one graph; what a user does by running one generation before compiling."""
+    rope = model.rope_embedder
+    rope.freqs_cis = rope.precompute_freqs_cis(rope.axes_dims, rope.axes_lens, theta=rope.theta)
+    return model
 
 
 def tiny_z_image_pipeline(transformer=None):

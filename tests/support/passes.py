@@ -291,6 +291,44 @@ class TinyFoldedVideoDiT(torch.nn.Module):
         return latents, torch.arange(1.0, batch + 1.0)
 
 
+class TinyRowsDiT(torch.nn.Module):
+    """Z-Image's layout: latents as a list of per-row ``[4, 1, 8, 8]`` tensors, each cut into ``[N = 16, 16]``
+    patch rows by views, joined along dim 0, embedded by a linear, split back and stacked by ``pad_sequence``
+    into ``[B, N, WIDTH]``; each row's tokens then joined with its ``TEXT`` caption rows (``[image; caption]``,
+    stacked again), one attention block, a final linear over the joint sequence, taken apart row by row
+    (``unbind``, ``[:N]``) and unpatchified into a list. ``order="reversed"`` stacks the rows in reverse."""
+
+    def __init__(self, order: str = "in-order"):
+        super().__init__()
+        self.order = order
+        self.embed = torch.nn.Linear(16, WIDTH)
+        self.caption = torch.nn.Linear(OUT, WIDTH)
+        self.qkv = torch.nn.Linear(WIDTH, 3 * WIDTH)
+        self.final = torch.nn.Linear(WIDTH, 16)
+        _init_(self)
+
+    def forward(self, x: list, captions: list, t):
+        rows = [xi.view(4, 1, 1, 4, 2, 4, 2).permute(1, 3, 5, 2, 4, 6, 0).reshape(16, 16) for xi in x]
+        parts = list(self.embed(torch.cat(rows, dim=0)).split([16] * len(rows), dim=0))
+        if self.order == "reversed":
+            parts = parts[::-1]
+        tokens = torch.nn.utils.rnn.pad_sequence(parts, batch_first=True) * (1 + t[:, None, None])
+        text = [self.caption(c) for c in captions]
+        joint = torch.nn.utils.rnn.pad_sequence([torch.cat([tokens[i][:16], text[i]]) for i in range(len(x))], True)
+        q, k, v = (u.unflatten(2, (HEADS, HEAD_DIM)).transpose(1, 2) for u in self.qkv(joint).chunk(3, -1))
+        joint = joint + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        out = self.final(joint)
+        return [
+            o[:16].view(1, 4, 4, 1, 2, 2, 4).permute(6, 0, 3, 1, 4, 2, 5).reshape(4, 1, 8, 8) for o in out.unbind(0)
+        ]
+
+    def inputs(self, batch: int = 2) -> tuple:
+        g = torch.Generator().manual_seed(4)
+        x = [torch.randn(4, 1, 8, 8, generator=g) for _ in range(batch)]
+        captions = [torch.randn(TEXT, OUT, generator=g) for _ in range(batch)]
+        return x, captions, torch.linspace(0.2, 0.8, batch)
+
+
 def capture(model: torch.nn.Module, *inputs) -> tuple[torch.fx.GraphModule, list]:
     """The Dynamo graph of ``model`` (static shapes) and its example inputs (parameters included)."""
     inputs = inputs or model.inputs()

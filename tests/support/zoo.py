@@ -910,16 +910,16 @@ CASES: list[Case] = [
         "ZImagePipeline",
         layouts.tiny_z_image_transformer,
         layouts.z_image_call_kwargs,
-        ras=False,
-        reason="no image-token source found",
-        note="its first call breaks the graph (the RoPE table is built under `with torch.device('cpu')`); after it, "
-        "one graph whose latents and captions are lists of per-row tensors, patchified and joined row by row "
-        "([image; caption], `pad_sequence`), which the rules do not read yet",
+        ras=True,
+        reason="latents as a list of per-row tensors, patchified and joined row by row ([image; caption], "
+        "`pad_sequence`); run one generation before compiling: its first call builds the RoPE table under "
+        "`with torch.device('cpu')`, which splits a graph compiled then at a graph break for good",
         pipeline=layouts.tiny_z_image_pipeline,
         pipeline_kwargs=layouts.z_image_pipeline_kwargs,
         timestep_scale=1.0,
         latents_key="x",
         timestep_key="t",
+        layout="video",  # each row [C, F = 1, H, W]: stacked, 5-D latents of one frame
     ),
     Case(
         "ideogram4",

@@ -171,3 +171,24 @@ def test_built_from_the_pass_context_it_drives_the_ras_graph():
     with torch.no_grad():
         out = ras_gm(*signature.bind(inputs, every, caches[0], caches[1:]))[0]
         torch.testing.assert_close(out, gm(*inputs)[0])
+
+
+def test_latents_passed_as_rows_are_stacked_for_the_controller():
+    rows = StepSignature(
+        **{
+            **_signature().__dict__,
+            "inputs": (
+                ModelInput("x", "l_x_0_", (4, 1, 8, 8), torch.float32),
+                ModelInput("t", "l_t_", (2,), torch.float32),
+                ModelInput("x", "l_x_1_", (4, 1, 8, 8), torch.float32),
+            ),
+            "latents": 0,
+            "timestep": 1,
+            "latents_rows": (0, 2),
+        }
+    )
+    x0, x1 = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    assert torch.equal(rows.latents_of([x0, torch.ones(2), x1]), torch.stack([x0, x1]))
+    assert torch.equal(_signature().latents_of([x0, "text", "t"]), x0)
+    with pytest.raises(SignatureError, match="latents_rows=.*starting with latents=0"):
+        StepSignature(**{**rows.__dict__, "latents_rows": (2, 0)})

@@ -12,6 +12,7 @@ from tests.support.passes import (
     TinyDiT,
     TinyFoldedVideoDiT,
     TinyPackedDiT,
+    TinyRowsDiT,
     capture,
     fact,
     graph_signature,
@@ -157,6 +158,22 @@ class FramesFoldedFrameMajor(TinyFoldedVideoDiT):
 def test_frames_folded_frame_major_are_not_read():
     gm, _ = capture(FramesFoldedFrameMajor())
     with pytest.raises(RewriteError, match="no image-token source found"):
+        run_until(gm, PASS)
+
+
+def test_latents_as_a_list_of_rows_are_read_through_their_join_and_stacking():
+    gm, _ = capture(TinyRowsDiT())
+    out, ctx = run_until(gm, PASS)
+    layout = fact(ctx, "latent")
+    assert fact(ctx, "latents_rows") == ["l_x_0_", "l_x_1_"] and fact(ctx, "latents") == "l_x_0_"
+    assert (fact(ctx, "num_tokens"), fact(ctx, "batch_size")) == (16, 2)
+    assert (layout.shape, layout.patch, layout.channel_axis) == ((2, 4, 1, 8, 8), (1, 2, 2), 1)
+    assert node(out, fact(ctx, "token_source")).target is torch._C._nn.pad_sequence
+
+
+def test_rows_stacked_out_of_order_are_refused_with_the_reason():
+    gm, _ = capture(TinyRowsDiT(order="reversed"))
+    with pytest.raises(RewriteError, match="stacks the rows other than one row per batch item in order"):
         run_until(gm, PASS)
 
 

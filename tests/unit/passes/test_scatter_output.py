@@ -6,14 +6,17 @@ import torch.nn.functional as F
 
 from rascompile.passes import ops
 from rascompile.passes.context import RewriteError, module_path
+from rascompile.passes.graph_utils import is_linear
 from tests.support.passes import (
     ACTIVE_IDX,
     OUTPUT_CACHE,
     WIDTH,
     TinyDiT,
     TinyPackedDiT,
+    TinyRowsDiT,
     added_placeholders,
     all_tokens,
+    assert_ras_matches_dense,
     calls,
     capture,
     dense,
@@ -110,3 +113,15 @@ def test_a_model_without_a_token_wise_linear_is_refused():
     run_until(gm, PASS, before=True)  # the passes before it apply: the refusal is this pass's
     with pytest.raises(RewriteError, match="no final projection"):
         run_until(gm, PASS)
+
+
+def test_a_joint_output_taken_apart_row_by_row_merges_its_image_rows():
+    """Z-Image: the final linear's ``[B, N + L, C]`` output (image rows first) is unbound and each row's ``[:N]``
+    unpatchified; its first k rows merge with the output cache and the sequence leaves at its dense length."""
+    gm, inputs = capture(TinyRowsDiT())
+    out, _ = run_until(gm, PASS)
+    (merge,) = calls(out, ops.merge_joint_output)
+    assert is_linear(merge.args[1])
+    assert added_placeholders(out)[OUTPUT_CACHE][0] == (2, 16, 16)
+    ras, _ = run_until(gm, "verify_ras_graph")
+    assert_ras_matches_dense(gm, inputs, ras, ks=(1, 5, 15))
