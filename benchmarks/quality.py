@@ -35,13 +35,19 @@ from rascompile._extras import require_extra
 from rascompile.bench.workload import machine_info
 from rascompile.cli.demo import demo_config
 from rascompile.cli.main import quiet_third_party
-from rascompile.config import RASConfig
+from rascompile.config import REFERENCE_SELECTION, RASConfig
 from rascompile.demo.shapes.classifier import ShapesClassifier, adherence
 from rascompile.demo.shapes.data import ShapesDataset, render_batch
 from rascompile.demo.shapes.generate import Generator
 from rascompile.demo.shapes.model import ShapesModel
 from rascompile.demo.shapes.quality import fidelity, frechet_distance
-from rascompile.demo.shapes.regions import computation_by_region, object_tokens, outline_objects
+from rascompile.demo.shapes.regions import (
+    STALENESS_BOUND,
+    computation_by_region,
+    mark_stale,
+    object_tokens,
+    outline_objects,
+)
 from rascompile.runtime.schedule import build_schedule
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "quality"
@@ -70,19 +76,39 @@ ABLATIONS = {
 # Table 4: how the selection's two knobs interact, at the static ratio 0.25 and 20 steps.
 SWEEP_HIGH_RATIOS = (1.0, 0.5, 0.3, 0.1)
 SWEEP_STARVATION_SCALES = (0.1, 0.0, -0.1)
+# ... and what bounds staleness, at the static ratios 0.5 and 0.25 (starvation_scale 0.1): low high_ratios, which
+# drop only (or mostly) the lowest-scoring tokens, and max_skip_steps
+STALENESS_RATIOS = (0.5, 0.25)
+STALENESS_SETTINGS = (
+    {"high_ratio": 1.0, "max_skip_steps": None},
+    {"high_ratio": 0.1, "max_skip_steps": None},
+    {"high_ratio": 0.05, "max_skip_steps": None},
+    {"high_ratio": 0.0, "max_skip_steps": None},
+    {"high_ratio": 0.1, "max_skip_steps": 4},
+    {"high_ratio": 0.1, "max_skip_steps": 3},
+    {"high_ratio": 0.1, "max_skip_steps": 2},
+    {"high_ratio": 0.0, "max_skip_steps": 4},
+)
 TABLES = ("2", "3", "4")
 
 
-def sweep_name(config: RASConfig) -> str:
-    """The name of the Table 4 row with ``config``'s two selection fields."""
-    return f"high_ratio {config.high_ratio:g}, starvation_scale {config.starvation_scale:g}"
+def sweep_name(config: RASConfig, at_sweep_ratio: bool = False) -> str:
+    """The name of the Table 4 row with ``config``'s selection fields (and its ratio, when not 0.25);
+    ``at_sweep_ratio``: of the row at 0.25 whatever ``config``'s ratio (a default configuration's row)."""
+    if at_sweep_ratio:
+        config = config.replace(sample_ratio=ABLATION_RATIO)
+    name = f"high_ratio {config.high_ratio:g}, starvation_scale {config.starvation_scale:g}"
+    if config.max_skip_steps is not None:
+        name += f", max_skip_steps {config.max_skip_steps}"
+    return name if config.sample_ratio == ABLATION_RATIO else f"{name} @ ratio {config.sample_ratio:g}"
 
 
 #: The Table 4 rows the project README's configuration section shows: the reference's argparse default, what
-#: its example scripts run, and rascompile's default.
+#: its example scripts run, rascompile's default before the staleness bound, and rascompile's default.
 SELECTION_SETTINGS = (
     ("reference default", RASConfig.reference_defaults()),
     ("reference example scripts, as run", RASConfig.reference_defaults(high_ratio=0.3)),
+    ("rascompile default before max_skip_steps", RASConfig(max_skip_steps=None)),
     ("rascompile default", RASConfig()),
 )
 
@@ -109,10 +135,17 @@ def settings(quick: bool, tables: tuple[str, ...] = TABLES) -> list[dict]:
         static = demo_config(ablation_steps, ABLATION_RATIO)
         high_ratios = SWEEP_HIGH_RATIOS if not quick else (SWEEP_HIGH_RATIOS[0], SWEEP_HIGH_RATIOS[-1])
         scales = SWEEP_STARVATION_SCALES if not quick else SWEEP_STARVATION_SCALES[:1]
-        for high in high_ratios:
-            for scale in scales:
-                config = static.replace(high_ratio=high, starvation_scale=scale)
-                rows.append({"name": sweep_name(config), "table": "4", "steps": ablation_steps, "config": config})
+        # the two knobs without a staleness bound, as the reference selects
+        configs = [
+            static.replace(high_ratio=high, starvation_scale=scale, max_skip_steps=None)
+            for high in high_ratios
+            for scale in scales
+        ]
+        staleness = STALENESS_SETTINGS if not quick else STALENESS_SETTINGS[-1:]
+        for ratio in STALENESS_RATIOS if not quick else STALENESS_RATIOS[:1]:
+            configs += [demo_config(ablation_steps, ratio).replace(**change) for change in staleness]
+        for config in dict.fromkeys(configs):  # the sweeps share a row or two
+            rows.append({"name": sweep_name(config), "table": "4", "steps": ablation_steps, "config": config})
     return rows
 
 
@@ -133,13 +166,14 @@ def run(args) -> dict:
     for row in tqdm(settings(args.quick, args.tables), desc="settings", file=sys.stderr):
         call = dict(config=row["config"], steps=row["steps"], guidance_scale=args.guidance_scale)
         generate(batches[0], **call, seed=0)  # warm-up: traces and plans
-        images, seconds, counts = [], 0.0, []
+        images, seconds, counts, runs = [], 0.0, [], []
         for i, batch in enumerate(batches):
             result = generate(batch, **call, seed=i)
             images.append(result.images)
             seconds += result.seconds
             if result.step_counts is not None:
                 counts.append(result.step_counts.flatten(1))
+                runs.append(result.skip_runs.flatten(1))
         images = torch.cat(images)
         if row["config"] is None:
             dense_images[row["steps"]] = images
@@ -152,7 +186,9 @@ def run(args) -> dict:
             "sample_ratio": None if row["config"] is None else row["config"].sample_ratio,
             "high_ratio": None if row["config"] is None else row["config"].high_ratio,
             "starvation_scale": None if row["config"] is None else row["config"].starvation_scale,
+            "max_skip_steps": None if row["config"] is None else row["config"].max_skip_steps,
             "images_per_s": len(images) / seconds,
+            **staleness(torch.cat(runs) if runs else None),
             **computation(row, torch.cat(counts) if counts else None, model.config.num_tokens, images),
             **adherence(classifier, images, captions),
             "frechet_distance": frechet_distance(features, real_features),
@@ -196,20 +232,32 @@ def computation(row: dict, step_counts: torch.Tensor | None, num_tokens: int, im
     }
 
 
+def staleness(runs: torch.Tensor | None) -> dict:
+    """Each token's longest run of RAS steps skipped in a row ([images, N]): the maximum and 99th percentile."""
+    if runs is None:
+        return {}
+    runs = runs.float().flatten()
+    return {"max_staleness": int(runs.max().item()), "p99_staleness": float(torch.quantile(runs, 0.99).item())}
+
+
 def markdown(rows: list[dict]) -> str:
+    stale = any("max_staleness" in r for r in rows)
     head = (
-        "| setting | steps | tokens computed | always or never | objects / background computed | images/s "
-        "| PSNR dB | SSIM | objects found | exact objects | Fréchet distance |"
+        "| setting | steps | tokens computed | always or never | objects / background computed "
+        + ("| staleness max / p99 " if stale else "")
+        + "| images/s | PSNR dB | SSIM | objects found | exact objects | Fréchet distance |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|" + ("---|" if stale else "") + "---|---|---|---|---|---|"]
     for r in rows:
         psnr = f"{r['psnr']:.1f}" if "psnr" in r else "-"
         ssim = f"{r['ssim']:.3f}" if "ssim" in r else "-"
         sticky = f"{r['always_or_never']:.2f}" if "always_or_never" in r else "-"
         regions = f"{r['objects_computed']:.2f} / {r['background_computed']:.2f}" if "objects_computed" in r else "-"
+        runs = f"{r['max_staleness']} / {r['p99_staleness']:g} | " if "max_staleness" in r else "- | "
         lines.append(
             f"| {r['name']} | {r['steps']} | {r['tokens_computed']:.2f} | {sticky} | {regions} | "
-            f"{r['images_per_s']:.1f} | {psnr} | {ssim} | "
+            + (runs if stale else "")
+            + f"{r['images_per_s']:.1f} | {psnr} | {ssim} | "
             f"{r['object_recall']:.3f} | {r['exact_objects']:.3f} | {r['frechet_distance']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -248,7 +296,7 @@ def render_project_readme(text: str, results: dict) -> str:
 
 
 def selection_rows(results: dict) -> list[dict]:
-    rows = ((label, sweep_name(config)) for label, config in SELECTION_SETTINGS)
+    rows = ((label, sweep_name(config, at_sweep_ratio=True)) for label, config in SELECTION_SETTINGS)
     return [_row(results, name) | {"name": f"{label}: {name}"} for label, name in rows]
 
 
@@ -341,12 +389,12 @@ def findings(results: dict) -> str:
     same = [
         _row(results, "RAS 0.25 @ 20"),
         _row(results, "static sampling ratio"),
-        _row(results, sweep_name(RASConfig())),
+        _row(results, sweep_name(RASConfig(max_skip_steps=None), at_sweep_ratio=True)),
     ]
     rates = [r["images_per_s"] for r in same]
     out.append(
-        "- **Throughput noise.** `RAS 0.25 @ 20` (Table 2), the static-ratio row of Table 3 and the defaults' row of "
-        f"Table 4 are one setting; they measured {', '.join(f'{v:.1f}' for v in rates)} images/s "
+        "- **Throughput noise.** `RAS 0.25 @ 20` (Table 2), the static-ratio row of Table 3 and the unbounded "
+        f"defaults' row of Table 4 are one setting; they measured {', '.join(f'{v:.1f}' for v in rates)} images/s "
         f"({(max(rates) - min(rates)) / min(rates):.0%} apart). Read single throughput figures with that in mind."
     )
     at20 = [_row(results, f"RAS {ratio:g} @ 20") for ratio in RATIOS]
@@ -376,18 +424,20 @@ def findings(results: dict) -> str:
         f"{_quality(static)}. Random dropping: {_quality(random)}."
     )
     chosen, reference_config = RASConfig(), RASConfig.reference_defaults()
-    best, reference = _row(results, sweep_name(chosen)), _row(results, sweep_name(reference_config))
+    best = _row(results, sweep_name(chosen, at_sweep_ratio=True))
+    reference = _row(results, sweep_name(reference_config, at_sweep_ratio=True))
     sweep = table_rows(results, "4")
     top_psnr = max(sweep, key=lambda r: r["psnr"])
     top_objects = max(sweep, key=lambda r: r["object_recall"])
     out.append(
-        f"- **The selection (Table 4).** The reference's defaults ({sweep_name(reference_config)}) compute the "
+        f"- **The selection (Table 4).** The reference's defaults ({sweep_name(reference_config, True)}) compute the "
         f"same tokens on every RAS step or on none for {reference['always_or_never']:.0%} of the tokens: "
-        f"{_quality(reference)}. rascompile's defaults ({sweep_name(chosen)}): "
+        f"{_quality(reference)}. rascompile's defaults ({sweep_name(chosen, True)}): "
         f"{best['always_or_never']:.0%} always or never, {_quality(best)}. Highest PSNR "
         f"in the sweep: {top_psnr['name']} ({top_psnr['psnr']:.1f} dB); most objects found: {top_objects['name']} "
         f"({top_objects['object_recall']:.3f})."
     )
+    out.append(f"- **Staleness (Table 4).** {_staleness_finding(results)}")
     out.append(
         f"- **Where RAS computes.** With rascompile's defaults (ratio 0.25, 20 steps) the RAS steps computed the "
         f"{_regions(best)}: the objects {_more_or_less(best['objects_computed'], best['background_computed'], 0.02)} "
@@ -403,14 +453,30 @@ def findings(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _staleness_finding(results: dict) -> str:
+    """How long tokens went uncomputed without a bound and with rascompile's, at both ratios, and what it cost."""
+    parts = []
+    for ratio in STALENESS_RATIOS:
+        bounded = RASConfig(sample_ratio=ratio)
+        free = _row(results, sweep_name(bounded.replace(max_skip_steps=None)))
+        kept = _row(results, sweep_name(bounded))
+        parts.append(
+            f"at ratio {ratio:g}, unbounded: at most {free['max_staleness']} RAS steps in a row (99th percentile "
+            f"{free['p99_staleness']:g}), {_quality(free)}; with `max_skip_steps={bounded.max_skip_steps}`: "
+            f"{kept['max_staleness']} ({kept['p99_staleness']:g}), {_quality(kept)}"
+        )
+    return "Each token's longest run of skipped RAS steps, " + "; ".join(parts) + "."
+
+
 def project_summary(results: dict) -> str:
     """The project README's bullets on the quality harness."""
     speedups = [v for s in RAS_STEPS for v in _speedups(results, s)]
     pairs = equal_throughput_pairs(results)
     wins = sum(d["object_recall"] > r["object_recall"] for r, d in pairs)
     dense = {r["steps"]: r["object_recall"] for r in table_rows(results, "2") if r["sample_ratio"] is None}
-    chosen, reference_config = RASConfig(), RASConfig.reference_defaults()
-    best, reference = _row(results, sweep_name(chosen)), _row(results, sweep_name(reference_config))
+    chosen, reference_config = RASConfig(max_skip_steps=None), RASConfig.reference_defaults()
+    best = _row(results, sweep_name(chosen, at_sweep_ratio=True))
+    reference = _row(results, sweep_name(reference_config, at_sweep_ratio=True))
     default, no_reset, no_cache = (
         _row(results, n) for n in ("default (dynamic ratio)", "no error reset", "no K/V cache")
     )
@@ -426,11 +492,13 @@ def project_summary(results: dict) -> str:
         f"{dense[max(dense)]:.3f} at {max(dense)}: this model saturates early);\n"
         f"- error reset and the K/V cache matter: without them SSIM falls from {default['ssim']:.2f} to "
         f"{no_reset['ssim']:.2f} and {no_cache['ssim']:.2f};\n"
-        f"- `high_ratio={chosen.high_ratio:g}` (rascompile's default) against the reference's "
+        f"- `high_ratio={chosen.high_ratio:g}` (rascompile's default; both without a staleness bound) against the "
+        "reference's "
         f"`{reference_config.high_ratio:.1f}`, at ratio 0.25: "
         f"{best['psnr']:.1f} against {reference['psnr']:.1f} dB PSNR, objects found {best['object_recall']:.3f} "
         f"against {reference['object_recall']:.3f}, and {best['always_or_never']:.0%} against "
-        f"{reference['always_or_never']:.0%} of the tokens computed on every RAS step or on none.\n"
+        f"{reference['always_or_never']:.0%} of the tokens computed on every RAS step or on none;\n"
+        f"- {_staleness_finding(results)}\n"
     )
 
 
@@ -491,14 +559,15 @@ def regions_figure(path: Path, count: int = 8, steps: int = ABLATION_STEPS, rati
     captions = [ShapesDataset(count, seed=50_000).scene(i).caption for i in range(count)]
     config = demo_config(steps, ratio)
     ours = generate(captions, config=config, steps=steps)
-    reference = generate(captions, config=config.replace(high_ratio=1.0), steps=steps)
+    reference = generate(captions, config=config.replace(**REFERENCE_SELECTION), steps=steps)
     objects = object_tokens(ours.images)
     rows = [
         ("image (defaults)", None),
         ("object tokens", objects),
-        (f"steps computed,\nhigh_ratio {config.high_ratio:g}", ours.step_counts),
-        ("steps computed,\nhigh_ratio 1 (reference)", reference.step_counts),
+        (f"steps computed,\n{_short(config)}", ours.step_counts),
+        ("steps computed,\nreference", reference.step_counts),
     ]
+    runs = {id(ours.step_counts): ours.skip_runs, id(reference.step_counts): reference.skip_runs}
     fig, axes = plt.subplots(
         len(rows), count, figsize=(1.6 * count + 1.2, 1.7 * len(rows)), squeeze=False, layout="constrained"
     )
@@ -512,13 +581,23 @@ def regions_figure(path: Path, count: int = 8, steps: int = ABLATION_STEPS, rati
             else:
                 shown = ax.imshow(grid[j].numpy(), cmap="magma", vmin=0, vmax=steps)
                 outline_objects(ax, objects[j])
+                mark_stale(ax, runs[id(grid)][j])
             ax.set_xticks([])
             ax.set_yticks([])
         axes[i, 0].set_ylabel(label, fontsize=8)
     fig.colorbar(shown, ax=list(axes.flatten()), shrink=0.5, label="steps computed")
-    fig.suptitle(f"Where RAS computes: ratio {ratio:g}, {steps} steps (cyan: object tokens)", fontsize=10)
+    fig.suptitle(
+        f"Where RAS computes: ratio {ratio:g}, {steps} steps (cyan: object tokens; x: skipped on more than "
+        f"{STALENESS_BOUND} RAS steps in a row)",
+        fontsize=10,
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _short(config: RASConfig) -> str:
+    bound = f", max_skip_steps {config.max_skip_steps}" if config.max_skip_steps is not None else ""
+    return f"high_ratio {config.high_ratio:g}{bound}"
 
 
 def pareto_plot(rows: list[dict], path: Path) -> None:

@@ -111,6 +111,9 @@ class GraphReport:
     checks: list[CheckResult] = field(default_factory=list)
     summary: str = ""  # rascompile.passes.snapshot.graph_summary of the rewritten graph (what the passes found and did)
     passed: bool = True  # every check passed (a dense graph passes unless RAS is required)
+    # the selection of ``config`` over this graph's N tokens in a generation of ``num_inference_steps`` with random
+    # update metrics: each token's longest run of skipped RAS steps, its maximum and 99th percentile
+    staleness: dict | None = None
 
 
 @dataclass
@@ -184,6 +187,12 @@ def _format_graph(g: GraphReport, require_ras: bool, verbose: bool) -> list[str]
         cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2])]
         cells += [r[3].rjust(widths[3]), r[4].rjust(widths[4]), r[5]]
         lines.append("  " + "  ".join(cells))
+    if g.staleness is not None:
+        st = g.staleness
+        lines.append(
+            f"  selection ({st['config']}, {st['steps']} steps, random update metrics): a token goes uncomputed at "
+            f"most {st['max']} RAS steps in a row (99th percentile {st['p99']:g})"
+        )
     summary = g.summary.splitlines()
     shown = summary if verbose else summary[:4]
     lines += [f"  | {line}" for line in shown]
@@ -245,6 +254,8 @@ def check(
     inner_backend: str = "eager",
     fused_kv_projection: bool | None = None,
     relative_tolerance: float | None = None,
+    config: Any = None,
+    num_inference_steps: int = 28,
 ) -> CheckReport:
     """Check that RAS computes what the model computes, on every Dynamo graph of ``pipe_or_transformer``.
 
@@ -266,6 +277,9 @@ def check(
             own rounding differs from eager by about 2e-6 of the scale on the tiny SD3 model).
         fused_kv_projection: as for ``RASBackend``: ``None`` fuses on CUDA with Triton, as the backend does.
         relative_tolerance: overrides ``RELATIVE_TOLERANCE`` (a fraction of each output's scale).
+        config: the ``RASConfig`` whose selection the report describes (default: ``RASConfig()``): for each RAS
+            graph, the longest a token goes uncomputed in a generation of ``num_inference_steps`` under it, with
+            random update metrics (``runtime.staleness.simulated_staleness``).
 
     Returns a ``CheckReport``; ``report.passed`` is the verdict. Raises ``CheckError`` when the call fails or
     never calls the transformer. Like ``rascompile.export``, it resets Dynamo's caches when done.
@@ -288,10 +302,14 @@ def check(
     graphs, transformer, pipe = _graphs_of(pipe_or_transformer, dict(call_kwargs or {}))
     if not graphs:
         raise CheckError(f"the call never ran {type(transformer).__name__}: no graph to check")
+    config = RASConfig() if config is None else config
     reports = [
         _check_graph(i, backend, gm, inputs, seed, require_ras, relative_tolerance)
         for i, (gm, inputs) in enumerate(graphs)
     ]
+    for report in reports:
+        if report.ras:
+            report.staleness = _staleness(config, report.num_tokens, num_inference_steps, seed)
     try:
         import diffusers
 
@@ -362,6 +380,14 @@ def _check_graph(
         summary=graph.summary,
         passed=all(c.passed for c in checks),
     )
+
+
+def _staleness(config: Any, num_tokens: int, num_steps: int, seed: int) -> dict:
+    from .runtime.staleness import simulated_staleness
+
+    bound = f"max_skip_steps {config.max_skip_steps}" if config.max_skip_steps is not None else "no staleness bound"
+    described = f"ratio {config.sample_ratio:g}, high_ratio {config.high_ratio:g}, {bound}"
+    return {"config": described, "steps": num_steps} | simulated_staleness(config, num_tokens, num_steps, seed)
 
 
 def _reference(inner_backend: str, gm: torch.fx.GraphModule, inputs: list) -> Any:

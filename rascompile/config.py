@@ -1,8 +1,9 @@
 """User-facing configuration of Region-Adaptive Sampling (RAS).
 
 The parameter names and semantics follow the paper's public reference implementation (microsoft/RAS), and so
-do the defaults but one: ``high_ratio`` defaults to 0.1 where the reference's argparse has 1.0, chosen by
-measurement (``docs/quality/README.md``, Table 4). :meth:`RASConfig.reference_defaults` gives the reference's.
+do the defaults but two, both chosen by measurement (``docs/quality/README.md``, Table 4): ``high_ratio`` defaults
+to 0.1 where the reference's argparse has 1.0, and ``max_skip_steps`` (not in the reference) bounds how long a
+token goes uncomputed. :meth:`RASConfig.reference_defaults` gives the reference's.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ REFERENCE_RESET_STEPS = (12, 22)
 #: The reference implementation's defaults for the selection fields where rascompile's differ. Its example
 #: scripts pass ``--starvation_scale 1 --high_ratio 0.3``, but its ``ras_manager.set_parameters`` never reads
 #: ``starvation_scale``, so they run with 0.1 and 0.3.
-REFERENCE_SELECTION = {"starvation_scale": 0.1, "high_ratio": 1.0}
+REFERENCE_SELECTION = {"starvation_scale": 0.1, "high_ratio": 1.0, "max_skip_steps": None}
 
 
 def _fail(field: str, value: Any, allowed: str) -> ValueError:
@@ -143,6 +144,16 @@ class RASConfig:
             skipped tokens take their last prediction. The first call, during which Dynamo compiles the pieces,
             runs dense. Off by default until the quality of each model family across its pieces is measured; pieces
             that cannot all be rewritten run dense as a whole, with a warning.
+        max_skip_steps (`int`, *optional*, defaults to `3`):
+            A bound on staleness: no token is skipped on more than this many RAS steps in a row. Each RAS step
+            first computes the fewest tokens that keep every token's deadline reachable, in place of the
+            lowest-scoring active ones; the step size stays the same. A bound `b` can be kept when a step
+            computes at least `N / (b + 1)` tokens (`3`: ratios from 0.25 up); below that the most overdue go
+            first and staleness stays near `N / k`. `>= 1`, or `None` for no bound (the reference's behaviour,
+            [`~RASConfig.reference_defaults`]). Chosen by measurement (Table 4 of `docs/quality/README.md`):
+            without a bound the tokens the selection keeps dropping go uncomputed from one dense step to the next
+            (8 RAS steps on the shapes model). A token's longest run of skipped RAS steps is reported by
+            `rascompile demo`, `rascompile check` and `RASController.staleness()`.
     """
 
     sample_ratio: float = 0.5
@@ -158,6 +169,7 @@ class RASConfig:
     num_inference_steps: int | None = None
     kv_cache: bool = True
     graph_pieces: bool = False
+    max_skip_steps: int | None = 3
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -241,6 +253,12 @@ class RASConfig:
             if num_steps < 1:
                 raise _fail("num_inference_steps", self.num_inference_steps, "must be None or >= 1")
             store("num_inference_steps", num_steps)
+
+        if self.max_skip_steps is not None:
+            bound = _as_int("max_skip_steps", self.max_skip_steps)
+            if bound < 1:
+                raise _fail("max_skip_steps", self.max_skip_steps, "must be None or >= 1")
+            store("max_skip_steps", bound)
 
         for name in ("kv_cache", "graph_pieces"):
             value = getattr(self, name)

@@ -202,12 +202,15 @@ def where_time_went(result, dense, config, steps: int, model) -> str:
     dense_step_s = dense.transformer_seconds / steps
     regions = computation_by_region(result.step_counts, object_tokens(result.images), len(dense_steps), len(ras_steps))
     ras_step_s = ras_s / len(ras_steps)
+    runs = result.skip_runs.flatten().float()
+    bound = f" (max_skip_steps {config.max_skip_steps})" if config.max_skip_steps is not None else " (no bound)"
     return (
         f"{name} its {len(dense_steps)} dense steps (the first and the resets) took {dense_s:.2f} s, its "
         f"{len(ras_steps)} RAS steps {ras_step_s:.3f} s each ({dense_step_s / ras_step_s:.2f}x faster than a dense "
         f"step); outside the transformer: {result.seconds - result.transformer_seconds:.2f} s\n"
         f"  {' ' * len(name)} its RAS steps computed the objects' tokens {regions['objects_computed']:.0%} of the "
-        f"time, the background's {regions['background_computed']:.0%}"
+        f"time, the background's {regions['background_computed']:.0%}; the longest a token went uncomputed: "
+        f"{int(runs.max())} RAS steps in a row (99th percentile {torch.quantile(runs, 0.99).item():g}){bound}"
     )
 
 
@@ -234,7 +237,7 @@ def write_heatmaps(path: Path, results: dict, steps: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..demo.shapes.regions import object_tokens, outline_objects
+    from ..demo.shapes.regions import STALENESS_BOUND, mark_stale, object_tokens, outline_objects
 
     ras = [(name, r) for name, r in results.items() if r.step_counts is not None]
     if not ras:
@@ -249,11 +252,15 @@ def write_heatmaps(path: Path, results: dict, steps: int) -> None:
             axes[2 * i, j].imshow(((result.images[j].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
             shown = axes[2 * i + 1, j].imshow(result.step_counts[j].numpy(), cmap="magma", vmin=0, vmax=steps)
             outline_objects(axes[2 * i + 1, j], objects[i][j])
+            mark_stale(axes[2 * i + 1, j], result.skip_runs[j] if result.skip_runs is not None else None)
             axes[2 * i, j].set_title(name if j == 0 else "", loc="left", fontsize=9)
             for ax in (axes[2 * i, j], axes[2 * i + 1, j]):
                 ax.set_xticks([])
                 ax.set_yticks([])
         fig.colorbar(shown, ax=list(axes[2 * i : 2 * i + 2].flatten()), shrink=0.6, label="steps computed")
-    fig.suptitle(f"How many of the {steps} steps computed each region (cyan: the objects in the image)")
+    fig.suptitle(
+        f"How many of the {steps} steps computed each region (cyan: the objects in the image; x: skipped on more "
+        f"than {STALENESS_BOUND} RAS steps in a row)"
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)

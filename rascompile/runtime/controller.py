@@ -25,6 +25,7 @@ from .selector import (
     select_active_tokens_among,
     token_metric,
 )
+from .staleness import advance_skip_runs, deadlines
 
 if TYPE_CHECKING:
     from rascompile.passes.signature import StepSignature
@@ -89,6 +90,9 @@ class RASController:
         self.history: list[Decision] = []  # this generation's decisions, for inspection and tests
         self.branch_history: list[Decision] = []  # the decisions of the further guidance branches' calls
         self.step_counts: torch.Tensor | None = None  # per token: how many steps computed it
+        # per token: the RAS steps it has been skipped in a row now, and the longest such run this generation
+        self.skip_run: torch.Tensor | None = None
+        self.max_skip_run: torch.Tensor | None = None
         # the tokens a RAS step may select (None: not known yet this generation) and those whose latents never
         # change (the reference images editing pipelines join to the token axis): never selected
         self.candidates: torch.Tensor | None = None
@@ -270,6 +274,8 @@ class RASController:
         self.previous_latents = None
         self.history, self.branch_history = [], []
         self.step_counts = torch.zeros(layout.batch_size, layout.num_tokens, dtype=torch.int32, device=self.device)
+        self.skip_run = torch.zeros_like(self.step_counts)
+        self.max_skip_run = torch.zeros_like(self.step_counts)
         self.candidates = self.held_tokens = None
         self.generations += 1
         self.last_step = -1
@@ -284,6 +290,13 @@ class RASController:
         if self.step_counts is None or self.layout.latent is None:
             return self.step_counts
         return self.layout.latent.to_grid(self.step_counts)
+
+    def max_skip_run_grid(self) -> torch.Tensor | None:
+        """``max_skip_run`` (each token's longest run of skipped RAS steps this generation) on the token grid, as
+        ``step_count_grid``."""
+        if self.max_skip_run is None or self.layout.latent is None:
+            return self.max_skip_run
+        return self.layout.latent.to_grid(self.max_skip_run)
 
     def allocate_caches(self, branch: int = 0) -> None:
         """Allocate the output and K/V caches of branches up to ``branch`` once; later generations reuse them
@@ -304,7 +317,8 @@ class RASController:
 
     def _select(self, delta: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         metric = self._metric(delta, self.config.metric)
-        rules = (plan.num_dropped, self.config.high_ratio, self.config.starvation_scale)
+        deadline = deadlines(self.config, self.skip_run)
+        rules = (plan.num_dropped, self.config.high_ratio, self.config.starvation_scale, deadline)
         if self.held_tokens is not None and self.held_tokens.numel():
             idx = select_active_tokens_among(metric, self.drop_counts, self.candidates, *rules)
         else:
@@ -320,3 +334,19 @@ class RASController:
             self.step_counts.scatter_add_(
                 1, decision.active_idx, torch.ones_like(decision.active_idx, dtype=self.step_counts.dtype)
             )
+        # a dense or capture step computes every token
+        self.skip_run = advance_skip_runs(self.skip_run, decision.active_idx if decision.kind == "ras" else None)
+        if self.held_tokens is not None and self.held_tokens.numel():
+            self.skip_run[:, self.held_tokens] = 0  # never selected by design (reference tokens): not stale
+        torch.maximum(self.max_skip_run, self.skip_run, out=self.max_skip_run)
+
+    def staleness(self) -> dict | None:
+        """The longest runs of RAS steps a token of this generation was skipped in a row: their maximum and 99th
+        percentile over the tokens (reference tokens, never selected by design, left out); None before any."""
+        if self.max_skip_run is None:
+            return None
+        runs = self.max_skip_run
+        if self.candidates is not None and self.held_tokens is not None and self.held_tokens.numel():
+            runs = runs[:, self.candidates]
+        runs = runs.flatten().float()
+        return {"max": int(runs.max().item()), "p99": float(torch.quantile(runs, 0.99).item())}

@@ -153,6 +153,7 @@ def select_active_tokens(
     num_dropped: int,
     high_ratio: float,
     starvation_scale: float,
+    deadline: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Choose the tokens the next RAS step computes, independently for each row.
@@ -170,6 +171,12 @@ def select_active_tokens(
         num_dropped: `D`, in `[0, N - 1]`.
         high_ratio: in `[0, 1]`.
         starvation_scale: finite float.
+        deadline: optional `[B, N]` ints, the RAS steps left before each token must be computed (0: this step,
+            negative: overdue by as many steps; `max_skip_steps` minus the RAS steps it has been skipped in a
+            row). The step then computes, first, the fewest tokens that let every deadline be met if later steps
+            compute as many tokens as this one (earliest deadline first, then highest score), in place of the
+            lowest-scoring active tokens; `k` stays the same. When no choice meets them all, the earliest
+            deadlines go first.
 
     Returns:
         `[B, k]` int64 active token indices, each row sorted ascending, with
@@ -196,11 +203,39 @@ def select_active_tokens(
     num_low, num_high = split_num_dropped(int(num_dropped), float(high_ratio))
     order = _rank(metric, drop_counts, float(starvation_scale))
     split = num_tokens - num_high
+    if deadline is not None:
+        order = _due_first(order, num_low, split, deadline)
+        num_low, split = num_tokens - (split - num_low), num_tokens
     dropped = torch.cat([order[:, :num_low], order[:, split:]], dim=1)
     active = order[:, num_low:split]
     if dropped.shape[1]:
         drop_counts.scatter_add_(1, dropped, torch.ones_like(dropped, dtype=drop_counts.dtype))
     return torch.sort(active, dim=1).values
+
+
+def _due_first(order: torch.Tensor, num_low: int, split: int, deadline: torch.Tensor) -> torch.Tensor:
+    """``order`` re-ranked so that its last ``k = split - num_low`` tokens are the step's active ones: the tokens
+    due now (the fewest that keep every later deadline reachable at k tokens a step, earliest deadline first, then
+    highest score), then the tokens the score made active, highest-scoring first."""
+    batch, num_tokens = order.shape
+    k = split - num_low
+    position = torch.empty_like(order)
+    position.scatter_(1, order, torch.arange(num_tokens, device=order.device).expand(batch, num_tokens))
+    chosen = (position >= num_low) & (position < split)
+    deadline = deadline.to(torch.int64)
+    horizon = torch.arange(int(deadline.clamp_min(0).max()) + 1, device=order.device)
+    # tokens due within d steps, less what the next d steps can compute, must be computed now
+    within = (deadline.unsqueeze(-1) <= horizon).sum(dim=1)
+    must = (within - k * horizon).clamp_min(0).amax(dim=1, keepdim=True)
+    # smaller: due sooner (the most overdue first when not all can be met), then scores higher
+    urgency = (deadline - int(deadline.min())) * num_tokens + (num_tokens - 1 - position)
+    due_rank = torch.empty_like(order)
+    by_urgency = torch.sort(urgency, dim=1, stable=True).indices
+    due_rank.scatter_(1, by_urgency, torch.arange(num_tokens, device=order.device).expand(batch, num_tokens))
+    due = due_rank < must
+    by_score = position.to(torch.float64) / num_tokens + 2.0 * chosen
+    key = torch.where(due, 4.0 + 1.0 - due_rank.to(torch.float64) / num_tokens, by_score)
+    return torch.sort(key, dim=1, stable=True).indices
 
 
 # Past this |starvation_scale| one drop outweighs any ratio of two float32 metrics (log-ratio < 2 * 104), so the
@@ -228,6 +263,7 @@ def select_active_tokens_among(
     num_dropped: int,
     high_ratio: float,
     starvation_scale: float,
+    deadline: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     `select_active_tokens` over the tokens `candidates` only (`[M]` int64, ascending): the others are never
@@ -235,6 +271,7 @@ def select_active_tokens_among(
     (of all `N` tokens), each row ascending.
     """
     counts = drop_counts[:, candidates]
-    chosen = select_active_tokens(metric[:, candidates], counts, num_dropped, high_ratio, starvation_scale)
+    due = deadline[:, candidates] if deadline is not None else None
+    chosen = select_active_tokens(metric[:, candidates], counts, num_dropped, high_ratio, starvation_scale, due)
     drop_counts[:, candidates] = counts
     return candidates[chosen]

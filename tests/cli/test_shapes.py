@@ -196,7 +196,9 @@ def test_ras_stays_close_to_dense_and_computes_fewer_tokens(generations):
     )
     assert dense.step_counts is None
     counts = ras.step_counts
-    assert counts.shape == (len(CAPTIONS), 8, 8) and counts.max() == 12 and counts.min() < 12
+    # every token is computed on some of the 12 steps and no more often than all of them; on average fewer
+    assert counts.shape == (len(CAPTIONS), 8, 8) and 0 < counts.min() and counts.max() <= 12
+    assert counts.float().mean() < 12
 
 
 def test_frechet_distance():
@@ -216,6 +218,9 @@ def test_demo_command(tmp_path, capsys):
     assert "4 caption(s) x 2 image(s) in one call (batch 8, 16 with guidance)" in out
     assert "dense" in out and "RAS 0.5" in out and "PSNR" in out and "transformer s" in out
     assert "RAS steps computed the objects' tokens" in out and "outside the transformer" in out
+    # the default bound holds in the demo's own generation (8 steps: RAS steps 1..4 and 6..7 between dense ones)
+    longest = int(out.split("the longest a token went uncomputed: ")[1].split(" ")[0])
+    assert longest <= 3 and "(max_skip_steps 3)" in out
     assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "heatmaps.png").stat().st_size > 0
     assert main(["demo", "--caption", "a large dog", "--no-progress", "--out", str(tmp_path)]) == 2
     assert "the vocabulary is" in capsys.readouterr().err
@@ -235,7 +240,11 @@ def test_quality_harness_quick(tmp_path):
     assert "psnr" in rows[2] and all(r["images_per_s"] > 0 for r in rows)
     assert (tmp_path / "pareto.png").exists() and (tmp_path / "regions.png").exists()
     assert (tmp_path / "table3.md").read_text().count("\n") == 2 + 8
-    assert (tmp_path / "table4.md").read_text().count("\n") == 2 + 2
+    # two rows of the knobs' sweep and one bounded row at ratio 0.5, with its staleness
+    table4 = (tmp_path / "table4.md").read_text()
+    assert table4.count("\n") == 2 + 3 and "staleness max / p99" in table4
+    bounded = next(r for r in rows if r["name"] == "high_ratio 0, starvation_scale 0.1, max_skip_steps 4 @ ratio 0.5")
+    assert bounded["max_staleness"] <= 4
     # RAS 0.5 at 8 steps (start 1, reset at 5): 6 RAS steps, 2 dense steps. D = 32 and high_ratio 0.1 drops
     # floor(32 * 0.9) + floor(32 * 0.1) = 31 tokens: 33 of 64 are computed.
     assert rows[0]["tokens_computed"] == 1.0 and rows[2]["tokens_computed"] == pytest.approx((2 + 6 * 33 / 64) / 8)

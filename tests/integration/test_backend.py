@@ -266,3 +266,23 @@ def test_batch_equal_to_token_count_runs_dense_and_warns():
         got = pipe(**kwargs_fn(**call))[0]
     assert any("runs dense" in str(w.message) for w in caught)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_controller_records_staleness_and_keeps_the_bound():
+    """Each token's longest run of skipped RAS steps is recorded per generation (reset by dense steps); with
+    ``max_skip_steps`` no token of a real generation exceeds it, without it the reference's selection leaves
+    tokens uncomputed from the first RAS step to the reset."""
+    runs = {}
+    for name, config in (
+        ("reference", RASConfig.reference_defaults(sample_ratio=0.25, num_inference_steps=12, scheduler_start_step=2)),
+        ("bounded", RASConfig(sample_ratio=0.25, num_inference_steps=12, scheduler_start_step=2, max_skip_steps=3)),
+    ):
+        pipe = tiny_sd3_pipeline()
+        backend = rascompile.apply(pipe, config.replace(error_reset_steps=(8,)), inner_backend="aot_eager")
+        with torch.no_grad():
+            pipe(**sd3_call_kwargs(num_prompts=1, num_images_per_prompt=1, steps=12))
+        control = backend.graphs[0].controller
+        runs[name] = control.staleness()
+        assert control.max_skip_run_grid().shape == (2, 8, 8)  # both guidance rows, on the token grid
+    assert runs["reference"]["max"] == 6  # RAS steps 2..7, before the reset at 8
+    assert runs["bounded"]["max"] == 3

@@ -62,6 +62,19 @@ def test_tiny_models_pass(name):
     text = report.format()
     assert "graph 0: RAS, N=64 image tokens, B=2" in text and text.splitlines()[-1].startswith("PASS")
     assert json.loads(report.to_json())["graphs"][0]["checks"][4]["k"] == 1
+    bound = rascompile.RASConfig().max_skip_steps
+    assert graph.staleness["max"] <= (bound if bound is not None else 28)
+    assert f"a token goes uncomputed at most {graph.staleness['max']} RAS steps in a row" in text
+
+
+def test_the_report_gives_the_selections_staleness_under_the_config():
+    """Under the reference's selection (no bound, the highest-scoring tokens dropped and kept dropped) a token goes
+    uncomputed from a reset to the next; bounded, at most the bound."""
+    reference = rascompile.check(*_sd3(), config=rascompile.RASConfig.reference_defaults(sample_ratio=0.25))
+    bounded = rascompile.check(*_sd3(), config=rascompile.RASConfig(sample_ratio=0.25, max_skip_steps=3))
+    assert reference.graphs[0].staleness["max"] == 9  # of 28 steps, 13..21 are RAS steps between the resets
+    assert bounded.graphs[0].staleness["max"] == 3
+    assert "max_skip_steps 3" in bounded.format()
 
 
 def test_token_mixing_model_runs_dense_and_fails_only_when_ras_is_required():

@@ -6,13 +6,13 @@ import pytest
 from rascompile.config import RASConfig
 
 
-def test_defaults_match_reference_implementation_but_high_ratio():
-    """The reference's argparse defaults, except high_ratio (0.1, chosen by measurement; docs/quality Table 4),
-    which reference_defaults() restores."""
-    assert RASConfig().high_ratio == 0.1
-    assert RASConfig.reference_defaults() == RASConfig().replace(high_ratio=1.0)
+def test_defaults_match_reference_implementation_but_the_selection():
+    """The reference's argparse defaults, except high_ratio (0.1) and the staleness bound max_skip_steps (3, not in
+    the reference), both chosen by measurement (docs/quality Table 4), which reference_defaults() restores."""
+    assert RASConfig().high_ratio == 0.1 and RASConfig().max_skip_steps == 3
+    assert RASConfig.reference_defaults() == RASConfig().replace(high_ratio=1.0, max_skip_steps=None)
     assert RASConfig.reference_defaults(high_ratio=0.3, sample_ratio=0.25) == RASConfig(
-        high_ratio=0.3, sample_ratio=0.25
+        high_ratio=0.3, sample_ratio=0.25, max_skip_steps=None
     )
     with pytest.raises(ValueError, match=r"RASConfig\.high_ratio=2"):
         RASConfig.reference_defaults(high_ratio=2)
@@ -28,6 +28,7 @@ def test_defaults_match_reference_implementation_but_high_ratio():
     assert config.skip_num_step_length == 0
     assert config.num_inference_steps is None
     assert config.kv_cache is True
+    assert config.max_skip_steps is None  # the reference bounds no token's staleness
     assert not config.dynamic
 
 
@@ -103,6 +104,11 @@ INVALID = [
     ("kv_cache", None, "bool"),
     ("graph_pieces", 1, "bool"),
     ("graph_pieces", None, "bool"),
+    ("max_skip_steps", 0, ">= 1"),
+    ("max_skip_steps", -2, ">= 1"),
+    ("max_skip_steps", 2.5, "int"),
+    ("max_skip_steps", True, "int"),
+    ("max_skip_steps", "4", "int"),
 ]
 
 

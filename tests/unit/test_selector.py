@@ -341,3 +341,62 @@ def test_random_metric_is_an_ablation_that_ignores_the_update_magnitudes():
     assert torch.equal(scores[0], scores[1]) and not torch.equal(scores[0], scores[2])
     assert torch.equal(scores, token_metric(delta, 2, "random"))  # reproducible
     assert not torch.equal(scores.argsort(1), token_metric(delta, 2, "std").argsort(1))
+
+
+# ------------------------------------------------------------------------------------------ staleness bound
+
+
+def _max_skip_run(metrics, num_dropped: int, high: float, scale: float, bound: int | None) -> int:
+    """The longest run of consecutive selections a token was left out of, over ``metrics`` ([S, B, N], one
+    selection per step), with deadlines ``bound - run`` as the controller passes them."""
+    steps, batch, n = metrics.shape
+    counts = initial_drop_counts(batch, n, steps)
+    run = torch.zeros(batch, n, dtype=torch.int64)
+    longest = 0
+    for metric in metrics:
+        deadline = None if bound is None else bound - run
+        idx = select_active_tokens(metric, counts, num_dropped, high, scale, deadline)
+        run = (run + 1) * torch.ones_like(run).scatter_(1, idx, 0)
+        longest = max(longest, int(run.max()))
+    return longest
+
+
+@SETTINGS
+@given(
+    n=st.integers(4, 48),
+    ratio=st.sampled_from([0.5, 0.34, 0.25]),
+    bound=st.integers(1, 6),
+    high=st.sampled_from([0.0, 0.1, 1.0]),
+    scale=st.sampled_from([0.0, 0.1, -0.1]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_no_token_is_skipped_longer_than_the_bound_on_random_metrics(n, ratio, bound, high, scale, seed):
+    num_dropped = math.floor((1 - ratio) * n)
+    k = expected_k(n, num_dropped, high)
+    metrics = torch.rand(12, 2, n, generator=torch.Generator().manual_seed(seed))
+    longest = _max_skip_run(metrics, num_dropped, high, scale, bound)
+    if k * (bound + 1) >= n:  # k tokens a step can reach every token within bound + 1 steps
+        assert longest <= bound
+    else:  # no choice meets every deadline: the most overdue go first, a round over all tokens
+        assert longest <= math.ceil(n / k) - 1
+
+
+@pytest.mark.parametrize("high", [1.0, 0.1, 0.0])
+def test_a_token_whose_metric_is_always_the_largest_is_computed_within_the_bound(high):
+    """The reference's selection drops the highest-scoring tokens (high_ratio 1) and starvation keeps them dropped;
+    with ``high_ratio < 1`` the lowest. Token 0 always scores highest, token 1 always lowest: unbounded, one of
+    them is never computed; bounded, both are within 3 steps."""
+    metrics = torch.rand(16, 1, 32, generator=torch.Generator().manual_seed(0)) + 1.0
+    metrics[:, :, 0], metrics[:, :, 1] = 100.0, 0.0
+    assert _max_skip_run(metrics, 24, high, 0.1, None) == 16
+    assert _max_skip_run(metrics, 24, high, 0.1, 3) <= 3
+
+
+def test_deadlines_keep_the_step_size_and_replace_the_lowest_scoring_active_tokens():
+    metric = torch.arange(1.0, 9.0).unsqueeze(0)  # token i scores i + 1
+    counts = torch.zeros(1, 8)
+    plain = select_active_tokens(metric, counts.clone(), 4, 0.0, 0.0)  # drops the 4 lowest: 4..7 active
+    assert plain.tolist() == [[4, 5, 6, 7]]
+    deadline = torch.tensor([[0, 5, 5, 5, 5, 5, 5, 5]])  # token 0 is due now
+    due = select_active_tokens(metric, counts.clone(), 4, 0.0, 0.0, deadline)
+    assert due.tolist() == [[0, 5, 6, 7]]  # it takes the place of token 4, the lowest-scoring active one

@@ -18,6 +18,8 @@ class Generation:
     seconds: float  # wall time of the pipeline call (compilation excluded after the first call)
     call_seconds: list[float]  # wall time of each of the transformer's calls (one per step)
     step_counts: torch.Tensor | None  # [B, 8, 8]: how many steps computed each token (RAS only)
+    # [B, 8, 8]: each token's longest run of RAS steps it was skipped in a row (RAS only)
+    skip_runs: torch.Tensor | None = None
 
     @property
     def transformer_seconds(self) -> float:
@@ -27,7 +29,8 @@ class Generation:
     def select(self, indices: list[int]) -> Generation:
         """The images (and their step counts) at ``indices``; the timings stay those of the whole call."""
         counts = self.step_counts[indices] if self.step_counts is not None else None
-        return Generation(self.images[indices], self.seconds, self.call_seconds, counts)
+        runs = self.skip_runs[indices] if self.skip_runs is not None else None
+        return Generation(self.images[indices], self.seconds, self.call_seconds, counts, runs)
 
 
 class _TimedTransformer(torch.nn.Module):
@@ -93,9 +96,10 @@ class Generator:
         with torch.no_grad():
             latents = pipe(**kwargs)[0]
         seconds = time.perf_counter() - start
-        counts = None
+        counts = runs = None
         if backend is not None and backend.graphs and backend.graphs[0].controller is not None:
             controller = backend.graphs[0].controller
             # CFG rows of one image share a selection: keep the conditional half
             counts = controller.step_count_grid()[-len(captions) :].clone()
-        return Generation(to_images(latents), seconds, pipe.transformer.call_seconds, counts)
+            runs = controller.max_skip_run_grid()[-len(captions) :].clone()
+        return Generation(to_images(latents), seconds, pipe.transformer.call_seconds, counts, runs)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...config import RASConfig
 from .data import COLOURS, IMAGE_SIZE, Scene, _coverage
 
 #: Pixels per token side: latents are 2x smaller than images and the transformer's patch is 2.
@@ -75,3 +76,19 @@ def outline_objects(ax, objects: torch.Tensor, colour: str = "cyan") -> None:
     mask = objects.float().repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
     rows, cols = objects.shape
     ax.contour(mask, levels=[0.5], colors=colour, linewidths=1, extent=(-0.5, cols - 0.5, -0.5, rows - 0.5))
+
+
+#: The staleness the heatmaps flag: tokens skipped on more RAS steps in a row than rascompile's default
+#: ``max_skip_steps`` are marked.
+STALENESS_BOUND = RASConfig().max_skip_steps
+
+
+def mark_stale(ax, skip_runs: torch.Tensor | None, bound: int = STALENESS_BOUND) -> int:
+    """Mark with a white cross the tokens of a token-grid ``imshow`` whose longest run of skipped RAS steps
+    ``skip_runs`` [8, 8] exceeds ``bound``; returns how many."""
+    if skip_runs is None:
+        return 0
+    rows, cols = torch.nonzero(skip_runs > bound, as_tuple=True)
+    if len(rows):
+        ax.scatter(cols.numpy(), rows.numpy(), marker="x", s=14, c="white", linewidths=1)
+    return len(rows)
