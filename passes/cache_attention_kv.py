@@ -22,9 +22,9 @@ import torch.fx
 from . import ops
 from .context import KVCacheSlot, PassContext, module_path
 from .gather_active_tokens import index_for
-from .graph_utils import add_placeholder, describe, example_value, insert_call, is_sdpa
+from .graph_utils import add_placeholder, cat_arguments, describe, example_value, insert_call, is_sdpa
 from .normalize_attention_args import sdpa_argument
-from .rules.kv_sources import cat_arguments, find_kv_source
+from .rules.kv_sources import find_kv_source
 
 
 def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:

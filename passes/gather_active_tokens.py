@@ -15,7 +15,7 @@ import torch.fx
 
 from . import ops
 from .context import PassContext, RewriteError
-from .graph_utils import add_placeholder, describe, example_value, insert_call
+from .graph_utils import add_placeholder, describe, example_value, insert_call, placeholders
 
 ACTIVE_IDX = "ras_active_idx"
 
@@ -59,8 +59,7 @@ def index_for(gm: torch.fx.GraphModule, ctx: PassContext, batch: int) -> torch.f
     """The active index for tensors whose leading size is ``batch``: ``ras_active_idx`` itself for the latents'
     batch B, its rows repeated ``token_rows`` times for ``ctx.token_batch`` (frames folded into the batch, one
     node shared by every pass), and a RewriteError for any other batch."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    idx = nodes[ctx.active_idx]
+    idx = next(n for n in placeholders(gm) if n.name == ctx.active_idx)
     if batch == ctx.batch_size:
         return idx
     if ctx.token_rows == 1 or batch != ctx.token_batch:
@@ -71,7 +70,7 @@ def index_for(gm: torch.fx.GraphModule, ctx: PassContext, batch: int) -> torch.f
     for node in idx.users:
         if node.target is torch.repeat_interleave and node.args[1:] == (ctx.token_rows, 0):
             return node
-    count = nodes[ctx.active_count]
+    count = next(n for n in idx.users if n.name == ctx.active_count)
     rows = insert_call(gm, count, torch.repeat_interleave, (idx, ctx.token_rows, 0))
     rows.meta["ras_managed"] = True
     return rows

@@ -39,6 +39,13 @@ def record_dense_shapes(gm: torch.fx.GraphModule) -> None:
             node.meta["ras_dense_shape"] = shape_of(example_value(node))
 
 
+def cat_arguments(node: torch.fx.Node) -> tuple:
+    """``(tensors, dim)`` of a ``torch.cat`` node, passed by position or by name."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return tensors, dim
+
+
 def placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 

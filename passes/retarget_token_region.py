@@ -25,7 +25,7 @@ import torch.fx
 
 from .context import PassContext, RewriteError
 from .gather_active_tokens import index_for
-from .graph_utils import FakeEnv, describe, insert_call, is_elementwise, is_sdpa
+from .graph_utils import FakeEnv, cat_arguments, describe, insert_call, is_elementwise, is_sdpa
 from .op_sets import ALWAYS_MIXING, CAT, MATMUL, MIXING, NEW_TENSORS, SLICING, SQUEEZE, matches
 from .rules.position_tables import gather_attention_mask, gather_position_tables
 
@@ -76,7 +76,7 @@ class TokenRegion:
 
     def _joint_offset(self, node: torch.fx.Node, axis: int, size: int, inputs: list[torch.fx.Node]) -> int | None:
         if matches(node, CAT):
-            parts, dim = _cat_arguments(node)
+            parts, dim = cat_arguments(node)
             image = [i for i, p in enumerate(parts) if isinstance(p, torch.fx.Node) and p in inputs]
             if isinstance(dim, int) and dim % len(node.meta["ras_dense_shape"]) != axis:
                 # joined along another axis (RoPE's rotated halves): the parts' rows, where they agree
@@ -213,12 +213,6 @@ def walk_token_region(gm: torch.fx.GraphModule, ctx: PassContext, record: Callab
         raise RewriteError("no attention reads the image tokens: this graph is not a whole transformer")
 
 
-def _cat_arguments(node: torch.fx.Node) -> tuple[Any, Any]:
-    """``(tensors, dim)`` of a ``torch.cat`` call, passed by position or by name."""
-    parts = node.args[0] if node.args else node.kwargs.get("tensors")
-    return parts, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-
-
 def _check_batch_fusion(node: torch.fx.Node, inputs: list[torch.fx.Node], region: TokenRegion) -> None:
     """A token axis fused with the batch axis must be item-major (row b*N + n), as the fused tables' gathers read it:
     made by a reshape of a tensor whose axis 0 is the batch and axis 1 the tokens, and split back the same way."""
@@ -247,7 +241,7 @@ def _refuse_two_token_runs(node: torch.fx.Node, inputs: list[torch.fx.Node], reg
     own tokens and the encoder's): the K/V caches and literals keep one run of image rows per sequence."""
     if not matches(node, CAT):
         return
-    parts, dim = _cat_arguments(node)
+    parts, dim = cat_arguments(node)
     runs = [p for p in parts if isinstance(p, torch.fx.Node) and p in inputs]
     if len(runs) < 2:
         return

@@ -25,7 +25,7 @@ import torch
 import torch.fx
 
 from ..context import RewriteError
-from ..graph_utils import describe
+from ..graph_utils import cat_arguments, describe
 from ..normalize_attention_args import sdpa_argument
 from ..op_sets import CAT, KV_LAYOUT, matches
 
@@ -84,13 +84,6 @@ def _joint_concat(node, axes, num_tokens):
     if len(image) != 1 or parts[image[0]].meta["ras_dense_shape"][axes[parts[image[0]].name]] != num_tokens:
         return None
     return node, image[0]
-
-
-def cat_arguments(node: torch.fx.Node) -> tuple:
-    """``(tensors, dim)`` of a ``torch.cat`` node, passed by position or by name."""
-    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-    return tensors, dim
 
 
 def _numel(node: torch.fx.Node) -> int:

@@ -10,8 +10,10 @@ token-wise ops (linears, element-wise ops with tensors that hold no tokens, cast
 dim 0 to a ``pad_sequence`` (batch first) of B parts, part b holding exactly row b's N tokens in order.
 Produces: ``LatentRows`` (the row inputs in batch order, the ``pad_sequence`` node, the ``LatentLayout`` of the
 stacked latents ``[B, C, F, H, W]`` and N), each row's reading verified by replaying its reordering on an index
-tensor. Refuses, with the reason, rows padded to a length multiple (``N`` not a multiple of the model's pad: the
-pad rows would be tokens of no latent elements) and rows that leave the joined tensor by another path.
+tensor. Refuses, with the reason, rows that leave the joined tensor by another path (an op that does not keep rows along
+dim 0, or a ``cat`` that joins them with other tensors) or are stacked out of order. Rows padded to a length
+multiple before the join (Z-Image pads N up to a multiple of 32) are not matched: the pad rows hold no latent
+elements of their own, so the graph runs dense ("no image-token source found").
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from ..graph_utils import example_value, is_elementwise, is_linear
+from ..graph_utils import cat_arguments, example_value, is_elementwise, is_linear
 from ..op_sets import CASTS, CAT, matches
 from .latent_layout import LatentLayout, video_layouts
 from .patchify import _reorder_chain, _replay, _same_tokens
@@ -43,7 +45,7 @@ def latent_rows(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node]) -> Latent
     """The per-row latents among ``inputs`` and their stacked tokens, the reason they cannot be read, or None when
     no input is cut into tokens row by row."""
     for join in (n for n in gm.graph.nodes if matches(n, CAT)):
-        parts, dim = _cat_arguments(join)
+        parts, dim = cat_arguments(join)
         if dim != 0 or not isinstance(parts, (list, tuple)) or not parts:
             continue
         chains = [_reorder_chain(p) if isinstance(p, torch.fx.Node) else None for p in parts]
@@ -83,6 +85,7 @@ def _stacked(join: torch.fx.Node, batch: int, num_tokens: int) -> torch.fx.Node 
     """Follow the rows of ``join`` (row b's tokens at ``b*N``) to the ``pad_sequence`` that stacks them."""
     segments = {join: tuple((b, 0, num_tokens) for b in range(batch))}
     pending = [join]
+    waiting = set()  # cats that join the rows with tensors not reached yet
     found = None
     order = {n: i for i, n in enumerate(join.graph.nodes)}
     while pending:
@@ -102,9 +105,14 @@ def _stacked(join: torch.fx.Node, batch: int, num_tokens: int) -> torch.fx.Node 
             moved = _moved_rows(user, segments)
             if moved is None:
                 return f"the rows reach {user.name} ({user.op} {getattr(user.target, '__name__', user.target)})"
-            if moved is not _PENDING:
+            if moved is _PENDING:
+                waiting.add(user)
+            else:
+                waiting.discard(user)
                 segments[user] = moved
                 pending.append(user)
+    if waiting:
+        return f"the rows reach {min(waiting, key=order.__getitem__).name} (a cat with other tensors)"
     return found if found is not None else "no pad_sequence stacks them into [B, N, C]"
 
 
@@ -132,7 +140,7 @@ def _moved_rows(node: torch.fx.Node, segments: dict) -> tuple | object | None:
             return None
         return _split(segments[node.args[0]], list(sizes))
     if matches(node, CAT):
-        parts, dim = _cat_arguments(node)
+        parts, dim = cat_arguments(node)
         if dim != 0 or not all(p in segments for p in parts):
             return _PENDING if dim == 0 else None
         return sum((segments[p] for p in parts), ())
@@ -165,8 +173,3 @@ def _split(segments: tuple, sizes: list[int]) -> list | None:
                 merged.append((row, t, t + 1))
         pieces.append(tuple(merged))
     return pieces
-
-
-def _cat_arguments(node: torch.fx.Node):
-    parts = node.args[0] if node.args else node.kwargs.get("tensors")
-    return parts, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)

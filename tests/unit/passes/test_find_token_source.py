@@ -171,6 +171,24 @@ def test_latents_as_a_list_of_rows_are_read_through_their_join_and_stacking():
     assert node(out, fact(ctx, "token_source")).target is torch._C._nn.pad_sequence
 
 
+class RowsJoinedWithText(TinyRowsDiT):
+    """The embedded rows also joined with a caption along dim 0: they reach the blocks by a second path."""
+
+    def forward(self, x: list, captions: list, t):
+        rows = [xi.view(4, 1, 1, 4, 2, 4, 2).permute(1, 3, 5, 2, 4, 6, 0).reshape(16, 16) for xi in x]
+        joined = self.embed(torch.cat(rows, dim=0))
+        tokens = torch.nn.utils.rnn.pad_sequence(list(joined.split([16] * len(rows))), batch_first=True)
+        tokens = tokens + torch.cat([joined, self.caption(captions[0])]).mean()
+        q, k, v = (u.unflatten(2, (HEADS, HEAD_DIM)).transpose(1, 2) for u in self.qkv(tokens).chunk(3, -1))
+        return self.final(tokens + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def test_rows_joined_with_other_tensors_are_refused_with_the_reason():
+    gm, _ = capture(RowsJoinedWithText())
+    with pytest.raises(RewriteError, match="a cat with other tensors"):
+        run_until(gm, PASS)
+
+
 def test_rows_stacked_out_of_order_are_refused_with_the_reason():
     gm, _ = capture(TinyRowsDiT(order="reversed"))
     with pytest.raises(RewriteError, match="stacks the rows other than one row per batch item in order"):
