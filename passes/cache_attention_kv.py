@@ -2,14 +2,15 @@
 
 Matches: each ``scaled_dot_product_attention`` whose key (and value) carries image tokens; where they come
 from is the K/V-source rule's call (``kv_sources.find_kv_source``).
-Produces: per key and value, a placeholder ``ras_kv_cache_<i>`` with the dense shape of the cached tensor and
-a node that writes the step's fresh rows into it and passes the full cache on, so attention sees fresh keys
-for active tokens and the cached keys of every other image token:
-- an image-only source: ``update_kv_cache`` writes the active tokens' rows;
-- a joint sequence concatenated at attention (SD3): ``update_joint_kv_cache`` writes the text rows and the
-  active image rows into the cached joint sequence, so no concatenation runs;
+Produces: per key and value, a placeholder ``ras_kv_cache_<i>`` that holds the N image tokens' rows (the dense
+shape of the image tokens' key or value; text rows are never cached, every step computes them anyway) and a node
+that writes the step's fresh rows into it and hands attention the full tensor, so attention sees fresh keys for
+active tokens and the cached keys of every other image token:
+- an image-only source: ``update_kv_cache`` writes the active tokens' rows and passes the cache on;
+- a joint sequence concatenated at attention (SD3): ``update_joint_kv_cache`` writes the active image rows and
+  concatenates the step's text parts with the whole cache in the image part's place;
 - a joint tensor built earlier (Flux's RoPE after the concatenation, single-stream blocks):
-  ``update_joint_rows_cache`` writes every text row and the active image rows at their dense rows.
+  ``update_joint_rows_cache`` writes the active image rows and puts the cache between the step's text rows.
 Reads the token axes and the image rows' offset in joint sequences from ``ctx.token_region``
 (``analyze_token_region``).
 """
@@ -47,33 +48,37 @@ def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
                 _cache_joint_tensor(gm, ctx, attention, kind, idx, axes, offsets)
             else:
                 tensor, axis = source.tensor, axes[source.tensor.name]
-                cache = _add_cache(gm, ctx, attention, kind, example_value(tensor), axis)
+                cache = _add_cache(gm, ctx, attention, kind, example_value(tensor), axis, ctx.num_tokens)
                 updated = insert_call(gm, tensor, ops.update_kv_cache, (cache, tensor, idx, axis), like=tensor)
                 updated.meta["ras_impure"] = True
                 source.consumer.replace_input_with(tensor, updated)
     return gm
 
 
-def _add_cache(gm, ctx: PassContext, attention, kind: str, value: torch.Tensor, axis: int) -> torch.fx.Node:
+def _add_cache(
+    gm, ctx: PassContext, attention, kind: str, value: torch.Tensor, axis: int, num_tokens: int
+) -> torch.fx.Node:
+    """A cache like the dense ``value`` with ``num_tokens`` rows along ``axis`` (its image rows only)."""
     name = f"ras_kv_cache_{len(ctx.kv_slots)}"
+    shape = tuple(value.shape[:axis]) + (num_tokens,) + tuple(value.shape[axis + 1 :])
     with torch._subclasses.fake_tensor.FakeTensorMode():
-        fake = torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
+        fake = torch.empty(shape, dtype=value.dtype, device=value.device)
     cache = add_placeholder(gm, name, fake)
-    ctx.kv_slots.append(KVCacheSlot(name, module_path(attention), kind, tuple(value.shape), axis, value.dtype))
-    detail = f"{kind} {tuple(value.shape)} axis {axis}"
+    ctx.kv_slots.append(KVCacheSlot(name, module_path(attention), kind, shape, axis, value.dtype))
+    detail = f"{kind} {shape} axis {axis}"
     ctx.record("cache_attention_kv", "kv_cached", describe(attention), detail, cache=name)
     return cache
 
 
 def _cache_joint_sequence(gm, ctx: PassContext, attention, kind: str, joint, idx, axes) -> None:
-    """Cache the whole joint sequence that attention reads: active image rows and every text row are
-    written into it in place, and attention reads the buffer itself, with no concatenation."""
+    """Cache the image part of the joint sequence that attention reads: its active rows are written into the
+    cache, and attention reads the step's text parts joined with the whole cache."""
     cat, image_part = joint
     axis = axes[cat.name]
     parts = list(cat_arguments(cat)[0])
-    slots = [p.meta["ras_dense_shape"][axis] for p in parts]
-    cache = _add_cache(gm, ctx, attention, kind, example_value(cat), axis)
-    updated = insert_call(gm, cat, ops.update_joint_kv_cache, (cache, parts, idx, axis, image_part, slots), like=cat)
+    image = example_value(parts[image_part])
+    cache = _add_cache(gm, ctx, attention, kind, image, axis, ctx.num_tokens)
+    updated = insert_call(gm, cat, ops.update_joint_kv_cache, (cache, parts, idx, axis, image_part), like=cat)
     updated.meta["ras_impure"] = True
     attention.replace_input_with(cat, updated)
 
@@ -82,8 +87,8 @@ def _cache_joint_tensor(gm, ctx: PassContext, attention, kind: str, idx, axes, o
     """Cache the joint key (or value) tensor attention reads (its image rows located by ``find_kv_source``)."""
     tensor = sdpa_argument(attention, kind)
     axis, offset = axes[tensor.name], offsets[tensor.name]
-    cache = _add_cache(gm, ctx, attention, kind, example_value(tensor), axis)
-    args = (cache, tensor, idx, axis, offset, ctx.num_tokens)
+    cache = _add_cache(gm, ctx, attention, kind, example_value(tensor), axis, ctx.num_tokens)
+    args = (cache, tensor, idx, axis, offset)
     updated = insert_call(gm, tensor, ops.update_joint_rows_cache, args, like=tensor)
     updated.meta["ras_impure"] = True
     attention.replace_input_with(tensor, updated)

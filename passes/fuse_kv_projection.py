@@ -83,25 +83,24 @@ def fuse_kv_projection(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
 
 @dataclass
 class CacheWrite:
-    """A cache write inserted by cache_attention_kv: ``fresh`` rows go to ``cache`` rows ``idx + offset`` (``idx``:
-    the active index, or its rows repeated per frame when frames are folded into the batch)."""
+    """A cache write inserted by cache_attention_kv: ``fresh`` rows go to ``cache`` rows ``idx`` (``idx``: the active
+    index, or its rows repeated per frame when frames are folded into the batch)."""
 
     node: torch.fx.Node
     cache: torch.fx.Node
     fresh: torch.fx.Node
-    offset: int
     axis: int
     idx: torch.fx.Node
 
 
 def _plain_write(node: torch.fx.Node) -> CacheWrite:
     cache, fresh, idx, axis = node.args
-    return CacheWrite(node, cache, fresh, 0, axis, idx)
+    return CacheWrite(node, cache, fresh, axis, idx)
 
 
 def _joint_write(node: torch.fx.Node) -> CacheWrite:
-    cache, parts, idx, axis, image_part, slots = node.args
-    return CacheWrite(node, cache, parts[image_part], sum(slots[:image_part]), axis, idx)
+    cache, parts, idx, axis, image_part = node.args
+    return CacheWrite(node, cache, parts[image_part], axis, idx)
 
 
 WRITES = {ops.update_kv_cache: _plain_write, ops.update_joint_kv_cache: _joint_write}
@@ -214,7 +213,6 @@ def fused_op_kwargs(chain: KVChain, write: CacheWrite, idx: torch.fx.Node) -> di
     epilogue = ops.KVEpilogue(
         axis=write.axis,
         head_dim=head_dim,
-        row_offset=write.offset,
         norm=chain.norm,
         norm_group=chain.norm_group,
         eps=chain.eps,
@@ -253,7 +251,7 @@ def _verify(gm, ctx: PassContext, chain: KVChain, write: CacheWrite, op_kwargs: 
             values[node] = _run(gm, node, values)
     fresh = values[write.fresh]
     unfused = torch.zeros(tuple(example_value(write.cache).shape), dtype=torch.float32)
-    ops.scatter_rows_(unfused, fresh.float(), idx + write.offset, write.axis)
+    ops.scatter_rows_(unfused, fresh.float(), idx, write.axis)
     values[write.cache] = fused = torch.zeros_like(unfused)
     try:
         # the plain body: the check runs on CPU tensors whatever device the graph is for
@@ -312,6 +310,6 @@ def _replace(gm: torch.fx.GraphModule, write: CacheWrite, op_kwargs: dict) -> No
         write.node.replace_all_uses_with(fused)
         gm.graph.erase_node(write.node)
         return
-    _, parts, *rest = write.node.args  # the joint write keeps writing the text rows
+    _, parts, *rest = write.node.args  # the joint write still joins the text parts with the cache
     parts = [None if part is write.fresh else part for part in parts]
     write.node.args = (fused, parts, *rest)

@@ -122,43 +122,43 @@ def update_kv_cache(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor,
 
 
 def update_joint_rows_cache(
-    cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int, offset: int, num_tokens: int
+    cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int, offset: int
 ) -> torch.Tensor:
-    """Write a joint (text + image) key or value tensor into its cache of the whole dense sequence; return it.
+    """A joint (text + image) key or value tensor with its image rows taken from their cache.
 
-    ``fresh`` holds the rows a RAS step keeps (see ``joint_rows``): every text row and the active image rows;
-    they go to their dense rows, so the cache holds every text row and all N image rows.
+    ``fresh`` holds the rows a RAS step keeps (see ``joint_rows``): every text row and, from row ``offset``, the k
+    active image rows. Those are written into ``cache``, which holds the N image rows only (the text rows come from
+    the step itself); the result is the joint tensor at its dense length, the cached image rows between the text
+    rows.
     """
-    scatter_rows_(cache, fresh, joint_rows(idx, offset, num_tokens, cache.shape[axis]), axis)
-    return cache
+    k = idx.shape[1]
+    scatter_rows_(cache, fresh.narrow(axis, offset, k), idx, axis)
+    return joint_around(cache, fresh, axis, offset, k)
+
+
+def joint_around(cache: torch.Tensor, fresh: torch.Tensor, axis: int, offset: int, k: int) -> torch.Tensor:
+    """``fresh`` with its k rows from ``offset`` along ``axis`` replaced by ``cache`` (all N image rows)."""
+    after = fresh.shape[axis] - offset - k
+    return torch.cat([fresh.narrow(axis, 0, offset), cache, fresh.narrow(axis, offset + k, after)], dim=axis)
 
 
 def update_joint_kv_cache(
-    cache: torch.Tensor, parts: list[torch.Tensor], idx: torch.Tensor, axis: int, image_part: int, slots: list[int]
+    cache: torch.Tensor, parts: list[torch.Tensor], idx: torch.Tensor, axis: int, image_part: int
 ) -> torch.Tensor:
-    """The cached joint sequence ``cat(parts, axis)`` with N image slots: write and return it.
+    """The joint sequence ``cat(parts, axis)`` with its image part taken from its cache of the N image tokens.
 
-    ``parts[image_part]`` holds the active image tokens (rows ``idx`` of the N image slots); every
-    other part (text tokens) is written whole at its place. ``slots`` are the parts' lengths
-    along ``axis`` in the dense sequence. A part that is ``None`` was written already (by
-    ``fused_kv_update``).
+    ``parts[image_part]`` holds the active image tokens: they are written into ``cache`` (rows ``idx``), and the
+    sequence is joined with the whole cache in that part's place; the other parts (text tokens) come from the step
+    itself. A part that is ``None`` was written into the cache already (by ``fused_kv_update``).
     """
-    return write_joint_sequence(cache, parts, idx, axis, image_part, slots, scatter_rows_)
+    return write_joint_sequence(cache, parts, idx, axis, image_part, scatter_rows_)
 
 
-def write_joint_sequence(cache, parts, idx, axis: int, image_part: int, slots: list[int], scatter) -> torch.Tensor:
+def write_joint_sequence(cache, parts, idx, axis: int, image_part: int, scatter) -> torch.Tensor:
     """``update_joint_kv_cache`` with the row writer ``scatter(cache, fresh, rows, axis)`` given."""
-    batch = idx.shape[0]
-    offset = 0
-    for i, (part, length) in enumerate(zip(parts, slots)):
-        if part is not None:
-            if i == image_part:
-                rows = idx + offset
-            else:
-                rows = torch.arange(offset, offset + length, device=idx.device).expand(batch, length)
-            scatter(cache, part, rows, axis)
-        offset += length
-    return cache
+    if parts[image_part] is not None:
+        scatter(cache, parts[image_part], idx, axis)
+    return torch.cat([cache if i == image_part else part for i, part in enumerate(parts)], dim=axis)
 
 
 def merge_output(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -185,7 +185,7 @@ class KVEpilogue:
     """What ``fused_kv_update`` does after the projection, and where it writes: its settings (not tensors).
 
     ``axis``: the cache's token axis; ``head_dim``: columns per head (-1: the cache's own, or all columns of a
-    3-d cache); ``row_offset``: the cache row of image token 0 (a joint sequence's text rows come first);
+    3-d cache); ``row_offset``: the cache row of image token 0 (0 for the passes' caches, which hold image rows only);
     ``norm``: ``"none"``, ``"layer_norm"`` or ``"rms_norm"`` over groups of ``norm_group`` columns with ``eps``;
     ``rope_axis``/``rope_ndim``: how the RoPE table broadcasts against the keys (tokens on ``rope_axis`` of
     ``rope_ndim``-d keys). On a graph node these are keyword arguments of the call (``kwargs()``), next to the

@@ -26,7 +26,7 @@ RECORD_FORMATS = {
     # cache_attention_kv: detail is "key" or "value", with the cached shape and axis for kv_cached
     "kv_disabled": "kv: cache disabled, attention sees active tokens only",
     "kv_cached": "kv: cached {detail} for {node}",
-    "kv_joint": "kv: joint {detail} cached whole (image rows from {offset}) for {node}",
+    "kv_joint": "kv: joint {detail}, its image rows (from row {offset}) cached, for {node}",
     # retarget_token_region and its position-table rule: detail lists the literals
     "literal": "literal: token count {detail} made relative to k in {node}",
     "mask": "mask: attention mask rows gathered for {node}",

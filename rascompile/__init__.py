@@ -6,7 +6,7 @@ pipe.transformer = torch.compile(pipe.transformer, backend="ras",
 rascompile.apply(pipe, rascompile.RASConfig(sample_ratio=0.5))
 
 The core install (torch, diffusers) is all the compile path needs. ``export``, ``OnnxRunner`` and
-``ExportError`` (the ``onnx`` extra) and ``check`` are imported on first use. The internals stay in their
+``ExportError`` (the ``onnx`` extra), ``check`` and ``plan`` are imported on first use. The internals stay in their
 modules: ``rascompile.runtime.backend`` (``RASGraph``, ``ras_backend``), ``rascompile.runtime.controller``
 (``RASController``).
 """
@@ -20,11 +20,12 @@ from torch._dynamo import list_backends, register_backend
 
 from .api import apply
 from .config import RASConfig
-from .runtime.backend import RASBackend, ras_backend, status
+from .runtime.backend import RASBackend, ras_backend, release, status
 
 if TYPE_CHECKING:  # imported lazily by __getattr__
     from .deploy.onnx_export import ExportError, export
     from .deploy.onnx_runner import OnnxRunner
+    from .memory_plan import plan
 
 if "ras" not in list_backends(exclude_tags=()):
     register_backend(name="ras")(ras_backend)
@@ -37,6 +38,7 @@ _LAZY = {
     "export": ".deploy.onnx_export",
     "ExportError": ".deploy.onnx_export",
     "OnnxRunner": ".deploy.onnx_runner",
+    "plan": ".memory_plan",
 }
 
 
@@ -63,6 +65,8 @@ __all__ = [
     "apply",
     "check",
     "export",
+    "plan",
+    "release",
     "status",
     "__version__",
 ]

@@ -170,6 +170,7 @@ class RASConfig:
     kv_cache: bool = True
     graph_pieces: bool = False
     max_skip_steps: int | None = 3
+    keep_caches: bool = False
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -260,7 +261,7 @@ class RASConfig:
                 raise _fail("max_skip_steps", self.max_skip_steps, "must be None or >= 1")
             store("max_skip_steps", bound)
 
-        for name in ("kv_cache", "graph_pieces"):
+        for name in ("kv_cache", "graph_pieces", "keep_caches"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise _fail(name, value, f"must be a bool, got {type(value).__name__}")

@@ -11,7 +11,7 @@ import torch
 
 from rascompile.kernels.linear_scatter import normalize_arguments, reference_rows, write_rows
 
-from ..ops import joint_rows, rope_cos_sin, scatter_rows, write_joint_sequence
+from ..ops import joint_around, rope_cos_sin, scatter_rows, write_joint_sequence
 
 
 def update_kv_cache(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
@@ -19,13 +19,14 @@ def update_kv_cache(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor,
     return cache
 
 
-def update_joint_rows_cache(cache, fresh, idx, axis: int, offset: int, num_tokens: int) -> torch.Tensor:
-    scatter_rows(cache, fresh, joint_rows(idx, offset, num_tokens, cache.shape[axis]), axis)
-    return cache
+def update_joint_rows_cache(cache, fresh, idx, axis: int, offset: int) -> torch.Tensor:
+    k = idx.shape[1]
+    scatter_rows(cache, fresh.narrow(axis, offset, k), idx, axis)
+    return joint_around(cache, fresh, axis, offset, k)
 
 
-def update_joint_kv_cache(cache, parts, idx, axis: int, image_part: int, slots: list[int]) -> torch.Tensor:
-    return write_joint_sequence(cache, parts, idx, axis, image_part, slots, scatter_rows)
+def update_joint_kv_cache(cache, parts, idx, axis: int, image_part: int) -> torch.Tensor:
+    return write_joint_sequence(cache, parts, idx, axis, image_part, scatter_rows)
 
 
 def merge_output(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -112,15 +112,6 @@ class LoadMonitor:
         return {"other_processes_cores": max(0.0, (busy - own) / wall), "wall_s": wall}
 
 
-def _cache_bytes(controller: RASController, branch: int = 0) -> int:
-    """Bytes of one guidance branch's output and K/V caches (0 if that branch has none)."""
-    if branch >= len(controller.branch_caches):
-        return 0
-    output, kv = controller.branch_caches[branch]
-    tensors = [output, *kv]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def controller_overhead(
     settings: BenchSettings, graph: RASGraph, inputs, timesteps: torch.Tensor, repeats: int
 ) -> dict:
@@ -277,13 +268,15 @@ def measure_loop(
 # ============================================================================================ memory
 
 
-def measure_memory(graph: RASGraph, args: list, variants: Sequence[StepVariant], ratio: float, calls: int) -> dict:
-    """The bytes of the caches the controller holds (``calls`` guidance branches), the peak step allocations of
-    a dense, a capture and a RAS step at ``ratio`` (the last variant at that ratio), and the process's peak RSS."""
+def measure_memory(graph: RASGraph, args: list, variants: Sequence[StepVariant], ratio: float) -> dict:
+    """The most bytes of caches the controller held in the last generation (all its guidance branches; it
+    frees them after the last RAS step), the peak step allocations of a dense, a capture and a RAS step at
+    ``ratio`` (the last variant at that ratio), and the process's peak RSS."""
     capture_idx = variants[1].idx
     ras_idx = [v.idx for v in variants if v.ratio == ratio][-1]
     return {
-        "ras_caches_bytes": sum(_cache_bytes(graph.controller, b) for b in range(calls)),
+        "ras_caches_bytes": graph.controller.cache_peak_bytes,
+        "ras_cache_branches": graph.controller.cache_peak_branches,
         "dense_step_peak_bytes": _step_peak_bytes(lambda: graph.run_dense(*args)),
         "capture_step_peak_bytes": _step_peak_bytes(lambda: graph.run_active(capture_idx, *args)),
         "ras_step_ratio": ratio,

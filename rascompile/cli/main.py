@@ -37,6 +37,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "add_arguments",
         "main_from_args",
     ),
+    "plan": (
+        "the memory a RAS generation needs (weights, caches, activations) before any run, without the weights",
+        "rascompile.cli.plan",
+        "add_arguments",
+        "main_from_args",
+    ),
     "export": (
         "export a diffusers pipeline's transformer as ONNX dense and RAS step graphs (and TensorRT engines)",
         "rascompile.cli.export",

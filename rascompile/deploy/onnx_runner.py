@@ -84,6 +84,7 @@ class StepRunner:
                 outputs = self.run_dense(inputs)
             else:
                 outputs = self.run_active(decision.active_idx, inputs, branch=decision.branch)
+            self.controller.finish_call(decision)
         if return_dict:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
 

@@ -146,6 +146,16 @@ class RASBackend:
         params = {id(p) for p in module.parameters()}
         return _controllers_in(table for key, table in self._per_transformer.items() if key in params)
 
+    def release(self, module: torch.nn.Module | None = None) -> int:
+        """Free the caches of every controller of this backend (those that ran ``module`` only, when given) now;
+        returns the bytes freed. Their next generation allocates them again."""
+        controllers = self.controllers_of(module) if module is not None else self._all_controllers()
+        freed = 0
+        for control in controllers:
+            freed += control.cache_bytes
+            control.release()
+        return freed
+
     def status(self, module: torch.nn.Module | None = None) -> str:
         """Where RAS stands, one line per graph this backend compiled (those of ``module`` only, when given) and
         one per controller: whether the graph runs RAS or dense and why, in the user's words, and how the last
@@ -612,6 +622,13 @@ def status(module: torch.nn.Module) -> str:
     return "\n".join(reports) if reports else "no graph of this module compiled by backend='ras' yet"
 
 
+def release(module: torch.nn.Module | None = None) -> int:
+    """Free the RAS caches held for ``module`` (a transformer compiled with ``backend="ras"`` or by
+    ``rascompile.apply``; every such transformer when None) now; returns the bytes freed. Caches are freed after
+    each generation anyway unless ``RASConfig.keep_caches``; this also frees those of a generation stopped midway."""
+    return sum(b.release(module) for b in _backends())
+
+
 def controllers_of(module: torch.nn.Module) -> list[RASController]:
     """The controllers that ran ``module`` through ``torch.compile(..., backend="ras")`` or ``rascompile.apply``
     (see ``RASBackend.controllers_of``)."""
@@ -645,6 +662,7 @@ __all__ = [
     "compile_inner",
     "controllers_of",
     "ras_backend",
+    "release",
     "scheduler_steps",
     "status",
 ]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import RASConfig
+from . import memory
 from .schedule import StepPlan, build_schedule
 from .selector import (
     initial_drop_counts,
@@ -60,6 +61,31 @@ class GraphLayout:
         )
 
 
+@dataclass
+class CacheSet:
+    """One guidance branch's caches for one graph (or piece): the output cache and the K/V caches, with the shapes
+    and dtypes they were allocated for."""
+
+    shapes: tuple
+    output: torch.Tensor
+    kv: list[torch.Tensor]
+    filled: bool = False  # whether a step over all tokens has written every row since allocation
+
+    @classmethod
+    def allocate(cls, layout: GraphLayout, device: torch.device) -> CacheSet:
+        shape, dtype = layout.output_cache
+        kv = [torch.empty(s, dtype=d, device=device) for s, d in layout.kv_caches]
+        return cls(cache_shapes(layout), torch.empty(shape, dtype=dtype, device=device), kv)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.output, *self.kv))
+
+
+def cache_shapes(layout: GraphLayout) -> tuple:
+    return (layout.output_cache, layout.kv_caches)
+
+
 @dataclass(frozen=True)
 class Decision:
     kind: str  # "dense" | "capture" | "ras"
@@ -82,10 +108,15 @@ class RASController:
         self.schedule: tuple[StepPlan, ...] = ()
         self.drop_counts: torch.Tensor | None = None
         self.previous_latents: torch.Tensor | None = None
-        # (output cache, K/V caches) per guidance branch (one transformer call each) and cache shapes: branch 0
-        # is every pipeline's, the others exist for pipelines that call the transformer once per branch; the
-        # branches' graphs may differ in cache shapes (a negative prompt of another length)
-        self.cache_sets: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        # the caches per (guidance branch, piece): branch 0 is every pipeline's, the others exist for pipelines
+        # that call the transformer once per branch; pieces are the graphs of a transformer Dynamo split (None:
+        # a whole graph). One live set per key: a graph of other cache shapes replaces it.
+        self.cache_sets: dict[tuple, CacheSet] = {}
+        # the most cache bytes and guidance branches with caches held at once in the current generation
+        self.cache_peak_bytes = 0
+        self.cache_peak_branches = 0
+        # why the current generation runs dense although its schedule has RAS steps (its caches do not fit)
+        self.memory_reason: str | None = None
         self.generations = 0
         self.history: list[Decision] = []  # this generation's decisions, for inspection and tests
         self.branch_history: list[Decision] = []  # the decisions of the further guidance branches' calls
@@ -113,6 +144,8 @@ class RASController:
         self.drop_counts = None
         self.owner = None
         self.steps.reset()
+        if not self.config.keep_caches:
+            self.free_caches()
 
     def check_thread(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> None:
         """Refuse a call from another thread while a generation runs: one controller holds the caches of one
@@ -133,8 +166,14 @@ class RASController:
 
     @property
     def branch_caches(self) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
-        """Every branch's caches, in branch order."""
-        return [self.cache_sets[key] for key in sorted(self.cache_sets, key=lambda k: k[0])]
+        """Every branch's caches of whole graphs (pieces aside), in branch order."""
+        keys = sorted((k for k in self.cache_sets if k[1] is None), key=lambda k: k[0])
+        return [(self.cache_sets[k].output, self.cache_sets[k].kv) for k in keys]
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the caches this controller holds now."""
+        return sum(c.nbytes for c in self.cache_sets.values())
 
     @property
     def output_cache(self) -> torch.Tensor | None:
@@ -151,14 +190,40 @@ class RASController:
         """``(output cache, K/V caches)`` of one guidance branch for a graph of ``layout`` (default: the
         controller's), allocated on first use. ``piece``: which piece of a transformer that Dynamo split the graph
         is (each piece has its own caches, even where two pieces' shapes agree)."""
+        held = self.cache_set(branch, layout, piece)
+        return held.output, held.kv
+
+    def cache_set(self, branch: int = 0, layout: GraphLayout | None = None, piece: object = None) -> CacheSet:
+        """The ``CacheSet`` behind ``caches``: one live set per branch and piece, so a graph of other cache
+        shapes replaces the set instead of adding one."""
         layout = layout or self.layout
-        key = (branch, layout.output_cache, layout.kv_caches, piece)
-        if key not in self.cache_sets:
-            shape, dtype = layout.output_cache
-            output = torch.empty(shape, dtype=dtype, device=self.device)
-            kv = [torch.empty(s, dtype=d, device=self.device) for s, d in layout.kv_caches]
-            self.cache_sets[key] = (output, kv)
-        return self.cache_sets[key]
+        key = (branch, piece)
+        held = self.cache_sets.get(key)
+        if held is None or held.shapes != cache_shapes(layout):
+            self.cache_sets.pop(key, None)  # freed before its replacement is allocated
+            held = self.cache_sets[key] = CacheSet.allocate(layout, self.device)
+            self.cache_peak_bytes = max(self.cache_peak_bytes, self.cache_bytes)
+            self.cache_peak_branches = max(self.cache_peak_branches, len({k[0] for k in self.cache_sets}))
+        return held
+
+    def free_caches(self, branch: int | None = None) -> None:
+        """Drop the caches of guidance branch ``branch`` (every branch: None); the next step that needs them
+        allocates them again and fills them in full (the first step of a generation always does)."""
+        for key in [k for k in self.cache_sets if branch is None or k[0] == branch]:
+            del self.cache_sets[key]
+
+    def finish_call(self, decision: Decision) -> None:
+        """After a call ran ``decision``: free its branch's caches when no later step of the generation reads
+        them, so the VAE decode and the next models get the memory back (unless ``RASConfig.keep_caches``)."""
+        if self.config.keep_caches or not self.cache_sets:
+            return
+        if not any(not p.dense for p in self.schedule[decision.step + 1 :]):
+            self.free_caches(decision.branch)
+
+    def release(self) -> None:
+        """Free every cache now (``RASBackend.release``). The record of the last generation (``history``,
+        ``step_counts``) stays for inspection; a generation under way goes on, its next step refilling the caches."""
+        self.free_caches()
 
     def decide(self, latents: torch.Tensor, timestep: torch.Tensor | None) -> Decision:
         """Plan one transformer call. A call that repeats the previous call's latents and timestep is the next
@@ -173,6 +238,10 @@ class RASController:
         if info.new_generation:
             self._begin(info.num_steps)
             self.step_generation = info.generation
+            if self.memory_reason is not None:
+                return self._memory_dense(info.step, self.memory_reason)
+        elif self.memory_reason is not None and info.generation == self.step_generation:
+            return self._memory_dense(info.step)
         elif not self.schedule or len(self.schedule) != info.num_steps or info.generation != self.step_generation:
             # This graph joined a generation already under way (e.g. Dynamo recompiled mid-generation):
             # without its earlier steps there is nothing to reuse, so it runs dense until the next one.
@@ -188,6 +257,14 @@ class RASController:
         self.branch_steps[0] = info.step
         self._count(decision)
         self.history.append(decision)
+        return decision
+
+    def _memory_dense(self, step: int, reason: str | None = None) -> Decision:
+        """A step of a generation whose caches do not fit: dense (the warning goes with its first step)."""
+        decision = Decision("dense", step, reason=reason)
+        self.step_decision, self.last_step = None, step
+        self.history.append(decision)
+        self._count(decision)
         return decision
 
     def _plan(self, latents: torch.Tensor, step: int) -> Decision:
@@ -239,6 +316,14 @@ class RASController:
         self.branch += 1
         branch, previous = self.branch, self.branch_steps.get(self.branch)
         self.branch_steps[branch] = info.step
+        if first.kind != "dense" and not any(k[0] == branch for k in self.cache_sets):
+            reason = self.caches_do_not_fit(sets=1)
+            if reason is not None:  # this branch's caches would not fit: the generation runs dense from here on
+                self.memory_reason, self.step_decision = reason, None
+                self.free_caches()
+                decision = Decision("dense", info.step, reason=reason, branch=branch)
+                self.branch_history.append(decision)
+                return decision
         if first.kind == "ras" and previous != info.step - 1:
             # this branch did not run the previous step (it is new, or it skipped one): its caches are stale
             decision = Decision("capture", info.step, self._all_tokens(), branch=branch)
@@ -281,8 +366,30 @@ class RASController:
         self.last_step = -1
         self.step_decision, self.branch, self.branch_steps = None, 0, {}
         self.owner = threading.get_ident()
+        expected_branches = max(1, self.cache_peak_branches)  # as many as the last generation had
+        held = len({k[0] for k in self.cache_sets})
+        self.cache_peak_bytes, self.cache_peak_branches = self.cache_bytes, held
+        self.memory_reason = None
         if any(not p.dense for p in self.schedule):
-            self.allocate_caches()
+            self.memory_reason = self.caches_do_not_fit(sets=expected_branches - held)
+            if self.memory_reason is None:
+                self.allocate_caches()
+            else:
+                self.free_caches()
+
+    def caches_do_not_fit(self, sets: int = 1, layout: GraphLayout | None = None) -> str | None:
+        """Why ``sets`` more cache sets of ``layout`` would not fit the device's free memory (checked on CUDA
+        only); None when they fit."""
+        free = memory.free_bytes(self.device) if sets > 0 else None
+        if free is None:
+            return None
+        layout = layout or self.layout
+        held = self.cache_bytes  # counted on both sides: the reason gives the generation's whole need
+        need = held + sets * memory.set_bytes(layout.output_cache, layout.kv_caches)
+        if need <= free + held:
+            return None
+        branches = len({k[0] for k in self.cache_sets}) + sets
+        return memory.too_big_reason(need, free + held, branches, layout.num_tokens, self.device)
 
     def step_count_grid(self) -> torch.Tensor | None:
         """``step_counts`` on the token grid of the latent layout: ``[B, H/p, W/p]`` for images, ``[B, F/p_t, H/p,
@@ -299,8 +406,8 @@ class RASController:
         return self.layout.latent.to_grid(self.max_skip_run)
 
     def allocate_caches(self, branch: int = 0) -> None:
-        """Allocate the output and K/V caches of branches up to ``branch`` once; later generations reuse them
-        (a branch's first step in a generation is dense and rewrites them in full)."""
+        """Allocate the output and K/V caches of branches up to ``branch`` if they are not held (a branch's first
+        step in a generation is dense and rewrites them in full)."""
         for b in range(branch + 1):
             self.caches(b)
 

@@ -200,6 +200,8 @@ class RASGraph(StepGraph):
         last_ras = max((p.step for p in schedule if not p.dense), default=-1)
         if any(p.dense and p.step > last_ras for p in schedule):
             self._dense_compiled(example_inputs)
+        if not counts or control.caches_do_not_fit(sets=0 if control.cache_sets else 1) is not None:
+            return  # nothing to compile, or its caches would not fit: the first call says so
         output_cache, kv_caches = control.caches(0, self.layout)
         for k in sorted(counts):
             index = torch.arange(k, device=control.device).expand(self.layout.batch_size, k).contiguous()
@@ -259,18 +261,27 @@ class RASGraph(StepGraph):
         decision = control.decide(latents, timestep)
         if decision.reason is not None:
             self.backend.warn_once(decision.reason)
-        if decision.kind == "dense":
-            return self._dense(args)
-        return self._run_active(control, decision.active_idx, args, decision.branch)
+        try:
+            if decision.kind == "dense":
+                return self._dense(args)
+            return self._run_active(control, decision.active_idx, args, decision.branch)
+        finally:
+            control.finish_call(decision)
 
     def run_active(self, active_idx: torch.Tensor, *args):
         """One step over the tokens ``active_idx`` [B, k] with the controller's caches, bypassing its plan."""
         return self._run_active(self.controller_for(args), active_idx, args)
 
     def _run_active(self, control: RASController, active_idx: torch.Tensor, args, branch: int = 0):
-        output_cache, kv_caches = control.caches(branch, self.layout)
-        bound = self.signature.bind(args, active_idx, output_cache, kv_caches)
-        return self._variant(int(active_idx.shape[1]), bound)(*bound)
+        caches = control.cache_set(branch, self.layout)
+        n = self.layout.num_tokens
+        if not caches.filled and active_idx.shape[1] < n:
+            # caches allocated since the last step over all tokens hold no rows yet: fill them instead of reading
+            active_idx = torch.arange(n, device=active_idx.device).expand(active_idx.shape[0], n).contiguous()
+        bound = self.signature.bind(args, active_idx, caches.output, caches.kv)
+        out = self._variant(int(active_idx.shape[1]), bound)(*bound)
+        caches.filled = caches.filled or active_idx.shape[1] == n
+        return out
 
     def _timestep(self, args):
         return args[self.timestep_index] if self.timestep_index is not None else None

@@ -260,6 +260,8 @@ class TransformerScope:
         try:
             return out if out is None else self._merge(call, out)
         finally:
+            if self.forced is None:  # a forced decision (tests, benchmarks) keeps the caches for the next one
+                call.controller.finish_call(call.decision)
             call.controller.busy.release()
 
     def _record_installing_call(self, model: torch.nn.Module) -> None:

@@ -146,7 +146,8 @@ def test_pipeline_generation_runs_ras(case):
     kinds = [d.kind for d in control.history]
     assert kinds == ["capture", "capture", "ras", "ras", "ras", "capture", "ras", "ras"]
     assert all(d.num_active < n for d in control.history if d.kind == "ras")
-    assert len(control.branch_caches) == (2 if case.per_branch else 1)
+    assert control.cache_peak_branches == (2 if case.per_branch else 1)
+    assert control.cache_bytes == 0, "the caches are freed after the last RAS step"
     # per-token step counts drawn on the layout's token grid (a heatmap per frame for video)
     assert control.step_count_grid().shape[1:] == ctx.latent.token_grid
     assert torch.isfinite(got).all()
@@ -265,13 +266,14 @@ def test_data_dependent_sizes_run_dense_instead_of_raising():
 
 def test_branches_with_prompts_of_different_lengths_share_one_selection():
     """CogView4 with a negative prompt of another length (GLM pads each to its own multiple of 16): the branches
-    are two Dynamo graphs with K/V caches of different shapes, driven by one controller, so both run RAS on the
-    same tokens (the negative branch used to run dense while the positive one ran RAS)."""
+    are two Dynamo graphs, driven by one controller, so both run RAS on the same tokens (the negative branch used
+    to run dense while the positive one ran RAS). Their caches hold the image rows only, so both branches' caches
+    have one shape whatever the prompts' lengths."""
     from tests.support import models_image
 
     case = next(c for c in CASES if c.key == "cogview4")
     pipe = case.pipeline(case.transformer())
-    pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
+    pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS | {"keep_caches": True})
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         got = pipe(**models_image.cogview4_pipeline_kwargs(negative_text_len=3))[0]
@@ -283,8 +285,9 @@ def test_branches_with_prompts_of_different_lengths_share_one_selection():
         for first, second in zip(control.history, control.branch_history)
         if first.kind == "ras"
     )
-    text_lengths = sorted({kv[0].shape[2] for _, kv in control.cache_sets.values()})
-    assert text_lengths == [3 + 64, 6 + 64], "one cache set per branch, each of its own graph's shape"
+    assert len(control.branch_caches) == 2, "one cache set per branch"
+    shapes = [[tuple(c.shape) for c in (output, *kv)] for output, kv in control.branch_caches]
+    assert shapes[0] == shapes[1] and {s[2] for s in shapes[0][1:]} == {64}, shapes
     assert torch.isfinite(got).all()
 
 

@@ -131,7 +131,7 @@ def test_flux_pipeline_runs_ras(true_cfg):
     kinds = [d.kind for d in control.history]
     assert kinds == ["capture", "capture", "ras", "ras", "ras", "capture", "ras", "ras"]
     assert all(d.num_active < 64 for d in control.history if d.kind == "ras")
-    assert len(control.branch_caches) == (2 if true_cfg else 1)
+    assert control.cache_peak_branches == (2 if true_cfg else 1)
     assert torch.isfinite(got).all()
     # RAS approximates the dense generation: close, but not the same
     assert 0 < (got - dense).abs().max() < 0.5 * dense.abs().max()

@@ -95,7 +95,7 @@ def test_one_call_per_guidance_branch_equals_batched_guidance_under_ras(path):
     (control,) = _controllers(pipe, backend)
     kinds = [d.kind for d in control.history]
     assert kinds == ["capture", "capture", "ras", "ras", "ras", "capture", "ras", "ras"] == batched_kinds
-    assert len(control.branch_caches) == 2, "one set of caches per branch"
+    assert control.cache_peak_branches == 2, "one set of caches per branch"
     torch.testing.assert_close(per_branch, batched, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, per_branch, rtol=0, atol=0)
 

@@ -118,7 +118,7 @@ def test_kernel_matches_torch(dtype, epilogue):
         dict(heads=3, head_dim=5, norm="layer_norm", per_head=True),  # odd norm group
         dict(heads=1, head_dim=72, norm="layer_norm", per_head=False, rope=True, c_in=40),  # a 72-wide group
         dict(batch=3, k=9, layout="btc", rope=True),
-        dict(layout="bhtd", row_offset=4, norm="rms_norm", rope=True),  # SD3's joint [B, H, N + L, D] cache
+        dict(layout="bhtd", row_offset=4, norm="rms_norm", rope=True),  # image rows after other rows of the cache
     ],
     ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()),
 )

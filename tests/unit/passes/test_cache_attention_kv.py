@@ -62,18 +62,39 @@ def test_image_keys_and_values_get_a_cache_each_in_attention_order():
         assert list(fresh.users) == [update]  # the fresh rows reach attention only through the cache
 
 
-def test_a_joint_sequence_concatenated_at_attention_is_cached_whole():
+def test_a_joint_sequence_concatenated_at_attention_caches_its_image_part_only():
     gm, _ = capture(TinyDiT(text=True))
     out, _ = run_until(gm, PASS)
     added = added_placeholders(out)
-    assert added[f"{KV_CACHE}0"] == added[f"{KV_CACHE}1"] == ((2, 2, 16 + TEXT, 4), torch.float32)
+    assert added[f"{KV_CACHE}0"] == added[f"{KV_CACHE}1"] == ((2, 2, 16, 4), torch.float32)
     (attention,) = [n for n in out.graph.nodes if is_sdpa(n)]
     for kind, update in zip(("key", "value"), calls(out, ops.update_joint_kv_cache)):
-        cache, parts, idx, axis, image_part, slots = update.args
-        assert sdpa_argument(attention, kind) is update  # attention reads the cache, no concatenation
-        assert (axis, image_part, slots) == (2, 0, [16, TEXT])
+        cache, parts, idx, axis, image_part = update.args
+        assert sdpa_argument(attention, kind) is update  # the op joins the text part with the cache
+        assert (axis, image_part) == (2, 0)
         assert [p.meta["ras_dense_shape"] for p in parts] == [(2, 2, 16, 4), (2, 2, TEXT, 4)]
     assert not any(is_sdpa(u) for n in calls(out, "cat") for u in n.users)
+
+
+def test_the_joint_sequence_op_joins_the_steps_text_with_the_cached_image_rows():
+    """The cache keeps the N image rows (the active ones fresh); the text rows come from the step, never cached."""
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, 2, 16, 4, generator=g)
+    image, text = torch.randn(2, 2, 3, 4, generator=g), torch.randn(2, 2, TEXT, 4, generator=g)
+    idx = torch.tensor([[1, 7, 12], [0, 5, 15]])
+    expected = cache.clone()
+    for b in range(2):
+        expected[b, :, idx[b]] = image[b]
+    joined = ops.update_joint_kv_cache(cache, [image, text], idx, 2, 0)
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+    torch.testing.assert_close(joined, torch.cat([expected, text], dim=2), rtol=0, atol=0)
+    # single-stream: text rows on both sides of the k fresh image rows, from row 2
+    fresh = torch.randn(2, 2, 2 + 3 + 1, 4, generator=g)
+    joined = ops.update_joint_rows_cache(cache, fresh, idx, 2, 2)
+    for b in range(2):
+        expected[b, :, idx[b]] = fresh[b, :, 2:5]
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+    torch.testing.assert_close(joined, torch.cat([fresh[:, :, :2], expected, fresh[:, :, 5:]], dim=2), rtol=0, atol=0)
 
 
 def test_with_the_cache_off_the_graph_is_left_as_it_is():

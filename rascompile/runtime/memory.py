@@ -1,0 +1,50 @@
+"""Whether a generation's caches fit the device, checked before they are allocated.
+
+RAS holds, per guidance branch, an output cache and one K/V cache per cached attention: at video sizes they can
+outgrow the GPU. The controller asks here before a generation's first step allocates them; when they do not fit,
+the generation runs dense with a warning that gives the figures and what would make them fit, instead of an
+out-of-memory error halfway through it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can take: the driver's free memory plus what PyTorch's caching
+    allocator holds without using it. None off CUDA (the host's memory is not checked)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def set_bytes(output_cache: tuple, kv_caches: tuple) -> int:
+    """Bytes of one cache set: ``output_cache`` and each of ``kv_caches`` given as ``(shape, dtype)``."""
+    return sum(_numel(shape) * dtype.itemsize for shape, dtype in (output_cache, *kv_caches))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count
+
+
+def gib(num_bytes: int) -> str:
+    """``num_bytes`` for people: GiB with one decimal above 1 GiB, MiB below."""
+    if num_bytes >= 1 << 30:
+        return f"{num_bytes / (1 << 30):.1f} GiB"
+    return f"{num_bytes / (1 << 20):.1f} MiB"
+
+
+def too_big_reason(need: int, free: int, sets: int, num_tokens: int, device: torch.device) -> str:
+    """The warning of a generation whose caches do not fit: the bytes needed and free, and what would fit."""
+    return (
+        f"the RAS caches of this generation need {gib(need)} ({sets} guidance branch(es), {num_tokens} image "
+        f"tokens) but {device} has {gib(free)} free: it runs dense. To make them fit: fewer frames or a lower "
+        "resolution (the caches grow with the image tokens); free memory held elsewhere (rascompile.release() for "
+        "transformers not in use, pipe.enable_model_cpu_offload() for the text encoders and the VAE). "
+        "rascompile.plan(...) gives the figures before a run"
+    )
