@@ -101,11 +101,11 @@ DEFAULT_OUT = ROOT / "docs" / "gpu"
 COMMAND = "python benchmarks/gpu_suite.py --out docs/gpu"
 INSTALL = 'pip install torch==2.13.0 && pip install -e ".[test,tensorrt]"'
 
-STAGES = ("env", "kernel_tests", "kernel_speed", "sd3", "flux", "tensorrt", "stacks", "report")
-#: Seconds per stage; they sum to 480 s (8 minutes), so that a rerun fits in the device lease too.
+STAGES = ("env", "kernel_tests", "kernel_speed", "sd3", "flux", "tensorrt", "stacks", "memory", "report")
+#: Seconds per stage; they sum to 520 s, so that a rerun of a failed stage fits in the device lease too.
 BUDGETS = {
     "env": 5, "kernel_tests": 45, "kernel_speed": 60, "sd3": 185, "flux": 50, "tensorrt": 100, "stacks": 25,
-    "report": 10,
+    "memory": 40, "report": 10,
 }  # fmt: skip
 TOTAL_BUDGET_S = sum(BUDGETS.values())
 REPORT_RESERVE_S = 5.0  # kept back from the other stages for writing the report
@@ -1455,6 +1455,23 @@ def stage_stacks(suite: Suite, st: Stage) -> None:
         check_stacks_on(suite.device, "aot_eager", st.check, tolerance=1e-4)
 
 
+# ---------------------------------------------------------------------------------------------- stage: memory
+
+
+def stage_memory(suite: Suite, st: Stage) -> None:
+    """The caches against the allocator (``torch.cuda.memory_allocated``): kept caches equal ``rascompile.plan``,
+    ``rascompile.release`` and the end of a generation give the memory back, in the model dtype and float8, and
+    the free-memory check reads the device (``tests/support/memory_on_device.py``)."""
+    sys.path.insert(0, str(ROOT))  # the tests package
+    from tests.support.memory_on_device import check_cache_memory_on
+
+    st.data.update(
+        {"model": "FluxPipeline, tiny transformer, true CFG (2 branches), fp32", "inner_backend": "aot_eager"}
+    )
+    with st.step("cache memory: plan, release, float8, free-memory check"):
+        check_cache_memory_on(suite.device, st.check)
+
+
 # ---------------------------------------------------------------------------------------------- stage: report
 
 
@@ -1763,6 +1780,7 @@ BODIES = {
     "flux": stage_flux,
     "tensorrt": stage_tensorrt,
     "stacks": stage_stacks,
+    "memory": stage_memory,
     "report": stage_report,
 }
 

@@ -89,7 +89,9 @@ STALENESS_SETTINGS = (
     {"high_ratio": 0.1, "max_skip_steps": 2},
     {"high_ratio": 0.0, "max_skip_steps": 4},
 )
-TABLES = ("2", "3", "4")
+# Table 5: float8 K/V caches against caches in the model's dtype, at 20 steps and the static ratios 0.5 and 0.25
+CACHE_DTYPE_RATIOS = (0.5, 0.25)
+TABLES = ("2", "3", "4", "5")
 
 
 def sweep_name(config: RASConfig, at_sweep_ratio: bool = False) -> str:
@@ -146,6 +148,13 @@ def settings(quick: bool, tables: tuple[str, ...] = TABLES) -> list[dict]:
             configs += [demo_config(ablation_steps, ratio).replace(**change) for change in staleness]
         for config in dict.fromkeys(configs):  # the sweeps share a row or two
             rows.append({"name": sweep_name(config), "table": "4", "steps": ablation_steps, "config": config})
+    if "5" in tables:
+        for ratio in CACHE_DTYPE_RATIOS if not quick else CACHE_DTYPE_RATIOS[:1]:
+            config = demo_config(ablation_steps, ratio)
+            for dtype in (None, "fp8_e4m3"):
+                name = f"{'float8' if dtype else 'model-dtype'} caches @ ratio {ratio:g}"
+                row_config = config.replace(kv_cache_dtype=dtype)
+                rows.append({"name": name, "table": "5", "steps": ablation_steps, "config": row_config})
     return rows
 
 
@@ -160,7 +169,7 @@ def run(args) -> dict:
         real_images = render_batch(real_scenes)
         real_features = classifier.features(real_images)
         real_scores = adherence(classifier, real_images, [s.caption for s in real_scenes])
-    results, dense_images = [], {}
+    results, dense_images, model_dtype_images = [], {}, {}
     from tqdm import tqdm
 
     for row in tqdm(settings(args.quick, args.tables), desc="settings", file=sys.stderr):
@@ -196,6 +205,14 @@ def run(args) -> dict:
         reference = dense_images.get(row["steps"])
         if row["config"] is not None and reference is not None:
             record |= fidelity(images, reference)
+        if row["table"] == "5":
+            record["kv_cache_dtype"] = row["config"].kv_cache_dtype
+            key = (row["steps"], row["config"].sample_ratio)
+            if row["config"].kv_cache_dtype is None:
+                model_dtype_images[key] = images
+            elif key in model_dtype_images:  # the float8 row against the same setting with model-dtype caches
+                versus = fidelity(images, model_dtype_images[key])
+                record |= {"psnr_vs_model_dtype": versus["psnr"], "ssim_vs_model_dtype": versus["ssim"]}
         if row["table"] is not None:
             results.append(record)
     return {
@@ -263,6 +280,29 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cache_dtype_markdown(rows: list[dict]) -> str:
+    """Table 5: each float8 row beside the model-dtype row of its ratio, against dense and against each other."""
+    head = (
+        "| setting | PSNR dB | SSIM | PSNR dB / SSIM against model-dtype caches | objects found | exact objects "
+        "| Fréchet distance | images/s |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        versus = (
+            f"{r['psnr_vs_model_dtype']:.1f} / {r['ssim_vs_model_dtype']:.3f}" if "psnr_vs_model_dtype" in r else "-"
+        )
+        lines.append(
+            f"| {r['name']} | {r['psnr']:.1f} | {r['ssim']:.3f} | {versus} | {r['object_recall']:.3f} | "
+            f"{r['exact_objects']:.3f} | {r['frechet_distance']:.2f} | {r['images_per_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def table_markdown(results: dict, table: str) -> str:
+    rows = table_rows(results, table)
+    return cache_dtype_markdown(rows) if table == "5" else markdown(rows)
+
+
 def table_rows(results: dict, table: str) -> list[dict]:
     return [r for r in results["rows"] if r["table"] == table]
 
@@ -283,7 +323,8 @@ def render_readme(text: str, results: dict) -> str:
     """``text`` (docs/quality/README.md) with its tables, how it was made and its findings rendered from
     ``results`` between their markers."""
     for table in TABLES:
-        text = _between(text, f"table{table}", markdown(table_rows(results, table)), "the README")
+        if table_rows(results, table) or table != "5":
+            text = _between(text, f"table{table}", table_markdown(results, table), "the README")
     text = _between(text, "provenance", provenance(results), "the README")
     return _between(text, "findings", findings(results), "the README")
 
@@ -438,6 +479,8 @@ def findings(results: dict) -> str:
         f"({top_objects['object_recall']:.3f})."
     )
     out.append(f"- **Staleness (Table 4).** {_staleness_finding(results)}")
+    if table_rows(results, "5"):
+        out.append(f"- **Float8 caches (Table 5).** {_cache_dtype_finding(results)}")
     out.append(
         f"- **Where RAS computes.** With rascompile's defaults (ratio 0.25, 20 steps) the RAS steps computed the "
         f"{_regions(best)}: the objects {_more_or_less(best['objects_computed'], best['background_computed'], 0.02)} "
@@ -451,6 +494,21 @@ def findings(results: dict) -> str:
         + ". It is reported because the harness computes it; see below for why it is not used as evidence."
     )
     return "\n".join(out) + "\n"
+
+
+def _cache_dtype_finding(results: dict) -> str:
+    """What float8 K/V caches changed at each ratio, against the same setting with model-dtype caches."""
+    parts = []
+    for ratio in CACHE_DTYPE_RATIOS:
+        plain, fp8 = (_row(results, f"{name} caches @ ratio {ratio:g}") for name in ("model-dtype", "float8"))
+        parts.append(
+            f"at ratio {ratio:g}, float8 against model-dtype caches: {fp8['psnr_vs_model_dtype']:.1f} dB / SSIM "
+            f"{fp8['ssim_vs_model_dtype']:.3f}; against dense {plain['psnr']:.1f} -> {fp8['psnr']:.1f} dB, objects "
+            f"found {plain['object_recall']:.3f} -> {fp8['object_recall']:.3f}, exact {plain['exact_objects']:.3f} "
+            f"-> {fp8['exact_objects']:.3f}, images/s {plain['images_per_s']:.1f} -> {fp8['images_per_s']:.1f}"
+        )
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + " (dequantizing each layer's cache costs throughput on this CPU)."
 
 
 def _staleness_finding(results: dict) -> str:
@@ -507,8 +565,9 @@ def write_docs(out: Path, results: dict) -> list[str]:
     docs/quality itself, the project README's generated text too. Returns the names written."""
     written = []
     for table in TABLES:
-        (out / f"table{table}.md").write_text(markdown(table_rows(results, table)))
-        written.append(f"table{table}.md")
+        if table_rows(results, table) or table != "5":
+            (out / f"table{table}.md").write_text(table_markdown(results, table))
+            written.append(f"table{table}.md")
     readme = out / "README.md"
     if readme.exists():
         readme.write_text(render_readme(readme.read_text(), results))

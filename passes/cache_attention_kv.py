@@ -11,6 +11,9 @@ active tokens and the cached keys of every other image token:
   concatenates the step's text parts with the whole cache in the image part's place;
 - a joint tensor built earlier (Flux's RoPE after the concatenation, single-stream blocks):
   ``update_joint_rows_cache`` writes the active image rows and puts the cache between the step's text rows.
+With ``kv_cache_dtype="fp8_e4m3"`` each cache is float8 with a float32 scale cache per row of its last dim (one
+head of one token), and the ``update_quantized_*`` forms write the active rows quantized and hand attention the
+cache dequantized with the step's own rows unquantized.
 Reads the token axes and the image rows' offset in joint sequences from ``ctx.token_region``
 (``analyze_token_region``).
 """
@@ -48,8 +51,9 @@ def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
                 _cache_joint_tensor(gm, ctx, attention, kind, idx, axes, offsets)
             else:
                 tensor, axis = source.tensor, axes[source.tensor.name]
-                cache = _add_cache(gm, ctx, attention, kind, example_value(tensor), axis, ctx.num_tokens)
-                updated = insert_call(gm, tensor, ops.update_kv_cache, (cache, tensor, idx, axis), like=tensor)
+                caches = _add_cache(gm, ctx, attention, kind, example_value(tensor), axis, ctx.num_tokens)
+                op = ops.update_kv_cache if len(caches) == 1 else ops.update_quantized_kv_cache
+                updated = insert_call(gm, tensor, op, (*caches, tensor, idx, axis), like=tensor)
                 updated.meta["ras_impure"] = True
                 source.consumer.replace_input_with(tensor, updated)
     return gm
@@ -57,17 +61,26 @@ def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
 
 def _add_cache(
     gm, ctx: PassContext, attention, kind: str, value: torch.Tensor, axis: int, num_tokens: int
-) -> torch.fx.Node:
-    """A cache like the dense ``value`` with ``num_tokens`` rows along ``axis`` (its image rows only)."""
-    name = f"ras_kv_cache_{len(ctx.kv_slots)}"
+) -> tuple[torch.fx.Node, ...]:
+    """A cache like the dense ``value`` with ``num_tokens`` rows along ``axis`` (its image rows only): ``(cache,)``,
+    or ``(cache, scale)`` for float8 caches (``kv_cache_dtype``), the scale a float32 per row of the last dim."""
     shape = tuple(value.shape[:axis]) + (num_tokens,) + tuple(value.shape[axis + 1 :])
+    dtype = ops.KV_CACHE_DTYPES.get(ctx.settings.kv_cache_dtype, value.dtype)
+    cache = _placeholder(gm, ctx, attention, kind, shape, axis, dtype, value.device)
+    detail = f"{kind} {shape} axis {axis}" + (f" as {dtype}" if dtype != value.dtype else "")
+    ctx.record("cache_attention_kv", "kv_cached", describe(attention), detail, cache=cache.name)
+    if dtype == value.dtype:
+        return (cache,)
+    scale = _placeholder(gm, ctx, attention, f"{kind}_scale", (*shape[:-1], 1), axis, torch.float32, value.device)
+    return cache, scale
+
+
+def _placeholder(gm, ctx: PassContext, attention, kind: str, shape, axis: int, dtype, device) -> torch.fx.Node:
+    name = f"ras_kv_cache_{len(ctx.kv_slots)}"
     with torch._subclasses.fake_tensor.FakeTensorMode():
-        fake = torch.empty(shape, dtype=value.dtype, device=value.device)
-    cache = add_placeholder(gm, name, fake)
-    ctx.kv_slots.append(KVCacheSlot(name, module_path(attention), kind, shape, axis, value.dtype))
-    detail = f"{kind} {shape} axis {axis}"
-    ctx.record("cache_attention_kv", "kv_cached", describe(attention), detail, cache=name)
-    return cache
+        fake = torch.empty(shape, dtype=dtype, device=device)
+    ctx.kv_slots.append(KVCacheSlot(name, module_path(attention), kind, shape, axis, dtype))
+    return add_placeholder(gm, name, fake)
 
 
 def _cache_joint_sequence(gm, ctx: PassContext, attention, kind: str, joint, idx, axes) -> None:
@@ -77,8 +90,9 @@ def _cache_joint_sequence(gm, ctx: PassContext, attention, kind: str, joint, idx
     axis = axes[cat.name]
     parts = list(cat_arguments(cat)[0])
     image = example_value(parts[image_part])
-    cache = _add_cache(gm, ctx, attention, kind, image, axis, ctx.num_tokens)
-    updated = insert_call(gm, cat, ops.update_joint_kv_cache, (cache, parts, idx, axis, image_part), like=cat)
+    caches = _add_cache(gm, ctx, attention, kind, image, axis, ctx.num_tokens)
+    op = ops.update_joint_kv_cache if len(caches) == 1 else ops.update_quantized_joint_kv_cache
+    updated = insert_call(gm, cat, op, (*caches, parts, idx, axis, image_part), like=cat)
     updated.meta["ras_impure"] = True
     attention.replace_input_with(cat, updated)
 
@@ -87,9 +101,9 @@ def _cache_joint_tensor(gm, ctx: PassContext, attention, kind: str, idx, axes, o
     """Cache the joint key (or value) tensor attention reads (its image rows located by ``find_kv_source``)."""
     tensor = sdpa_argument(attention, kind)
     axis, offset = axes[tensor.name], offsets[tensor.name]
-    cache = _add_cache(gm, ctx, attention, kind, example_value(tensor), axis, ctx.num_tokens)
-    args = (cache, tensor, idx, axis, offset)
-    updated = insert_call(gm, tensor, ops.update_joint_rows_cache, args, like=tensor)
+    caches = _add_cache(gm, ctx, attention, kind, example_value(tensor), axis, ctx.num_tokens)
+    op = ops.update_joint_rows_cache if len(caches) == 1 else ops.update_quantized_joint_rows_cache
+    updated = insert_call(gm, tensor, op, (*caches, tensor, idx, axis, offset), like=tensor)
     updated.meta["ras_impure"] = True
     attention.replace_input_with(tensor, updated)
-    ctx.record("cache_attention_kv", "kv_joint", describe(attention), kind, cache=cache.name, offset=offset)
+    ctx.record("cache_attention_kv", "kv_joint", describe(attention), kind, cache=caches[0].name, offset=offset)

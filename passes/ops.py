@@ -21,6 +21,10 @@ import torch
 
 from rascompile.kernels.linear_scatter import linear_scatter_
 
+#: The dtypes of ``kv_cache_dtype`` names (``RASConfig.kv_cache_dtype``, ``PassSettings.kv_cache_dtype``).
+KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
 
 def _row_index(idx: torch.Tensor, like_shape: list[int], axis: int) -> torch.Tensor:
     """``idx`` [B, k] broadcast to ``like_shape`` (whose ``axis`` has size k) for gather/scatter."""
@@ -103,7 +107,10 @@ def scatter_rows_(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, a
 
 def scatter_rows(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int) -> None:
     """The plain torch body of ``scatter_rows_`` (exporters use it: it is no custom op)."""
-    cache.scatter_(axis, _row_index(idx, list(fresh.shape), axis), fresh.to(cache.dtype))
+    fresh = fresh.to(cache.dtype)
+    if cache.dtype in FLOAT8:  # scatter has no float8 kernels: write the bytes
+        cache, fresh = cache.view(torch.uint8), fresh.view(torch.uint8)
+    cache.scatter_(axis, _row_index(idx, list(fresh.shape), axis), fresh)
 
 
 @scatter_rows_.register_fake
@@ -159,6 +166,44 @@ def write_joint_sequence(cache, parts, idx, axis: int, image_part: int, scatter)
     if parts[image_part] is not None:
         scatter(cache, parts[image_part], idx, axis)
     return torch.cat([cache if i == image_part else part for i, part in enumerate(parts)], dim=axis)
+
+
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as float8 rows and their float32 scales ``[..., 1]``: each row (the last dim: one head of one token,
+    or one token of a cache without a head axis) scaled so that its largest magnitude is float8's largest."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax / torch.finfo(dtype).max).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x.float() / scale).to(dtype), scale
+
+
+def update_quantized_kv_cache(
+    cache: torch.Tensor, scale: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int
+) -> torch.Tensor:
+    """``update_kv_cache`` for a float8 cache with per-row scales: the active rows are quantized into
+    ``cache``/``scale``, and attention gets the cache dequantized to ``fresh``'s dtype (one layer at a time) with
+    the step's own rows in place, unquantized."""
+    rows, row_scales = quantize_rows(fresh, cache.dtype)
+    scatter_rows_(cache, rows, idx, axis)
+    scatter_rows_(scale, row_scales, idx, axis)
+    full = (cache.to(torch.float32) * scale).to(fresh.dtype)
+    return full.scatter(axis, _row_index(idx, list(fresh.shape), axis), fresh)
+
+
+def update_quantized_joint_kv_cache(
+    cache: torch.Tensor, scale: torch.Tensor, parts: list[torch.Tensor], idx: torch.Tensor, axis: int, image_part: int
+) -> torch.Tensor:
+    """``update_joint_kv_cache`` for a float8 cache (see ``update_quantized_kv_cache``)."""
+    image = update_quantized_kv_cache(cache, scale, parts[image_part], idx, axis)
+    return torch.cat([image if i == image_part else part for i, part in enumerate(parts)], dim=axis)
+
+
+def update_quantized_joint_rows_cache(
+    cache: torch.Tensor, scale: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int, offset: int
+) -> torch.Tensor:
+    """``update_joint_rows_cache`` for a float8 cache (see ``update_quantized_kv_cache``)."""
+    k = idx.shape[1]
+    image = update_quantized_kv_cache(cache, scale, fresh.narrow(axis, offset, k), idx, axis)
+    return joint_around(image, fresh, axis, offset, k)
 
 
 def merge_output(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

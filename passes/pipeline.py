@@ -100,6 +100,7 @@ def build_ras_graph(
     gm: torch.fx.GraphModule,
     *,
     kv_cache: bool = True,
+    kv_cache_dtype: str | None = None,
     fuse_kv_projection: bool = False,
     dump_dir: str | None = None,
     piece_tokens: tuple[int, int] | None = None,
@@ -108,7 +109,8 @@ def build_ras_graph(
 ) -> RASRewrite:
     """Rewrite a copy of the dense Dynamo graph ``gm`` into the RAS step graph.
 
-        ``fuse_kv_projection`` turns each K/V projection chain that feeds a cache into one
+        ``kv_cache_dtype="fp8_e4m3"`` stores the K/V caches as float8 with per-token, per-head scales (see
+        ``cache_attention_kv``). ``fuse_kv_projection`` turns each K/V projection chain that feeds a cache into one
         ``rascompile::linear_scatter_`` op (see ``fuse_kv_projection``). ``piece_tokens`` and ``piece_outputs`` rewrite
         a piece of a transformer that Dynamo split, ``piece_joint`` one whose image tokens arrive inside a joint
     sequence (see ``PassSettings``).
@@ -124,6 +126,7 @@ def build_ras_graph(
     record_dense_shapes(gm)
     settings = PassSettings(
         kv_cache=kv_cache,
+        kv_cache_dtype=kv_cache_dtype,
         fuse_kv_projection=fuse_kv_projection,
         dump_dir=dump_dir,
         piece_tokens=piece_tokens,

@@ -11,7 +11,8 @@ class PassSettings:
 
     ``probe_tokens``: the k the passes rewrite with (None: ``gather_active_tokens`` picks one from N; any k in
     [1, N] is valid afterwards). ``kv_cache``: give attention per-layer K/V caches of all N image tokens.
-    ``fuse_kv_projection``: turn each K/V projection chain that feeds a cache into one
+    ``kv_cache_dtype``: None (the caches take the model's dtype) or ``"fp8_e4m3"`` (float8 rows with a float32
+    scale per token and head). ``fuse_kv_projection``: turn each K/V projection chain that feeds a cache into one
     ``rascompile::linear_scatter_`` op. ``dump_dir``: write each graph before and after every pass there.
     ``piece_tokens``: ``(B, N)`` of the transformer this graph is a piece of (the runtime knows them from the piece
     that holds the patch embedding): a 3-D model input ``[B, N, C]`` is then the piece's image tokens.
@@ -24,6 +25,7 @@ class PassSettings:
 
     probe_tokens: int | None = None
     kv_cache: bool = True
+    kv_cache_dtype: str | None = None
     fuse_kv_projection: bool = False
     dump_dir: str | None = None
     piece_tokens: tuple[int, int] | None = None

@@ -43,6 +43,7 @@ import torch.fx
 from torch.utils._pytree import tree_leaves
 
 from .capture import capture_graphs, capture_pipeline_graphs, unwrap
+from .runtime.memory import gib, set_bytes
 
 #: The largest ``max |RAS - dense|`` a check accepts, as a fraction of the output's scale (its largest finite
 #: absolute value), by the output's dtype. Why these values: the RAS graph does the dense graph's arithmetic on
@@ -114,6 +115,9 @@ class GraphReport:
     # the selection of ``config`` over this graph's N tokens in a generation of ``num_inference_steps`` with random
     # update metrics: each token's longest run of skipped RAS steps, its maximum and 99th percentile
     staleness: dict | None = None
+    # bytes of one guidance branch's caches (the output cache and each K/V cache), as rascompile.plan counts them
+    cache_bytes: int | None = None
+    kv_cache_count: int | None = None
 
 
 @dataclass
@@ -187,6 +191,11 @@ def _format_graph(g: GraphReport, require_ras: bool, verbose: bool) -> list[str]
         cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2])]
         cells += [r[3].rjust(widths[3]), r[4].rjust(widths[4]), r[5]]
         lines.append("  " + "  ".join(cells))
+    if g.cache_bytes is not None:
+        lines.append(
+            f"  caches per guidance branch: {gib(g.cache_bytes)} (1 output cache, {g.kv_cache_count} K/V caches; "
+            "rascompile plan gives weights, caches and activations at any size)"
+        )
     if g.staleness is not None:
         st = g.staleness
         lines.append(
@@ -379,6 +388,8 @@ def _check_graph(
         checks=checks,
         summary=graph.summary,
         passed=all(c.passed for c in checks),
+        cache_bytes=set_bytes(layout.output_cache, layout.kv_caches),
+        kv_cache_count=len(layout.kv_caches),
     )
 
 

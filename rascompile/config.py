@@ -24,6 +24,9 @@ __all__ = [
     "REFERENCE_SELECTION",
 ]
 
+#: Storage of the K/V caches other than the model's dtype (``kv_cache_dtype``).
+KV_CACHE_DTYPES = ("fp8_e4m3",)
+
 #: Per-pixel metrics understood by :func:`rascompile.runtime.selector.token_metric`.
 METRICS = ("std", "l2norm", "random")
 
@@ -171,6 +174,7 @@ class RASConfig:
     graph_pieces: bool = False
     max_skip_steps: int | None = 3
     keep_caches: bool = False
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -260,6 +264,9 @@ class RASConfig:
             if bound < 1:
                 raise _fail("max_skip_steps", self.max_skip_steps, "must be None or >= 1")
             store("max_skip_steps", bound)
+
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise _fail("kv_cache_dtype", self.kv_cache_dtype, f"must be None or one of {', '.join(KV_CACHE_DTYPES)}")
 
         for name in ("kv_cache", "graph_pieces", "keep_caches"):
             value = getattr(self, name)

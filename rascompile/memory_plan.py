@@ -10,6 +10,7 @@ all fits a budget (by default the free memory of the current CUDA device).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,21 @@ class MemoryPlan:
     def fits(self) -> bool | None:
         return None if self.budget_bytes is None else self.total_bytes <= self.budget_bytes
 
+    def with_kv_cache_dtype(self, kv_cache_dtype: str) -> MemoryPlan:
+        """This plan with its K/V caches stored as ``kv_cache_dtype`` (``"fp8_e4m3"``): each becomes a float8 cache
+        of its shape and a float32 scale per row of its last dim, as the passes make them (no new trace)."""
+        from rascompile.passes.ops import KV_CACHE_DTYPES
+
+        dtype = KV_CACHE_DTYPES[kv_cache_dtype]
+        if any(c.kind.endswith("_scale") for c in self.caches):
+            return self  # stored so already
+        entries = [c for c in self.caches if c.kind not in ("key", "value")]
+        for c in (c for c in self.caches if c.kind in ("key", "value")):
+            for kind, shape, kind_dtype in ((c.kind, c.shape, dtype), (f"{c.kind}_scale", (*c.shape[:-1], 1), None)):
+                name = f"ras_kv_cache_{len(entries) - 1}"  # numbered as the passes number them
+                entries.append(_entry_of(name, kind, c.attention, shape, kind_dtype or torch.float32))
+        return dataclasses.replace(self, caches=tuple(entries))
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out |= {"cache_set_bytes": self.cache_set_bytes, "cache_bytes": self.cache_bytes}
@@ -113,13 +129,18 @@ def plan(
     dtype: torch.dtype | None = None,
     call_kwargs: dict | None = None,
     budget_bytes: int | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> MemoryPlan:
     """The memory plan of ``model`` (a diffusers transformer on any device, or the directory of a pipeline or of a
     transformer, whose ``config.json`` alone is read) for a generation at ``height`` x ``width`` (x ``frames``),
     ``batch`` rows per transformer call and ``branches`` calls per step (one per guidance branch: 2 for pipelines
     that call the transformer per branch with guidance on; default: the family's, 1 for the others). ``dtype``:
     the weights' and activations' (default: the model's; bfloat16 for a directory). ``call_kwargs``: one
-    transformer call's keyword arguments, for families ``rascompile.plan_inputs`` does not build."""
+    transformer call's keyword arguments, for families ``rascompile.plan_inputs`` does not build.
+    ``kv_cache_dtype``: as ``RASConfig.kv_cache_dtype`` (``"fp8_e4m3"``: float8 caches and their scales).
+
+    Dynamo traces the model once here and its caches are reset afterwards, so a model compiled before compiles
+    again at its next call."""
     model = _meta_model(model, dtype)
     dtype = next(model.parameters()).dtype
     size = CallSize(height, width, frames, batch, text_tokens, dtype)
@@ -127,7 +148,7 @@ def plan(
     per_branch = BUILDERS.get(type(model).__name__, (None, False))[1]
     branches = branches if branches is not None else (2 if per_branch else 1)
     gm = _dense_graph(model, call)
-    caches, num_tokens, batch_size, reason = _caches(gm)
+    caches, num_tokens, batch_size, reason = _caches(gm, kv_cache_dtype)
     if budget_bytes is None and torch.cuda.is_available():
         budget_bytes = memory.free_bytes(torch.device("cuda", torch.cuda.current_device()))
     return MemoryPlan(
@@ -185,14 +206,16 @@ def _dense_graph(model: torch.nn.Module, call: dict) -> torch.fx.GraphModule:
     return graphs[0][0]
 
 
-def _caches(gm: torch.fx.GraphModule) -> tuple[tuple[CacheEntry, ...], int, int, str | None]:
+def _caches(
+    gm: torch.fx.GraphModule, kv_cache_dtype: str | None
+) -> tuple[tuple[CacheEntry, ...], int, int, str | None]:
     """The caches the RAS graph of ``gm`` takes (one guidance branch), N, B, and why RAS does not apply (or
     None)."""
     from rascompile.passes.context import RewriteError
     from rascompile.passes.pipeline import build_ras_graph
 
     try:
-        signature = build_ras_graph(gm).signature
+        signature = build_ras_graph(gm, kv_cache_dtype=kv_cache_dtype).signature
     except RewriteError as exc:
         return (), 0, 0, str(exc)
     entries = [_entry(signature.output_cache, "output", "")]
@@ -201,9 +224,13 @@ def _caches(gm: torch.fx.GraphModule) -> tuple[tuple[CacheEntry, ...], int, int,
 
 
 def _entry(cache: Any, kind: str, attention: str) -> CacheEntry:
-    shape = tuple(int(s) for s in cache.shape)
-    nbytes = memory.set_bytes((shape, cache.dtype), ())
-    return CacheEntry(cache.name, kind, attention, shape, str(cache.dtype).removeprefix("torch."), nbytes)
+    return _entry_of(cache.name, kind, attention, cache.shape, cache.dtype)
+
+
+def _entry_of(name: str, kind: str, attention: str, shape, dtype: torch.dtype) -> CacheEntry:
+    shape = tuple(int(s) for s in shape)
+    nbytes = memory.set_bytes((shape, dtype), ())
+    return CacheEntry(name, kind, attention, shape, str(dtype).removeprefix("torch."), nbytes)
 
 
 def activation_peak_bytes(gm: torch.fx.GraphModule) -> int:

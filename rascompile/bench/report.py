@@ -208,8 +208,12 @@ def format_report(results: dict) -> str:
     out.append("Memory (fp32)")
     rows = [
         ["model parameters", _mb(mem["parameters_bytes"])],
-        ["RAS caches held by the controller (output + K/V)", _mb(mem["ras_caches_bytes"])],
+        ["RAS caches held by the controller (output + K/V, its generation's peak)", _mb(mem["ras_caches_bytes"])],
     ]
+    if "ras_caches_planned_bytes" in mem:
+        rows.append(
+            ["RAS caches planned (rascompile.plan: branches x cache set)", _mb(mem["ras_caches_planned_bytes"])]
+        )
     dense, capture, ras = (mem.get(f"{k}_step_peak_bytes") for k in ("dense", "capture", "ras"))
     rows.append(["dense compiled step: peak of step allocations", _mb(dense)])
     rows.append(["RAS capture step (k=N): peak of step allocations", _mb(capture)])

@@ -179,7 +179,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
         results["controller"] = overhead
 
         # ------------------------------------------------------------------ memory
-        results["memory"] |= measure_memory(graph, w.args, variants, s.loop_ratio)
+        results["memory"] |= measure_memory(graph, w.args, variants, s.loop_ratio, family.calls_per_step)
     results["background_load"] = load.stop()
     return results
 

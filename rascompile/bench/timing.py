@@ -18,6 +18,7 @@ import torch
 
 from ..runtime.backend import RASGraph
 from ..runtime.controller import RASController
+from ..runtime.memory import set_bytes
 from ..runtime.steps import TimestepSteps
 from .flops import StepFlops
 from .models import BenchModel, bench_model
@@ -268,14 +269,17 @@ def measure_loop(
 # ============================================================================================ memory
 
 
-def measure_memory(graph: RASGraph, args: list, variants: Sequence[StepVariant], ratio: float) -> dict:
+def measure_memory(graph: RASGraph, args: list, variants: Sequence[StepVariant], ratio: float, calls: int) -> dict:
     """The most bytes of caches the controller held in the last generation (all its guidance branches; it
-    frees them after the last RAS step), the peak step allocations of a dense, a capture and a RAS step at
-    ``ratio`` (the last variant at that ratio), and the process's peak RSS."""
+    frees them after the last RAS step) and the bytes ``rascompile.plan`` gives for ``calls`` branches, the peak
+    step allocations of a dense, a capture and a RAS step at ``ratio`` (the last variant at that ratio), and the
+    process's peak RSS."""
     capture_idx = variants[1].idx
     ras_idx = [v.idx for v in variants if v.ratio == ratio][-1]
     return {
         "ras_caches_bytes": graph.controller.cache_peak_bytes,
+        # what rascompile.plan counts: one set of the graph's caches per guidance branch (transformer call per step)
+        "ras_caches_planned_bytes": calls * set_bytes(graph.layout.output_cache, graph.layout.kv_caches),
         "ras_cache_branches": graph.controller.cache_peak_branches,
         "dense_step_peak_bytes": _step_peak_bytes(lambda: graph.run_dense(*args)),
         "capture_step_peak_bytes": _step_peak_bytes(lambda: graph.run_active(capture_idx, *args)),

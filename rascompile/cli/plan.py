@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .main import int_at_least, positive_int
 
@@ -31,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--text-tokens", type=positive_int, default=None, help="text length (default: the pipeline's)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights and caches (default bfloat16)")
+    parser.add_argument(
+        "--kv-cache-dtype", choices=("fp8_e4m3",), default=None, help="float8 K/V caches (RASConfig.kv_cache_dtype)"
+    )
     parser.add_argument("--budget-gib", type=float, default=None, help="memory budget (default: free CUDA memory)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -47,6 +51,12 @@ def main_from_args(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     defaults = PUBLISHED.get(args.model)
     try:
+        if args.budget_gib is not None and not args.budget_gib > 0:
+            raise ValueError(f"--budget-gib {args.budget_gib} is invalid: must be > 0")
+        if defaults is None and not Path(args.model).is_dir():
+            raise ValueError(
+                f"{args.model} is neither a directory nor a published model rascompile knows: {', '.join(PUBLISHED)}"
+            )
         model = build_on_meta(args.model, dtype) if defaults is not None else args.model
         if defaults is None and (args.height is None or args.width is None):
             raise ValueError(f"--height and --width are required for {args.model} (no published default size)")
@@ -60,6 +70,7 @@ def main_from_args(args: argparse.Namespace) -> int:
             text_tokens=args.text_tokens,
             dtype=dtype,
             budget_bytes=None if args.budget_gib is None else int(args.budget_gib * (1 << 30)),
+            kv_cache_dtype=args.kv_cache_dtype,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

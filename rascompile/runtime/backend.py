@@ -227,6 +227,7 @@ class RASBackend:
         """What ``build_ras_graph`` takes from the backend for a graph with ``example_inputs``."""
         return dict(
             kv_cache=self.config.kv_cache,
+            kv_cache_dtype=self.config.kv_cache_dtype,
             fuse_kv_projection=self.fuses_kv_projection(example_inputs),
             dump_dir=self.dump_graphs,
         )

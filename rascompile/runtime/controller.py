@@ -389,7 +389,8 @@ class RASController:
         if need <= free + held:
             return None
         branches = len({k[0] for k in self.cache_sets}) + sets
-        return memory.too_big_reason(need, free + held, branches, layout.num_tokens, self.device)
+        dtype = self.config.kv_cache_dtype
+        return memory.too_big_reason(need, free + held, branches, layout.num_tokens, self.device, dtype)
 
     def step_count_grid(self) -> torch.Tensor | None:
         """``step_counts`` on the token grid of the latent layout: ``[B, H/p, W/p]`` for images, ``[B, F/p_t, H/p,

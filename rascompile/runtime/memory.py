@@ -39,12 +39,18 @@ def gib(num_bytes: int) -> str:
     return f"{num_bytes / (1 << 20):.1f} MiB"
 
 
-def too_big_reason(need: int, free: int, sets: int, num_tokens: int, device: torch.device) -> str:
+def too_big_reason(
+    need: int, free: int, sets: int, num_tokens: int, device: torch.device, kv_cache_dtype: str | None = None
+) -> str:
     """The warning of a generation whose caches do not fit: the bytes needed and free, and what would fit."""
+    options = [] if kv_cache_dtype else ["kv_cache_dtype='fp8_e4m3' (float8 K/V caches: about half the bytes)"]
+    options += [
+        "fewer frames or a lower resolution (the caches grow with the image tokens)",
+        "free memory held elsewhere (rascompile.release() for transformers not in use, "
+        "pipe.enable_model_cpu_offload() for the text encoders and the VAE)",
+    ]
     return (
         f"the RAS caches of this generation need {gib(need)} ({sets} guidance branch(es), {num_tokens} image "
-        f"tokens) but {device} has {gib(free)} free: it runs dense. To make them fit: fewer frames or a lower "
-        "resolution (the caches grow with the image tokens); free memory held elsewhere (rascompile.release() for "
-        "transformers not in use, pipe.enable_model_cpu_offload() for the text encoders and the VAE). "
+        f"tokens) but {device} has {gib(free)} free: it runs dense. To make them fit: {'; '.join(options)}. "
         "rascompile.plan(...) gives the figures before a run"
     )

@@ -93,7 +93,7 @@ def test_bench_smoke(inner, fused, tmp_path, capsys):
     # 6 steps, start 2, reset step 4: steps 2, 3 and 5 are RAS steps, 0, 1 and 4 fill the caches
     assert (loop["planned_ras_steps"], loop["run_ras_steps"], loop["run_capture_steps"]) == (3, 3, 3)
     assert set(loop["median_s"]) == {"dense eager", "dense compiled", "RAS compiled"}
-    assert results["memory"]["ras_caches_bytes"] > 0
+    assert results["memory"]["ras_caches_bytes"] == results["memory"]["ras_caches_planned_bytes"] > 0
 
 
 def test_speed_script_runs_bench():

@@ -69,7 +69,8 @@ def test_ras_backend_runs_without_the_extras():
 
 def test_public_api():
     assert sorted(rascompile.__all__) == sorted(
-        ["RASConfig", "apply", "RASBackend", "export", "OnnxRunner", "ExportError", "check", "status", "__version__"]
+        ["RASConfig", "apply", "RASBackend", "export", "OnnxRunner", "ExportError", "check", "plan", "release"]
+        + ["status", "__version__"]
     )
     for name in rascompile.__all__:
         assert getattr(rascompile, name) is not None

@@ -257,6 +257,14 @@ def test_quality_harness_quick(tmp_path):
     assert ablations["default (dynamic ratio)"]["tokens_computed"] == pytest.approx((2 + 3 * 19 / 64 + 3 * 14 / 64) / 8)
     assert all(0.0 <= r["always_or_never"] <= 1.0 for r in ablations.values())
     assert all(0.0 <= r["objects_computed"] <= 1.0 for r in ablations.values())
+    # float8 caches beside model-dtype caches at ratio 0.5: the same tokens computed, compared image by image
+    model_dtype, fp8 = (
+        next(r for r in rows if r["name"] == f"{d} caches @ ratio 0.5") for d in ("model-dtype", "float8")
+    )
+    assert (model_dtype["kv_cache_dtype"], fp8["kv_cache_dtype"]) == (None, "fp8_e4m3")
+    assert fp8["tokens_computed"] == model_dtype["tokens_computed"]
+    assert 15 < fp8["psnr_vs_model_dtype"] <= 100 and "psnr_vs_model_dtype" not in model_dtype
+    assert "against model-dtype caches" in (tmp_path / "table5.md").read_text()
 
 
 def test_object_tokens_from_colours_match_the_scene_geometry():

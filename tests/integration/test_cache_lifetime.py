@@ -107,7 +107,7 @@ def test_caches_that_do_not_fit_free_memory_run_the_generation_dense_with_one_wa
     assert len(messages) == 1, messages
     need = memory.set_bytes(control.layout.output_cache, control.layout.kv_caches)
     assert f"need {memory.gib(need)}" in messages[0] and f"has {memory.gib(1000)} free: it runs dense" in messages[0]
-    assert "rascompile.plan" in messages[0]
+    assert "rascompile.plan" in messages[0] and "kv_cache_dtype='fp8_e4m3'" in messages[0]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 

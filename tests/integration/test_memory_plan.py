@@ -82,6 +82,24 @@ def test_the_plan_is_what_a_generation_allocates_and_the_built_in_call_is_the_pi
     assert f"{planned.num_tokens} image tokens" in shown and "ras_output_cache" in shown
 
 
+def test_a_float8_plan_is_what_a_float8_generation_allocates_and_what_the_model_dtype_plan_derives():
+    make, pipeline_kwargs = PIPELINES["flux"]
+    first = _first_call(make(), pipeline_kwargs())
+    pipe = make()
+    pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS | {"kv_cache_dtype": "fp8_e4m3"})
+    with torch.no_grad():
+        pipe(**pipeline_kwargs())
+    (control,) = controllers_of(pipe.transformer)
+    kinds = {str(dtype) for _, dtype in control.layout.kv_caches}
+    assert kinds == {"torch.float8_e4m3fn", "torch.float32"}, "float8 caches and their scales"
+    size = dict(height=128, width=128, call_kwargs=_on_meta(first), branches=control.cache_peak_branches)
+    fp8 = rascompile.plan(pipe.transformer, kv_cache_dtype="fp8_e4m3", **size)
+    assert fp8.cache_bytes == control.cache_peak_bytes
+    plain = rascompile.plan(pipe.transformer, **size)
+    assert plain.with_kv_cache_dtype("fp8_e4m3").caches == fp8.caches
+    assert 0.25 < fp8.cache_bytes / plain.cache_bytes <= 0.5  # float32: 4 bytes -> 1 + 4 / head dim (4 here)
+
+
 def test_the_plan_of_a_pipeline_directory_reads_its_config_only(tmp_path):
     model = models.tiny_sd3_transformer()
     model.save_config(tmp_path / "transformer")
@@ -183,3 +201,34 @@ def test_published_configs_on_the_meta_device_plan_the_caches_of_the_cache_formu
     assert len(planned.caches) == 1 + 2 * layers
     assert planned.weights_bytes == sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_the_readmes_memory_table_is_rendered_from_the_committed_plans():
+    """``benchmarks/memory_table.py`` wrote docs/memory/plans.json with ``rascompile.plan``; the README shows it."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("memory_table", root / "benchmarks" / "memory_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    rows = json.loads((root / "docs" / "memory" / "plans.json").read_text())["rows"]
+    readme = (root / "README.md").read_text()
+    assert table.render_readme(readme, rows) == readme
+    assert [r["model"] for r in rows] == [row[0] for row in table.ROWS]
+    # the rows at the published configs' default sizes are the ones the formula test above checks
+    from rascompile.published_configs import PUBLISHED
+
+    for row, (name, _, height, width, frames, batch, branches) in zip(rows, table.ROWS):
+        entry = PUBLISHED[name]
+        if (height, width, frames, batch, branches) == (
+            entry.height,
+            entry.width,
+            entry.frames,
+            entry.batch,
+            entry.branches,
+        ):
+            layers, width_hd, out = CACHE_SIZES[name](entry.config)
+            n = _image_tokens(entry)
+            assert row["cache_bytes"] == branches * (2 * layers * batch * n * width_hd * 2 + batch * n * out * 2)

@@ -151,3 +151,65 @@ def test_frames_folded_into_the_batch_cache_the_spatial_attention_only():
     (rows,) = calls(out, torch.repeat_interleave)
     assert rows.args == (next(n for n in out.graph.nodes if n.name == ACTIVE_IDX), 3, 0)
     assert all(w.args[2] is rows for w in calls(out, ops.update_kv_cache))
+
+
+# ------------------------------------------------------------------------------------ float8 caches
+
+FP8 = dict(kv_cache_dtype="fp8_e4m3")
+
+
+def test_float8_rows_round_trip_within_e4m3s_precision_of_their_row():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 8, generator=g) * torch.logspace(-3, 3, 16)[None, None, :, None]
+    rows, scale = ops.quantize_rows(x)
+    assert rows.dtype == torch.float8_e4m3fn and scale.shape == (2, 3, 16, 1)
+    back = rows.float() * scale
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    # 3 mantissa bits: half an ulp is 1/16 of the value; values far below the row's largest fall to subnormals
+    assert ((back - x).abs() <= x.abs() / 16 + amax * 2.0**-9 / 448 * 2**6).all()
+    # each row's largest lands on float8's largest, so it comes back to float32 rounding
+    torch.testing.assert_close(back.abs().amax(dim=-1, keepdim=True), amax, rtol=1e-6, atol=0)
+
+
+def test_a_float8_cache_keeps_the_steps_own_rows_exact_and_the_others_dequantized():
+    g = torch.Generator().manual_seed(1)
+    cache = torch.zeros(2, 2, 16, 4, dtype=torch.float8_e4m3fn)
+    scale = torch.zeros(2, 2, 16, 1)
+    full = torch.randn(2, 2, 16, 4, generator=g)
+    every = all_tokens(2, 16)
+    out = ops.update_quantized_kv_cache(cache, scale, full, every, 2)
+    torch.testing.assert_close(out, full, rtol=0, atol=0)  # a step over all tokens: every row fresh
+    dequantized = cache.float() * scale
+    assert 0 < (dequantized - full).abs().max() <= full.abs().max() / 16
+    idx = torch.tensor([[1, 7, 12], [0, 5, 15]])
+    fresh = torch.randn(2, 2, 3, 4, generator=g)
+    out = ops.update_quantized_kv_cache(cache, scale, fresh, idx, 2)
+    for b in range(2):
+        torch.testing.assert_close(out[b, :, idx[b]], fresh[b], rtol=0, atol=0)
+        kept = [i for i in range(16) if i not in idx[b]]
+        torch.testing.assert_close(out[b, :, kept], dequantized[b, :, kept], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("options", [{}, {"text": True}])
+def test_float8_caches_give_each_cache_a_scale_and_keep_the_invariants_within_float8(options):
+    gm, inputs = capture(TinyDiT(**options))
+    out, _ = run_until(gm, PASS, **FP8)
+    added = added_placeholders(out)
+    caches = [(shape, dtype) for name, (shape, dtype) in added.items() if name.startswith(KV_CACHE)]
+    shape = (2, 2, 16, 4) if options else (2, 16, WIDTH)  # heads split at attention, or not at all
+    assert caches[0::2] == [(shape, torch.float8_e4m3fn)] * 2
+    assert caches[1::2] == [((*shape[:-1], 1), torch.float32)] * 2
+    expected = dense(gm, inputs)
+    output_cache, kv = zero_caches(out)
+    # a capture step computes every row fresh: exact
+    torch.testing.assert_close(run_graph(out, inputs, all_tokens(2, 16), output_cache, kv)[0], expected)
+    unquantized, _ = run_until(gm, PASS)
+    plain_cache, plain_kv = zero_caches(unquantized)
+    run_graph(unquantized, inputs, all_tokens(2, 16), plain_cache, plain_kv)
+    for k in (3, 12):  # skipped tokens' keys and values come back from float8: close to dense, not equal
+        idx = subset(2, 16, k, seed=k)
+        got = run_graph(out, inputs, idx, output_cache, kv)[0]
+        plain = run_graph(unquantized, inputs, idx, plain_cache, plain_kv)[0]
+        torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)
+        error = (got - expected).abs().max() / expected.abs().max()
+        assert 0 < error < 0.05, error
