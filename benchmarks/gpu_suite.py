@@ -102,9 +102,9 @@ COMMAND = "python benchmarks/gpu_suite.py --out docs/gpu"
 INSTALL = 'pip install torch==2.13.0 && pip install -e ".[test,tensorrt]"'
 
 STAGES = ("env", "kernel_tests", "kernel_speed", "sd3", "flux", "tensorrt", "stacks", "memory", "report")
-#: Seconds per stage; they sum to 520 s, so that a rerun of a failed stage fits in the device lease too.
+#: Seconds per stage; they sum to 480 s (8 minutes), so that a rerun fits in the device lease too.
 BUDGETS = {
-    "env": 5, "kernel_tests": 45, "kernel_speed": 60, "sd3": 185, "flux": 50, "tensorrt": 100, "stacks": 25,
+    "env": 5, "kernel_tests": 45, "kernel_speed": 55, "sd3": 170, "flux": 40, "tensorrt": 90, "stacks": 25,
     "memory": 40, "report": 10,
 }  # fmt: skip
 TOTAL_BUDGET_S = sum(BUDGETS.values())
