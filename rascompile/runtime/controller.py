@@ -17,6 +17,7 @@ import torch
 
 from ..config import RASConfig
 from . import memory
+from .memory import CacheSet, cache_shapes
 from .schedule import StepPlan, build_schedule
 from .selector import (
     initial_drop_counts,
@@ -59,31 +60,6 @@ class GraphLayout:
             latent_layout=signature.latent_kind,
             latent=signature.latent,
         )
-
-
-@dataclass
-class CacheSet:
-    """One guidance branch's caches for one graph (or piece): the output cache and the K/V caches, with the shapes
-    and dtypes they were allocated for."""
-
-    shapes: tuple
-    output: torch.Tensor
-    kv: list[torch.Tensor]
-    filled: bool = False  # whether a step over all tokens has written every row since allocation
-
-    @classmethod
-    def allocate(cls, layout: GraphLayout, device: torch.device) -> CacheSet:
-        shape, dtype = layout.output_cache
-        kv = [torch.empty(s, dtype=d, device=device) for s, d in layout.kv_caches]
-        return cls(cache_shapes(layout), torch.empty(shape, dtype=dtype, device=device), kv)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.output, *self.kv))
-
-
-def cache_shapes(layout: GraphLayout) -> tuple:
-    return (layout.output_cache, layout.kv_caches)
 
 
 @dataclass(frozen=True)

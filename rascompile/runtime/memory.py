@@ -1,4 +1,5 @@
-"""Whether a generation's caches fit the device, checked before they are allocated.
+"""The caches' memory: the cache sets a controller holds (``CacheSet``), their bytes, and whether a generation's
+caches fit the device, checked before they are allocated.
 
 RAS holds, per guidance branch, an output cache and one K/V cache per cached attention: at video sizes they can
 outgrow the GPU. The controller asks here before a generation's first step allocates them; when they do not fit,
@@ -8,7 +9,13 @@ out-of-memory error halfway through it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .controller import GraphLayout
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -54,3 +61,29 @@ def too_big_reason(
         f"tokens) but {device} has {gib(free)} free: it runs dense. To make them fit: {'; '.join(options)}. "
         "rascompile.plan(...) gives the figures before a run"
     )
+
+
+@dataclass
+class CacheSet:
+    """One guidance branch's caches for one graph (or piece): the output cache and the K/V caches, with the shapes
+    and dtypes they were allocated for."""
+
+    shapes: tuple
+    output: torch.Tensor
+    kv: list[torch.Tensor]
+    filled: bool = False  # whether a step over all tokens has written every row since allocation
+
+    @classmethod
+    def allocate(cls, layout: GraphLayout, device: torch.device) -> CacheSet:
+        shape, dtype = layout.output_cache
+        kv = [torch.empty(s, dtype=d, device=device) for s, d in layout.kv_caches]
+        return cls(cache_shapes(layout), torch.empty(shape, dtype=dtype, device=device), kv)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.output, *self.kv))
+
+
+def cache_shapes(layout: GraphLayout) -> tuple:
+    """What a ``CacheSet`` was allocated for: the output cache's and the K/V caches' shapes and dtypes."""
+    return (layout.output_cache, layout.kv_caches)

@@ -26,7 +26,7 @@ def results():
 
 def test_committed_tables_equal_what_the_harness_renders_from_results_json(quality, results):
     for table in quality.TABLES:
-        assert (DOCS / f"table{table}.md").read_text() == quality.markdown(quality.table_rows(results, table))
+        assert (DOCS / f"table{table}.md").read_text() == quality.table_markdown(results, table)
     readme = (DOCS / "README.md").read_text()
     assert quality.render_readme(readme, results) == readme, (
         "docs/quality/README.md differs from results.json: python benchmarks/quality.py --render-only"

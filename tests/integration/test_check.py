@@ -19,6 +19,7 @@ from rascompile.cli.main import main
 from rascompile.passes.manager import PassManager
 from rascompile.runtime.memory import gib
 from rascompile.testing import assert_ras_equivalent
+from tests.support.capture import transformer_call_kwargs
 from tests.support.models import (
     SD3_IN_CHANNELS,
     SD3_POOLED_DIM,
@@ -67,19 +68,11 @@ def test_tiny_models_pass(name):
     assert graph.staleness["max"] <= (bound if bound is not None else 28)
     assert f"a token goes uncomputed at most {graph.staleness['max']} RAS steps in a row" in text
     # the cache figures rascompile.plan gives for the same call
-    call = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in _first_call(build(), kwargs()).items()}
+    first = transformer_call_kwargs(build(), kwargs())
+    call = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in first.items()}
     planned = rascompile.plan(build().transformer, height=128, width=128, call_kwargs=call)
     assert graph.cache_bytes == planned.cache_set_bytes and graph.kv_cache_count == len(planned.caches) - 1
     assert f"caches per guidance branch: {gib(graph.cache_bytes)} (1 output cache, {graph.kv_cache_count} K/V" in text
-
-
-def _first_call(pipe, kwargs) -> dict:
-    calls = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
-    with torch.no_grad():
-        pipe(**kwargs)
-    hook.remove()
-    return calls[0]
 
 
 def test_the_report_gives_the_selections_staleness_under_the_config():

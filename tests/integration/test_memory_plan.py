@@ -9,6 +9,7 @@ from rascompile.memory_plan import activation_peak_bytes
 from rascompile.plan_inputs import CallSize, transformer_call
 from rascompile.runtime.backend import controllers_of
 from tests.support import models
+from tests.support.capture import transformer_call_kwargs
 from tests.support.zoo import BY_KEY
 
 OPTIONS = dict(
@@ -19,16 +20,6 @@ PIPELINES = {
     "flux": (models.tiny_flux_pipeline, lambda: models.flux_call_kwargs(true_cfg=True)),
     **{key: (BY_KEY[key].pipeline, BY_KEY[key].pipeline_kwargs) for key in ("qwen-image", "wan", "hunyuan-video")},
 }
-
-
-def _first_call(pipe, kwargs) -> dict:
-    """The keyword arguments of the pipeline's first transformer call (an uncompiled run)."""
-    calls = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
-    with torch.no_grad():
-        pipe(**kwargs)
-    hook.remove()
-    return calls[0]
 
 
 def _on_meta(call: dict) -> dict:
@@ -42,7 +33,7 @@ def _on_meta(call: dict) -> dict:
 @pytest.mark.parametrize("key", PIPELINES)
 def test_the_plan_is_what_a_generation_allocates_and_the_built_in_call_is_the_pipelines(key):
     make, pipeline_kwargs = PIPELINES[key]
-    first = _first_call(make(), pipeline_kwargs())
+    first = transformer_call_kwargs(make(), pipeline_kwargs())
     pipe = make()
     pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
     with torch.no_grad():
@@ -84,7 +75,7 @@ def test_the_plan_is_what_a_generation_allocates_and_the_built_in_call_is_the_pi
 
 def test_a_float8_plan_is_what_a_float8_generation_allocates_and_what_the_model_dtype_plan_derives():
     make, pipeline_kwargs = PIPELINES["flux"]
-    first = _first_call(make(), pipeline_kwargs())
+    first = transformer_call_kwargs(make(), pipeline_kwargs())
     pipe = make()
     pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS | {"kv_cache_dtype": "fp8_e4m3"})
     with torch.no_grad():

@@ -15,6 +15,7 @@ import torch
 import rascompile
 from rascompile import RASConfig, apply
 from rascompile.runtime import memory
+from tests.support.capture import transformer_call_kwargs
 from tests.support.models import flux_call_kwargs, tiny_flux_pipeline
 
 STEPS = 8
@@ -92,12 +93,7 @@ def check_cache_memory_on(device: str, check: Callable[[str, bool, str], bool]) 
 
 
 def _first_call_on_meta(pipe, kwargs: dict) -> dict:
-    calls = []
-    model = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
-    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
-    try:
-        with torch._dynamo.config.patch(disable=True), torch.no_grad():
-            pipe(**{**kwargs, "num_inference_steps": 1})
-    finally:
-        hook.remove()
-    return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in calls[0].items()}
+    """The pipeline's first transformer call, read with Dynamo off (the transformer is compiled in place)."""
+    with torch._dynamo.config.patch(disable=True):
+        call = transformer_call_kwargs(pipe, {**kwargs, "num_inference_steps": 1})
+    return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in call.items()}
