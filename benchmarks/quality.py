@@ -323,8 +323,7 @@ def render_readme(text: str, results: dict) -> str:
     """``text`` (docs/quality/README.md) with its tables, how it was made and its findings rendered from
     ``results`` between their markers."""
     for table in TABLES:
-        if table_rows(results, table) or table != "5":
-            text = _between(text, f"table{table}", table_markdown(results, table), "the README")
+        text = _between(text, f"table{table}", table_markdown(results, table), "the README")
     text = _between(text, "provenance", provenance(results), "the README")
     return _between(text, "findings", findings(results), "the README")
 
@@ -565,9 +564,8 @@ def write_docs(out: Path, results: dict) -> list[str]:
     docs/quality itself, the project README's generated text too. Returns the names written."""
     written = []
     for table in TABLES:
-        if table_rows(results, table) or table != "5":
-            (out / f"table{table}.md").write_text(table_markdown(results, table))
-            written.append(f"table{table}.md")
+        (out / f"table{table}.md").write_text(table_markdown(results, table))
+        written.append(f"table{table}.md")
     readme = out / "README.md"
     if readme.exists():
         readme.write_text(render_readme(readme.read_text(), results))

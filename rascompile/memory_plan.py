@@ -100,7 +100,7 @@ class MemoryPlan:
         lines += [
             f"weights            {gib(self.weights_bytes):>12}",
             f"caches             {gib(self.cache_bytes):>12}  ({self.branches} x {gib(self.cache_set_bytes)}: "
-            f"1 output cache, {len(self.caches) - 1 if self.caches else 0} K/V caches)",
+            f"1 output cache, {sum(c.kind in ('key', 'value') for c in self.caches)} K/V caches)",
             f"activations (est.) {gib(self.activation_peak_bytes):>12}",
             f"total              {gib(self.total_bytes):>12}",
         ]
@@ -177,6 +177,11 @@ def _meta_model(model: torch.nn.Module | str | Path, dtype: torch.dtype | None) 
             return model if dtype is None else torch.nn.Module.to(model, dtype)
         cls, config = type(model), dict(model.config)
         dtype = dtype or next(model.parameters()).dtype
+    return build_on_meta(cls, config, dtype)
+
+
+def build_on_meta(cls: type, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """A ``cls`` (a diffusers model class) of ``config`` on the meta device, in ``dtype``: shapes, no memory."""
     with torch.device("meta"):
         built = cls.from_config(config)
     return torch.nn.Module.to(built, dtype).eval()  # (ModelMixin.to warns about fp32 modules it would not keep)

@@ -130,9 +130,9 @@ def build_on_meta(name: str, dtype=None):
     import diffusers
     import torch
 
+    from .memory_plan import build_on_meta as meta_model
+
     if name not in PUBLISHED:
         raise ValueError(f"model={name!r} is not a published config rascompile knows: one of {', '.join(PUBLISHED)}")
     entry = PUBLISHED[name]
-    with torch.device("meta"):
-        model = getattr(diffusers, entry.class_name)(**entry.config)
-    return torch.nn.Module.to(model, dtype or torch.bfloat16).eval()
+    return meta_model(getattr(diffusers, entry.class_name), entry.config, dtype or torch.bfloat16)

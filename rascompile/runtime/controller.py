@@ -147,6 +147,15 @@ class RASController:
         return [(self.cache_sets[k].output, self.cache_sets[k].kv) for k in keys]
 
     @property
+    def held_branches(self) -> int:
+        """How many guidance branches hold caches now."""
+        return len({k[0] for k in self.cache_sets})
+
+    def _ras_after(self, step: int) -> bool:
+        """Whether a step after ``step`` of this generation's schedule is a RAS step (and so reads the caches)."""
+        return any(not p.dense for p in self.schedule[step + 1 :])
+
+    @property
     def cache_bytes(self) -> int:
         """Bytes of the caches this controller holds now."""
         return sum(c.nbytes for c in self.cache_sets.values())
@@ -179,7 +188,7 @@ class RASController:
             self.cache_sets.pop(key, None)  # freed before its replacement is allocated
             held = self.cache_sets[key] = CacheSet.allocate(layout, self.device)
             self.cache_peak_bytes = max(self.cache_peak_bytes, self.cache_bytes)
-            self.cache_peak_branches = max(self.cache_peak_branches, len({k[0] for k in self.cache_sets}))
+            self.cache_peak_branches = max(self.cache_peak_branches, self.held_branches)
         return held
 
     def free_caches(self, branch: int | None = None) -> None:
@@ -193,7 +202,7 @@ class RASController:
         them, so the VAE decode and the next models get the memory back (unless ``RASConfig.keep_caches``)."""
         if self.config.keep_caches or not self.cache_sets:
             return
-        if not any(not p.dense for p in self.schedule[decision.step + 1 :]):
+        if not self._ras_after(decision.step):
             self.free_caches(decision.branch)
 
     def release(self) -> None:
@@ -250,7 +259,7 @@ class RASController:
             delta = latents.detach().float() - self.previous_latents.float()
             held_still = self._find_held_tokens(delta)
         plan = self.schedule[step]
-        needs_cache = any(not p.dense for p in self.schedule[step + 1 :])
+        needs_cache = self._ras_after(step)
         capture = Decision("capture", step, self._all_tokens()) if needs_cache else Decision("dense", step)
         if plan.dense:
             return capture
@@ -343,7 +352,7 @@ class RASController:
         self.step_decision, self.branch, self.branch_steps = None, 0, {}
         self.owner = threading.get_ident()
         expected_branches = max(1, self.cache_peak_branches)  # as many as the last generation had
-        held = len({k[0] for k in self.cache_sets})
+        held = self.held_branches
         self.cache_peak_bytes, self.cache_peak_branches = self.cache_bytes, held
         self.memory_reason = None
         if any(not p.dense for p in self.schedule):
@@ -364,7 +373,7 @@ class RASController:
         need = held + sets * memory.set_bytes(layout.output_cache, layout.kv_caches)
         if need <= free + held:
             return None
-        branches = len({k[0] for k in self.cache_sets}) + sets
+        branches = self.held_branches + sets
         dtype = self.config.kv_cache_dtype
         return memory.too_big_reason(need, free + held, branches, layout.num_tokens, self.device, dtype)
 
