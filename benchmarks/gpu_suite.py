@@ -38,8 +38,9 @@ times are cache hits (``env`` records whether the caches existed when the run be
 
 Stages, in order:
 
-1. ``kernel_tests``: ``tests/kernels/test_kernels.py`` with real Triton on the GPU. That file sets
-   ``TRITON_INTERPRET=1`` when it is imported and builds its inputs on the CPU, so a plain
+1. ``kernel_tests``: ``tests/kernels/test_kernels.py`` and ``test_kernels_quantized.py`` (the float8 epilogue)
+   with real Triton on the GPU. Those files set
+   ``TRITON_INTERPRET=1`` when imported and build their inputs on the CPU, so a plain
    ``pytest tests/kernels/test_kernels.py`` runs the interpreter whatever the environment says. The suite runs
    pytest in a subprocess without ``TRITON_INTERPRET`` that imports the Triton kernel first (so it is
    compiled for the GPU), undoes the file's setting, and moves each kernel call's inputs to the GPU (strides
@@ -537,8 +538,17 @@ class _PytestReport:
         Path(self.path).write_text(json.dumps(data, indent=2))
 
 
+#: The kernel test files the ``kernel_tests`` stage runs with their kernel calls on the device.
+KERNEL_TEST_FILES = ("test_kernels.py", "test_kernels_quantized.py")
+
+
+def _to_cpu(result):
+    return tuple(t.cpu() for t in result) if isinstance(result, tuple) else result.cpu()
+
+
 def kernel_tests_child(device: str, report_path: str, autotune: bool) -> int:
-    """Run tests/kernels/test_kernels.py with its kernel calls on ``device`` (the subprocess of ``kernel_tests``).
+    """Run the kernel test files (``KERNEL_TEST_FILES``: the float8 epilogue's too) with their kernel calls on
+    ``device`` (the subprocess of ``kernel_tests``).
 
     By default each kernel call runs one of the autotuner's configs, rotating through them, so that every
     config is run against the references and each call compiles once instead of once per config (cold Triton
@@ -555,7 +565,7 @@ def kernel_tests_child(device: str, report_path: str, autotune: bool) -> int:
     kernel = kernel_module._linear_scatter_kernel
     kernel_fn = getattr(kernel, "fn", kernel)
     sys.path.insert(0, str(ROOT))  # the tests package (tests.support, tests.kernels)
-    from tests.kernels import test_kernels  # sets TRITON_INTERPRET=1 at import (for the CPU suite)
+    from tests.kernels import test_kernels, test_kernels_quantized  # set TRITON_INTERPRET=1 at import (CPU suite)
 
     if device == "cuda":
         os.environ["TRITON_INTERPRET"] = "0"  # ... undone: Triton (>= 3.4) reads it again at each launch
@@ -565,7 +575,7 @@ def kernel_tests_child(device: str, report_path: str, autotune: bool) -> int:
         "interpreted": bool(kernel_module._interpreting()),
         "kernel_calls_on_device": 0,
     }
-    reference_run = test_kernels.run_kernel
+    reference_runs = {test_kernels: test_kernels.run_kernel, test_kernels_quantized: test_kernels_quantized.run_kernel}
     configs = list(getattr(kernel, "configs", []))
     rotate = not autotune and len(configs) > 1
     info["autotune"] = "every config of the autotuner per call" if not rotate else "one config per call, rotating"
@@ -579,28 +589,33 @@ def kernel_tests_child(device: str, report_path: str, autotune: bool) -> int:
         if hasattr(errors, name)
     )
 
-    def run_kernel_on_device(case):
-        call = info["kernel_calls_on_device"]
-        info["kernel_calls_on_device"] += 1
-        moved = {name: _to_device(value, device) for name, value in case.items()}
-        if not rotate:
-            return reference_run(moved).cpu()
-        kernel.configs = [configs[call % len(configs)]]  # one config: the autotuner runs it without benchmarking
-        try:
-            result = reference_run(moved)
-            used.add(call % len(configs))
-            info["configs_exercised"] = len(used)
-        except unusable as exc:  # as the autotuner does, skip a config the shape cannot run; autotune this call
-            info["configs_unusable"].append(f"config {call % len(configs)}: {type(exc).__name__}")
-            kernel.configs = configs
-            result = reference_run(moved)
-        finally:
-            kernel.configs = configs
-        return result.cpu()
+    def on_device(reference_run):
+        def run_kernel_on_device(case):
+            call = info["kernel_calls_on_device"]
+            info["kernel_calls_on_device"] += 1
+            moved = {name: _to_device(value, device) for name, value in case.items()}
+            if not rotate:
+                return _to_cpu(reference_run(moved))
+            kernel.configs = [configs[call % len(configs)]]  # one config: the autotuner runs it without benchmarking
+            try:
+                result = reference_run(moved)
+                used.add(call % len(configs))
+                info["configs_exercised"] = len(used)
+            except unusable as exc:  # as the autotuner does, skip a config the shape cannot run; autotune this call
+                info["configs_unusable"].append(f"config {call % len(configs)}: {type(exc).__name__}")
+                kernel.configs = configs
+                result = reference_run(moved)
+            finally:
+                kernel.configs = configs
+            return _to_cpu(result)
 
-    test_kernels.run_kernel = run_kernel_on_device
+        return run_kernel_on_device
+
+    for module, reference_run in reference_runs.items():
+        module.run_kernel = on_device(reference_run)
     plugin = _PytestReport(report_path, info)
-    args = [str(TESTS / "kernels" / "test_kernels.py"), "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT)]
+    files = [str(TESTS / "kernels" / name) for name in KERNEL_TEST_FILES]
+    args = [*files, "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT)]
     return int(pytest.main(args, plugins=[plugin]))
 
 
@@ -618,8 +633,9 @@ def stage_kernel_tests(suite: Suite, st: Stage) -> None:
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--kernel-tests-child", suite.device, str(report)]
     cmd += ["--kernel-tests-autotune"] if suite.args.kernel_tests_autotune else []
-    st.data.update({"command": "pytest tests/kernels/test_kernels.py (kernel calls moved to the device)", "mode": None})
-    with st.step(f"pytest tests/kernels/test_kernels.py, kernel calls on {suite.device}"):
+    tests = " ".join(f"tests/kernels/{name}" for name in KERNEL_TEST_FILES)
+    st.data.update({"command": f"pytest {tests} (kernel calls moved to the device)", "mode": None})
+    with st.step(f"pytest {tests}, kernel calls on {suite.device}"):
         timeout = max(5.0, st.left())
         try:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -747,6 +763,10 @@ def measure_kernel(kb, name: str, s, ratio: float, dtype: torch.dtype, n: int, d
         row[f"{variant}_tflops"] = flops / ms[variant] / 1e9
         row[f"{variant}_gbps"] = bytes_[variant] / ms[variant] / 1e6
     row["speedup_vs_unfused"] = ms["unfused"] / ms["fused"]
+    # into a float8 cache with scales (kv_cache_dtype="fp8_e4m3"): the quantization in the kernel's epilogue
+    row["fused_fp8_ms"] = timer(lambda: kb.fused_fp8(s, t))
+    row["unfused_fp8_ms"] = timer(lambda: kb.unfused_fp8(s, t))
+    row["speedup_fp8_vs_unfused"] = row["unfused_fp8_ms"] / row["fused_fp8_ms"]
     row["speedup_vs_matmul_copy"] = ms["matmul_copy"] / ms["fused"]
     tflops, gbps = peaks.get("tflops_bf16_fp16"), peaks.get("gbps")
     row["fused_pct_peak_tflops"] = 100 * row["fused_tflops"] / tflops if tflops else None
@@ -1596,7 +1616,7 @@ def _render_kernel_tests(s: dict | None) -> list[str]:
     if not s or not s.get("data"):
         return []
     d = s["data"]
-    out = ["", "## 1. Kernel correctness: tests/kernels/test_kernels.py", ""]
+    out = ["", "## 1. Kernel correctness: " + ", ".join(f"tests/kernels/{n}" for n in KERNEL_TEST_FILES), ""]
     out.append(
         f"Mode: {d.get('mode')}; {d.get('kernel_calls_on_device', 0)} kernel calls on {d.get('device')} "
         f"(kernel object {d.get('kernel_object')}); references: the file's CPU torch computations."
@@ -1634,6 +1654,15 @@ def _render_kernel_speed(s: dict | None) -> list[str]:
     ]  # fmt: skip
     out.append(_table(["model", "ratio", "dtype", "k", "fused ms", "unfused ms", "mm+copy ms", "vs unfused",
                        "vs mm+copy", "TFLOP/s", "% peak", "GB/s", "% peak BW", "matches"], rows))  # fmt: skip
+    fp8 = [
+        [r["model"], _f(r["ratio"], "g"), r["dtype"], r["k"], _f(r.get("fused_fp8_ms"), ".4f"),
+         _f(r.get("unfused_fp8_ms"), ".4f"), _f(r.get("speedup_fp8_vs_unfused"), ".2f", "x")]
+        for r in d["rows"]
+    ]  # fmt: skip
+    out += ["", "Into a float8 cache with per-row scales (`kv_cache_dtype=\"fp8_e4m3\"`): one "
+            "linear_scatter_quantized_ (quantization in the epilogue) against the unfused ops, the quantization "
+            "and two index_put_.", ""]  # fmt: skip
+    out.append(_table(["model", "ratio", "dtype", "k", "fused fp8 ms", "unfused fp8 ms", "vs unfused"], fp8))
     return out
 
 

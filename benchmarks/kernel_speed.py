@@ -7,7 +7,10 @@ for classifier-free guidance), each sample ratio (k = ratio * N active tokens) a
   scatter into the cache rows in one Triton kernel;
 - unfused: ``F.linear``, then the model's norm (``F.layer_norm`` / RMSNorm math), then RoPE
   (``view_as_complex`` multiply, as Lumina-Next does), then ``index_put_`` into the cache rows;
-- matmul + copy: ``F.linear`` and ``index_put_`` only, no norm and no RoPE.
+- matmul + copy: ``F.linear`` and ``index_put_`` only, no norm and no RoPE;
+- fused float8 / unfused float8 (``fused_fp8``, ``unfused_fp8``): the same into a float8 cache with per-row scales
+  (``RASConfig.kv_cache_dtype="fp8_e4m3"``): one ``linear_scatter_quantized_`` call against the unfused ops, then
+  the quantization and two ``index_put_`` (rows and scales).
 
 Before timing, the fused op's cache must equal the unfused one (``torch.testing.assert_close`` with a
 tolerance for the dtype); a mismatch stops the run with an error. Times are medians of
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import rascompile.kernels.linear_scatter  # noqa: F401  (registers torch.ops.rascompile.linear_scatter_)
+from rascompile.kernels.linear_scatter_quantized import quantize_rows
 
 IMAGE_TOKENS = 4096  # 1024x1024 image, 2x2 patches of the 128x128 latent
 BATCH = 2  # classifier-free guidance
@@ -120,6 +124,8 @@ def make_inputs(s: Shape, k: int, dtype: torch.dtype, device: str, seed: int = 0
     if s.token_axis == 1:
         shape = (BATCH, IMAGE_TOKENS + s.text_tokens, s.heads, s.head_dim)
     t["cache"] = torch.zeros(shape, device=device, dtype=dtype)
+    t["cache_fp8"] = torch.zeros(shape, device=device, dtype=torch.float8_e4m3fn)
+    t["scale"] = torch.ones(*shape[:-1], 1, device=device)
     t["batch_index"] = torch.arange(BATCH, device=device)[:, None]
     return t
 
@@ -132,7 +138,24 @@ def fused(s: Shape, t: dict) -> None:
     )  # fmt: skip
 
 
-def unfused(s: Shape, t: dict, epilogue: bool = True) -> None:
+def fused_fp8(s: Shape, t: dict) -> None:
+    torch.ops.rascompile.linear_scatter_quantized_(
+        t["cache_fp8"], t["scale"], t["x"], t["weight"], t["bias"], t["idx"], token_axis=s.token_axis,
+        head_dim=s.head_dim, norm=s.norm, norm_group=s.norm_group, norm_weight=t["norm_weight"],
+        norm_bias=t["norm_bias"], eps=s.eps, rope_cos=t["cos"], rope_sin=t["sin"], validate_indices=False,
+    )  # fmt: skip
+
+
+def unfused_fp8(s: Shape, t: dict) -> None:
+    y = unfused(s, t, write=False)
+    rows, scales = quantize_rows(y, torch.float8_e4m3fn)
+    at = (t["batch_index"], t["idx"])
+    transpose = (lambda c: c) if s.token_axis == 1 else (lambda c: c.transpose(1, 2))  # noqa: E731
+    transpose(t["cache_fp8"]).view(torch.uint8).index_put_(at, rows.view(torch.uint8))
+    transpose(t["scale"]).index_put_(at, scales)
+
+
+def unfused(s: Shape, t: dict, epilogue: bool = True, write: bool = True) -> torch.Tensor:
     y = F.linear(t["x"], t["weight"], t["bias"])  # [B, k, C_out]
     if epilogue and s.norm == "layer_norm":
         y = F.layer_norm(y.unflatten(-1, (-1, s.norm_group)), (s.norm_group,), t["norm_weight"], t["norm_bias"], s.eps)
@@ -143,8 +166,10 @@ def unfused(s: Shape, t: dict, epilogue: bool = True) -> None:
     if epilogue and s.rope:  # diffusers' apply_rotary_emb(use_real=False), Lumina-Next's form
         pairs = torch.view_as_complex(y.float().reshape(*y.shape[:-1], -1, 2))
         y = torch.view_as_real(pairs * t["freqs_cis"][t["idx"]].unsqueeze(2)).flatten(3).type_as(y)
-    cache = t["cache"] if s.token_axis == 1 else t["cache"].transpose(1, 2)
-    cache.index_put_((t["batch_index"], t["idx"]), y)
+    if write:
+        cache = t["cache"] if s.token_axis == 1 else t["cache"].transpose(1, 2)
+        cache.index_put_((t["batch_index"], t["idx"]), y)
+    return y
 
 
 def check(s: Shape, t: dict, dtype: torch.dtype, name: str) -> None:

@@ -66,11 +66,12 @@ def normalize_arguments(
     norm_bias: torch.Tensor | None,
     rope_cos: torch.Tensor | None,
     rope_sin: torch.Tensor | None,
+    cache_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
 ) -> tuple[torch.Tensor, int, int, torch.Tensor | None, torch.Tensor | None]:
     """Check shapes, dtypes and devices (metadata only, so it also runs on fake tensors).
 
     Returns the cache viewed as [B, T, H, D], the head dim, the norm group, and the RoPE tables
-    as [Bt, N, D/2].
+    as [Bt, N, D/2]. ``cache_dtypes``: the cache dtypes the caller writes (float8 only for a quantized write).
     """
     device = x.device
     if x.dim() != 3:
@@ -95,7 +96,11 @@ def normalize_arguments(
         raise _fail("idx.dtype", idx.dtype, "must be int64 or int32")
     if idx.device != device:
         raise _fail("idx.device", idx.device, f"must be on {device}, the device of x")
-    _check_float("cache", cache, device)
+    if cache.dtype not in cache_dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in cache_dtypes)
+        raise _fail("cache.dtype", cache.dtype, f"must be one of {names}")
+    if cache.device != device:
+        raise _fail("cache.device", cache.device, f"must be on {device}, the device of x")
 
     if cache.dim() == 3:
         if token_axis != 1:

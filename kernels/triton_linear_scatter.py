@@ -52,7 +52,7 @@ def _configs() -> list[triton.Config]:
 
 #: The autotuner's key. ``K_BUCKET``, the active-row count rounded up to a power of two, keeps the tile chosen at
 #: one k (the capture step's k = N, the first launch) from serving every later step at a much smaller k.
-AUTOTUNE_KEY = ["C_IN", "C_OUT", "SEG", "NORM", "HAS_ROPE", "BLOCK_P", "K_BUCKET"]
+AUTOTUNE_KEY = ["C_IN", "C_OUT", "SEG", "NORM", "HAS_ROPE", "QUANT", "BLOCK_P", "K_BUCKET"]
 
 
 @triton.autotune(configs=_configs(), key=AUTOTUNE_KEY)
@@ -67,6 +67,8 @@ def _linear_scatter_kernel(
     norm_b_ptr,
     cos_ptr,
     sin_ptr,
+    scale_ptr,
+    rows_ptr,
     K_ROWS,
     K_BUCKET,  # triton.next_power_of_2(K_ROWS): read by the autotuner's key only
     C_IN,
@@ -92,11 +94,21 @@ def _linear_scatter_kernel(
     stride_sin_b,
     stride_sin_t,
     stride_sin_p,
+    stride_sb,
+    stride_st,
+    stride_sg,
+    stride_rb,
+    stride_rm,
+    stride_rc,
+    QGROUP,
+    FP8_MAX,
     HAS_BIAS: tl.constexpr,
     NORM: tl.constexpr,
     HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr,
     HAS_ROPE: tl.constexpr,
+    QUANT: tl.constexpr,
+    GROUPS_PER_SEG: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -188,12 +200,55 @@ def _linear_scatter_kernel(
         acc_o = acc_e * sin + acc_o * cos
         acc_e = rotated_e
 
+    store_e = mask_m[:, None] & mask_e[None, :]
+    store_o = mask_m[:, None] & mask_o[None, :]
+    if QUANT:
+        # The rows as the model's dtype holds them: attention reads these, and they are what gets quantized.
+        row_ty = rows_ptr.dtype.element_ty
+        acc_e = acc_e.to(row_ty).to(tl.float32)
+        acc_o = acc_o.to(row_ty).to(tl.float32)
+        out_rows = rows_ptr + b * stride_rb + rows[:, None] * stride_rm
+        tl.store(out_rows + col_e[None, :] * stride_rc, acc_e.to(row_ty), mask=store_e)
+        tl.store(out_rows + col_o[None, :] * stride_rc, acc_o.to(row_ty), mask=store_o)
+        # One scale per row of each quantization group (a head, or every column of a cache without a head axis):
+        # the program holds whole groups, so each group's largest magnitude is a masked row maximum.
+        group_e = in_seg_e // QGROUP
+        group_o = in_seg_o // QGROUP
+        scale_e = tl.full((BLOCK_M, BLOCK_P), 1.0, tl.float32)
+        scale_o = tl.full((BLOCK_M, BLOCK_P), 1.0, tl.float32)
+        for g in tl.static_range(GROUPS_PER_SEG):
+            in_e = (group_e == g) & mask_e
+            in_o = (group_o == g) & mask_o
+            amax_e = tl.max(tl.where(in_e[None, :], tl.abs(acc_e), 0.0), axis=1)
+            amax_o = tl.max(tl.where(in_o[None, :], tl.abs(acc_o), 0.0), axis=1)
+            scale = tl.maximum(tl.maximum(amax_e, amax_o) / FP8_MAX, 1.1754943508222875e-38)
+            scale_e = tl.where(in_e[None, :], scale[:, None], scale_e)
+            scale_o = tl.where(in_o[None, :], scale[:, None], scale_o)
+            group = seg * GROUPS_PER_SEG + g
+            tl.store(scale_ptr + b * stride_sb + token * stride_st + group * stride_sg, scale, mask=mask_m)
+        acc_e = _round_to_e4m3(tl.div_rn(acc_e, scale_e))
+        acc_o = _round_to_e4m3(tl.div_rn(acc_o, scale_o))
+
     out_ty = cache_ptr.dtype.element_ty
     row_ptr = cache_ptr + b * stride_cb + (token + ROW_OFFSET)[:, None] * stride_ct
     ptr_e = row_ptr + (head * stride_ch + dim_e * stride_cd)[None, :]
     ptr_o = row_ptr + ((col_o // HEAD_DIM) * stride_ch + (col_o % HEAD_DIM) * stride_cd)[None, :]
-    tl.store(ptr_e, acc_e.to(out_ty), mask=mask_m[:, None] & mask_e[None, :])
-    tl.store(ptr_o, acc_o.to(out_ty), mask=mask_m[:, None] & mask_o[None, :])
+    tl.store(ptr_e, acc_e.to(out_ty), mask=store_e)
+    tl.store(ptr_o, acc_o.to(out_ty), mask=store_o)
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """``v`` (within e4m3's range) rounded to the nearest e4m3 value, ties to even, in fp32 arithmetic: the store's
+    cast to float8 then has nothing left to round, so hardware and Triton's interpreter (whose float8 conversion
+    drops the carry of a mantissa that rounds up to the next power of two) write the same bytes as torch's cast."""
+    bits = v.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6) - 3  # of one e4m3 step at v (subnormals below 2^-6)
+    step = ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+    inv_step = ((127 - exponent) << 23).to(tl.float32, bitcast=True)
+    # adding and taking away 1.5 * 2^23 rounds an fp32 of magnitude below 2^22 to an integer, ties to even
+    rounded = ((tl.abs(v) * inv_step + 12582912.0) - 12582912.0) * step
+    return tl.where(v < 0, -rounded, rounded)
 
 
 def k_bucket(rows: int) -> int:
@@ -201,9 +256,10 @@ def k_bucket(rows: int) -> int:
     return triton.next_power_of_2(max(int(rows), 1))
 
 
-def _pair_block(seg: int, has_norm: bool) -> int:
-    """Pairs per program: a whole norm group when there is a norm, else a fixed tile (>= 16 for tl.dot)."""
-    if has_norm:
+def _pair_block(seg: int, whole_segment: bool) -> int:
+    """Pairs per program: a whole segment (a norm group, or a quantization group) when the epilogue reduces over it,
+    else a fixed tile (>= 16 for tl.dot)."""
+    if whole_segment:
         return max(16, triton.next_power_of_2((seg + 1) // 2))
     return 32
 
@@ -223,15 +279,22 @@ def launch(
     eps: float,
     rope_cos: torch.Tensor | None,
     rope_sin: torch.Tensor | None,
+    scale4: torch.Tensor | None = None,
+    rows_out: torch.Tensor | None = None,
+    quant_group: int = -1,
 ) -> None:
     """Run the kernel on validated inputs. ``cache4`` is the cache viewed as [B, T, H, D] (any strides);
-    ``rope_cos``/``rope_sin`` are [Bt, N, D/2] with Bt 1 or B."""
+    ``rope_cos``/``rope_sin`` are [Bt, N, D/2] with Bt 1 or B.
+
+    A float8 cache comes with ``scale4`` (its scales viewed as [B, T, G, 1], one per ``quant_group`` columns, which
+    divides ``norm_group``) and ``rows_out`` [B, k, C_out] in x's dtype, which receives the rows unquantized."""
     batch, rows, c_in = x.shape
     c_out = weight.shape[0]
     head_dim = cache4.shape[3]
     has_norm = norm != "none"
-    seg = norm_group if has_norm else c_out
-    block_p = _pair_block(seg, has_norm)
+    quant = scale4 is not None
+    seg = norm_group if has_norm else (quant_group if quant else c_out)
+    block_p = _pair_block(seg, has_norm or quant)
     segments = c_out // seg
     blocks_per_seg = triton.cdiv(triton.cdiv(seg, 2), block_p)
     dummy = x  # never read: the constexpr flags switch the loads off
@@ -252,6 +315,8 @@ def launch(
         norm_bias if norm_bias is not None else dummy,
         cos,
         sin,
+        scale4 if quant else dummy,
+        rows_out if quant else dummy,
         rows,
         k_bucket(rows),
         c_in,
@@ -266,11 +331,17 @@ def launch(
         *cache4.stride(),
         *cos_strides(cos),
         *cos_strides(sin),
+        *((scale4.stride(0), scale4.stride(1), scale4.stride(2)) if quant else (0, 0, 0)),
+        *(rows_out.stride() if quant else (0, 0, 0)),
+        quant_group if quant else 1,
+        torch.finfo(cache4.dtype).max if quant else 1.0,
         HAS_BIAS=bias is not None,
         NORM=NORM_KINDS[norm],
         HAS_NORM_WEIGHT=norm_weight is not None,
         HAS_NORM_BIAS=norm_bias is not None,
         HAS_ROPE=rope_cos is not None,
+        QUANT=quant,
+        GROUPS_PER_SEG=seg // quant_group if quant else 1,
         UPCAST_DOT=_interpreting(),
         # fp32 products stay fp32 (torch's default for matmul); half types use the tensor cores as usual
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

@@ -7,7 +7,11 @@ optional complex RoPE (``view_as_real(view_as_complex(t) * table)`` with the tab
 active tokens) and ops that only split heads, transpose or cast.
 Produces: ``ops.fused_kv_update(cache=, x=, weight=, bias=, idx=, ...)`` (every argument by name: the
 tensors and an ``ops.KVEpilogue``'s settings), which projects the active
-tokens and writes each row straight into its cache slot; the unfused chain becomes dead code.
+tokens and writes each row straight into its cache slot; the unfused chain becomes dead code. A float8 cache's
+write (``update_quantized_kv_cache``, or the image part of ``update_quantized_joint_kv_cache``) becomes
+``ops.fused_quantized_kv_update(..., scale=, dtype=)``, which writes the rows quantized and hands attention the
+dequantized cache with the step's rows unquantized (a joint write becomes the ``torch.cat`` of the text parts and
+that).
 Before a chain is replaced, the graph's own chain and the op are run on random inputs at a few
 tokens and their caches compared, so a layout or epilogue the parser misread stays unfused (the
 reason goes to the log) instead of running wrong.
@@ -77,7 +81,8 @@ def fuse_kv_projection(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
             ctx.record("fuse_kv_projection", "unfused", detail=str(exc), cache=write.cache.name)
             continue
         _replace(gm, write, op_kwargs)
-        ctx.record("fuse_kv_projection", "fused", module_path(chain.linear), chain.describe(), cache=write.cache.name)
+        detail = chain.describe() + (" quantized" if write.scale is not None else "")
+        ctx.record("fuse_kv_projection", "fused", module_path(chain.linear), detail, cache=write.cache.name)
     return gm
 
 
@@ -91,6 +96,9 @@ class CacheWrite:
     fresh: torch.fx.Node
     axis: int
     idx: torch.fx.Node
+    scale: torch.fx.Node | None = None  # a float8 cache's scales
+    parts: list | None = None  # a joint write's parts, the image part among them
+    image_part: int = 0
 
 
 def _plain_write(node: torch.fx.Node) -> CacheWrite:
@@ -100,10 +108,25 @@ def _plain_write(node: torch.fx.Node) -> CacheWrite:
 
 def _joint_write(node: torch.fx.Node) -> CacheWrite:
     cache, parts, idx, axis, image_part = node.args
-    return CacheWrite(node, cache, parts[image_part], axis, idx)
+    return CacheWrite(node, cache, parts[image_part], axis, idx, parts=list(parts), image_part=image_part)
 
 
-WRITES = {ops.update_kv_cache: _plain_write, ops.update_joint_kv_cache: _joint_write}
+def _quantized_write(node: torch.fx.Node) -> CacheWrite:
+    cache, scale, fresh, idx, axis = node.args
+    return CacheWrite(node, cache, fresh, axis, idx, scale=scale)
+
+
+def _quantized_joint_write(node: torch.fx.Node) -> CacheWrite:
+    cache, scale, parts, idx, axis, image_part = node.args
+    return CacheWrite(node, cache, parts[image_part], axis, idx, scale, list(parts), image_part)
+
+
+WRITES = {
+    ops.update_kv_cache: _plain_write,
+    ops.update_joint_kv_cache: _joint_write,
+    ops.update_quantized_kv_cache: _quantized_write,
+    ops.update_quantized_joint_kv_cache: _quantized_joint_write,
+}
 
 
 # ---------------------------------------------------------------- parsing
@@ -299,17 +322,33 @@ def _ancestors(node: torch.fx.Node, stop: torch.fx.Node) -> set[torch.fx.Node]:
 
 
 def _replace(gm: torch.fx.GraphModule, write: CacheWrite, op_kwargs: dict) -> None:
+    if write.scale is not None:
+        op_kwargs = op_kwargs | {"scale": write.scale, "dtype": example_value(write.fresh).dtype}
+    target = ops.fused_kv_update if write.scale is None else ops.fused_quantized_kv_update
     with gm.graph.inserting_before(write.node):
-        fused = gm.graph.call_function(ops.fused_kv_update, (), op_kwargs)
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "ras_dense_shape"):
-        if key in write.node.meta:
-            fused.meta[key] = write.node.meta[key]
-    fused.meta["ras_managed"] = True
+        fused = gm.graph.call_function(target, (), op_kwargs)
+    # a joint write's fused node is the image part alone: not the write's (dense) shape
+    _copy_meta(write.node, fused, dense_shape=write.scale is None or write.parts is None)
     fused.meta["ras_impure"] = True
-    if write.node.target is ops.update_kv_cache:
+    if write.scale is not None and write.parts is not None:  # the text parts joined with the image part's tensor
+        parts = [fused if i == write.image_part else part for i, part in enumerate(write.parts)]
+        with gm.graph.inserting_before(write.node):
+            joined = gm.graph.call_function(torch.cat, (parts,), {"dim": write.axis})
+        _copy_meta(write.node, joined)
+        write.node.replace_all_uses_with(joined)
+        gm.graph.erase_node(write.node)
+        return
+    if write.parts is None:
         write.node.replace_all_uses_with(fused)
         gm.graph.erase_node(write.node)
         return
     _, parts, *rest = write.node.args  # the joint write still joins the text parts with the cache
     parts = [None if part is write.fresh else part for part in parts]
     write.node.args = (fused, parts, *rest)
+
+
+def _copy_meta(source: torch.fx.Node, node: torch.fx.Node, dense_shape: bool = True) -> None:
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack") + (("ras_dense_shape",) if dense_shape else ()):
+        if key in source.meta:
+            node.meta[key] = source.meta[key]
+    node.meta["ras_managed"] = True

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from rascompile.kernels.linear_scatter import linear_scatter_
+from rascompile.kernels.linear_scatter_quantized import linear_scatter_quantized_, quantize_rows
 
 #: The dtypes of ``kv_cache_dtype`` names (``RASConfig.kv_cache_dtype``, ``PassSettings.kv_cache_dtype``).
 KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
@@ -168,14 +169,6 @@ def write_joint_sequence(cache, parts, idx, axis: int, image_part: int, scatter)
     return torch.cat([cache if i == image_part else part for i, part in enumerate(parts)], dim=axis)
 
 
-def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` as float8 rows and their float32 scales ``[..., 1]``: each row (the last dim: one head of one token,
-    or one token of a cache without a head axis) scaled so that its largest magnitude is float8's largest."""
-    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
-    scale = (amax / torch.finfo(dtype).max).clamp(min=torch.finfo(torch.float32).tiny)
-    return (x.float() / scale).to(dtype), scale
-
-
 def update_quantized_kv_cache(
     cache: torch.Tensor, scale: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int
 ) -> torch.Tensor:
@@ -185,6 +178,13 @@ def update_quantized_kv_cache(
     rows, row_scales = quantize_rows(fresh, cache.dtype)
     scatter_rows_(cache, rows, idx, axis)
     scatter_rows_(scale, row_scales, idx, axis)
+    return dequantized_around(cache, scale, fresh, idx, axis)
+
+
+def dequantized_around(
+    cache: torch.Tensor, scale: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, axis: int
+) -> torch.Tensor:
+    """The float8 ``cache`` dequantized to ``fresh``'s dtype, with the step's own rows ``fresh`` at ``idx``."""
     full = (cache.to(torch.float32) * scale).to(fresh.dtype)
     return full.scatter(axis, _row_index(idx, list(fresh.shape), axis), fresh)
 
@@ -323,6 +323,68 @@ def fused_kv_update_body(cache, x, weight, bias, idx, *, rope_table=None, **rest
 
     real = torch.view_as_real(rope_table) if rope_table is not None and rope_table.is_complex() else rope_table
     return portable_ops.fused_kv_update(cache, x, weight, bias, idx, rope_table=real, **rest)
+
+
+def fused_quantized_kv_update(
+    cache: torch.Tensor,
+    scale: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    idx: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    rope_table: torch.Tensor | None = None,
+    axis: int,
+    head_dim: int = -1,
+    row_offset: int = 0,
+    norm: str = "none",
+    norm_group: int = -1,
+    eps: float = 1e-6,
+    rope_axis: int = 1,
+    rope_ndim: int = 4,
+) -> torch.Tensor:
+    """``fused_kv_update`` into a float8 cache with per-row scales (``kv_cache_dtype``): the active tokens' rows
+    are written quantized by ``rascompile::linear_scatter_quantized_`` (the Triton epilogue on CUDA), and, as
+    ``update_quantized_kv_cache`` does, attention gets the cache dequantized to ``dtype`` with the step's own rows
+    unquantized. The settings after ``rope_table`` are a ``KVEpilogue``'s (``row_offset`` must be 0)."""
+    if row_offset:
+        raise ValueError(f"fused_quantized_kv_update: row_offset is {row_offset}; must be 0 (image-row caches)")
+    cos = sin = None
+    if rope_table is not None:
+        real = torch.view_as_real(rope_table) if rope_table.is_complex() else rope_table
+        cos, sin = rope_cos_sin(real, rope_axis, rope_ndim)
+    rows = linear_scatter_quantized_(
+        cache,
+        scale,
+        x,
+        weight,
+        bias,
+        idx,
+        token_axis=axis,
+        head_dim=head_dim,
+        norm=norm,
+        norm_group=norm_group,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        eps=eps,
+        rope_cos=cos,
+        rope_sin=sin,
+        validate_indices=False,
+    )
+    return dequantized_around(cache, scale, rows_in_cache_layout(rows, cache, axis).to(dtype), idx, axis)
+
+
+def rows_in_cache_layout(rows: torch.Tensor, cache: torch.Tensor, axis: int) -> torch.Tensor:
+    """Projected rows [B, k, C_out] laid out as ``cache`` lays out its tokens ([B, k, C_out], [B, k, H, D] or
+    [B, H, k, D] for ``axis`` 1, 1 and 2)."""
+    if cache.dim() == 3:
+        return rows
+    if axis == 1:
+        return rows.unflatten(-1, tuple(cache.shape[2:]))
+    return rows.unflatten(-1, (cache.shape[1], cache.shape[3])).transpose(1, 2)
 
 
 def rope_cos_sin(table: torch.Tensor, axis: int, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:

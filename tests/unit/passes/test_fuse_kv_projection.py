@@ -205,3 +205,68 @@ def test_default_is_off_on_cpu_and_option_is_validated():
     options = {"num_inference_steps": 4, "error_reset_steps": (), "scheduler_start_step": 2, "fused_kv_projection": 1}
     with pytest.raises(Exception, match="fused_kv_projection=1 is invalid"):
         torch.compile(torch.nn.Linear(2, 2), backend="ras", options=options)(torch.zeros(1, 2))
+
+
+# ------------------------------------------------------------------------------------ float8 caches
+
+FP8 = dict(kv_cache_dtype="fp8_e4m3")
+
+
+def _random_caches(ctx):
+    """A float8 cache with positive scales per K/V cache (as after earlier steps), the output cache zero."""
+    caches = []
+    for i, slot in enumerate(ctx.kv_slots):
+        gen = torch.Generator().manual_seed(i)
+        if slot.kind.endswith("_scale"):
+            caches.append(torch.rand(slot.shape, generator=gen) / 100 + 1e-3)
+        else:
+            caches.append(torch.randn(slot.shape, generator=gen).mul(100).to(slot.dtype))
+    return torch.zeros(ctx.output_cache_shape), caches
+
+
+def test_float8_writes_fuse_into_the_quantized_op_and_equal_the_unfused_graph(captured):
+    """Every float8 cache write becomes fused_quantized_kv_update; on the same caches a RAS step gives the same
+    output (attention reads the step's rows unquantized either way), the same float8 bytes and scales."""
+    gm, inputs, chains = captured
+    plain, signature, ctx = build_ras_graph(gm, **FP8)
+    fused, _, fused_ctx = build_ras_graph(gm, fuse_kv_projection=True, **FP8)
+    nodes = [n for n in fused.graph.nodes if n.op == "call_function" and n.target is ops.fused_quantized_kv_update]
+    caches = [s for s in ctx.kv_slots if s.dtype == torch.float8_e4m3fn]
+    assert len(nodes) == len(caches) == len(ctx.kv_slots) // 2 > 0 and not _fused_nodes(fused)
+    assert {n.kwargs["scale"].name for n in nodes} == {s.placeholder for s in ctx.kv_slots if s.kind.endswith("scale")}
+    for slot in caches:
+        record = next(r for r in fused_ctx.records if r.kind == "fused" and r.cache == slot.placeholder)
+        assert record.detail == chains[slot.kind] + " quantized"
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.stack([torch.randperm(ctx.num_tokens, generator=gen)[:7] for _ in range(ctx.batch_size)])
+    results = []
+    for graph in (plain, fused):
+        output_cache, kv = _random_caches(ctx)
+        with torch.no_grad():
+            results.append((graph(*signature.bind(inputs, idx, output_cache, kv))[0], kv))
+    (out_plain, kv_plain), (out_fused, kv_fused) = results
+    torch.testing.assert_close(out_fused, out_plain, rtol=1e-5, atol=1e-5)
+    for slot, a, b in zip(ctx.kv_slots, kv_fused, kv_plain):
+        if slot.dtype == torch.float8_e4m3fn:  # fp32 rows one rounding apart would land on the same float8 value
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), slot.placeholder
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
+def test_float8_generation_fused_matches_unfused():
+    build, kwargs_fn, _ = MODELS["lumina"]
+    config = RASConfig(num_inference_steps=6, sample_ratio=0.375, scheduler_start_step=2, error_reset_steps=(4,), **FP8)
+    results = {}
+    for fuse in (False, True):
+        pipe = build()
+        backend = rascompile.apply(pipe, config, inner_backend="aot_eager", fused_kv_projection=fuse)
+        out = pipe(**kwargs_fn(num_prompts=2, num_images_per_prompt=1, steps=6))[0]
+        graph = backend.graphs[0]
+        fused = [n for n in graph.ras_gm.graph.nodes if n.target is ops.fused_quantized_kv_update]
+        assert bool(fused) is fuse
+        results[fuse] = out, [(d.kind, d.active_idx) for d in graph.controller.history]
+    (plain, plain_steps), (fused, fused_steps) = results[False], results[True]
+    assert [kind for kind, _ in fused_steps].count("ras") == 3
+    for (kind, a), (plain_kind, b) in zip(fused_steps, plain_steps):
+        assert kind == plain_kind and (a is None or torch.equal(a, b))
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
