@@ -50,12 +50,15 @@ def cache_attention_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.G
             elif source.kind == "joint-tensor":
                 _cache_joint_tensor(gm, ctx, attention, kind, idx, axes, offsets)
             else:
-                tensor, axis = source.tensor, axes[source.tensor.name]
+                # under context parallelism the cache holds a rank's heads: it is written where attention reads it
+                at_attention = attention.meta.get("ras_cp_attention", False)
+                tensor = sdpa_argument(attention, kind) if at_attention else source.tensor
+                consumer, axis = attention if at_attention else source.consumer, axes[tensor.name]
                 caches = _add_cache(gm, ctx, attention, kind, example_value(tensor), axis, ctx.num_tokens)
                 op = ops.update_kv_cache if len(caches) == 1 else ops.update_quantized_kv_cache
                 updated = insert_call(gm, tensor, op, (*caches, tensor, idx, axis), like=tensor)
                 updated.meta["ras_impure"] = True
-                source.consumer.replace_input_with(tensor, updated)
+                consumer.replace_input_with(tensor, updated)
     return gm
 
 

@@ -101,6 +101,7 @@ class PassContext:
     output_cache_shape: tuple[int, ...] = ()
     output_cache_dtype: object = None
     kv_slots: list[KVCacheSlot] = field(default_factory=list)
+    context_parallel: Any = None  # unshard_ulysses' ContextParallel: the graph's Ulysses degree, rank and group
 
     # what every pass found and rewrote, in order (the graph summary renders them)
     records: list[RewriteRecord] = field(default_factory=list)
@@ -135,4 +136,10 @@ def _clean_path(path: str) -> str:
     for junk in ("__dict__['_modules']", "['", "']", "_modules"):
         path = path.replace(junk, ".")
     parts = [p for p in path.split(".") if p and p != "self"]
-    return ".".join(parts)
+    # a model whose forward a hook registry replaced (diffusers' context-parallel hooks) is reached through the bound
+    # method the registry holds: "forward.__self__" is the model itself
+    while parts[:2] == ["forward", "__self__"]:
+        parts = parts[2:]
+    # a submodule whose forward a hook replaced: "<module>.forward.func.__closure__[0].cell_contents.forward.__self__"
+    path = ".".join(parts)
+    return re.sub(r"\.forward\.func\.__closure__\[\d+\]\.cell_contents\.forward\.__self__", "", path)

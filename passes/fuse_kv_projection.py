@@ -71,6 +71,9 @@ class KVChain:
 def fuse_kv_projection(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
     if not ctx.settings.fuse_kv_projection:
         return gm
+    if ctx.context_parallel is not None:  # the cache is written after the all-to-all, not by the projection
+        ctx.record("fuse_kv_projection", "unfused", detail="context parallelism writes them after the all-to-all")
+        return gm
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in WRITES]:
         write = WRITES[node.target](node)
         try:

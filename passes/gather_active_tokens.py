@@ -26,7 +26,7 @@ def gather_active_tokens(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx
     n_tokens = ctx.num_tokens
     k = ctx.settings.probe_tokens
     if k is None:
-        k = probe_token_count(n_tokens)
+        k = probe_token_count(n_tokens, ctx.context_parallel.degree if ctx.context_parallel else 1)
     if not 2 <= k < n_tokens:
         raise RewriteError(f"probe token count {k} is outside [2, {n_tokens - 1}]")
     device = example_value(source).device
@@ -76,8 +76,9 @@ def index_for(gm: torch.fx.GraphModule, ctx: PassContext, batch: int) -> torch.f
     return rows
 
 
-def probe_token_count(num_tokens: int) -> int:
-    """The k used while rewriting: not N (token axes show up as changed sizes) and not 1 (broadcasting)."""
-    if num_tokens < 4:
-        raise RewriteError(f"only {num_tokens} image tokens; RAS needs at least 4")
-    return num_tokens // 2 + 1
+def probe_token_count(num_tokens: int, multiple: int = 1) -> int:
+    """The k used while rewriting: not N (token axes show up as changed sizes) and not 1 (broadcasting); a multiple
+    of ``multiple`` (the context-parallel degree: each rank takes k / P of the active tokens)."""
+    if num_tokens < 4 * multiple:
+        raise RewriteError(f"only {num_tokens} image tokens; RAS needs at least {4 * multiple}")
+    return -(-(num_tokens // 2 + 1) // multiple) * multiple

@@ -41,14 +41,17 @@ from .retarget_token_region import retarget_token_region
 from .scatter_output import scatter_output
 from .scatter_piece_outputs import scatter_piece_outputs
 from .settings import PassSettings
+from .shard_ulysses import shard_ulysses
 from .signature import StepSignature, step_signature
 from .snapshot import RECORDS_KEY
 from .specialize_shapes import has_symbolic_shapes
 from .tensorify_scalar_reads import tensorify_scalar_reads
+from .unshard_ulysses import unshard_ulysses
 from .verify_ras_graph import verify_ras_graph
 
 RAS_PASSES = PassManager(
     [
+        unshard_ulysses,
         tensorify_scalar_reads,
         normalize_attention_args,
         find_token_source,
@@ -60,6 +63,7 @@ RAS_PASSES = PassManager(
         analyze_token_region,
         cache_attention_kv,
         retarget_token_region,
+        shard_ulysses,
         fuse_kv_projection,
         verify_ras_graph,
     ]

@@ -112,6 +112,16 @@ class StepSignature:
     # latents passed as a list of per-row tensors (Z-Image): their positions among ``inputs``, in batch order
     # (``latents`` is the first); stacked along a new batch axis they are the latents ``latent`` describes
     latents_rows: tuple[int, ...] = ()
+    # under Ulysses context parallelism of degree P the active list's length is a multiple of P (each rank takes
+    # a slice of it): ``pad_active`` repeats its last index
+    token_multiple: int = 1
+
+    def pad_active(self, active_idx):
+        """``active_idx`` [B, k] with its last index repeated up to a multiple of ``token_multiple``."""
+        short = -active_idx.shape[1] % self.token_multiple
+        if not short:
+            return active_idx
+        return torch.cat([active_idx, active_idx[:, -1:].expand(-1, short)], dim=1)
 
     def __post_init__(self):
         if not 0 <= self.latents < len(self.inputs):
@@ -365,6 +375,7 @@ def step_signature(gm_or_names: torch.fx.GraphModule | Sequence[str], ctx: Any) 
         latent_kind=ctx.latent_layout,
         latent=ctx.latent,
         latents_rows=tuple(names.index(r) for r in ctx.latents_rows),
+        token_multiple=ctx.context_parallel.degree if ctx.context_parallel else 1,
     )
 
 

@@ -39,6 +39,9 @@ RECORD_FORMATS = {
     # reason it stays unfused
     "fused": "fuse: {detail} @ {node} -> linear_scatter_ into {cache}",
     "unfused": "fuse: {cache} stays unfused: {detail}",
+    # unshard_ulysses and shard_ulysses: detail gives the degree and the rank
+    "cp_unsharded": "context parallelism: {detail} marked attentions, rewritten over all tokens",
+    "cp_sharded": "context parallelism: the RAS step sharded again for {detail}",
 }
 
 

@@ -19,7 +19,8 @@ def verify_ras_graph(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gra
     gm = clean_up(gm)
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     dense_outputs = [a.meta.get("ras_dense_shape") for a in output.all_input_nodes]
-    for k in sorted({1, ctx.num_tokens - 1, ctx.num_tokens}):
+    step = ctx.context_parallel.degree if ctx.context_parallel else 1  # k is a multiple of the ranks under CP
+    for k in sorted({step, ctx.num_tokens - step, ctx.num_tokens}):
         env = FakeEnv(gm)
         for node in gm.graph.nodes:
             if node.name == ctx.active_idx:

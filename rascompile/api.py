@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .config import RASConfig
+from .runtime import parallel
 from .runtime.backend import APPLIED_BACKENDS, RASBackend, scheduler_steps
 
 
@@ -47,6 +48,7 @@ def apply(
     # Compiled in place, ``pipe.transformer`` stays the diffusers model: the pipeline's LoRA methods
     # (``set_adapters``, ``load_lora_weights``, hotswapping), ``enable_cache`` and the offloading hooks, which
     # ``enable_model_cpu_offload`` re-installs after every call, keep working, and a hook stays in the compiled call.
+    parallel.prepare_for_compile(transformer)  # diffusers' context-parallel hooks traced without a graph break
     transformer.compile(backend=backend, dynamic=False)
     APPLIED_BACKENDS.add(backend)
     return backend

@@ -278,9 +278,11 @@ class RASGraph(StepGraph):
         if not caches.filled and active_idx.shape[1] < n:
             # caches allocated since the last step over all tokens hold no rows yet: fill them instead of reading
             active_idx = torch.arange(n, device=active_idx.device).expand(active_idx.shape[0], n).contiguous()
+        filled = active_idx.shape[1] == n
+        active_idx = self.signature.pad_active(active_idx)
         bound = self.signature.bind(args, active_idx, caches.output, caches.kv)
         out = self._variant(int(active_idx.shape[1]), bound)(*bound)
-        caches.filled = caches.filled or active_idx.shape[1] == n
+        caches.filled = caches.filled or filled
         return out
 
     def _timestep(self, args):
