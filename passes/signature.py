@@ -115,6 +115,7 @@ class StepSignature:
     # under Ulysses context parallelism of degree P the active list's length is a multiple of P (each rank takes
     # a slice of it): ``pad_active`` repeats its last index
     token_multiple: int = 1
+    parallel_group: str | None = None  # the process group's name under context parallelism
 
     def pad_active(self, active_idx):
         """``active_idx`` [B, k] with its last index repeated up to a multiple of ``token_multiple``."""
@@ -376,6 +377,7 @@ def step_signature(gm_or_names: torch.fx.GraphModule | Sequence[str], ctx: Any) 
         latent=ctx.latent,
         latents_rows=tuple(names.index(r) for r in ctx.latents_rows),
         token_multiple=ctx.context_parallel.degree if ctx.context_parallel else 1,
+        parallel_group=ctx.context_parallel.group if ctx.context_parallel else None,
     )
 
 

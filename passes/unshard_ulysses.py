@@ -23,7 +23,7 @@ import torch
 import torch.fx
 
 from .context import PassContext, RewriteError
-from .graph_utils import FakeEnv, describe, example_value, is_sdpa, shape_of
+from .graph_utils import FakeEnv, cat_arguments, describe, example_value, is_sdpa, shape_of
 
 C10D = torch.ops._c10d_functional
 # Dynamo records the overload packets; other tracers the default overloads.
@@ -55,8 +55,10 @@ def unshard_ulysses(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Grap
         return gm
     degree, group = _degree_and_group(gm)
     rank = None
+    sharded: dict[int, int] = {}  # the shards' sizes along their dim -> the whole's
     for getter, source, dim in _shards(gm, degree):
         rank = _same(rank, getter.args[1], "the shards' rank")
+        sharded[example_value(getter).shape[dim]] = example_value(source).shape[dim]
         _mark(gm, getter, source, "ras_cp_shard", dim)
     if rank is None:
         raise RewriteError("context parallelism: no shard of diffusers' context-parallel plan found in the graph")
@@ -70,7 +72,7 @@ def unshard_ulysses(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Grap
     left = [describe(n) for n in gm.graph.nodes if is_collective(n)]
     if left:
         raise RewriteError(f"context parallelism: collectives left that RAS cannot place: {', '.join(left[:3])}")
-    _propagate_full_shapes(gm)
+    _propagate_full_shapes(gm, sharded)
     gm.recompile()
     ctx.context_parallel = ContextParallel(degree, int(rank), group)
     ctx.record("unshard_ulysses", "cp_unsharded", detail=f"Ulysses degree {degree}, rank {rank}, {len(attentions)}")
@@ -163,10 +165,7 @@ def _through_layout(node: torch.fx.Node, upstream: bool, end_shape: tuple | None
 def _unshard_attention(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> None:
     args = dict(zip(("query", "key", "value"), attention.args)) | dict(attention.kwargs)
     if args.get("attn_mask") is not None:
-        raise RewriteError(
-            f"context parallelism: {describe(attention)} takes an attention mask gathered across the ranks, "
-            "which RAS does not place yet"
-        )
+        args["attn_mask"] = _unshard_mask(gm, attention, args["attn_mask"])
     entries = {}
     for name in ("query", "key", "value"):
         entry, crossed = _through_layout(args[name], upstream=True)
@@ -194,6 +193,27 @@ def _unshard_attention(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> No
     out.replace_all_uses_with(contiguous)
 
 
+def _unshard_mask(gm: torch.fx.GraphModule, attention: torch.fx.Node, mask: torch.fx.Node) -> torch.fx.Node:
+    """The key mask of one rank's rows, which diffusers' Ulysses attention all-gathers (``dist.all_gather`` into
+    a list, then ``cat`` along the keys): traced as ``all_gather_into_tensor``, slices copied into empty tensors,
+    ``cat``. Returns the mask before the gather (over all keys once the graph is unsharded) and removes the gather."""
+    parts, _ = cat_arguments(mask) if mask.op == "call_function" and mask.target is torch.cat else (None, None)
+    copies = [next((u for u in p.users if u.target == "copy_"), None) for p in parts or ()]
+    sliced = [c.args[1] for c in copies if c is not None]
+    waits = {s.args[0] for s in sliced if s.op == "call_function" and getattr(s.target, "__name__", "") == "getitem"}
+    wait = waits.pop() if len(waits) == 1 and len(sliced) == len(parts or ()) else None
+    gather = wait.args[0] if wait is not None and wait.target in WAIT else None
+    value = example_value(mask)
+    if gather is None or gather.target not in ALL_GATHER or value.dim() != 4 or value.shape[2] != 1:
+        raise RewriteError(f"context parallelism: {describe(attention)} takes a mask RAS cannot place under it")
+    local = gather.args[0]
+    attention.replace_input_with(mask, local)
+    for node in (*copies, mask, *sliced, wait, gather, *parts):
+        if node in gm.graph.nodes and not node.users:
+            gm.graph.erase_node(node)
+    return local
+
+
 def _unshard_gather(gm: torch.fx.GraphModule, gather: torch.fx.Node, degree: int) -> None:
     """``cat(chunk(wait(all_gather_into_tensor(x, P)), P, 0), dim)`` -> ``x`` marked ``ras_cp_gather = dim``."""
     wait = next(iter(gather.users), None)
@@ -215,14 +235,19 @@ def _unshard_gather(gm: torch.fx.GraphModule, gather: torch.fx.Node, degree: int
     _mark(gm, view, gather.args[0], "ras_cp_gather", grown[0])
 
 
-def _propagate_full_shapes(gm: torch.fx.GraphModule) -> None:
+def _propagate_full_shapes(gm: torch.fx.GraphModule, sharded: dict[int, int]) -> None:
     """Recompute every node's value for the full inputs. Sizes of the rank's shard that Dynamo baked into shape
-    arguments (``x.reshape(*x.shape[:-1], -1, 2)`` traced with static shapes) become the full sizes."""
+    arguments (``x.reshape(*x.shape[:-1], -1, 2)`` traced with static shapes, ``torch.ones((B, n))`` of a shard's
+    length ``n``) become the full sizes."""
     local = {node: shape_of(example_value(node)) for node in gm.graph.nodes}
     env = FakeEnv(gm)
     for node in gm.graph.nodes:
         if node.op == "call_method" and node.target in SHAPED_METHODS:
             _unshard_sizes(node, local, env)
+        elif node.op == "call_function" and node.target in FACTORIES and node.args:
+            size = node.args[0]
+            if isinstance(size, (tuple, list)) and any(isinstance(v, int) and v in sharded for v in size):
+                node.args = (type(size)(sharded.get(v, v) for v in size), *node.args[1:])
         elif _cuts_along(node):
             _unshard_cuts(node, local, env)
         try:
@@ -240,6 +265,7 @@ def _propagate_full_shapes(gm: torch.fx.GraphModule) -> None:
 
 
 SHAPED_METHODS = {"reshape", "view", "expand"}
+FACTORIES = {torch.ones, torch.zeros, torch.empty, torch.full}
 
 
 def _unshard_sizes(node: torch.fx.Node, local: dict, env: FakeEnv) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from .config import RASConfig
 from .runtime import parallel
 from .runtime.backend import APPLIED_BACKENDS, RASBackend, scheduler_steps
@@ -27,6 +29,10 @@ def apply(
     ``inner_backend``, ``dump_graphs``, ``fused_kv_projection`` and ``mode`` (inductor's, as for
     ``torch.compile(mode=...)``) are as for ``RASBackend``.
 
+    Under diffusers' Ulysses context parallelism (``transformer.enable_parallelism``) every rank runs RAS on its
+    slice of the active tokens; the parallel modes RAS does not support (ring attention, ``ulysses_anything``)
+    leave the transformer uncompiled, running dense, with a warning.
+
     Returns the backend, whose ``compile_count`` and ``graphs`` (with their controllers)
     can be inspected.
     """
@@ -48,6 +54,10 @@ def apply(
     # Compiled in place, ``pipe.transformer`` stays the diffusers model: the pipeline's LoRA methods
     # (``set_adapters``, ``load_lora_weights``, hotswapping), ``enable_cache`` and the offloading hooks, which
     # ``enable_model_cpu_offload`` re-installs after every call, keep working, and a hook stays in the compiled call.
+    unsupported = parallel.unsupported_reason(transformer)
+    if unsupported is not None:  # the same on every rank: its configuration decides
+        warnings.warn(f"rascompile: RAS is off for this transformer: {unsupported}; it runs dense, uncompiled")
+        return backend
     parallel.prepare_for_compile(transformer)  # diffusers' context-parallel hooks traced without a graph break
     transformer.compile(backend=backend, dynamic=False)
     APPLIED_BACKENDS.add(backend)

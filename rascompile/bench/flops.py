@@ -147,8 +147,15 @@ def dense_step_flops(model, call: dict) -> int:
     """Measured FLOPs of one dense step: the eager ``model(**call)`` under ``FlopCounterMode``."""
     import torch
 
+    outputs = []
     with torch.no_grad():
-        return count_flops(lambda: model(**call))
+        flops = count_flops(lambda: outputs.append(model(**call)))
+    # Under context parallelism the output comes from an asynchronous gather (an AsyncCollectiveTensor): wait for
+    # it, so that no collective is left pending.
+    for leaf in torch.utils._pytree.tree_leaves(outputs):
+        if hasattr(leaf, "trigger_wait"):
+            leaf.trigger_wait()
+    return flops
 
 
 def ras_step_flops(graph, args: list, active_idx) -> int:

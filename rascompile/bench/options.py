@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from ..cli.main import echo, positive_int, ratio, ratio_list
+from ..cli.main import echo, int_at_least, positive_int, ratio, ratio_list
 from ..runtime.backend import INNER_BACKENDS
 from .models import MODEL_SMOKE, MODELS
 from .settings import SMOKE, BenchSettings, settings_for
@@ -133,6 +133,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "1 repeat, 6 steps: a quick check",
     )
     run.add_argument("--json", dest="json_path", metavar="PATH", default=None, help="also write the numbers here")
+    run.add_argument(
+        "--context-parallel",
+        type=int_at_least(2, " (a degree of 1 is the single-process bench: leave the option out)"),
+        default=None,
+        metavar="P",
+        help="run under diffusers' Ulysses context parallelism of degree P (--model flux or wan), one process per "
+        "rank: launch with torchrun --nproc-per-node P -m rascompile bench ... --context-parallel P; "
+        "rank 0 prints every rank's dense and RAS step times and cache bytes",
+    )
 
 
 #: Options that apply to one family only: option -> (settings field, family)

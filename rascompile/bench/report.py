@@ -72,7 +72,9 @@ def format_report(results: dict) -> str:
     m, s, model = results["machine"], results["settings"], results["model"]
     out = []
     title = "rascompile bench: Region-Adaptive Sampling vs dense"
-    out.append(f"{title} --model {model.get('name', 'sd3')}" + (" [SMOKE: tiny model]" if s["smoke"] else ""))
+    cp = results.get("context_parallel")
+    parallel = f" --context-parallel {cp['degree']}" if cp else ""
+    out.append(f"{title} --model {model.get('name', 'sd3')}{parallel}" + (" [SMOKE: tiny model]" if s["smoke"] else ""))
     out.append(f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}")
     out.append(f"software: torch {m['torch']}, diffusers {m['diffusers']}, python {m['python']}")
     out.append(f"model: {model.get('description') or _sd3_description(model)}")
@@ -100,6 +102,10 @@ def format_report(results: dict) -> str:
             f"run: {load['wall_s']:.0f} s; other processes kept {busy:.2f} of {m['cores']} cores busy on average{warn}"
         )
     out.append("")
+    if cp:
+        from .parallel_report import format_ranks
+
+        out += [format_ranks(results), ""]
     if not ras["applies"]:
         return _dense_only_report(results, out)
 

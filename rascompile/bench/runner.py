@@ -113,8 +113,17 @@ __all__ = [
 ]
 
 
-def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None) -> dict:
-    """Run the benchmark and return its numbers (see :func:`format_report`)."""
+def run_bench(
+    settings: BenchSettings,
+    log: Callable[[str], None] | None = None,
+    *,
+    prepare_model: Callable[[torch.nn.Module], None] | None = None,
+    inspect_graph: Callable[[RASGraph], None] | None = None,
+) -> dict:
+    """Run the benchmark and return its numbers (see :func:`format_report`).
+
+    ``prepare_model(model)`` runs on the built model before it is compiled (``--context-parallel`` enables the
+    parallelism there); ``inspect_graph(graph)`` on the RAS graph after the measurements, when RAS applies."""
     require_extra("demo", "tqdm", feature="rascompile bench")  # its progress bars
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if settings.threads:
@@ -130,6 +139,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     }
     load = LoadMonitor()
     model = build_model(s)
+    if prepare_model is not None:
+        prepare_model(model)
     inputs = make_inputs(s)
     results["memory"] = {"parameters_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     w = prepare_workload(s, model, inputs)
@@ -180,6 +191,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
 
         # ------------------------------------------------------------------ memory
         results["memory"] |= measure_memory(graph, w.args, variants, s.loop_ratio, family.calls_per_step)
+        if inspect_graph is not None:
+            inspect_graph(graph)
     results["background_load"] = load.stop()
     return results
 
@@ -237,6 +250,10 @@ def loop_results(
 
 def main_from_args(args: argparse.Namespace) -> int:
     """``rascompile bench``: run, print the report, write ``--json``. Returns the exit status."""
+    if getattr(args, "context_parallel", None) is not None:  # one process per rank, under torchrun
+        from .parallel import main_from_args as parallel_main
+
+        return parallel_main(args)
     try:
         settings = settings_from_args(args)
         if settings.json_path:
@@ -247,13 +264,19 @@ def main_from_args(args: argparse.Namespace) -> int:
     quiet_third_party()
     results = run_bench(settings)
     print(format_report(results), flush=True)
-    if settings.json_path:
-        path = Path(settings.json_path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(results, indent=2, default=str))
-        except OSError as exc:  # the path was writable when the run began
-            print(f"rascompile bench: error: --json {path}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
-            return 2
-        print(f"\nwrote {settings.json_path}")
+    return write_json(settings.json_path, results)
+
+
+def write_json(json_path: str | None, results: dict) -> int:
+    """Write ``results`` to ``--json`` (if given) and say so. Returns the exit status."""
+    if not json_path:
+        return 0
+    path = Path(json_path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str))
+    except OSError as exc:  # the path was writable when the run began
+        print(f"rascompile bench: error: --json {path}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+    print(f"\nwrote {json_path}")
     return 0

@@ -14,6 +14,7 @@ import torch
 
 from ..capture import GraphCapture
 from ..config import RASConfig
+from ..runtime import parallel
 from ..runtime.backend import RASBackend, RASGraph
 from .models import BenchModel, Inputs, bench_model
 from .settings import BenchSettings
@@ -152,6 +153,7 @@ def prepare_workload(settings: BenchSettings, model: torch.nn.Module, inputs: An
     family = bench_model(s.model)
     backend = RASBackend(s.loop_config(), inner_backend=s.inner_backend, fused_kv_projection=s.fused_kv_projection)
     capture = GraphCapture(backend)
+    parallel.prepare_for_compile(model)  # under --context-parallel: diffusers' hooks traced into the one graph
     compiled = torch.compile(model, backend=capture)
     scheduler = family.make_scheduler(s)
     family.set_timesteps(s, scheduler, s.steps)

@@ -34,6 +34,7 @@ from rascompile.passes.specialize_shapes import has_symbolic_shapes, specialize_
 from rascompile.passes.tensorify_scalar_reads import has_scalar_reads, tensorify_scalar_reads
 
 from ..config import RASConfig
+from . import parallel
 from .controller import GraphLayout, RASController
 from .graph import DenseGraph, RASGraph, StepGraph, compile_inner, compile_or_eager
 from .origin import (
@@ -48,7 +49,7 @@ from .origin import (
     piece_cause,
 )
 from .pieces import OpenCalls, ScopedPiece, TransformerScope
-from .stacks import advice_for, hooks_on, running_hooks
+from .stacks import RUNS_WITH, advice_for, hooks_on, running_hooks
 from .steps import SchedulerSteps, TimestepSteps
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -175,8 +176,10 @@ class RASBackend:
                     "rascompile.apply(pipe)"
                 )
         installed = hooks_on(module) if module is not None else ()
-        if installed:
-            lines.append(f"hooks on this transformer: {', '.join(installed)} (to keep RAS: {advice_for(installed)})")
+        blocking = tuple(h for h in installed if h not in RUNS_WITH)
+        if blocking:
+            lines.append(f"hooks on this transformer: {', '.join(blocking)} (to keep RAS: {advice_for(blocking)})")
+        lines += [f"{hook} on this transformer: {RUNS_WITH[hook]}" for hook in installed if hook in RUNS_WITH]
         scope = self._scopes.get(getattr(module, "_orig_mod", module)) if module is not None else None
         if scope is not None:
             lines.append(f"call scope: {scope.describe()}")
@@ -474,16 +477,23 @@ def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inpu
     dynamo_gm, gm = gm, _without_scalar_reads(gm)
     if backend.config.sample_ratio >= 1.0:
         return DenseGraph(backend, gm, example_inputs, "sample_ratio is 1.0", split=False)
+    group, reason = parallel.graph_group(gm), None
     try:
         layer = _layer_reason(dynamo_gm)
         if layer is not None:
             raise RewriteError(layer)
+        unsupported = parallel.unsupported_reason(calling_model()) if group is not None else None
+        if unsupported is not None:
+            raise RewriteError(unsupported)
         ras_gm, signature, ctx = build_ras_graph(gm, **backend.pass_options(example_inputs))
-        return RASGraph(backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
     except RewriteError as exc:
         reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - a bug in the passes must not fail the user's compile
         reason = f"internal error in the RAS passes ({type(exc).__name__}: {exc}); please report it"
+    if group is not None and parallel.any_rank(reason is not None, group) and reason is None:
+        reason = "context parallelism: another rank cannot rewrite its graph, so every rank runs dense"
+    if reason is None:
+        return RASGraph(backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
     piece = _as_piece(backend, gm, example_inputs, reason) if backend.config.graph_pieces else None
     if piece is not None:
         piece.compile_now()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import RASConfig
-from . import memory
+from . import memory, parallel
 from .memory import CacheSet, cache_shapes
 from .schedule import StepPlan, build_schedule
 from .selector import (
@@ -47,6 +47,7 @@ class GraphLayout:
     kv_caches: tuple[tuple[tuple[int, ...], torch.dtype], ...]
     latent_layout: str = "image"  # "image": latents [B, C, H, W]; "packed": [B, N, C], one row per token
     latent: object = None  # the passes' LatentLayout (any layout, video included); None: ``latent_layout``
+    parallel_group: str | None = None  # under context parallelism: the ranks decide about memory together
 
     @classmethod
     def from_signature(cls, signature: StepSignature) -> GraphLayout:
@@ -59,6 +60,7 @@ class GraphLayout:
             kv_caches=tuple((c.shape, c.dtype) for c in signature.kv_caches),
             latent_layout=signature.latent_kind,
             latent=signature.latent,
+            parallel_group=signature.parallel_group,
         )
 
 
@@ -371,11 +373,13 @@ class RASController:
         layout = layout or self.layout
         held = self.cache_bytes  # counted on both sides: the reason gives the generation's whole need
         need = held + sets * memory.set_bytes(layout.output_cache, layout.kv_caches)
-        if need <= free + held:
-            return None
-        branches = self.held_branches + sets
-        dtype = self.config.kv_cache_dtype
-        return memory.too_big_reason(need, free + held, branches, layout.num_tokens, self.device, dtype)
+        reason = None
+        if need > free + held:
+            branches, dtype = self.held_branches + sets, self.config.kv_cache_dtype
+            reason = memory.too_big_reason(need, free + held, branches, layout.num_tokens, self.device, dtype)
+        if layout.parallel_group is not None and parallel.any_rank(reason is not None, layout.parallel_group):
+            reason = reason or "context parallelism: another rank's caches do not fit its free memory"
+        return reason
 
     def step_count_grid(self) -> torch.Tensor | None:
         """``step_counts`` on the token grid of the latent layout: ``[B, H/p, W/p]`` for images, ``[B, F/p_t, H/p,

@@ -205,7 +205,8 @@ class RASGraph(StepGraph):
         output_cache, kv_caches = control.caches(0, self.layout)
         for k in sorted(counts):
             index = torch.arange(k, device=control.device).expand(self.layout.batch_size, k).contiguous()
-            self._variant(k, self.signature.bind(example_inputs, index, output_cache, kv_caches))
+            index = self.signature.pad_active(index)
+            self._variant(int(index.shape[1]), self.signature.bind(example_inputs, index, output_cache, kv_caches))
 
     def _anchor(self, args) -> torch.Tensor | None:
         return args[self.anchor_index] if self.anchor_index is not None else None

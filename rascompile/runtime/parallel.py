@@ -59,3 +59,30 @@ def prepare_for_compile(module: torch.nn.Module) -> None:
     warning_once = getattr(logging.Logger, "warning_once", None)  # transformers adds it to logging.Logger
     if warning_once is not None:
         torch._dynamo.config.ignore_logging_functions.add(warning_once)
+
+
+def graph_group(gm: torch.fx.GraphModule) -> str | None:
+    """The process group (by name) of a graph's functional collectives, or None when it has none."""
+    from rascompile.passes.unshard_ulysses import ALL_GATHER, ALL_TO_ALL
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in ALL_TO_ALL:
+            return node.args[3]
+        if node.op == "call_function" and node.target in ALL_GATHER:
+            return node.args[2]
+    return None
+
+
+def any_rank(flag: bool, group: str) -> bool:
+    """True on every rank of ``group`` when ``flag`` is true on any: the ranks decide together (a rank that ran
+    dense while another ran RAS would wait forever in a collective the other never issues)."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    process_group = _resolve_process_group(group)
+    device = torch.device("cpu")
+    if "nccl" in str(dist.get_backend(process_group)):
+        device = torch.device("cuda", torch.cuda.current_device())
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=process_group)
+    return bool(value.item())

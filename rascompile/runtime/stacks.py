@@ -50,7 +50,15 @@ ADVICE = {
     ACCELERATE_HOOKS: "pipe.enable_model_cpu_offload() keeps RAS; enable_sequential_cpu_offload() does not",
     SEQUENTIAL_OFFLOAD: "pipe.enable_model_cpu_offload() keeps RAS; enable_sequential_cpu_offload() does not",
 }
-GENERIC_ADVICE = "remove the hook to keep RAS"
+GENERIC_ADVICE = "remove the hook"
+#: hooks RAS runs with (the status names them without advice)
+RUNS_WITH = {
+    DIFFUSERS_HOOKS["context_parallel"]: "RAS runs under Ulysses context parallelism (ulysses_degree); ring attention "
+    "and ulysses_anything run dense",
+}
+ADVICE[DIFFUSERS_HOOKS["context_parallel"]] = (
+    "use ContextParallelConfig(ulysses_degree=P) (even splits) and rascompile.apply, which RAS runs under"
+)
 
 
 def advice_for(hooks: tuple[str, ...] | list[str]) -> str:

@@ -314,11 +314,18 @@ def tiny_flux_pipeline(transformer=None):
     return pipe
 
 
-def flux_call_kwargs(batch: int = 2, size: int = 128, steps: int = 8, seed: int = 0, true_cfg: bool = False) -> dict:
+def flux_call_kwargs(
+    batch: int = 2,
+    size: int = 128,
+    steps: int = 8,
+    seed: int = 0,
+    true_cfg: bool = False,
+    text_len: int = FLUX_TEXT_LEN,
+) -> dict:
     """``size`` pixels square: latents size/8 (no VAE), packed 2x2, so N = (size / 16)^2 tokens (64 at 128)."""
     gen = torch.Generator().manual_seed(20_000 + seed)
     kwargs = dict(
-        prompt_embeds=torch.randn(batch, FLUX_TEXT_LEN, FLUX_TEXT_DIM, generator=gen),
+        prompt_embeds=torch.randn(batch, text_len, FLUX_TEXT_DIM, generator=gen),
         pooled_prompt_embeds=torch.randn(batch, FLUX_POOLED_DIM, generator=gen),
         height=size,
         width=size,
@@ -329,7 +336,7 @@ def flux_call_kwargs(batch: int = 2, size: int = 128, steps: int = 8, seed: int 
     )
     if true_cfg:
         kwargs.update(
-            negative_prompt_embeds=torch.randn(batch, FLUX_TEXT_LEN, FLUX_TEXT_DIM, generator=gen),
+            negative_prompt_embeds=torch.randn(batch, text_len, FLUX_TEXT_DIM, generator=gen),
             negative_pooled_prompt_embeds=torch.randn(batch, FLUX_POOLED_DIM, generator=gen),
             true_cfg_scale=4.0,
         )
@@ -467,18 +474,18 @@ def tiny_qwen_image_pipeline(transformer=None):
     return pipe
 
 
-def qwen_image_pipeline_kwargs(batch: int = 1, steps: int = 8, seed: int = 0) -> dict:
+def qwen_image_pipeline_kwargs(batch: int = 1, steps: int = 8, seed: int = 0, text_len: int = FLUX_TEXT_LEN) -> dict:
     """128x128 pixels (16x16 latents packed 2x2: N = 64), true CFG (one transformer call per branch), text masks
     with padding in the prompt (last two tokens) and the negative prompt (three valid tokens)."""
     gen = torch.Generator().manual_seed(31_000 + seed)
-    mask = torch.ones(batch, FLUX_TEXT_LEN, dtype=torch.int64)
+    mask = torch.ones(batch, text_len, dtype=torch.int64)
     mask[:, -2:] = 0
-    negative_mask = torch.zeros(batch, FLUX_TEXT_LEN, dtype=torch.int64)
+    negative_mask = torch.zeros(batch, text_len, dtype=torch.int64)
     negative_mask[:, :3] = 1
     return dict(
-        prompt_embeds=torch.randn(batch, FLUX_TEXT_LEN, FLUX_TEXT_DIM, generator=gen),
+        prompt_embeds=torch.randn(batch, text_len, FLUX_TEXT_DIM, generator=gen),
         prompt_embeds_mask=mask,
-        negative_prompt_embeds=torch.randn(batch, FLUX_TEXT_LEN, FLUX_TEXT_DIM, generator=gen),
+        negative_prompt_embeds=torch.randn(batch, text_len, FLUX_TEXT_DIM, generator=gen),
         negative_prompt_embeds_mask=negative_mask,
         true_cfg_scale=4.0,
         height=128,
