@@ -56,7 +56,9 @@ def apply(
     # ``enable_model_cpu_offload`` re-installs after every call, keep working, and a hook stays in the compiled call.
     unsupported = parallel.unsupported_reason(transformer)
     if unsupported is not None:  # the same on every rank: its configuration decides
-        warnings.warn(f"rascompile: RAS is off for this transformer: {unsupported}; it runs dense, uncompiled")
+        warnings.warn(
+            f"rascompile: RAS is off for this transformer: {unsupported}; it runs dense, uncompiled", stacklevel=2
+        )
         return backend
     parallel.prepare_for_compile(transformer)  # diffusers' context-parallel hooks traced without a graph break
     transformer.compile(backend=backend, dynamic=False)
