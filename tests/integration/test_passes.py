@@ -111,6 +111,6 @@ def test_graph_dumps_before_and_after_every_pass(captured, tmp_path):
     build_ras_graph(gm, dump_dir=str(tmp_path))
     names = sorted(p.name for p in tmp_path.iterdir())
     last = len(RAS_PASSES.passes) - 1
-    assert len(names) == 2 * (last + 1) and names[0] == "00_tensorify_scalar_reads.after.py"
+    assert len(names) == 2 * (last + 1) and names[0] == "00_unshard_ulysses.after.py"
     assert "ras_active_idx" in (tmp_path / f"{last:02d}_verify_ras_graph.after.py").read_text()
-    assert "ras_active_idx" not in (tmp_path / "02_find_token_source.before.py").read_text()
+    assert "ras_active_idx" not in (tmp_path / "03_find_token_source.before.py").read_text()
