@@ -102,11 +102,13 @@ DEFAULT_OUT = ROOT / "docs" / "gpu"
 COMMAND = "python benchmarks/gpu_suite.py --out docs/gpu"
 INSTALL = 'pip install torch==2.13.0 && pip install -e ".[test,tensorrt]"'
 
-STAGES = ("env", "kernel_tests", "kernel_speed", "sd3", "flux", "tensorrt", "stacks", "memory", "report")
+STAGES = (
+    "env", "kernel_tests", "kernel_speed", "sd3", "flux", "tensorrt", "stacks", "memory", "context_parallel", "report",
+)  # fmt: skip
 #: Seconds per stage; they sum to 480 s (8 minutes), so that a rerun fits in the device lease too.
 BUDGETS = {
-    "env": 5, "kernel_tests": 45, "kernel_speed": 55, "sd3": 170, "flux": 40, "tensorrt": 90, "stacks": 25,
-    "memory": 40, "report": 10,
+    "env": 5, "kernel_tests": 45, "kernel_speed": 50, "sd3": 160, "flux": 40, "tensorrt": 85, "stacks": 20,
+    "memory": 40, "context_parallel": 25, "report": 10,
 }  # fmt: skip
 TOTAL_BUDGET_S = sum(BUDGETS.values())
 REPORT_RESERVE_S = 5.0  # kept back from the other stages for writing the report
@@ -1492,6 +1494,24 @@ def stage_memory(suite: Suite, st: Stage) -> None:
         check_cache_memory_on(suite.device, st.check)
 
 
+# ---------------------------------------------------------------------------------------------- stage: context_parallel
+
+
+def stage_context_parallel(suite: Suite, st: Stage) -> None:
+    """RAS under diffusers' Ulysses context parallelism on two GPUs (NCCL) against one GPU: the same latents, the
+    same decisions, each rank's caches its heads (``tests/support/context_parallel_on_device.py``). The dry run runs
+    it on two CPU processes (gloo)."""
+    if suite.cuda and torch.cuda.device_count() < 2:
+        raise SkipStage(f"needs 2 GPUs, the machine has {torch.cuda.device_count()} (the CPU suite runs it on gloo)")
+    sys.path.insert(0, str(ROOT))  # the tests package
+    from tests.support.context_parallel_on_device import check_context_parallel_on
+
+    backend = "nccl" if suite.cuda else "gloo"
+    st.data.update({"model": "FluxPipeline, tiny transformer, fp32", "ranks": 2, "process_group": backend})
+    with st.step(f"Flux: 2 ranks ({backend}) against one process"):
+        st.data["families"] = check_context_parallel_on(suite.device, st.check, timeout=max(20.0, st.left()))
+
+
 # ---------------------------------------------------------------------------------------------- stage: report
 
 
@@ -1810,6 +1830,7 @@ BODIES = {
     "tensorrt": stage_tensorrt,
     "stacks": stage_stacks,
     "memory": stage_memory,
+    "context_parallel": stage_context_parallel,
     "report": stage_report,
 }
 

@@ -80,7 +80,15 @@ class RanksTimedOut(RanksFailed):
 
 
 def _rank_entry(
-    rank: int, world_size: int, folder: str, timeout: float, threads: int, worker: Callable, args: tuple, kwargs: dict
+    rank: int,
+    world_size: int,
+    folder: str,
+    timeout: float,
+    threads: int,
+    worker: Callable,
+    args: tuple,
+    kwargs: dict,
+    backend: str = "gloo",
 ) -> None:
     """Body of one spawned rank. ``torch.multiprocessing`` passes ``rank`` first."""
     import torch.distributed as dist
@@ -92,8 +100,10 @@ def _rank_entry(
     torch.set_num_threads(threads)
     try:
         try:
+            if backend == "nccl":
+                torch.cuda.set_device(rank)
             dist.init_process_group(
-                backend="gloo",
+                backend=backend,
                 init_method="file://" + os.path.join(folder, "pg_init"),
                 rank=rank,
                 world_size=world_size,
@@ -148,6 +158,7 @@ def run_ranks(
     world_size: int = 2,
     timeout: float = 120.0,
     threads_per_rank: int = 1,
+    backend: str = "gloo",
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``worker(RankInfo(rank, world_size, True), *args, **kwargs)`` on ``world_size`` spawned CPU processes
@@ -162,7 +173,7 @@ def run_ranks(
     try:
         context = mp.start_processes(
             _rank_entry,
-            args=(world_size, folder, timeout, threads_per_rank, worker, args, kwargs),
+            args=(world_size, folder, timeout, threads_per_rank, worker, args, kwargs, backend),
             nprocs=world_size,
             join=False,
             daemon=True,  # a parent that dies without its finally still takes the ranks with it (atexit)
@@ -249,6 +260,9 @@ def enable_context_parallel(model: torch.nn.Module, *, backend: str = "native", 
     # ``cpu:0``, which nothing in the CP path uses for placement (the mesh is built from the "cpu" device type, and
     # the gloo group carries the collectives). The patch covers this call only, in this process only; diffusers is
     # never patched at import time.
+    if torch.accelerator.device_count() > 0:  # GPUs: diffusers places rank r on device r itself
+        model.enable_parallelism(config=ContextParallelConfig(**config))
+        return
     with mock.patch("torch.accelerator.device_count", return_value=1):
         model.enable_parallelism(config=ContextParallelConfig(**config))
 

@@ -32,12 +32,15 @@ def pipeline_and_call(family: str):
     raise ValueError(f"unknown family {family!r}; one of {CP_FAMILIES}")
 
 
-def ras_generation_worker(info, families=CP_FAMILIES, parallel: dict | None = None, ras: bool = True, fit=None):
+def ras_generation_worker(
+    info, families=CP_FAMILIES, parallel: dict | None = None, ras: bool = True, fit=None, device: str = "cpu"
+):
     """One generation per family; returns ``{family: {"latents", "decisions", "kv", "status", "warnings"}}``.
 
     ``parallel``: more ``ContextParallelConfig`` fields (``ulysses_anything``). ``ras=False``: the pipeline
     uncompiled. ``fit``: per rank, whether the caches fit free memory (``memory.free_bytes`` replaced: a huge or
-    a zero free size, as on CUDA)."""
+    a zero free size, as on CUDA). ``device="cuda"``: rank r on GPU r (the reference on GPU 0); latents and caches
+    come back on the CPU."""
     import rascompile
     from rascompile import RASConfig
     from tests.support.context_parallel import enable_ulysses
@@ -45,6 +48,8 @@ def ras_generation_worker(info, families=CP_FAMILIES, parallel: dict | None = No
     results = {}
     for family in families:
         pipe, call = pipeline_and_call(family)
+        if device == "cuda":
+            pipe.to(f"cuda:{info.rank}")
         if info.distributed:
             enable_ulysses(pipe.transformer, degree=info.world_size, **(parallel or {}))
         result = results[family] = {}
@@ -52,7 +57,7 @@ def ras_generation_worker(info, families=CP_FAMILIES, parallel: dict | None = No
             warnings.simplefilter("always")
             if not ras:
                 with torch.no_grad():
-                    result["latents"] = pipe(**call)[0]
+                    result["latents"] = pipe(**call)[0].cpu()
                 continue
             config = RASConfig(
                 num_inference_steps=STEPS, sample_ratio=0.5, scheduler_start_step=2, error_reset_steps=(4,),
@@ -60,13 +65,20 @@ def ras_generation_worker(info, families=CP_FAMILIES, parallel: dict | None = No
             )  # fmt: skip
             backend = rascompile.apply(pipe, config, inner_backend="aot_eager")
             free = None if fit is None else (1 << 50 if fit[info.rank] else 0)
-            with mock.patch("rascompile.runtime.memory.free_bytes", return_value=free):
-                result["latents"] = pipe(**call)[0]
+            if fit is None:
+                result["latents"] = pipe(**call)[0].cpu()
+            else:
+                with mock.patch("rascompile.runtime.memory.free_bytes", return_value=free):
+                    result["latents"] = pipe(**call)[0].cpu()
         result["warnings"] = [str(w.message) for w in caught if "rascompile" in str(w.message)]
         result["status"] = backend.status(pipe.transformer)
         graph = backend.graphs[0] if backend.graphs else None
         control = getattr(graph, "controller", None)
-        result["decisions"] = [] if control is None else [(d.kind, d.active_idx) for d in control.history]
+        result["decisions"] = [] if control is None else [(d.kind, _cpu(d.active_idx)) for d in control.history]
         sets = [] if control is None else [control.cache_sets[key] for key in sorted(control.cache_sets, key=str)]
-        result["kv"] = [[t.clone() for t in s.kv] for s in sets]
+        result["kv"] = [[t.cpu().clone() for t in s.kv] for s in sets]
     return results
+
+
+def _cpu(tensor):
+    return None if tensor is None else tensor.cpu()
