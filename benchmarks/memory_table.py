@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = ROOT / "docs" / "memory" / "plans.json"
-README = ROOT / "README.md"
+README = ROOT / "docs" / "memory.md"
 START, END = "<!-- memory-table:start -->", "<!-- memory-table:end -->"
 BUDGET_GIB = 78.0
 

@@ -105,7 +105,7 @@ def sweep_name(config: RASConfig, at_sweep_ratio: bool = False) -> str:
     return name if config.sample_ratio == ABLATION_RATIO else f"{name} @ ratio {config.sample_ratio:g}"
 
 
-#: The Table 4 rows the project README's configuration section shows: the reference's argparse default, what
+#: The Table 4 rows docs/configuration.md shows: the reference's argparse default, what
 #: its example scripts run, rascompile's default before the staleness bound, and rascompile's default.
 SELECTION_SETTINGS = (
     ("reference default", RASConfig.reference_defaults()),
@@ -328,11 +328,18 @@ def render_readme(text: str, results: dict) -> str:
     return _between(text, "findings", findings(results), "the README")
 
 
-def render_project_readme(text: str, results: dict) -> str:
-    """``text`` (the project's README.md) with its summary of the harness and the rows behind its default
-    selection rendered from ``results``."""
-    text = _between(text, "quality summary", project_summary(results), "README.md")
-    return _between(text, "selection defaults", markdown(selection_rows(results)), "README.md")
+def render_demo_page(text: str, results: dict) -> str:
+    """``text`` (docs/demo.md) with its summary of the harness rendered from ``results``."""
+    return _between(text, "quality summary", project_summary(results), "docs/demo.md")
+
+
+def render_configuration_page(text: str, results: dict) -> str:
+    """``text`` (docs/configuration.md) with the rows behind the default selection rendered from ``results``."""
+    return _between(text, "selection defaults", markdown(selection_rows(results)), "docs/configuration.md")
+
+
+#: The project's pages that carry generated text of the harness, and their renderers.
+PROJECT_PAGES = {"demo.md": render_demo_page, "configuration.md": render_configuration_page}
 
 
 def selection_rows(results: dict) -> list[dict]:
@@ -526,7 +533,7 @@ def _staleness_finding(results: dict) -> str:
 
 
 def project_summary(results: dict) -> str:
-    """The project README's bullets on the quality harness."""
+    """docs/demo.md's bullets on the quality harness."""
     speedups = [v for s in RAS_STEPS for v in _speedups(results, s)]
     pairs = equal_throughput_pairs(results)
     wins = sum(d["object_recall"] > r["object_recall"] for r, d in pairs)
@@ -561,7 +568,7 @@ def project_summary(results: dict) -> str:
 
 def write_docs(out: Path, results: dict) -> list[str]:
     """Write each table's tableN.md and, where ``out`` holds a README.md, its generated text, from ``results``; for
-    docs/quality itself, the project README's generated text too. Returns the names written."""
+    docs/quality itself, the generated text of docs/demo.md and docs/configuration.md too. Returns the names written."""
     written = []
     for table in TABLES:
         (out / f"table{table}.md").write_text(table_markdown(results, table))
@@ -570,10 +577,11 @@ def write_docs(out: Path, results: dict) -> list[str]:
     if readme.exists():
         readme.write_text(render_readme(readme.read_text(), results))
         written.append("README.md")
-    project = out.resolve().parents[1] / "README.md"
-    if out.resolve() == DOCS.resolve() and project.exists():
-        project.write_text(render_project_readme(project.read_text(), results))
-        written.append(str(project))
+    for name, render in PROJECT_PAGES.items():
+        page = out.resolve().parent / name
+        if out.resolve() == DOCS.resolve() and page.exists():
+            page.write_text(render(page.read_text(), results))
+            written.append(str(page))
     return written
 
 

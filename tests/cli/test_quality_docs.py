@@ -33,10 +33,11 @@ def test_committed_tables_equal_what_the_harness_renders_from_results_json(quali
     )
 
 
-def test_project_readme_summary_equals_what_the_harness_renders(quality, results):
-    readme = (ROOT / "README.md").read_text()
-    assert quality.render_project_readme(readme, results) == readme, (
-        "README.md's quality summary differs from docs/quality/results.json: python benchmarks/quality.py --render-only"
+@pytest.mark.parametrize("page", ["demo.md", "configuration.md"])
+def test_project_pages_equal_what_the_harness_renders(quality, results, page):
+    text = (ROOT / "docs" / page).read_text()
+    assert quality.PROJECT_PAGES[page](text, results) == text, (
+        f"docs/{page} differs from docs/quality/results.json: python benchmarks/quality.py --render-only"
     )
 
 

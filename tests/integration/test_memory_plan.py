@@ -194,7 +194,7 @@ def test_published_configs_on_the_meta_device_plan_the_caches_of_the_cache_formu
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
-def test_the_readmes_memory_table_is_rendered_from_the_committed_plans():
+def test_the_memory_table_is_rendered_from_the_committed_plans():
     """``benchmarks/memory_table.py`` wrote docs/memory/plans.json with ``rascompile.plan``; the README shows it."""
     import importlib.util
     import json
@@ -205,7 +205,7 @@ def test_the_readmes_memory_table_is_rendered_from_the_committed_plans():
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     rows = json.loads((root / "docs" / "memory" / "plans.json").read_text())["rows"]
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "memory.md").read_text()
     assert table.render_readme(readme, rows) == readme
     assert [r["model"] for r in rows] == [row[0] for row in table.ROWS]
     # the rows at the published configs' default sizes are the ones the formula test above checks

@@ -1,7 +1,7 @@
 """What users stack on a transformer, each applied to the tiny Flux pipeline, and whether RAS stays on.
 
 ``tests/integration/test_stacks.py`` checks every row (RAS runs, or every generation runs dense, equals the stack
-without rascompile and is warned about in the stack's own words); the README's table of stacks is generated from
+without rascompile and is warned about in the stack's own words); docs/supported.md's table of stacks is generated from
 ``STACKS`` (``python -m tests.support.stacks``) and a test keeps it in step.
 """
 
@@ -259,7 +259,7 @@ STACKS = [
 
 
 def stacks_table() -> str:
-    """The README's table of stacks, from ``STACKS``."""
+    """docs/supported.md's table of stacks, from ``STACKS``."""
     lines = ["| Stack | RAS | Why |", "|---|---|---|"]
     for stack in STACKS:
         status = "RAS" if stack.ras else ("dense; RAS with `graph_pieces=True`" if stack.pieces else "dense")

@@ -3,8 +3,8 @@
 Each ``Case`` names the diffusers transformer (and pipeline) class, builds a tiny seeded model, gives the
 keyword arguments its pipeline passes at one denoising step (batch 2) and says whether the passes rewrite
 it (RAS) or why it runs dense. ``tests/integration/test_model_zoo.py`` checks every entry against the model-agnostic
-invariants; ``python -m tests.support.zoo`` prints the README's supported-models table from this list, and a test
-keeps the README's copy equal to it.
+invariants; ``python -m tests.support.zoo`` prints docs/supported.md's model table from this list, and a test
+keeps that copy equal to it.
 """
 
 from __future__ import annotations
@@ -1018,7 +1018,7 @@ def _speedup(case: Case, results: dict) -> str:
 
 
 def supported_models_table() -> str:
-    """The README's table, from ``CASES``."""
+    """docs/supported.md's model table, from ``CASES``."""
     results = bench_results()
     lines = [
         "| Model | Transformer | Pipeline | RAS | Notes | Per-step speedup at ratio 0.25 (CPU bench) |",
