@@ -267,75 +267,12 @@ class StepSignature:
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> StepSignature:
-        """The signature of an export's RAS graph from its manifest (other fields of the manifest are ignored).
-        Raises ``SignatureError`` naming the field that is missing or malformed; the deploy code checks the
-        whole manifest first (``rascompile.deploy.manifest.validate_manifest``)."""
-        r = _Reader(manifest)
-        inputs = tuple(
-            ModelInput(
-                name=r.string(record, "name", f"inputs[{i}]"),
-                placeholder=r.string(record, "placeholder", f"inputs[{i}]"),
-                shape=r.shape(record, "shape", f"inputs[{i}]"),
-                dtype=r.dtype(record, "dtype", f"inputs[{i}]"),
-            )
-            for i, record in enumerate(r.records(manifest, "inputs", minimum=1))
-        )
-        names = [i.name for i in inputs]
-        latents = r.field(manifest, "latents")
-        if latents not in names:
-            r.fail("latents", latents, f"must be the name of an input ({', '.join(names)})")
-        timestep = r.field(manifest, "timestep")
-        if timestep is not None and timestep not in names:
-            r.fail("timestep", timestep, f"must be null or the name of an input ({', '.join(names)})")
-        batch_size = r.integer(manifest, "batch_size")
-        num_tokens = r.integer(manifest, "num_tokens")
-        patch_size = r.integer(manifest, "patch_size")
-        latent_hw = r.field(manifest, "latent_hw")
-        if not (isinstance(latent_hw, list) and len(latent_hw) == 2 and all(_is_int(x) for x in latent_hw)):
-            r.fail("latent_hw", latent_hw, "must be [H, W]")
-        record = r.record(manifest, "output_cache")
-        output_cache = CacheInput(
-            r.string(record, "name", "output_cache"),
-            r.shape(record, "shape", "output_cache"),
-            r.dtype(record, "dtype", "output_cache"),
-        )
-        kv_caches = []
-        for i, record in enumerate(r.records(manifest, "kv_caches")):
-            field = f"kv_caches[{i}]"
-            kind = r.string(record, "kind", field)
-            if kind not in ("key", "value"):
-                r.fail(f"{field}.kind", kind, "must be 'key' or 'value'")
-            kv_caches.append(
-                KVCacheInput(
-                    r.string(record, "name", field),
-                    r.shape(record, "shape", field),
-                    r.dtype(record, "dtype", field),
-                    attention=r.string(record, "attention", field),
-                    kind=kind,
-                )
-            )
-        latents_shape = inputs[names.index(latents)].shape
-        try:
-            latent = LatentLayout("image", latents_shape, 1, (2, 3), (patch_size, patch_size))
-        except (ValueError, IndexError) as exc:
-            r.fail("patch_size", patch_size, f"does not split the latents {list(latents_shape)} into tokens ({exc})")
-        if latent.num_tokens != num_tokens:
-            r.fail("num_tokens", num_tokens, f"the latents {list(latents_shape)} in patches of {patch_size} make "
-                   f"{latent.num_tokens} tokens")  # fmt: skip
-        return cls(
-            inputs=inputs,
-            latents=names.index(latents),
-            timestep=None if timestep is None else names.index(timestep),
-            active_idx=ACTIVE_IDX,
-            output_cache=output_cache,
-            kv_caches=tuple(kv_caches),
-            batch_size=batch_size,
-            num_tokens=num_tokens,
-            patch_size=patch_size,
-            latent_hw=tuple(latent_hw),
-            latent_kind="image",
-            latent=latent,
-        )
+        """The signature of an export's RAS graph from its manifest (other fields of the manifest are ignored),
+        every step-graph field checked (``signature_manifest``: the rules the deploy code's
+        ``validate_manifest`` applies too). Raises ``SignatureError`` naming the field, its value and the rule."""
+        from .signature_manifest import FieldChecker, read_step_graph
+
+        return cls(**read_step_graph(manifest, FieldChecker(error=SignatureError)))
 
 
 def step_signature(gm_or_names: torch.fx.GraphModule | Sequence[str], ctx: Any) -> StepSignature:
@@ -397,68 +334,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _cache_record(cache: CacheInput) -> dict:
     return {"name": cache.name, "shape": list(cache.shape), "dtype": _dtype_name(cache.dtype)}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-class _Reader:
-    """Reads manifest fields, raising ``SignatureError`` that names the field."""
-
-    def __init__(self, manifest: Any):
-        if not isinstance(manifest, Mapping):
-            raise SignatureError(f"the manifest is a {type(manifest).__name__}; must be a JSON object")
-
-    @staticmethod
-    def fail(field: str, value: Any, rule: str):
-        raise SignatureError(f"manifest field {field!r} is {value!r}; {rule}")
-
-    def field(self, record: Mapping, key: str, prefix: str = "") -> Any:
-        if not isinstance(record, Mapping):
-            self.fail(prefix, record, "must be a JSON object")
-        if key not in record:
-            raise SignatureError(f"manifest field {prefix + '.' + key if prefix else key!r} is missing")
-        return record[key]
-
-    def string(self, record: Mapping, key: str, prefix: str = "") -> str:
-        value = self.field(record, key, prefix)
-        if not isinstance(value, str):
-            self.fail(f"{prefix}.{key}" if prefix else key, value, "must be a string")
-        return value
-
-    def integer(self, record: Mapping, key: str) -> int:
-        value = self.field(record, key)
-        if not _is_int(value) or value < 1:
-            self.fail(key, value, "must be an integer >= 1")
-        return value
-
-    def shape(self, record: Mapping, key: str, prefix: str) -> tuple[int, ...]:
-        value = self.field(record, key, prefix)
-        if not isinstance(value, list) or not all(_is_int(x) and x >= 0 for x in value):
-            self.fail(f"{prefix}.{key}", value, "must be a list of sizes")
-        return tuple(value)
-
-    def dtype(self, record: Mapping, key: str, prefix: str) -> torch.dtype:
-        value = self.field(record, key, prefix)
-        if value not in DTYPES:
-            self.fail(f"{prefix}.{key}", value, f"must be one of {', '.join(DTYPES)}")
-        return getattr(torch, value)
-
-    def record(self, record: Mapping, key: str) -> Mapping:
-        value = self.field(record, key)
-        if not isinstance(value, Mapping):
-            self.fail(key, value, "must be a JSON object")
-        return value
-
-    def records(self, record: Mapping, key: str, minimum: int = 0) -> list:
-        value = self.field(record, key)
-        if not isinstance(value, list) or len(value) < minimum:
-            self.fail(key, value, f"must be a list of at least {minimum} JSON objects")
-        for i, entry in enumerate(value):
-            if not isinstance(entry, Mapping):
-                self.fail(f"{key}[{i}]", entry, "must be a JSON object")
-        return value
 
 
 __all__ = [

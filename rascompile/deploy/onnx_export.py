@@ -48,7 +48,8 @@ from rascompile.passes.signature import ModelInput, StepSignature
 from rascompile.passes.snapshot import render_record
 
 from .._extras import require_extra
-from .manifest import FORMAT, GRAPHS, MANIFEST, onnx_opset, sha256_file, write_manifest
+from .manifest import FORMAT, GRAPHS, MANIFEST, sha256_file, write_manifest
+from .onnx_graphs import onnx_opset
 
 DEFAULT_OPSET = 18
 CONSTANT_MARKERS = MODULE_STATE_MARKERS  # parameters and buffers become constants of the exported graph

@@ -30,14 +30,13 @@ from .manifest import (
     GRAPHS,
     MANIFEST,
     ManifestError,
-    check_onnx_graph,
-    external_data_files,
     load_manifest,
     read_verified,
     signature_of,
     verify_file,
     where,
 )
+from .onnx_graphs import check_onnx_graph, external_data_files
 
 __all__ = ["MANIFEST", "ExportedTransformer", "ManifestError", "OnnxRunner", "StepRunner", "load_manifest"]
 

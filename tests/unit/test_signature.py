@@ -117,17 +117,17 @@ def test_layout_is_derived_from_the_signature():
     "path, value, message",
     [
         (("num_tokens",), None, r"manifest field 'num_tokens' is missing"),
-        (("batch_size",), 0, r"manifest field 'batch_size' is 0; must be an integer >= 1"),
+        (("batch_size",), 0, r"manifest field 'batch_size' is 0; must be an integer from 1 to 4096"),
         (("latents",), "noise", r"manifest field 'latents' is 'noise'; must be the name of an input"),
         (("timestep",), "t", r"manifest field 'timestep' is 't'; must be null or the name of an input"),
         (("inputs", 1, "dtype"), "float8", r"manifest field 'inputs\[1\].dtype' is 'float8'; must be one of"),
         (("inputs", 0, "placeholder"), None, r"manifest field 'inputs\[0\].placeholder' is missing"),
-        (("output_cache", "shape"), "16", r"manifest field 'output_cache.shape' is '16'; must be a list of sizes"),
-        (("kv_caches", 1, "kind"), "query", r"manifest field 'kv_caches\[1\].kind' is 'query'; must be 'key' or"),
+        (("output_cache", "shape"), "16", r"manifest field 'output_cache.shape' is '16'; must be a JSON array"),
+        (("kv_caches", 1, "kind"), "query", r"manifest field 'kv_caches\[1\].kind' is 'query'; must be one of 'key'"),
         (("kv_caches", 0), [], r"manifest field 'kv_caches\[0\]' is \[\]; must be a JSON object"),
-        (("patch_size",), 3, r"manifest field 'patch_size' is 3; does not split the latents \[2, 4, 8, 8\]"),
-        (("num_tokens",), 64, r"manifest field 'num_tokens' is 64; the latents \[2, 4, 8, 8\] in patches of 2 make 16"),
-        (("latent_hw",), [8], r"manifest field 'latent_hw' is \[8\]; must be \[H, W\]"),
+        (("patch_size",), 3, r"manifest field 'patch_size' is 3; must divide the latent height and width"),
+        (("num_tokens",), 64, r"manifest field 'num_tokens' is 64; must equal \(H / p\) \* \(W / p\) = 16"),
+        (("latent_hw",), [8], r"manifest field 'latent_hw' is \[8\]; must be a JSON array of 2 to 2 entries"),
     ],
 )
 def test_a_bad_manifest_names_the_field(path, value, message):
