@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rascompile.runtime.backend import controllers_of  # noqa: E402
 from rascompile.runtime.controller import RASController  # noqa: E402
+from rascompile.runtime.registry import controllers_of  # noqa: E402
 from tests.support import models_editing as editing  # noqa: E402
 from tests.support import models_layouts as layouts  # noqa: E402
 

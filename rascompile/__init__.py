@@ -20,7 +20,8 @@ from torch._dynamo import list_backends, register_backend
 
 from .api import apply
 from .config import RASConfig
-from .runtime.backend import RASBackend, ras_backend, release, status
+from .runtime.backend import RASBackend, ras_backend
+from .runtime.registry import release, status
 
 if TYPE_CHECKING:  # imported lazily by __getattr__
     from .deploy.onnx_export import ExportError, export

@@ -6,7 +6,9 @@ import warnings
 
 from .config import RASConfig
 from .runtime import parallel
-from .runtime.backend import APPLIED_BACKENDS, RASBackend, scheduler_steps
+from .runtime.backend import RASBackend
+from .runtime.registry import APPLIED_BACKENDS
+from .runtime.steps import scheduler_steps
 
 
 def apply(

@@ -39,8 +39,9 @@ from .manifest import (
     where,
     write_manifest,
 )
-from .onnx_export import check_output_path, file_checksums, output_path, prepare_step_graphs, staged_directory
+from .onnx_export import file_checksums, prepare_step_graphs
 from .onnx_runner import StepRunner, load_manifest, load_onnx_graphs
+from .output_directory import check_output_path, output_path, staged_directory
 
 
 def _require_cuda(what: str) -> None:

@@ -13,47 +13,36 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 from torch._dynamo.convert_frame import compile_lock
 
-from rascompile.passes.context import PassContext, RewriteError
-from rascompile.passes.graph_utils import copy_graph_module
-from rascompile.passes.pipeline import build_ras_graph
-from rascompile.passes.settings import PassSettings
-from rascompile.passes.snapshot import graph_summary
-from rascompile.passes.specialize_shapes import has_symbolic_shapes, specialize_shapes
-from rascompile.passes.tensorify_scalar_reads import has_scalar_reads, tensorify_scalar_reads
+from rascompile.passes.specialize_shapes import has_symbolic_shapes
 
 from ..config import RASConfig
-from . import parallel
 from .controller import GraphLayout, RASController
-from .graph import DenseGraph, RASGraph, StepGraph, compile_inner, compile_or_eager
+from .graph import DenseGraph, RASGraph, StepGraph, compile_inner
+from .options import BACKEND_OPTIONS, INNER_BACKENDS, checked_dump_dir, checked_mode
 from .origin import (
     GenerationWatch,
-    PieceCause,
-    blocks_compiled_alone,
     calling_model,
     calling_pipeline,
     graph_origin,
     is_submodule_frame,
-    layer_reason,
     piece_cause,
 )
-from .pieces import OpenCalls, ScopedPiece, TransformerScope
-from .stacks import RUNS_WITH, advice_for, hooks_on, running_hooks
-from .steps import SchedulerSteps, TimestepSteps
-
-INNER_BACKENDS = ("inductor", "aot_eager", "eager")
-BACKEND_OPTIONS = ("inner_backend", "mode", "dump_graphs", "fused_kv_projection")
+from .pieces import OpenCalls, TransformerScope
+from .registry import _SHARED_BACKENDS
+from .scoped_piece import ScopedPiece
+from .stacks import RUNS_WITH, advice_for, hooks_on
+from .step_graphs import PerShapeGraphs, build_step_graph
+from .steps import TimestepSteps
 
 
 class RASBackend:
@@ -88,11 +77,11 @@ class RASBackend:
                 f"fused_kv_projection={fused_kv_projection!r} is invalid: "
                 "must be None (on for CUDA graphs), True or False"
             )
-        self.mode = _checked_mode(mode, inner_backend)
+        self.mode = checked_mode(mode, inner_backend)
         self.fused_kv_projection = fused_kv_projection
         self.config = config if config is not None else RASConfig()
         self.inner_backend = inner_backend
-        self.dump_graphs = _checked_dump_dir(dump_graphs)
+        self.dump_graphs = checked_dump_dir(dump_graphs)
         if steps_factory is None:
             if self.config.num_inference_steps is None:
                 raise ValueError(
@@ -347,184 +336,21 @@ class RASBackend:
             )
 
 
-class PerShapeGraphs:
-    """For a graph Dynamo traced with symbolic sizes: one static RASGraph per input shape.
-
-    RAS needs the token count to plan and cache, so each resolution gets its own specialised
-    graph, controller and caches, as it would with ``torch.compile(..., dynamic=False)``. When the graph cannot be
-    specialised (it reads a tensor's value into a size, say), the symbolic graph itself runs dense for every shape,
-    compiled by the inner backend now, inside Dynamo's call, where a graph with data-dependent values compiles.
-    """
-
-    def __init__(self, backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list):
-        self.backend = backend
-        self.dynamic_gm = gm
-        self.by_shape: dict[tuple, Callable] = {}
-        self.dense_fn: Callable | None = None
-        try:
-            with compile_lock:
-                static = specialize_shapes(gm, list(example_inputs))
-        except Exception as exc:  # noqa: BLE001 - RewriteError, or a failure inside the pass: run dense
-            self.backend.warn_once(
-                "this graph runs dense: Dynamo traced it with symbolic sizes (torch.compile(..., dynamic=True), or "
-                f"automatic dynamic shapes after a resolution change), which RAS could not specialise ({exc}). "
-                "Compile with dynamic=False: RAS compiles one graph per resolution either way (rascompile.apply "
-                "does so)"
-            )
-            self._compile_dense(list(example_inputs))
-            return
-        first = backend.new_graph(static, list(example_inputs))
-        if isinstance(first, DenseGraph):
-            # the passes refuse it at one shape: every shape runs the symbolic graph, compiled
-            self._compile_dense(list(example_inputs))
-        else:
-            self.by_shape[_shape_key(example_inputs)] = first
-
-    def _compile_dense(self, example_inputs: list) -> None:
-        """The symbolic graph compiled now, inside Dynamo's call (a graph that builds masks with vmap or reads
-        tensor values compiles only there), for every shape."""
-        self.dense_fn = compile_or_eager(self.backend, self.dynamic_gm, example_inputs, inside_dynamo=True)
-
-    def __call__(self, *args):
-        if self.dense_fn is not None:
-            return self.dense_fn(*args)
-        key = _shape_key(args)
-        graph = self.by_shape.get(key)
-        if graph is None:
-            try:
-                with compile_lock:
-                    static = specialize_shapes(self.dynamic_gm, list(args))
-            except Exception as exc:  # noqa: BLE001 - this shape only; the symbolic graph runs it uncompiled
-                self.backend.warn_once(f"this graph runs dense at one resolution: cannot specialise it: {exc}")
-                graph = self.dynamic_gm.forward
-            else:
-                graph = self.backend.new_graph(static, list(args))
-            self.by_shape[key] = graph
-        return graph(*args)
-
-
-def _without_scalar_reads(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``gm`` with ``x * s.item()`` made ``x * s`` (``tensorify_scalar_reads``) for the dense graph too: an inner
-    compile at the first call, outside Dynamo's, cannot trace the read. ``gm`` itself when there is none."""
-    if not has_scalar_reads(gm):
-        return gm
-    try:
-        return tensorify_scalar_reads(copy_graph_module(gm), PassContext(settings=PassSettings()))
-    except Exception:  # noqa: BLE001 - the graph as Dynamo gave it is always right
-        return gm
-
-
-def _as_piece(backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list, reason: str):
-    """``gm`` as a piece of the transformer whose forward called it (``runtime/pieces.py``), or None when no
-    diffusers model is on the call stack."""
-    try:
-        model = calling_model()
-        if model is None:
-            return None
-        backend.scope_of(model)
-        return ScopedPiece(backend, type(model), gm, example_inputs, reason)
-    except Exception as exc:  # noqa: BLE001 - a bug in the piece runtime must not fail the user's compile
-        backend.warn_once(
-            f"the piece runtime (graph_pieces=True) failed on a graph ({type(exc).__name__}: {exc}); this transformer "
-            "runs dense; please report it"
-        )
-        return None
-
-
-def _piece_of_transformer(
-    graph: DenseGraph, dynamo_gm: torch.fx.GraphModule
-) -> tuple[PieceCause | None, torch.nn.Module | None]:
-    """Why ``graph`` (Dynamo's ``dynamo_gm``) is a piece of a transformer, from Dynamo's record of the frame and the
-    hooks on the stack, on the graph's code and on the calling model, and that model; None when it is not a piece or
-    that cannot be told."""
-    try:
-        model = calling_model()
-        hooks = (*graph.hooks, *running_hooks(), *(hooks_on(model) if model is not None else ()))
-        blocks_compiled = None if model is None else blocks_compiled_alone(model)
-        origin = graph_origin(dynamo_gm)
-        hooks = tuple(dict.fromkeys(hooks))
-        return piece_cause(origin, hooks, inside_model=model is not None, blocks_compiled=blocks_compiled), model
-    except Exception:  # noqa: BLE001 - explaining a fallback must never fail the user's compile
-        return None, None
-
-
-def _layer_reason(dynamo_gm: torch.fx.GraphModule) -> str | None:
-    try:
-        return layer_reason(dynamo_gm)
-    except Exception:  # noqa: BLE001 - reading Dynamo's record must never fail the user's compile
-        return None
-
-
 def _controllers_in(tables) -> list[RASController]:
     """The controllers kept in per-transformer tables (their other entries are step sources)."""
     return [c for table in tables for key, c in table.items() if key[0] == "controller"]
 
 
-def _shape_key(args) -> tuple:
-    """The concrete shapes and scalars of a call (Dynamo's example inputs carry SymInts: their hints)."""
-
-    def concrete(x):
-        return x.node.hint if isinstance(x, torch.SymInt) else x
-
-    return tuple(tuple(concrete(s) for s in a.shape) if isinstance(a, torch.Tensor) else concrete(a) for a in args)
-
-
-def build_step_graph(backend: RASBackend, gm: torch.fx.GraphModule, example_inputs: list) -> RASGraph | DenseGraph:
-    """The callable for one Dynamo graph, fully formed: the passes run first, then either a ``RASGraph`` (the
-    rewritten graph, its signature and controller) or, when RAS is off or the rewrite does not apply, a
-    ``DenseGraph``. Never raises out of the compile: a graph the passes cannot rewrite, or any failure inside
-    them, runs dense with one warning."""
-    dynamo_gm, gm = gm, _without_scalar_reads(gm)
-    if backend.config.sample_ratio >= 1.0:
-        return DenseGraph(backend, gm, example_inputs, "sample_ratio is 1.0", split=False)
-    group, reason = parallel.graph_group(gm), None
-    try:
-        layer = _layer_reason(dynamo_gm)
-        if layer is not None:
-            raise RewriteError(layer)
-        unsupported = parallel.unsupported_reason(calling_model()) if group is not None else None
-        if unsupported is not None:
-            raise RewriteError(unsupported)
-        ras_gm, signature, ctx = build_ras_graph(gm, **backend.pass_options(example_inputs))
-    except RewriteError as exc:
-        reason = str(exc)
-    except Exception as exc:  # noqa: BLE001 - a bug in the passes must not fail the user's compile
-        reason = f"internal error in the RAS passes ({type(exc).__name__}: {exc}); please report it"
-    if group is not None and parallel.any_rank(reason is not None, group) and reason is None:
-        reason = "context parallelism: another rank cannot rewrite its graph, so every rank runs dense"
-    if reason is None:
-        return RASGraph(backend, gm, example_inputs, ras_gm, signature, graph_summary(ctx))
-    piece = _as_piece(backend, gm, example_inputs, reason) if backend.config.graph_pieces else None
-    if piece is not None:
-        piece.compile_now()
-        return piece
-    graph = DenseGraph(backend, gm, example_inputs, reason)
-    piece, model = _piece_of_transformer(graph, dynamo_gm)
-    if piece is not None:
-        # every piece of a split transformer is refused; one warning per cause says why, in the user's words
-        graph.fallback_reason = f"{piece.cause} (this piece: {reason})"
-        message = (
-            f"RAS is off for this transformer: {piece.cause}; it runs dense. To keep RAS: {piece.advice}"
-            if piece.named
-            # a bare graph break: other pieces (one holding the whole body, say) may still run RAS
-            else f"this graph runs dense: {piece.cause}, and the passes cannot rewrite this piece on its own "
-            f"({reason}). To keep RAS: {piece.advice}"
-        )
-        backend.warn_piece(model, message, named=piece.named)
-        if piece.named and model is not None:
-            graph.repeat_warning = (weakref.ref(model), message)
-        graph.compile_now()
-        return graph
-    if graph.hooks:
-        reason = (
-            f"{' and '.join(graph.hooks)} shaped this graph, which RAS cannot rewrite ({reason}). "
-            f"To keep RAS: {advice_for(graph.hooks)}"
-        )
-    # every new graph says why (a second pipeline with the same options gets its own warning); Python's warning
-    # filter still shows one text once per place by default
-    warnings.warn(f"rascompile: this graph runs dense: {reason}", stacklevel=2)
-    graph.compile_now()
-    return graph
+def _graph_status(backend: RASBackend, graph: StepGraph) -> str:
+    hooks = f" [through {', '.join(graph.hooks)}]" if graph.hooks else ""
+    if isinstance(graph, RASGraph):
+        split = backend.split_reason(graph)
+        layout = graph.layout
+        head = f"RAS over {layout.num_tokens} image tokens, batch {layout.batch_size}"
+        return f"{head}, off: {split}{hooks}" if split else f"{head}{hooks}"
+    if isinstance(graph, ScopedPiece):
+        return f"{graph.describe()}{hooks}"
+    return f"dense: {graph.fallback_reason}{hooks}"
 
 
 class _ByTensor:
@@ -553,42 +379,6 @@ class _ByTensor:
         return [(key, value) for key, (ref, value) in list(self._entries.items()) if ref() is not None]
 
 
-def _checked_mode(mode: Any, inner_backend: str) -> str | None:
-    """``mode`` as ``torch.compile`` takes it for inductor: None, or one of ``torch._inductor.list_mode_options()``."""
-    if mode is None:
-        return None
-    from torch._inductor import list_mode_options
-
-    modes = sorted(list_mode_options())
-    if not isinstance(mode, str) or mode not in modes:
-        raise ValueError(f"mode={mode!r} is invalid: must be None or one of {', '.join(modes)}")
-    if inner_backend != "inductor" and mode != "default":
-        raise ValueError(
-            f"mode={mode!r} is invalid with inner_backend={inner_backend!r}: modes are inductor settings; "
-            "use inner_backend='inductor' or leave mode unset"
-        )
-    return mode
-
-
-def _checked_dump_dir(dump_graphs: Any) -> str | None:
-    """``dump_graphs`` as a directory path that exists and is writable, checked when the backend is made."""
-    if dump_graphs is None:
-        return None
-    if isinstance(dump_graphs, bool) or not isinstance(dump_graphs, (str, os.PathLike)):
-        raise TypeError(
-            f"dump_graphs={dump_graphs!r} is invalid: must be None or a directory path (str or os.PathLike), "
-            f"got {type(dump_graphs).__name__}"
-        )
-    path = Path(dump_graphs)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"dump_graphs={str(path)!r} is invalid: cannot create the directory ({exc})") from exc
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"dump_graphs={str(path)!r} is invalid: not a writable directory")
-    return str(path)
-
-
 def ras_backend(
     gm: torch.fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None, mode: str | None = None
 ):
@@ -613,54 +403,6 @@ def ras_backend(
     return backend(gm, example_inputs)
 
 
-def _graph_status(backend: RASBackend, graph: StepGraph) -> str:
-    hooks = f" [through {', '.join(graph.hooks)}]" if graph.hooks else ""
-    if isinstance(graph, RASGraph):
-        split = backend.split_reason(graph)
-        layout = graph.layout
-        head = f"RAS over {layout.num_tokens} image tokens, batch {layout.batch_size}"
-        return f"{head}, off: {split}{hooks}" if split else f"{head}{hooks}"
-    if isinstance(graph, ScopedPiece):
-        return f"{graph.describe()}{hooks}"
-    return f"dense: {graph.fallback_reason}{hooks}"
-
-
-def status(module: torch.nn.Module) -> str:
-    """``RASBackend.status`` for ``module`` over every ``backend="ras"`` compile and ``rascompile.apply`` that saw
-    it."""
-    reports = [b.status(module) for b in _backends()]
-    reports = [r for r in reports if r != "no graph compiled yet"]
-    return "\n".join(reports) if reports else "no graph of this module compiled by backend='ras' yet"
-
-
-def release(module: torch.nn.Module | None = None) -> int:
-    """Free the RAS caches held for ``module`` (a transformer compiled with ``backend="ras"`` or by
-    ``rascompile.apply``; every such transformer when None) now; returns the bytes freed. Caches are freed after
-    each generation anyway unless ``RASConfig.keep_caches``; this also frees those of a generation stopped midway."""
-    return sum(b.release(module) for b in _backends())
-
-
-def controllers_of(module: torch.nn.Module) -> list[RASController]:
-    """The controllers that ran ``module`` through ``torch.compile(..., backend="ras")`` or ``rascompile.apply``
-    (see ``RASBackend.controllers_of``)."""
-    return [c for backend in _backends() for c in backend.controllers_of(module)]
-
-
-def _backends() -> list[RASBackend]:
-    return list(_SHARED_BACKENDS.values()) + list(APPLIED_BACKENDS)
-
-
-# The backends of ``backend="ras"`` compiles, by their options. Weak: an entry lives as long as Dynamo keeps a
-# graph of that backend; the per-generation state lives in the graphs' controllers.
-_SHARED_BACKENDS: weakref.WeakValueDictionary[str, RASBackend] = weakref.WeakValueDictionary()
-# The backends of ``rascompile.apply`` (one per call; its compiled transformer keeps it alive), for ``status``.
-APPLIED_BACKENDS: weakref.WeakSet[RASBackend] = weakref.WeakSet()
-
-
-def scheduler_steps(scheduler, num_inference_steps: int | None = None) -> Callable[[], SchedulerSteps]:
-    return lambda: SchedulerSteps(scheduler, num_inference_steps)
-
-
 __all__ = [
     "BACKEND_OPTIONS",
     "INNER_BACKENDS",
@@ -671,9 +413,5 @@ __all__ = [
     "StepGraph",
     "build_step_graph",
     "compile_inner",
-    "controllers_of",
     "ras_backend",
-    "release",
-    "scheduler_steps",
-    "status",
 ]

@@ -238,7 +238,7 @@ class RASGraph(StepGraph):
         """A whole transformer graph called inside the call scope of a transformer Dynamo also split into pieces
         (a hook routes some steps through the whole graph, others through pieces): it runs the scope's decision,
         as a piece holding both the patch embedding and the final projection, so one step source counts them."""
-        from .pieces import cached_attentions, run_in_call
+        from .scoped_piece import cached_attentions, run_in_call
 
         call.cached_attentions += cached_attentions(self.signature)
         call.pieces_ran += 1

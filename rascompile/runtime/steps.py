@@ -25,6 +25,7 @@ generations after it too, until one shows one call per timestep again.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -244,3 +245,8 @@ class TimestepSteps:
             return False
         direction = self.timesteps[-1] - self.timesteps[-2]
         return (t - previous) * direction < 0
+
+
+def scheduler_steps(scheduler, num_inference_steps: int | None = None) -> Callable[[], SchedulerSteps]:
+    """A factory of ``SchedulerSteps`` over ``scheduler`` (``rascompile.apply``'s step source)."""
+    return lambda: SchedulerSteps(scheduler, num_inference_steps)

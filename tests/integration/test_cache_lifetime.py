@@ -11,7 +11,7 @@ import torch
 
 import rascompile
 from rascompile.runtime import memory
-from rascompile.runtime.backend import controllers_of
+from rascompile.runtime.registry import controllers_of
 from tests.integration.test_runtime_safety import _branches, euler_per_branch
 from tests.support.models import sd3_call_kwargs, tiny_sd3_pipeline
 

@@ -13,7 +13,7 @@ from diffusers import SD3Transformer2DModel
 import rascompile
 import rascompile.passes.ops
 import rascompile.passes.pipeline
-import rascompile.runtime.backend
+import rascompile.runtime.step_graphs
 from rascompile.check import CheckError, check
 from rascompile.cli.main import main
 from rascompile.passes.manager import PassManager
@@ -133,9 +133,9 @@ def test_a_wrong_output_fails_every_check(monkeypatch):
 
 def test_attention_without_the_kv_cache_fails_only_the_subset_checks(monkeypatch):
     """With every token active attention sees every key anyway; only a subset step needs the cached ones."""
-    build = rascompile.runtime.backend.build_ras_graph
+    build = rascompile.runtime.step_graphs.build_ras_graph
     monkeypatch.setattr(
-        rascompile.runtime.backend, "build_ras_graph", lambda gm, **kw: build(gm, **{**kw, "kv_cache": False})
+        rascompile.runtime.step_graphs, "build_ras_graph", lambda gm, **kw: build(gm, **{**kw, "kv_cache": False})
     )
     report = check(*_sd3())
     verdicts = {(c.name, c.k): c.passed for c in report.graphs[0].checks}

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from rascompile.runtime.backend import controllers_of, status
+from rascompile.runtime.registry import controllers_of, status
 from rascompile.runtime.schedule import build_schedule
 from tests.support import models_editing as editing
 from tests.support import models_layouts as layouts

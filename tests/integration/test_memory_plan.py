@@ -7,7 +7,7 @@ import torch
 import rascompile
 from rascompile.memory_plan import activation_peak_bytes
 from rascompile.plan_inputs import CallSize, transformer_call
-from rascompile.runtime.backend import controllers_of
+from rascompile.runtime.registry import controllers_of
 from tests.support import models
 from tests.support.capture import transformer_call_kwargs
 from tests.support.zoo import BY_KEY

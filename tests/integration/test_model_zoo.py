@@ -21,8 +21,8 @@ import torch
 from rascompile.passes.context import RewriteError
 from rascompile.passes.pipeline import build_ras_graph
 from rascompile.passes.snapshot import graph_summary
-from rascompile.runtime.backend import controllers_of
 from rascompile.runtime.origin import layer_reason
+from rascompile.runtime.registry import controllers_of
 from tests.support.capture import GraphCapture, run_ras_step
 from tests.support.zoo import CASES, ROOT, supported_models_table
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rascompile.passes.pipeline import build_ras_graph
-from rascompile.runtime.backend import controllers_of
+from rascompile.runtime.registry import controllers_of
 from tests.support.capture import capture_pipeline_graph, run_ras_step
 from tests.support.models import (
     flux_call_kwargs,

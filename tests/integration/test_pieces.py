@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-import rascompile.runtime.backend as backend_module
-from rascompile.runtime.pieces import ScopedPiece
+import rascompile.runtime.registry as registry
+from rascompile.runtime.scoped_piece import ScopedPiece
 from tests.support.passes import BrokenDiT
 
 STEPS = 6
@@ -52,7 +52,7 @@ def _denoise(model, options=OPTIONS, generations=1):
 
 
 def _controllers(compiled):
-    return backend_module.controllers_of(compiled)
+    return registry.controllers_of(compiled)
 
 
 @pytest.mark.parametrize("pieces", [2, 3])
@@ -69,7 +69,7 @@ def test_pieces_run_ras_and_equal_the_whole_graph(pieces):
     assert kinds == [d.kind for d in whole_control.history]
     torch.testing.assert_close(got[1], whole[1], rtol=1e-5, atol=1e-5)
     params = {id(p) for p in compiled._orig_mod.parameters()}
-    graphs = [g for b in backend_module._SHARED_BACKENDS.values() for g in b.graphs if g.parameter_ids & params]
+    graphs = [g for b in registry._SHARED_BACKENDS.values() for g in b.graphs if g.parameter_ids & params]
     assert all(isinstance(g, ScopedPiece) for g in graphs), graphs
     forms = [form.kind for g in graphs for form in g.forms.values()]
     assert forms == ["head"] + ["through"] * (pieces - 2) + ["tail"]
@@ -159,7 +159,7 @@ def test_pieces_of_a_model_compiled_in_place_run_ras_and_equal_torch_compile():
             for i in range(STEPS):
                 x = x - 0.2 * model(x, torch.full((2,), 1.0 - i / STEPS)).reshape(x.shape)
             outs.append(x)
-    (control,) = backend_module.controllers_of(model)
+    (control,) = registry.controllers_of(model)
     assert [d.kind for d in control.history].count("ras") >= 3, control.history
     torch.testing.assert_close(outs[1], expected[1], rtol=1e-6, atol=1e-6)
 

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-import rascompile.runtime.backend as backend_module
+import rascompile.runtime.registry as registry
 from rascompile.runtime.controller import Decision
 from tests.support.zoo import CASES
 
@@ -32,7 +32,7 @@ _BUILT: dict = {}
 
 
 def _scope_of(model):
-    for backend in backend_module._SHARED_BACKENDS.values():
+    for backend in registry._SHARED_BACKENDS.values():
         if model in backend._scopes:
             return backend._scopes[model]
     raise AssertionError(f"no piece scope for {type(model).__name__}")
@@ -111,7 +111,7 @@ def _graphs_of(compiled):
     params = {id(p) for p in compiled._orig_mod.parameters()}
     return [
         g
-        for b in backend_module._SHARED_BACKENDS.values()
+        for b in registry._SHARED_BACKENDS.values()
         for g in b.graphs
         if g.parameter_ids & params and hasattr(g, "forms")
     ]
@@ -141,7 +141,7 @@ def test_a_denoising_loop_runs_ras_steps_and_stays_finite(case):
             results.append(kwargs["hidden_states"])
     messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
     assert not messages, messages
-    (control,) = backend_module.controllers_of(compiled)
+    (control,) = registry.controllers_of(compiled)
     assert [d.kind for d in control.history].count("ras") >= 3, control.history
     assert torch.isfinite(results[-1]).all()
     torch.testing.assert_close(results[2], results[1], rtol=0, atol=0)
@@ -164,7 +164,7 @@ def test_a_generation_through_the_pipeline_runs_ras(case):
     messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
     assert not messages, messages
     (control,) = backend.controllers_of(pipe.transformer)
-    assert backend_module.controllers_of(pipe.transformer) == [control]  # rascompile.status reads it too
+    assert registry.controllers_of(pipe.transformer) == [control]  # rascompile.status reads it too
     report = rascompile.status(pipe.transformer)
     assert "call scope: RAS across the pieces of each call" in report and "RAS across its pieces" in report, report
     assert ("attention runs eagerly" in report) == (case.key == "mochi"), report
@@ -180,7 +180,7 @@ def test_status_reports_each_piece_and_its_form():
     case = next(c for c in PIECE_CASES if c.key == "hunyuan-image-glyph")
     _, compiled, _, _ = _compiled(case)
     _forced(case, Decision("capture", 1, _all_tokens(*_compiled(case)[2:4])))
-    report = backend_module.status(compiled)
+    report = registry.status(compiled)
     assert "RAS across its pieces: head at 2 x 64 tokens" in report, report
     assert "through at 2 x 64 tokens" in report and "token-free" in report, report
     assert "controller (2 x 64 tokens)" in report, report

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-import rascompile.runtime.backend as backend_module
+import rascompile.runtime.registry as registry
 from tests.support.models import flux_call_kwargs, tiny_flux_pipeline
 from tests.support.stacks import STACKS
 
@@ -66,7 +66,7 @@ def test_stack_runs_ras_across_its_graphs_and_equals_ras_on_the_whole_transforme
     pipe = _pipeline(stack, OPTIONS)
     outs, messages = _generations(pipe)
     assert not messages, messages
-    (control,) = backend_module.controllers_of(pipe.transformer)
+    (control,) = registry.controllers_of(pipe.transformer)
     assert [d.kind for d in control.history].count("ras") >= 4, control.history
     assert control.generations == 3
     for out, expected in zip(outs[1:], whole[1:]):
@@ -94,7 +94,7 @@ def test_first_block_cache_runs_ras_and_its_cached_steps_keep_the_skipped_tokens
     outs, messages = _generations(pipe)
     assert not messages, messages
     assert False in decisions, "the cache never skipped a step: the test would not reach its cached path"
-    (control,) = backend_module.controllers_of(pipe.transformer)
+    (control,) = registry.controllers_of(pipe.transformer)
     assert [d.kind for d in control.history].count("ras") >= 4, control.history
     torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
     assert torch.isfinite(outs[2]).all()
@@ -114,7 +114,7 @@ def test_a_stack_whose_pieces_cannot_be_rewritten_runs_dense_as_a_whole(key):
     assert any("RAS is off for this transformer" in m and stack.says in m for m in messages), messages
     for out in outs:
         torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-5)
-    assert not any(d.kind == "ras" for c in backend_module.controllers_of(pipe.transformer) for d in c.history)
+    assert not any(d.kind == "ras" for c in registry.controllers_of(pipe.transformer) for d in c.history)
 
 
 @pytest.mark.parametrize("stack", PIECE_STACKS, ids=lambda s: s.key)
@@ -128,7 +128,7 @@ def test_every_step_over_all_tokens_equals_the_stack_without_rascompile(stack):
     expected, _ = _generations(_pipeline(stack, None), count=1)
     pipe = _pipeline(stack, OPTIONS)
     _generations(pipe, count=1)  # Dynamo compiles the pieces; the scope installs
-    backends = backend_module._SHARED_BACKENDS.values()
+    backends = registry._SHARED_BACKENDS.values()
     (scope,) = [b._scopes[pipe.transformer] for b in backends if pipe.transformer in b._scopes]
     everything = torch.arange(64)[None]  # flux_call_kwargs: 128 pixels, N = 64 tokens, batch 1
     with scope.forcing(Decision("capture", 0, everything)):

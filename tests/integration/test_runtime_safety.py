@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import rascompile
 from rascompile import RASConfig
-from rascompile.runtime.backend import BACKEND_OPTIONS, RASBackend, controllers_of
+from rascompile.runtime.backend import BACKEND_OPTIONS, RASBackend
+from rascompile.runtime.registry import controllers_of
 from rascompile.runtime.selector import select_active_tokens
 from tests.support.capture import capture_graph
 from tests.support.models import sd3_call_kwargs, tiny_sd3_pipeline

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import rascompile.runtime.backend as backend_module
+import rascompile.runtime.registry as registry
 from rascompile.runtime.graph import DenseGraph, RASGraph
 from tests.support.models import flux_call_kwargs, tiny_flux_pipeline
 from tests.support.stacks import STACKS, _lora, _pyramid_attention_broadcast, stacks_table
@@ -57,8 +57,8 @@ def test_pyramid_attention_broadcast_with_ras_gives_identical_results_and_says_w
     # under PAB, so its count of generations is its own)
     assert len(set(messages)) >= 2, messages
     params = {id(p) for p in pipe.transformer.parameters()}
-    graphs = [g for b in backend_module._SHARED_BACKENDS.values() for g in b.graphs if g.parameter_ids & params]
-    backend = next(b for b in backend_module._SHARED_BACKENDS.values() if any(g in b.graphs for g in graphs))
+    graphs = [g for b in registry._SHARED_BACKENDS.values() for g in b.graphs if g.parameter_ids & params]
+    backend = next(b for b in registry._SHARED_BACKENDS.values() if any(g in b.graphs for g in graphs))
     # every graph is a piece (a layer Dynamo traced alone, or one PAB's hooks shaped): none is a whole transformer
     assert not any(isinstance(g, RASGraph) for g in graphs)
     assert any(isinstance(g, DenseGraph) and g.hooks for g in graphs)
@@ -75,7 +75,7 @@ def test_a_dense_graph_of_another_model_does_not_switch_ras_off():
         warnings.simplefilter("ignore")
         compiled_other(torch.randn(2, 4))
         _generate(pipe)
-    [control] = backend_module.controllers_of(pipe.transformer)
+    [control] = registry.controllers_of(pipe.transformer)
     assert any(d.kind == "ras" for d in control.history)
 
 
@@ -121,7 +121,7 @@ def test_model_cpu_offload_keeps_ras():
     pipe.enable_model_cpu_offload(device="cpu")
     offloaded, offload_warnings = _ras_generate(pipe, OPTIONS)
     assert not plain_warnings and not offload_warnings, offload_warnings
-    [control] = backend_module.controllers_of(pipe.transformer)
+    [control] = registry.controllers_of(pipe.transformer)
     assert [d.kind for d in control.history].count("ras") >= 4
     torch.testing.assert_close(offloaded, plain, rtol=1e-5, atol=1e-5)
 
@@ -150,10 +150,10 @@ def test_every_stack_keeps_ras_or_runs_dense_exactly_and_says_why(stack):
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
     messages = [str(w.message) for w in caught if "rascompile" in str(w.message)]
-    ras_steps = sum(d.kind == "ras" for c in backend_module.controllers_of(pipe.transformer) for d in c.history)
+    ras_steps = sum(d.kind == "ras" for c in registry.controllers_of(pipe.transformer) for d in c.history)
     if stack.ras:
         assert ras_steps > 0 and not messages, messages
-        generations = sum(c.generations for c in backend_module.controllers_of(pipe.transformer))
+        generations = sum(c.generations for c in registry.controllers_of(pipe.transformer))
         assert generations == 3, "every generation must run through the RAS graph"
     else:
         assert ras_steps == 0
@@ -194,7 +194,7 @@ def test_status_reports_ras_and_the_last_generation():
     pipe.transformer = torch.compile(pipe.transformer, backend="ras", options=OPTIONS)
     _generate(pipe)
     report = rascompile.status(pipe.transformer)
-    [control] = backend_module.controllers_of(pipe.transformer)
+    [control] = registry.controllers_of(pipe.transformer)
     ras_steps = [d.kind for d in control.history].count("ras")
     assert "graph 0: RAS over 64 image tokens, batch 1" in report, report
     assert f"1 generation(s) with a RAS schedule; the last ran {ras_steps} ras," in report, report

@@ -11,7 +11,7 @@ import torch
 from diffusers import FlowMatchHeunDiscreteScheduler
 
 import rascompile
-import rascompile.runtime.backend as backend_module
+import rascompile.runtime.registry as registry
 from rascompile import RASConfig
 from tests.support.models import sd3_call_kwargs, tiny_sd3_pipeline
 
@@ -42,7 +42,7 @@ def test_heun_through_backend_ras_runs_dense_with_a_warning_never_restarting():
         _generate(pipe)
         second = _generate(pipe, seed=1)
     assert any("second-order schedulers" in str(w.message) for w in caught), [str(w.message) for w in caught]
-    [control] = backend_module.controllers_of(pipe.transformer)
+    [control] = registry.controllers_of(pipe.transformer)
     # one generation begun per pipeline call, never one per repeated timestep
     assert control.steps.generation == 2
     assert control.generations == 1  # the second generation ran dense from its first call: no schedule began

@@ -373,7 +373,7 @@ class BrokenBeforeTheTokens(SyntheticDiT):
 def test_the_graph_that_holds_the_token_region_is_rewritten_and_the_others_run_dense():
     import warnings
 
-    from rascompile.runtime.backend import controllers_of
+    from rascompile.runtime.registry import controllers_of
 
     model = BrokenBeforeTheTokens(kv="joint-at-attention")
     x, text = _inputs("image")
