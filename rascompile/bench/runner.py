@@ -58,6 +58,7 @@ from .flops import (
     ras_step_flops,
     step_flops,
 )
+from .memory import measure_memory
 from .models import MODELS, BenchModel, Inputs, bench_model, input_shapes
 from .options import add_arguments, settings_from_args
 from .report import format_report
@@ -66,14 +67,13 @@ from .timing import (
     LoadMonitor,
     LoopTimes,
     StepTimes,
-    _timed,
     controller_overhead,
     measure_dense_only,
     measure_loop,
-    measure_memory,
     measure_steps,
+    timed_call,
 )
-from .workload import (  # _random_active: imported from here by benchmarks/gpu_suite.py
+from .workload import (  # _random_active: imported from here by tests/cli/test_bench_models.py
     _random_active,  # noqa: F401
     build_model,
     denoise,
@@ -86,8 +86,8 @@ from .workload import (  # _random_active: imported from here by benchmarks/gpu_
     whole_graph,
 )
 
-# The names benchmarks/gpu_suite.py, benchmarks/onnx_speed.py and the tests import from here; the code lives in
-# settings.py, options.py, workload.py, timing.py and flops.py.
+# The names benchmarks/onnx_speed.py and the tests import from here; the code lives in settings.py, options.py,
+# models.py, workload.py, timing.py, memory.py and flops.py (the GPU suite, benchmarks/gpu/, imports from those).
 __all__ = [
     "BenchSettings",
     "Inputs",
@@ -150,7 +150,7 @@ def run_bench(
         # ------------------------------------------------------------------ first call: trace, rewrite, compile
         n = s.num_tokens
         log(f"tracing and compiling the graphs the loop's schedule runs (k=N={n} and RAS) with {s.inner_backend} ...")
-        results["first_call_s"] = _timed(lambda: w.compiled(**w.first_call))
+        results["first_call_s"] = timed_call(lambda: w.compiled(**w.first_call))
         graph, reason = whole_graph(w.backend)
         results["ras"] = {"applies": reason is None, "reason": reason}
         log("counting the FLOPs of a dense step (FlopCounterMode, eager model) ...")

@@ -1,26 +1,25 @@
-"""Measurements of ``rascompile bench``: per-step times (:func:`measure_steps`), whole denoising loops
-(:func:`measure_loop`), the controller's overhead (:func:`controller_overhead`), memory (:func:`measure_memory`)
-and the background load of the machine (:class:`LoadMonitor`). Every timing is the median of its repeats after
-warm-up; variants are interleaved, so that drift affects every variant alike."""
+"""Measurements of ``rascompile bench`` and the GPU suite: per-step times (:func:`measure_steps`), whole denoising
+loops (:func:`measure_loop`), the controller's overhead (:func:`controller_overhead`) and the background load of the
+machine (:class:`LoadMonitor`); memory is in ``memory.py``. Every timing is the median of its repeats after warm-up;
+variants are interleaved (:func:`time_interleaved`), so that drift affects every variant alike. On CUDA every timed
+call is bracketed by ``torch.cuda.synchronize`` (the ``device`` arguments; ``None`` is the CPU)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..runtime.backend import RASGraph
 from ..runtime.controller import RASController
-from ..runtime.memory import set_bytes
 from ..runtime.steps import TimestepSteps
 from .flops import StepFlops
+from .memory import allocator_peak, is_cuda
 from .models import BenchModel, bench_model
 from .settings import BenchSettings
 from .workload import StepVariant
@@ -32,15 +31,49 @@ __all__ = [
     "controller_overhead",
     "measure_dense_only",
     "measure_loop",
-    "measure_memory",
     "measure_steps",
+    "sync",
+    "time_interleaved",
+    "timed_call",
 ]
 
 
-def _timed(fn: Callable) -> float:
+def sync(device: str | torch.device | None) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def timed_call(fn: Callable, device: str | torch.device | None = None) -> float:
+    """Seconds of one call of ``fn`` (the first call of a compiled graph: its compile and one run)."""
+    sync(device)
     start = time.perf_counter()
     fn()
+    sync(device)
     return time.perf_counter() - start
+
+
+def time_interleaved(
+    fns: Mapping[Hashable, Callable],
+    repeats: int,
+    device: str | torch.device | None = None,
+    *,
+    warmup: bool = True,
+    on_call: Callable[[], object] | None = None,
+) -> dict[Hashable, dict]:
+    """Median seconds per call of each function: ``repeats`` rounds that call every function once (interleaved, so
+    that drift affects every function alike), after one warm-up call each (``warmup``). ``on_call`` runs after
+    every timed call (a progress bar)."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+    times: dict[Hashable, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed_call(fn, device))
+            if on_call is not None:
+                on_call()
+    return {name: {"median_s": _median(v), "times_s": v} for name, v in times.items()}
 
 
 def _median(values: Sequence[float]) -> float:
@@ -51,40 +84,6 @@ def _progress(settings: BenchSettings, total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not settings.progress, leave=False, file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced():
-    """Send the process's file descriptor 2 to /dev/null for a while: the profiler's native library (kineto) prints
-    ``profiler_start`` / ``profiler_stop`` lines there that say nothing about the run."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _step_peak_bytes(fn: Callable) -> int | None:
-    """Peak bytes of torch CPU allocations live during ``fn()`` beyond those live before it, from the profiler's
-    memory events (every allocation and free of the CPU allocator, in time order). ``None`` if unavailable."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events = prof.profiler.kineto_results.events()
-        changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    except Exception:  # profiler internals differ between torch versions: report n/a, don't fail the run
-        return None
-    live = peak = 0
-    for _, nbytes in changes:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 class LoadMonitor:
@@ -173,26 +172,30 @@ class StepTimes:
         return next(r for r in self.rows if r["ratio"] == ratio)
 
 
-def measure_steps(settings: BenchSettings, variants: Sequence[StepVariant], args: list, flops: StepFlops) -> StepTimes:
+def measure_steps(
+    settings: BenchSettings,
+    variants: Sequence[StepVariant],
+    args: list,
+    flops: StepFlops,
+    device: str | torch.device | None = None,
+) -> StepTimes:
     """Per-step times of ``variants`` on the graph inputs ``args``: the first call of each (it compiles the
     graph) and a warm-up, then ``settings.repeats`` interleaved timed calls; each row beside its FLOPs."""
-    rows = []
+    rows, fns = [], {}
     bar = _progress(settings, len(variants) * (settings.repeats + 2), "per-step")
     for i, v in enumerate(variants):
         bar.set_description(f"per-step: compiling {v.name}")
-        compile_s = _timed(lambda fn=v.fn: fn(*args))  # the first call of a graph compiles it
-        _timed(lambda fn=v.fn: fn(*args))  # warm-up
+        fns[i] = lambda fn=v.fn: fn(*args)
+        compile_s = timed_call(fns[i], device)  # the first call of a graph compiles it
+        timed_call(fns[i], device)  # warm-up
         bar.update(2)
         row = {"name": v.name, "ratio": v.ratio, "k": v.k, "first_call_s": compile_s, "times_s": []}
         rows.append(row | flops.row(i))
     bar.set_description("per-step: timing")
-    for _ in range(settings.repeats):  # interleaved, so that drift affects every variant alike
-        for row, v in zip(rows, variants):
-            row["times_s"].append(_timed(lambda fn=v.fn: fn(*args)))
-            bar.update()
+    timed = time_interleaved(fns, settings.repeats, device, warmup=False, on_call=bar.update)
     bar.close()
-    for row in rows:
-        row["median_s"] = _median(row["times_s"])
+    for i, row in enumerate(rows):
+        row["times_s"], row["median_s"] = timed[i]["times_s"], timed[i]["median_s"]
     dense_s = rows[0]["median_s"]
     for row in rows:
         row["speedup"] = dense_s / row["median_s"]
@@ -200,20 +203,20 @@ def measure_steps(settings: BenchSettings, variants: Sequence[StepVariant], args
     return StepTimes(rows)
 
 
-def measure_dense_only(settings: BenchSettings, model, compiled, call: dict, dense_flops: int) -> list[dict]:
+def measure_dense_only(
+    settings: BenchSettings, model, compiled, call: dict, dense_flops: int, device: str | torch.device | None = None
+) -> list[dict]:
     """Per-step times of the dense model when RAS does not apply: compiled (``torch.compile`` with the ras
     backend, which runs the dense graph) and eager."""
-    variants = [("dense compiled", lambda: compiled(**call)), ("dense eager", lambda: model(**call))]
+    fns = {"dense compiled": lambda: compiled(**call), "dense eager": lambda: model(**call)}
     rows = []
-    for name, fn in variants:
-        compile_s = _timed(fn)
-        _timed(fn)
+    for name, fn in fns.items():
+        compile_s = timed_call(fn, device)
+        timed_call(fn, device)
         rows.append({"name": name, "ratio": None, "k": settings.num_tokens, "first_call_s": compile_s, "times_s": []})
-    for _ in range(settings.repeats):
-        for row, (_, fn) in zip(rows, variants):
-            row["times_s"].append(_timed(fn))
+    timed = time_interleaved(fns, settings.repeats, device, warmup=False)
     for row in rows:
-        row["median_s"] = _median(row["times_s"])
+        row["times_s"], row["median_s"] = timed[row["name"]]["times_s"], timed[row["name"]]["median_s"]
         row["flops"] = dense_flops
     return rows
 
@@ -227,6 +230,8 @@ class LoopTimes:
 
     times_s: dict[str, list[float]]
     kinds: list[str]  # the RAS controller's decision per call in the last timed RAS loop ("ras", "capture", ...)
+    #: on CUDA: the allocator's peak during each transformer's warm-up generation (``memory.allocator_peak``)
+    memory: dict[str, dict] | None = None
 
     @property
     def median_s(self) -> dict[str, float]:
@@ -234,28 +239,40 @@ class LoopTimes:
 
 
 def measure_loop(
-    settings: BenchSettings, family: BenchModel, graph: RASGraph, loops: dict[str, Callable], inputs
+    settings: BenchSettings,
+    family: BenchModel,
+    graph: RASGraph,
+    loops: dict[str, Callable],
+    inputs,
+    device: str | torch.device | None = None,
 ) -> LoopTimes:
     """Times of whole generations of ``settings.steps`` steps with each transformer of ``loops`` (the first is the
     RAS one): a warm-up generation of RAS (compiling any missing variant) and one warm-up step of the others,
-    then ``loop_repeats`` interleaved timed generations."""
+    then ``loop_repeats`` interleaved timed generations. On CUDA every warm-up is a whole generation, and its
+    allocator peak is kept (:attr:`LoopTimes.memory`)."""
     s = settings
     loop_repeats = s.loop_repeats or s.repeats
+    whole = is_cuda(device)
     loop_times: dict[str, list[float]] = {name: [] for name in loops}
-    total = (loop_repeats + 1) * s.steps + (len(loops) - 1) * (loop_repeats * s.steps + 1)
+    warmup_steps = s.steps if whole else 1
+    total = (loop_repeats + 1) * s.steps + (len(loops) - 1) * (loop_repeats * s.steps + warmup_steps)
     bar = _progress(s, total, "loops")
 
     def run_loop(name: str) -> float:
         bar.set_description(f"loop: {name}")
-        return _timed(lambda: family.denoise(loops[name], s, inputs, s.steps, bar.update))
+        return timed_call(lambda: family.denoise(loops[name], s, inputs, s.steps, bar.update), device)
 
     # The first call above began a generation; forget it, so the warm-up loop (whose first call repeats that
     # call's latents and timestep) begins its own instead of looking like a second call for the same step.
     graph.controller.reset()
-    run_loop("RAS compiled")  # warm-up: a whole generation (compiles any missing variant)
-    for name, fn in loops.items():
-        if name != "RAS compiled":  # warm-up: one step
-            family.denoise(fn, s, inputs, 1, bar.update)
+    memory = {}
+    for name, fn in loops.items():  # warm-up, RAS first
+        if whole:
+            memory[name] = allocator_peak(lambda name=name: run_loop(name), device)
+        elif name == "RAS compiled":
+            run_loop(name)  # a whole generation (compiles any missing variant)
+        else:
+            family.denoise(fn, s, inputs, 1, bar.update)  # one step
     kinds: list[str] = []
     for _ in range(loop_repeats):
         for name in loops:  # interleaved, so that drift affects every variant alike
@@ -263,27 +280,4 @@ def measure_loop(
             if name == "RAS compiled":
                 kinds = [d.kind for d in graph.controller.history]
     bar.close()
-    return LoopTimes(loop_times, kinds)
-
-
-# ============================================================================================ memory
-
-
-def measure_memory(graph: RASGraph, args: list, variants: Sequence[StepVariant], ratio: float, calls: int) -> dict:
-    """The most bytes of caches the controller held in the last generation (all its guidance branches; it
-    frees them after the last RAS step) and the bytes ``rascompile.plan`` gives for ``calls`` branches, the peak
-    step allocations of a dense, a capture and a RAS step at ``ratio`` (the last variant at that ratio), and the
-    process's peak RSS."""
-    capture_idx = variants[1].idx
-    ras_idx = [v.idx for v in variants if v.ratio == ratio][-1]
-    return {
-        "ras_caches_bytes": graph.controller.cache_peak_bytes,
-        # what rascompile.plan counts: one set of the graph's caches per guidance branch (transformer call per step)
-        "ras_caches_planned_bytes": calls * set_bytes(graph.layout.output_cache, graph.layout.kv_caches),
-        "ras_cache_branches": graph.controller.cache_peak_branches,
-        "dense_step_peak_bytes": _step_peak_bytes(lambda: graph.run_dense(*args)),
-        "capture_step_peak_bytes": _step_peak_bytes(lambda: graph.run_active(capture_idx, *args)),
-        "ras_step_ratio": ratio,
-        "ras_step_peak_bytes": _step_peak_bytes(lambda: graph.run_active(ras_idx, *args)),
-        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
+    return LoopTimes(loop_times, kinds, memory if whole else None)

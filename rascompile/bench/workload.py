@@ -1,18 +1,20 @@
 """What ``rascompile bench`` runs: the machine it runs on, the model and its inputs (:func:`build_model`,
 :func:`make_inputs`), the transformer compiled with the RAS backend and its first call (:class:`Workload`), and
-the variants it times (:func:`step_variants`, :func:`loop_variants`)."""
+the variants it times (:func:`step_variants`, :func:`loop_variants`). The GPU suite (``benchmarks/gpu/``) builds its
+RAS graphs on the first call's captured graph instead (:func:`capture_step`)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from ..capture import GraphCapture
+from ..capture import GraphCapture, capture_graphs
 from ..config import RASConfig
 from ..runtime import parallel
 from ..runtime.backend import RASBackend, RASGraph
@@ -20,9 +22,12 @@ from .models import BenchModel, Inputs, bench_model
 from .settings import BenchSettings
 
 __all__ = [
+    "CapturedStep",
+    "GraphCaller",
     "StepVariant",
     "Workload",
     "build_model",
+    "capture_step",
     "denoise",
     "loop_variants",
     "machine_info",
@@ -61,19 +66,22 @@ def machine_info() -> dict:
     }
 
 
-def build_model(settings: BenchSettings) -> torch.nn.Module:
-    """The transformer of ``settings.model`` at the benchmark's size with seeded random weights, in eval mode.
+def build_model(
+    settings: BenchSettings, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **overrides
+) -> torch.nn.Module:
+    """The transformer of ``settings.model`` at the benchmark's size with seeded random weights, in eval mode, on
+    ``device`` in ``dtype`` (default: the CPU, float32; ``overrides``: see ``BenchModel.build``).
 
     Every parameter is redrawn (diffusers zero-initialises some layers): matrices ~ N(0, 1/fan_in), norm
     scales ~ 1 + N(0, 0.02^2), biases ~ N(0, 0.02^2).
     """
-    return bench_model(settings.model).build(settings)
+    return bench_model(settings.model).build(settings, device, dtype, **overrides)
 
 
-def make_inputs(settings: BenchSettings):
+def make_inputs(settings: BenchSettings, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """The pipeline inputs of one image (for ``sd3`` an :class:`Inputs`: latents [1, C, H, W], prompt embeddings
-    and pooled embeddings [negative; positive])."""
-    return bench_model(settings.model).make_inputs(settings)
+    and pooled embeddings [negative; positive]), drawn on the CPU, on ``device`` in ``dtype``."""
+    return bench_model(settings.model).make_inputs(settings, device, dtype)
 
 
 def make_scheduler():
@@ -96,8 +104,8 @@ def denoise(transformer: Callable, scheduler, inputs: Inputs, steps: int, guidan
     return x
 
 
-class _GraphCaller:
-    """Calls a compiled graph like the transformer: the tensors of each call (latents, timestep, the branch's text)
+class GraphCaller:
+    """Calls a graph like the transformer: the tensors of each call (latents, timestep, the branch's text)
     take the places in the captured graph inputs where the first call's tensors of those names were (the graph's
     other inputs, parameters included, stay those of the first call)."""
 
@@ -118,10 +126,14 @@ class _GraphCaller:
         return self.fn(*args)
 
 
-def _random_active(batch: int, num_tokens: int, k: int, seed: int) -> torch.Tensor:
+def _random_active(
+    batch: int, num_tokens: int, k: int, seed: int, device: str | torch.device | None = None
+) -> torch.Tensor:
+    """Seeded random active tokens [batch, k], each row sorted (drawn on the CPU, then moved to ``device``)."""
     gen = torch.Generator().manual_seed(seed)
     rows = [torch.randperm(num_tokens, generator=gen)[:k].sort().values for _ in range(batch)]
-    return torch.stack(rows).contiguous()
+    active = torch.stack(rows).contiguous()
+    return active if device is None else active.to(device)
 
 
 # ============================================================================================ the compiled model
@@ -147,19 +159,67 @@ class Workload:
         return self.capture.example_inputs[0]
 
 
-def prepare_workload(settings: BenchSettings, model: torch.nn.Module, inputs: Any) -> Workload:
-    """Compile ``model`` with the RAS backend of the loop's settings (nothing is traced before the first call)."""
-    s = settings
-    family = bench_model(s.model)
-    backend = RASBackend(s.loop_config(), inner_backend=s.inner_backend, fused_kv_projection=s.fused_kv_projection)
-    capture = GraphCapture(backend)
-    parallel.prepare_for_compile(model)  # under --context-parallel: diffusers' hooks traced into the one graph
-    compiled = torch.compile(model, backend=capture)
+def _first_call(s: BenchSettings, family: BenchModel, inputs: Any) -> tuple[torch.Tensor, dict]:
+    """The scheduler's timesteps for ``s.steps`` and the keyword arguments of the generation's first call."""
     scheduler = family.make_scheduler(s)
     family.set_timesteps(s, scheduler, s.steps)
     timesteps = scheduler.timesteps.clone()
-    first = family.call_kwargs(s, inputs, inputs.latents, timesteps[0], 0)  # the generation's first call
+    return timesteps, family.call_kwargs(s, inputs, inputs.latents, timesteps[0], 0)
+
+
+def prepare_workload(
+    settings: BenchSettings, model: torch.nn.Module, inputs: Any, config: RASConfig | None = None
+) -> Workload:
+    """Compile ``model`` with the RAS backend of the loop's settings, or of ``config`` (nothing is traced before the
+    first call)."""
+    s = settings
+    family = bench_model(s.model)
+    config = config if config is not None else s.loop_config()
+    backend = RASBackend(config, inner_backend=s.inner_backend, fused_kv_projection=s.fused_kv_projection)
+    capture = GraphCapture(backend)
+    parallel.prepare_for_compile(model)  # under --context-parallel: diffusers' hooks traced into the one graph
+    compiled = torch.compile(model, backend=capture)
+    timesteps, first = _first_call(s, family, inputs)
     return Workload(s, family, model, inputs, backend, capture, compiled, timesteps, first)
+
+
+@dataclass
+class CapturedStep:
+    """The Dynamo graph of a generation's first transformer call and its inputs, for RAS graphs built on it and
+    called directly, each step variant compiled at its own first call (the GPU suite times every compile apart;
+    a :class:`Workload`'s first call compiles every graph its schedule plans at once)."""
+
+    settings: BenchSettings
+    family: BenchModel
+    first_call: dict
+    gm: torch.fx.GraphModule
+    args: list  # the graph inputs: the first call's tensors and the parameters
+
+    def graph(self, config: RASConfig | None = None, **backend_options) -> tuple[RASGraph, list[str]]:
+        """A RAS graph of the captured graph (nothing compiled yet) from a ``RASBackend`` of the settings' loop
+        config (or ``config``), inner backend and ``fused_kv_projection`` (``backend_options`` override them), and
+        the warnings rascompile gave (why it runs dense, for one)."""
+        s = self.settings
+        options = dict(inner_backend=s.inner_backend, fused_kv_projection=s.fused_kv_projection) | backend_options
+        backend = RASBackend(config if config is not None else s.loop_config(), **options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graph = backend.new_graph(self.gm, self.args)
+        return graph, [str(w.message) for w in caught if "rascompile" in str(w.message)]
+
+    def caller(self, fn: Callable) -> GraphCaller:
+        """``fn`` (a graph or its ``run_dense``) called like the transformer, in a denoising loop."""
+        return GraphCaller(fn, self.args, self.first_call)
+
+
+def capture_step(settings: BenchSettings, model: torch.nn.Module, inputs: Any) -> CapturedStep:
+    """Trace the generation's first call of ``model`` with Dynamo (one eager call) into one graph."""
+    family = bench_model(settings.model)
+    _, first = _first_call(settings, family, inputs)
+    graphs = capture_graphs(model, lambda compiled: compiled(**first), fullgraph=True, dynamic=False)
+    if len(graphs) != 1:
+        raise RuntimeError(f"expected one Dynamo graph of the transformer, got {len(graphs)}")
+    return CapturedStep(settings, family, first, *graphs[0])
 
 
 def whole_graph(backend: RASBackend) -> tuple[RASGraph | None, str | None]:
@@ -186,18 +246,20 @@ class StepVariant:
     fn: Callable  # fn(*graph_args) runs one step
 
 
-def step_variants(settings: BenchSettings, graph: RASGraph) -> list[StepVariant]:
+def step_variants(
+    settings: BenchSettings, graph: RASGraph, device: str | torch.device | None = None
+) -> list[StepVariant]:
     """The dense graph, the capture step (all N tokens) and a RAS step at each ratio of the per-step table (and at
-    the loop's ratio, if the table lacks it), each over seeded random active tokens."""
+    the loop's ratio, if the table lacks it), each over seeded random active tokens (on ``device``)."""
     s = settings
     n = s.num_tokens
     variants = [StepVariant("dense compiled", None, n, None, graph.run_dense)]
-    all_idx = torch.arange(n).expand(s.batch, n).contiguous()
+    all_idx = torch.arange(n, device=device).expand(s.batch, n).contiguous()
     variants.append(StepVariant("RAS capture step (k=N)", None, n, all_idx, lambda *a: graph.run_active(all_idx, *a)))
     ratios = s.ratios if s.loop_ratio in s.ratios else (*s.ratios, s.loop_ratio)
     for i, ratio in enumerate(ratios):
         k = n - RASConfig(sample_ratio=ratio).static_num_dropped(n)
-        idx = _random_active(s.batch, n, k, s.seed + 100 + i)
+        idx = _random_active(s.batch, n, k, s.seed + 100 + i, device)
         fn = lambda *a, idx=idx: graph.run_active(idx, *a)  # noqa: E731
         variants.append(StepVariant(f"RAS ratio {ratio:g}", ratio, k, idx, fn))
     return variants
@@ -206,7 +268,7 @@ def step_variants(settings: BenchSettings, graph: RASGraph) -> list[StepVariant]
 def loop_variants(workload: Workload, graph: RASGraph) -> dict[str, Callable]:
     """The transformers of the timed loops: RAS compiled, dense compiled (the compiled dense graph called like
     the transformer) and, unless ``--no-eager-loop``, dense eager."""
-    dense_caller = _GraphCaller(graph.run_dense, workload.args, workload.first_call)
+    dense_caller = GraphCaller(graph.run_dense, workload.args, workload.first_call)
     loops: dict[str, Callable] = {"RAS compiled": workload.compiled, "dense compiled": dense_caller}
     if workload.settings.eager_loop:
         loops["dense eager"] = workload.model

@@ -11,6 +11,7 @@ import torch
 
 import rascompile.bench.runner as bench
 import rascompile.runtime.backend
+import rascompile.runtime.step_graphs
 from rascompile.bench.models import bench_model, flux_image_ids, flux_pack_latents, flux_rope_axes, flux_shift
 from rascompile.capture import GraphCapture
 from rascompile.cli.main import build_parser
@@ -262,7 +263,7 @@ def test_model_ras_does_not_apply_to_is_reported(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise RewriteError("no image-token source found (a test's refusal)")
 
-    monkeypatch.setattr(rascompile.runtime.backend, "build_ras_graph", refuse)
+    monkeypatch.setattr(rascompile.runtime.step_graphs, "build_ras_graph", refuse)
     s = _settings("flux", ratios=(0.25,))
     with pytest.warns(UserWarning, match="runs dense"):
         results, report = _run(s, tmp_path)
