@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from rascompile.runtime import parallel
 from tests.support.context_parallel import run_ranks, run_reference
-from tests.support.context_parallel_ras import CP_FAMILIES, ras_generation_worker
+from tests.support.context_parallel_ras import CP_FAMILIES, heads_first, ras_generation_worker
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
@@ -53,18 +53,10 @@ def test_two_ranks_reproduce_single_process_ras(runs, family):
         for shards, caches in zip(got["kv"], want["kv"]):
             assert len(shards) == len(caches) > 0
             for shard, cache in zip(shards, caches):
-                cache = _heads_first(cache, heads=WORLD * shard.shape[1], tokens=shard.shape[2])
+                cache = heads_first(cache, heads=WORLD * shard.shape[1], tokens=shard.shape[2])
                 heads = shard.shape[1]
                 assert shard.shape == (cache.shape[0], heads, *cache.shape[2:])
                 torch.testing.assert_close(shard, cache[:, rank * heads : (rank + 1) * heads], rtol=1e-6, atol=1e-6)
-
-
-def _heads_first(cache: torch.Tensor, heads: int, tokens: int) -> torch.Tensor:
-    """A single-process cache as [B, H, N, D], the layout attention reads (a rank's cache is written there, after the
-    all-to-all; one process may cache the same rows earlier: [B, N, H, D] or [B, N, H * D])."""
-    if cache.dim() == 3:
-        cache = cache.unflatten(-1, (heads, -1))
-    return cache.transpose(1, 2) if cache.shape[1] == tokens and cache.shape[2] == heads else cache
 
 
 def test_ulysses_anything_runs_dense_on_every_rank_and_says_why():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from tests.support.context_parallel import run_ranks, run_reference
-from tests.support.context_parallel_ras import ras_generation_worker
+from tests.support.context_parallel_ras import heads_first, ras_generation_worker
 
 
 def check_context_parallel_on(device: str, check, timeout: float, families=("flux",)) -> dict:
@@ -30,11 +30,7 @@ def check_context_parallel_on(device: str, check, timeout: float, families=("flu
             )
             for shards, caches in zip(got["kv"], want["kv"]):
                 for shard, cache in zip(shards, caches):
-                    heads, tokens = 2 * shard.shape[1], shard.shape[2]
-                    if cache.dim() == 3:
-                        cache = cache.unflatten(-1, (heads, -1))
-                    if cache.shape[1] == tokens and cache.shape[2] == heads:
-                        cache = cache.transpose(1, 2)
+                    cache = heads_first(cache, heads=2 * shard.shape[1], tokens=shard.shape[2])
                     part = cache[:, rank * shard.shape[1] : (rank + 1) * shard.shape[1]]
                     same_caches &= shard.shape == part.shape and torch.allclose(shard, part, rtol=1e-5, atol=1e-5)
         ras_steps = [k for k, _ in want["decisions"]].count("ras")

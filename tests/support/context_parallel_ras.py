@@ -82,3 +82,11 @@ def ras_generation_worker(
 
 def _cpu(tensor):
     return None if tensor is None else tensor.cpu()
+
+
+def heads_first(cache: torch.Tensor, heads: int, tokens: int) -> torch.Tensor:
+    """A single-process K/V cache as [B, H, N, D], the layout attention reads (a rank's cache is written there, after
+    the all-to-all; one process may cache the same rows earlier: [B, N, H, D] or [B, N, H * D])."""
+    if cache.dim() == 3:
+        cache = cache.unflatten(-1, (heads, -1))
+    return cache.transpose(1, 2) if cache.shape[1] == tokens and cache.shape[2] == heads else cache
