@@ -26,7 +26,7 @@ import torch.fx
 
 from . import ops
 from .context import PassContext, module_path
-from .graph_utils import call_node, describe, example_value, is_linear
+from .graph_utils import backward_slice, call_node, describe, example_value, is_linear
 from .op_sets import (
     ADD_OPERATOR,
     CASTS,
@@ -261,7 +261,7 @@ def fused_op_kwargs(chain: KVChain, write: CacheWrite, idx: torch.fx.Node) -> di
 def _verify(gm, ctx: PassContext, chain: KVChain, write: CacheWrite, op_kwargs: dict) -> None:
     """Run the graph's chain and the op on the same random inputs (on the CPU); their caches must agree."""
     x_node, idx_node = op_kwargs["x"], op_kwargs["idx"]
-    needed = _ancestors(write.fresh, stop=x_node)
+    needed = backward_slice([write.fresh], stop=x_node)
     generator = torch.Generator().manual_seed(0)
     batch, n = ctx.batch_size if idx_node.name == ctx.active_idx else ctx.token_batch, ctx.num_tokens
     idx = torch.stack([torch.randperm(n, generator=generator)[:VERIFY_TOKENS] for _ in range(batch)])
@@ -309,19 +309,6 @@ def _run(gm: torch.fx.GraphModule, node: torch.fx.Node, values: dict):
         return call_node(gm, node, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure means the chain is not what the parser took it for
         raise NoMatch(f"{describe(node)} fails on the check's inputs: {exc}") from exc
-
-
-def _ancestors(node: torch.fx.Node, stop: torch.fx.Node) -> set[torch.fx.Node]:
-    seen: set[torch.fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n is not stop:
-            stack.extend(n.all_input_nodes)
-    return seen
 
 
 def _replace(gm: torch.fx.GraphModule, write: CacheWrite, op_kwargs: dict) -> None:

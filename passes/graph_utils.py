@@ -187,6 +187,20 @@ def forward_slice(roots: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
     return seen
 
 
+def backward_slice(roots: Iterable[torch.fx.Node], stop: torch.fx.Node | None = None) -> set[torch.fx.Node]:
+    """All nodes that any of ``roots`` depends on (roots included), not looking past ``stop``."""
+    seen: set[torch.fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is not stop:
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
 def mutates(node: torch.fx.Node) -> bool:
     """Writes into one of its inputs: ``t[i] = v``, ``t.add_(...)``, the cache updates the passes insert."""
     if node.meta.get("ras_impure", False) or node.is_impure():

@@ -24,9 +24,9 @@ import torch.fx
 
 from . import ops, parallel_ops
 from .context import PassContext, RewriteError
-from .graph_utils import FakeEnv, describe, example_value, is_sdpa
+from .graph_utils import FakeEnv, backward_slice, describe, example_value, is_sdpa
 
-#: The cache writes the passes insert before attention: the position of their fresh rows, index, axis and offset.
+#: The cache writes `cache_attention_kv` inserts before a marked attention; this pass feeds them after the all-to-all.
 JOINT_ROWS_WRITES = {ops.update_joint_rows_cache}
 PLAIN_WRITES = {ops.update_kv_cache}
 MERGES = {ops.merge_output}
@@ -53,7 +53,7 @@ def shard_ulysses(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphM
             full_users.add(_shard_merge(gm, node, idx, cp))
     # the gather of the active tokens before a slice takes the whole list; every other use of the index (gathers of
     # tables and tokens the rank works on, the token count) this rank's slice
-    before_slices = _ancestors(slices)
+    before_slices = backward_slice(slices)
     for user in list(idx.users):
         if user is not local and user not in full_users and user not in before_slices:
             user.replace_input_with(idx, local)
@@ -84,16 +84,6 @@ def _gathered_sizes(gm: torch.fx.GraphModule, ctx: PassContext, idx: torch.fx.No
             if node.meta.get("ras_cp_shard") is not None:
                 shapes.setdefault(node, []).append(env.shape(node.args[0]))
     return shapes
-
-
-def _ancestors(nodes: list) -> set:
-    seen, stack = set(), list(nodes)
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return seen
 
 
 def _shard(gm: torch.fx.GraphModule, marker: torch.fx.Node, cp, sizes: dict) -> list:

@@ -85,17 +85,22 @@ def _same(seen, value, what: str):
     return value
 
 
+def collective_degree_and_group(node: torch.fx.Node) -> tuple[int, str] | None:
+    """``(degree, process group name)`` of a functional all-to-all or all-gather node; None for any other node."""
+    if node.op == "call_function" and node.target in ALL_TO_ALL:
+        return len(node.args[1]), node.args[3]
+    if node.op == "call_function" and node.target in ALL_GATHER:
+        return node.args[1], node.args[2]
+    return None
+
+
 def _degree_and_group(gm: torch.fx.GraphModule) -> tuple[int, str]:
     degree = group = None
     for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target in ALL_TO_ALL:
-            degree = _same(degree, len(node.args[1]), "the all-to-all degree")
-            group = _same(group, node.args[3], "the process group")
-        elif node.target in ALL_GATHER:
-            degree = _same(degree, node.args[1], "the all-gather degree")
-            group = _same(group, node.args[2], "the process group")
+        found = collective_degree_and_group(node)
+        if found is not None:
+            degree = _same(degree, found[0], "the collectives' degree")
+            group = _same(group, found[1], "the process group")
     if degree is None or degree < 2:
         raise RewriteError("context parallelism: the graph's collectives are not diffusers' Ulysses attention")
     return degree, group

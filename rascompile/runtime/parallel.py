@@ -63,14 +63,10 @@ def prepare_for_compile(module: torch.nn.Module) -> None:
 
 def graph_group(gm: torch.fx.GraphModule) -> str | None:
     """The process group (by name) of a graph's functional collectives, or None when it has none."""
-    from rascompile.passes.unshard_ulysses import ALL_GATHER, ALL_TO_ALL
+    from rascompile.passes.unshard_ulysses import collective_degree_and_group
 
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in ALL_TO_ALL:
-            return node.args[3]
-        if node.op == "call_function" and node.target in ALL_GATHER:
-            return node.args[2]
-    return None
+    found = (collective_degree_and_group(node) for node in gm.graph.nodes)
+    return next((f[1] for f in found if f is not None), None)
 
 
 def any_rank(flag: bool, group: str) -> bool:
